@@ -1,0 +1,13 @@
+//! turnstone: a STUN/TURN server (RFC 8489, RFC 8656).
+//!
+//! Layers, from the wire up:
+//! - [`proto`]: wire formats only (zero-copy STUN codec, ChannelData, stream framing).
+//! - [`auth`], [`policy`], [`config`]: credentials and nonces, peer-address policy, TOML config.
+//! - [`server`]: the sans-I/O TURN/STUN state machine.
+//! - [`net`]: the tokio shell that moves bytes between sockets and the core.
+pub mod auth;
+pub mod config;
+pub mod net;
+pub mod policy;
+pub mod proto;
+pub mod server;

@@ -1,0 +1,179 @@
+//! The `turnstone` command: run the server, check a configuration, mint TURN REST
+//! credentials.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+
+use turnstone::auth;
+use turnstone::config::{Config, ListenTransport, LogFormat};
+use turnstone::net::{self, Launch};
+
+#[derive(Parser)]
+#[command(name = "turnstone", version, about = "A STUN/TURN server for WebRTC")]
+struct Cli {
+    /// Run from this TOML configuration file (without it: a development server on
+    /// 127.0.0.1:3478 with a freshly minted credential).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file: exit 0, or print every problem with its key.
+    CheckConfig { file: PathBuf },
+    /// Print a TURN REST API username and password for a shared secret.
+    Credentials {
+        /// The shared secret (one of `[auth] secrets`).
+        #[arg(long)]
+        secret: String,
+        /// The user id to embed in the username.
+        #[arg(long)]
+        user: String,
+        /// How long the credential is valid, e.g. 1h, 30m, 1d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Print as a JSON iceServers entry for this TURN URL instead.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Credentials {
+            secret,
+            user,
+            ttl,
+            url,
+        }) => {
+            let username = auth::rest_username(unix_now() + ttl.as_secs(), &user);
+            let password = auth::rest_password(&secret, &username);
+            match url {
+                Some(url) => println!("{}", ice_server_json(&[url], &username, &password)),
+                None => {
+                    println!("username: {username}");
+                    println!("password: {password}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        None => serve(cli.config),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("{}: OK", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", file.display());
+            }
+            eprintln!("{}: {} problem(s)", file.display(), errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> ExitCode {
+    let (config, dev_credential) = match &path {
+        Some(p) => match Config::load(p) {
+            Ok(c) => (c, None),
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{}: {e}", p.display());
+                }
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            // Development server: one fresh REST secret, one credential minted from it.
+            let mut c = Config::development();
+            let secret = hex(&rand::random::<[u8; 16]>());
+            c.auth.secrets = vec![secret.clone()];
+            let username = auth::rest_username(unix_now() + 24 * 3600, "dev");
+            let password = auth::rest_password(&secret, &username);
+            (c, Some((username, password)))
+        }
+    };
+    init_logging(&config);
+    if let Some((username, password)) = dev_credential {
+        let urls: Vec<String> = config
+            .listen
+            .iter()
+            .map(|l| match l.transport {
+                ListenTransport::Udp => format!("turn:{}?transport=udp", l.address),
+                ListenTransport::Tcp => format!("turn:{}?transport=tcp", l.address),
+                ListenTransport::Tls => format!("turns:{}?transport=tcp", l.address),
+            })
+            .collect();
+        eprintln!("turnstone development server (credential valid for 24 hours); paste into new RTCPeerConnection({{iceServers: [...]}}):");
+        println!("{}", ice_server_json(&urls, &username, &password));
+    }
+    match net::run(Launch { config, path }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("turnstone: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn ice_server_json(urls: &[String], username: &str, credential: &str) -> String {
+    let urls: Vec<String> = urls.iter().map(|u| json_string(u)).collect();
+    format!(
+        "{{\"urls\": [{}], \"username\": {}, \"credential\": {}}}",
+        urls.join(", "),
+        json_string(username),
+        json_string(credential)
+    )
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

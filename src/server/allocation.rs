@@ -1,0 +1,177 @@
+//! One TURN allocation (RFC 8656 section 2.2): its relay socket handle, lifetime,
+//! permissions and channel bindings. Pure data plus the small lookups the relay path
+//! needs; no I/O and no clock of its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::{FiveTuple, RelayHandle};
+use crate::auth::Key;
+use crate::proto::TransactionId;
+
+/// RFC 8656 section 9: permissions last 300 seconds.
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// RFC 8656 section 12: channel bindings last 600 seconds.
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// RFC 8656 section 12: after a binding expires, neither its number nor its peer may be
+/// rebound to something else for 5 more minutes.
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// RFC 8656 section 12: channel numbers 0x4000-0x4FFF; RFC 5766 allowed up to 0x7FFF
+/// and deployed clients (coturn's uclient among them) still use that range.
+pub const CHANNEL_MIN: u16 = 0x4000;
+pub const CHANNEL_MAX: u16 = 0x7FFF;
+
+#[derive(Debug, Clone)]
+pub struct Permission {
+    pub ip: IpAddr,
+    pub expires: Instant,
+    /// The peer IP is denied by the peer policy and was let in only because the peer
+    /// transport address is a live relay of this server: traffic to or from any other
+    /// port of that IP stays refused.
+    pub relays_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Channel {
+    pub number: u16,
+    pub peer: SocketAddr,
+    /// Data flows while `now < expires`; the binding is kept (blocking rebinding to
+    /// another number or peer) until `expires + CHANNEL_COOLDOWN`.
+    pub expires: Instant,
+}
+
+/// Per-allocation traffic counters (for usage records and metrics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub packets_to_peer: u64,
+    pub bytes_to_peer: u64,
+    pub packets_to_client: u64,
+    pub bytes_to_client: u64,
+}
+
+#[derive(Debug)]
+pub struct Allocation {
+    pub id: u64,
+    pub five_tuple: FiveTuple,
+    pub relay: RelayHandle,
+    /// Address the relay socket is bound to.
+    pub relay_addr: SocketAddr,
+    /// Address advertised in XOR-RELAYED-ADDRESS (differs behind 1:1 NAT).
+    pub advertised: SocketAddr,
+    pub username: Box<str>,
+    pub key: Key,
+    pub created: Instant,
+    pub expires: Instant,
+    pub permissions: Vec<Permission>,
+    pub channels: Vec<Channel>,
+    /// The Allocate transaction and its success response, for retransmissions.
+    pub allocate_tid: TransactionId,
+    pub allocate_response: Box<[u8]>,
+    pub usage: Usage,
+}
+
+impl Allocation {
+    /// The live permission for `ip`, if any.
+    #[inline]
+    pub fn permission(&self, ip: IpAddr, now: Instant) -> Option<&Permission> {
+        self.permissions
+            .iter()
+            .find(|p| p.ip == ip && now < p.expires)
+    }
+
+    /// Installs or refreshes a permission.
+    pub fn install_permission(&mut self, ip: IpAddr, relays_only: bool, now: Instant) {
+        let expires = now + PERMISSION_LIFETIME;
+        if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = expires;
+            // Once the policy allowed the whole IP, keep it allowed; a relays-only grant
+            // never widens an existing one, and a full grant narrows nothing.
+            p.relays_only = p.relays_only && relays_only;
+        } else {
+            self.permissions.push(Permission {
+                ip,
+                expires,
+                relays_only,
+            });
+        }
+    }
+
+    /// Number of permissions installing `ips` would add.
+    pub fn new_permissions(&self, ips: &[IpAddr]) -> usize {
+        let mut n = 0;
+        for (i, ip) in ips.iter().enumerate() {
+            let dup = ips[..i].contains(ip);
+            if !dup && !self.permissions.iter().any(|p| p.ip == *ip) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Live channel by number (data may flow).
+    #[inline]
+    pub fn channel_peer(&self, number: u16, now: Instant) -> Option<SocketAddr> {
+        self.channels
+            .iter()
+            .find(|c| c.number == number && now < c.expires)
+            .map(|c| c.peer)
+    }
+
+    /// Live channel by peer transport address.
+    #[inline]
+    pub fn channel_for_peer(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && now < c.expires)
+            .map(|c| c.number)
+    }
+
+    /// Drops expired permissions and channels past their cool-down.
+    pub fn prune(&mut self, now: Instant) {
+        self.permissions.retain(|p| now < p.expires);
+        self.channels.retain(|c| now < c.expires + CHANNEL_COOLDOWN);
+    }
+}
+
+/// Outcome of a ChannelBind check (RFC 8656 section 11.2).
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindCheck {
+    /// New binding.
+    New,
+    /// Refresh (or revive within the cool-down) of the same number and peer.
+    Refresh,
+    /// Number bound to another peer, or peer bound to another number: 400.
+    Conflict,
+}
+
+impl Allocation {
+    pub fn check_channel_bind(&self, number: u16, peer: SocketAddr) -> BindCheck {
+        for c in &self.channels {
+            if c.number == number && c.peer == peer {
+                return BindCheck::Refresh;
+            }
+            if c.number == number || c.peer == peer {
+                return BindCheck::Conflict;
+            }
+        }
+        BindCheck::New
+    }
+
+    pub fn bind_channel(&mut self, number: u16, peer: SocketAddr, now: Instant) {
+        let expires = now + CHANNEL_LIFETIME;
+        if let Some(c) = self
+            .channels
+            .iter_mut()
+            .find(|c| c.number == number && c.peer == peer)
+        {
+            c.expires = expires;
+        } else {
+            self.channels.push(Channel {
+                number,
+                peer,
+                expires,
+            });
+        }
+    }
+}

@@ -1,0 +1,1155 @@
+//! The sans-I/O STUN/TURN server core (RFC 8489, RFC 8656).
+//!
+//! One `Server` per worker. It owns the allocations whose client traffic reaches that
+//! worker, takes a datagram plus the 5-tuple it came on and the current time, and says
+//! what to send where. It never touches a socket or reads a clock: relay sockets are
+//! bound through the [`RelayBinder`] the shell passes in, and time comes in as a [`Clock`].
+
+mod allocation;
+mod shared;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+
+pub use allocation::{
+    Allocation, Usage, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_MAX, CHANNEL_MIN,
+    PERMISSION_LIFETIME,
+};
+pub use shared::{Limits, QuotaError, RelayAddrs, Runtime, Shared};
+
+use crate::auth::{Key, NonceCheck};
+use crate::proto::{self, attr, method, Class, Message, MessageWriter, TransactionId};
+use allocation::BindCheck;
+
+/// Transport of the client side of a 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// The client side of an allocation: transport, client address, server address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    pub transport: Transport,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+}
+
+/// A relay socket, as numbered by the shell that owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayHandle(pub u32);
+
+/// The time, passed in: a monotonic instant for every timer, and wall-clock Unix seconds
+/// for what must survive a restart (nonces, TURN REST usernames).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub now: Instant,
+    pub unix: u64,
+}
+
+/// What the shell must do after the core handled a client datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output<'a> {
+    Nothing,
+    /// Send these bytes back to the client on the 5-tuple it came on.
+    ToClient(&'a [u8]),
+    /// Send `data` from relay socket `relay` to `peer`.
+    ToPeer {
+        relay: RelayHandle,
+        peer: SocketAddr,
+        data: &'a [u8],
+    },
+}
+
+/// Why the shell could not bind a relay socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// No free port in the range (508).
+    Exhausted,
+    /// The family has no relay address (440).
+    NoAddress,
+}
+
+/// Relay sockets are I/O: the shell binds them when the core asks.
+pub trait RelayBinder {
+    /// Binds a relay socket on `ip` (port from the relay range; even if `even_port`;
+    /// if `reserve_next`, also binds and holds port+1, returned as the second element).
+    fn bind(
+        &mut self,
+        ip: IpAddr,
+        even_port: bool,
+        reserve_next: bool,
+    ) -> Result<(RelayHandle, SocketAddr, Option<(RelayHandle, SocketAddr)>), BindError>;
+    /// Closes a relay socket.
+    fn release(&mut self, relay: RelayHandle);
+}
+
+/// Bytes the shell must leave free in front of a peer datagram so the core can write a
+/// ChannelData (4) or Data indication header (20 + 24 + 4 for IPv6) in place.
+pub const PEER_HEADROOM: usize = 48;
+/// Bytes the shell must leave free after a peer datagram (padding to 4).
+pub const PEER_TAILROOM: usize = 4;
+
+/// RFC 8656 section 14.9 (EVEN-PORT R bit): a reserved port is held for 30 seconds.
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How many recently deleted allocations remember their last answer (retransmitted
+/// Refresh with LIFETIME 0).
+const RECENT_DELETES: usize = 256;
+/// Protocol numbers in REQUESTED-TRANSPORT (RFC 8656 section 14.7).
+const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = 6;
+
+struct Reservation {
+    token: [u8; 8],
+    relay: RelayHandle,
+    addr: SocketAddr,
+    expires: Instant,
+}
+
+/// Events the shell may want to log or count; drained with [`Server::drain_events`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    AllocationCreated {
+        id: u64,
+        five_tuple: FiveTuple,
+        relay: SocketAddr,
+        username: String,
+    },
+    AllocationEnded {
+        id: u64,
+        five_tuple: FiveTuple,
+        relay: SocketAddr,
+        username: String,
+        duration: Duration,
+        usage: Usage,
+        reason: EndReason,
+    },
+    /// A request was answered with an error code.
+    ErrorResponse { method: u16, code: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Deleted,
+    Expired,
+}
+
+/// The per-worker TURN server state machine.
+pub struct Server {
+    shared: Arc<Shared>,
+    allocations: Vec<Option<Allocation>>,
+    free_slots: Vec<usize>,
+    by_five_tuple: HashMap<FiveTuple, usize, RandomState>,
+    by_relay: HashMap<RelayHandle, usize, RandomState>,
+    reservations: Vec<Reservation>,
+    recent_deletes: Vec<(FiveTuple, TransactionId, Box<[u8]>)>,
+    recent_next: usize,
+    out: Vec<u8>,
+    events: Vec<Event>,
+    collect_events: bool,
+}
+
+/// The outcome of authenticating a request.
+struct Authed {
+    key: Key,
+    sha256: bool,
+}
+
+/// What the request handlers produce before framing.
+enum Reply {
+    /// A success response is in `self.out`.
+    Done,
+    /// Drop silently.
+    Drop,
+}
+
+impl Server {
+    pub fn new(shared: Arc<Shared>) -> Server {
+        Server {
+            shared,
+            allocations: Vec::new(),
+            free_slots: Vec::new(),
+            by_five_tuple: HashMap::default(),
+            by_relay: HashMap::default(),
+            reservations: Vec::new(),
+            recent_deletes: Vec::new(),
+            recent_next: 0,
+            out: Vec::with_capacity(1500),
+            events: Vec::new(),
+            collect_events: true,
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Turns event collection off (benchmarks, fuzzing).
+    pub fn set_collect_events(&mut self, on: bool) {
+        self.collect_events = on;
+    }
+
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.by_five_tuple.len()
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocations.iter().flatten()
+    }
+
+    pub fn allocation_by_five_tuple(&self, ft: &FiveTuple) -> Option<&Allocation> {
+        self.by_five_tuple
+            .get(ft)
+            .and_then(|&i| self.allocations.get(i))
+            .and_then(|a| a.as_ref())
+    }
+
+    /// Handles one datagram (or one stream frame) from a client.
+    pub fn handle_client<'s, B: RelayBinder>(
+        &'s mut self,
+        ft: FiveTuple,
+        buf: &'s [u8],
+        clock: Clock,
+        binder: &mut B,
+    ) -> Output<'s> {
+        let Some(&first) = buf.first() else {
+            return Output::Nothing;
+        };
+        if proto::is_channel_data(first) {
+            return self.client_channel_data(ft, buf, clock.now);
+        }
+        if first > 3 {
+            return Output::Nothing;
+        }
+        let msg = match Message::parse(buf) {
+            Ok(m) => m,
+            Err(_) => {
+                return match Message::parse_rfc3489(buf) {
+                    Ok(m) if m.method() == method::BINDING && m.class() == Class::Request => {
+                        self.binding_rfc3489(&ft, &m)
+                    }
+                    _ => Output::Nothing,
+                };
+            }
+        };
+        if msg.verify_fingerprint() == Some(false) {
+            return Output::Nothing;
+        }
+        match msg.class() {
+            Class::Indication => {
+                if msg.method() == method::SEND {
+                    self.send_indication(ft, &msg, clock.now)
+                } else {
+                    Output::Nothing
+                }
+            }
+            Class::Request => match self.request(ft, &msg, clock, binder) {
+                Reply::Done => Output::ToClient(&self.out),
+                Reply::Drop => Output::Nothing,
+            },
+            // Responses to us: we send no requests.
+            _ => Output::Nothing,
+        }
+    }
+
+    /// ChannelData from the client (RFC 8656 section 12.6): the hot path.
+    #[inline]
+    fn client_channel_data<'s>(
+        &mut self,
+        ft: FiveTuple,
+        buf: &'s [u8],
+        now: Instant,
+    ) -> Output<'s> {
+        let Some((number, data)) = proto::parse_channel_data(buf) else {
+            return Output::Nothing;
+        };
+        let Some(&slot) = self.by_five_tuple.get(&ft) else {
+            return Output::Nothing;
+        };
+        let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
+            return Output::Nothing;
+        };
+        let Some(peer) = alloc.channel_peer(number, now) else {
+            return Output::Nothing;
+        };
+        if alloc.permission(peer.ip(), now).is_none() {
+            return Output::Nothing;
+        }
+        alloc.usage.packets_to_peer += 1;
+        alloc.usage.bytes_to_peer += data.len() as u64;
+        Output::ToPeer {
+            relay: alloc.relay,
+            peer,
+            data,
+        }
+    }
+
+    /// Send indication (RFC 8656 section 11.2... 10.2): no authentication, no answer.
+    fn send_indication<'s>(
+        &mut self,
+        ft: FiveTuple,
+        msg: &Message<'s>,
+        now: Instant,
+    ) -> Output<'s> {
+        let Some(&slot) = self.by_five_tuple.get(&ft) else {
+            return Output::Nothing;
+        };
+        let Ok(Some(peer)) = msg.xor_peer_address() else {
+            return Output::Nothing;
+        };
+        let Some(data) = msg.data() else {
+            return Output::Nothing;
+        };
+        let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
+            return Output::Nothing;
+        };
+        if peer.is_ipv6() != alloc.relay_addr.is_ipv6() {
+            return Output::Nothing;
+        }
+        let Some(perm) = alloc.permission(peer.ip(), now) else {
+            return Output::Nothing;
+        };
+        if perm.relays_only && !self.shared.is_live_relay(peer) {
+            return Output::Nothing;
+        }
+        alloc.usage.packets_to_peer += 1;
+        alloc.usage.bytes_to_peer += data.len() as u64;
+        Output::ToPeer {
+            relay: alloc.relay,
+            peer,
+            data,
+        }
+    }
+
+    /// A datagram from a peer arrived on relay socket `relay`. Its payload is
+    /// `buf[payload]`, with at least [`PEER_HEADROOM`] bytes before it and
+    /// [`PEER_TAILROOM`] after it. The core frames it in place (ChannelData when a
+    /// channel is bound to the peer, else a Data indication) and returns the client's
+    /// 5-tuple and the range of `buf` to send there.
+    pub fn handle_peer(
+        &mut self,
+        relay: RelayHandle,
+        from: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+        now: Instant,
+    ) -> Option<(FiveTuple, Range<usize>)> {
+        let slot = *self.by_relay.get(&relay)?;
+        let alloc = self.allocations.get_mut(slot)?.as_mut()?;
+        let perm = alloc.permission(from.ip(), now)?;
+        if perm.relays_only && !self.shared.is_live_relay(from) {
+            return None;
+        }
+        let len = payload.end.checked_sub(payload.start)?;
+        if payload.start < PEER_HEADROOM || buf.len() < payload.end + PEER_TAILROOM {
+            return None;
+        }
+        let ft = alloc.five_tuple;
+        let range = if let Some(number) = alloc.channel_for_peer(from, now) {
+            // RFC 8656 section 12.4: 4-byte header; padded to 4 on streams only.
+            let len16 = u16::try_from(len).ok()?;
+            let start = payload.start - proto::CHANNEL_DATA_HEADER;
+            let header: &mut [u8; 4] = buf.get_mut(start..payload.start)?.try_into().ok()?;
+            proto::write_channel_data_header(header, number, len16);
+            let mut end = payload.end;
+            if ft.transport.is_stream() {
+                let padded = (len + 3) & !3;
+                let pad = padded - len;
+                buf.get_mut(end..end + pad)?.fill(0);
+                end += pad;
+            }
+            start..end
+        } else {
+            // RFC 8656 section 11.3: Data indication with XOR-PEER-ADDRESS and DATA.
+            let padded = (len + 3) & !3;
+            let addr_len = if from.is_ipv6() { 20 } else { 8 };
+            let header_len = 20 + 4 + addr_len + 4;
+            let start = payload.start - header_len;
+            let body_len = 4 + addr_len + 4 + padded;
+            let tid = TransactionId(rand::random());
+            let h = buf.get_mut(start..payload.start)?;
+            let msg_type = message_type(method::DATA, Class::Indication);
+            h[0..2].copy_from_slice(&msg_type.to_be_bytes());
+            h[2..4].copy_from_slice(&u16::try_from(body_len).ok()?.to_be_bytes());
+            h[4..8].copy_from_slice(&proto::MAGIC_COOKIE.to_be_bytes());
+            h[8..20].copy_from_slice(&tid.0);
+            h[20..22].copy_from_slice(&attr::XOR_PEER_ADDRESS.to_be_bytes());
+            h[22..24].copy_from_slice(&(addr_len as u16).to_be_bytes());
+            write_xor_address(&mut h[24..24 + addr_len], from, &tid);
+            let d = 24 + addr_len;
+            h[d..d + 2].copy_from_slice(&attr::DATA.to_be_bytes());
+            h[d + 2..d + 4].copy_from_slice(&u16::try_from(len).ok()?.to_be_bytes());
+            let end = payload.start + padded;
+            buf.get_mut(payload.end..end)?.fill(0);
+            start..end
+        };
+        alloc.usage.packets_to_client += 1;
+        alloc.usage.bytes_to_client += len as u64;
+        Some((ft, range))
+    }
+
+    /// Expires allocations, permissions, channels and reservations. Call at least once a
+    /// second (see [`Server::poll_timeout`]).
+    pub fn handle_timeout<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
+        let mut expired = Vec::new();
+        for (i, slot) in self.allocations.iter_mut().enumerate() {
+            if let Some(a) = slot {
+                if now >= a.expires {
+                    expired.push(i);
+                } else {
+                    a.prune(now);
+                }
+            }
+        }
+        for i in expired {
+            self.remove_allocation(i, now, EndReason::Expired, binder);
+        }
+        let mut k = 0;
+        while k < self.reservations.len() {
+            if now >= self.reservations[k].expires {
+                let r = self.reservations.swap_remove(k);
+                binder.release(r.relay);
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    /// When the core next needs [`Server::handle_timeout`]: the earliest expiry.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let allocs = self.allocations.iter().flatten().map(|a| a.expires);
+        let res = self.reservations.iter().map(|r| r.expires);
+        allocs.chain(res).min()
+    }
+
+    /// Ends every allocation (shutdown).
+    pub fn close_all<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
+        for i in 0..self.allocations.len() {
+            if self.allocations[i].is_some() {
+                self.remove_allocation(i, now, EndReason::Deleted, binder);
+            }
+        }
+        for r in self.reservations.drain(..) {
+            binder.release(r.relay);
+        }
+    }
+
+    fn remove_allocation<B: RelayBinder>(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        reason: EndReason,
+        binder: &mut B,
+    ) {
+        let Some(a) = self.allocations.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.by_five_tuple.remove(&a.five_tuple);
+        self.by_relay.remove(&a.relay);
+        self.shared.remove_relay(a.relay_addr);
+        self.shared.remove_relay(a.advertised);
+        self.shared.release(&a.username);
+        binder.release(a.relay);
+        if self.collect_events {
+            self.events.push(Event::AllocationEnded {
+                id: a.id,
+                five_tuple: a.five_tuple,
+                relay: a.advertised,
+                username: a.username.to_string(),
+                duration: now.saturating_duration_since(a.created),
+                usage: a.usage,
+                reason,
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    fn request<B: RelayBinder>(
+        &mut self,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        clock: Clock,
+        binder: &mut B,
+    ) -> Reply {
+        let rt = self.shared.runtime.load_full();
+        let unknown = msg.unknown_required(known_attribute);
+        if !unknown.is_empty() {
+            self.error(&rt, msg, 420, None, |w| {
+                w.unknown_attributes(&unknown);
+            });
+            return Reply::Done;
+        }
+        let m = msg.method();
+        if m == method::BINDING {
+            return self.binding(&rt, ft, msg);
+        }
+        if !matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
+            self.error(&rt, msg, 400, None, |_| {});
+            return Reply::Done;
+        }
+        // A retransmitted Allocate (RFC 8656 section 7.2) or a Refresh that deleted
+        // its allocation gets the answer it got the first time.
+        if let Some(reply) = self.retransmission(ft, msg) {
+            return reply;
+        }
+        let auth = match self.authenticate(&rt, ft, msg, clock) {
+            Ok(a) => a,
+            Err(reply) => return reply,
+        };
+        match m {
+            method::ALLOCATE => self.allocate(&rt, ft, msg, &auth, clock, binder),
+            method::REFRESH => self.refresh(&rt, ft, msg, &auth, clock, binder),
+            method::CREATE_PERMISSION => self.create_permission(&rt, ft, msg, &auth, clock),
+            _ => self.channel_bind(&rt, ft, msg, &auth, clock),
+        }
+    }
+
+    fn retransmission(&mut self, ft: FiveTuple, msg: &Message<'_>) -> Option<Reply> {
+        let tid = msg.transaction_id();
+        if msg.method() == method::ALLOCATE {
+            let a = self.allocation_by_five_tuple(&ft)?;
+            if a.allocate_tid == tid {
+                let resp = a.allocate_response.clone();
+                self.out.clear();
+                self.out.extend_from_slice(&resp);
+                return Some(Reply::Done);
+            }
+            return None;
+        }
+        let (_, _, resp) = self
+            .recent_deletes
+            .iter()
+            .find(|(f, t, _)| *f == ft && *t == tid)?;
+        let resp = resp.clone();
+        self.out.clear();
+        self.out.extend_from_slice(&resp);
+        Some(Reply::Done)
+    }
+
+    /// Long-term credential check (RFC 8489 section 9.2.4). Stateless: nothing is
+    /// stored for a request that fails it.
+    fn authenticate(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        clock: Clock,
+    ) -> Result<Authed, Reply> {
+        if !msg.has_message_integrity() {
+            self.challenge(rt, ft, msg, 401, clock);
+            return Err(Reply::Done);
+        }
+        let (Ok(Some(username)), Ok(Some(realm)), Ok(Some(nonce))) =
+            (msg.username(), msg.realm(), msg.nonce())
+        else {
+            self.error(rt, msg, 400, None, |_| {});
+            return Err(Reply::Done);
+        };
+        match rt.nonces.check(nonce, ft.client, clock.unix) {
+            NonceCheck::Valid => {}
+            NonceCheck::Stale | NonceCheck::Invalid => {
+                self.challenge(rt, ft, msg, 438, clock);
+                return Err(Reply::Done);
+            }
+        }
+        if realm != rt.realm {
+            self.challenge(rt, ft, msg, 401, clock);
+            return Err(Reply::Done);
+        }
+        let keys = match rt.credentials.keys_for(username, clock.unix) {
+            Ok(k) => k,
+            Err(_) => {
+                self.challenge(rt, ft, msg, 401, clock);
+                return Err(Reply::Done);
+            }
+        };
+        for key in keys {
+            if msg.verify_integrity(&key) {
+                return Ok(Authed {
+                    key,
+                    sha256: msg.has(attr::MESSAGE_INTEGRITY_SHA256),
+                });
+            }
+        }
+        self.challenge(rt, ft, msg, 401, clock);
+        Err(Reply::Done)
+    }
+
+    /// 401 or 438 with a fresh REALM and NONCE.
+    fn challenge(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        code: u16,
+        clock: Clock,
+    ) {
+        let nonce = rt.nonces.make(ft.client, clock.unix);
+        self.error(rt, msg, code, None, |w| {
+            w.attr(attr::REALM, rt.realm.as_bytes());
+            w.attr(attr::NONCE, nonce.as_bytes());
+        });
+    }
+
+    /// Builds an error response into `self.out`; signed with `auth` when the request
+    /// was authenticated.
+    fn error(
+        &mut self,
+        rt: &Runtime,
+        msg: &Message<'_>,
+        code: u16,
+        auth: Option<&Authed>,
+        extra: impl FnOnce(&mut MessageWriter<'_>),
+    ) {
+        if self.collect_events {
+            self.events.push(Event::ErrorResponse {
+                method: msg.method(),
+                code,
+            });
+        }
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            msg.method(),
+            Class::Error,
+            msg.transaction_id(),
+        );
+        w.error_code(code, proto::reason_phrase(code));
+        extra(&mut w);
+        finish(&mut w, rt, msg, auth);
+    }
+
+    fn binding(&mut self, rt: &Runtime, ft: FiveTuple, msg: &Message<'_>) -> Reply {
+        // RFC 5780 CHANGE-REQUEST: we have one address, so only "change nothing" is served.
+        if let Some(v) = msg.get(attr::CHANGE_REQUEST) {
+            if v.iter().any(|&b| b != 0) {
+                self.error(rt, msg, 420, None, |w| {
+                    w.unknown_attributes(&[attr::CHANGE_REQUEST]);
+                });
+                return Reply::Done;
+            }
+        }
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            method::BINDING,
+            Class::Success,
+            msg.transaction_id(),
+        );
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        w.mapped_address(attr::MAPPED_ADDRESS, ft.client);
+        w.xor_address(attr::RESPONSE_ORIGIN, ft.server);
+        finish(&mut w, rt, msg, None);
+        Reply::Done
+    }
+
+    /// RFC 3489 Binding request (no magic cookie): MAPPED-ADDRESS and SOURCE-ADDRESS.
+    fn binding_rfc3489<'s>(&'s mut self, ft: &FiveTuple, msg: &Message<'_>) -> Output<'s> {
+        if let Some(v) = msg.get(attr::CHANGE_REQUEST) {
+            if v.iter().any(|&b| b != 0) {
+                return Output::Nothing;
+            }
+        }
+        let Some(tid16) = msg
+            .raw()
+            .get(4..20)
+            .and_then(|s| <[u8; 16]>::try_from(s).ok())
+        else {
+            return Output::Nothing;
+        };
+        let mut w =
+            MessageWriter::new_rfc3489(&mut self.out, method::BINDING, Class::Success, tid16);
+        w.mapped_address(attr::MAPPED_ADDRESS, ft.client);
+        w.mapped_address(attr::SOURCE_ADDRESS, ft.server);
+        w.finish();
+        Output::ToClient(&self.out)
+    }
+
+    fn allocate<B: RelayBinder>(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        clock: Clock,
+        binder: &mut B,
+    ) -> Reply {
+        let now = clock.now;
+        let Ok(Some(username)) = msg.username() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        if self.by_five_tuple.contains_key(&ft) {
+            return self.fail(rt, msg, 437, auth);
+        }
+        // RFC 8656 section 7.2 checks, in order.
+        match msg.requested_transport() {
+            Ok(Some(PROTO_UDP)) => {}
+            Ok(Some(PROTO_TCP)) | Ok(Some(_)) => return self.fail(rt, msg, 442, auth),
+            _ => return self.fail(rt, msg, 400, auth),
+        }
+        let Ok(even_port) = msg.even_port() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        let Ok(token) = msg.reservation_token() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        let Ok(family) = msg.requested_address_family() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        let Ok(additional) = msg.additional_address_family() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        if token.is_some() && (even_port.is_some() || family.is_some()) {
+            return self.fail(rt, msg, 400, auth);
+        }
+        if family.is_some() && additional.is_some() {
+            return self.fail(rt, msg, 400, auth);
+        }
+        if additional == Some(0x01) {
+            // ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6 (RFC 8656 section 7.2).
+            return self.fail(rt, msg, 400, auth);
+        }
+        let v6 = match family {
+            None | Some(0x01) => false,
+            Some(0x02) => true,
+            Some(_) => return self.fail(rt, msg, 440, auth),
+        };
+        let Ok(requested_lifetime) = msg.lifetime() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        if let Err(q) = self.shared.acquire(username, &rt.limits) {
+            let code = match q {
+                QuotaError::User => 486,
+                QuotaError::Total => 508,
+            };
+            return self.fail(rt, msg, code, auth);
+        }
+        // From here on the quota slot is held: give it back on every failure.
+        let bound = if let Some(token) = token {
+            match self.reservations.iter().position(|r| r.token == token) {
+                Some(i) => {
+                    let r = self.reservations.swap_remove(i);
+                    Ok((r.relay, r.addr, None))
+                }
+                None => Err(508),
+            }
+        } else {
+            match rt.relay.for_family(v6) {
+                None => Err(440),
+                Some(ip) => {
+                    let even = even_port.is_some();
+                    let reserve = even_port == Some(true);
+                    binder.bind(ip, even, reserve).map_err(|e| match e {
+                        BindError::Exhausted => 508,
+                        BindError::NoAddress => 440,
+                    })
+                }
+            }
+        };
+        let (relay, relay_addr, reserved) = match bound {
+            Ok(b) => b,
+            Err(code) => {
+                self.shared.release(username);
+                return self.fail(rt, msg, code, auth);
+            }
+        };
+        let lifetime = allocate_lifetime(requested_lifetime, &rt.limits);
+        let advertised = rt.relay.advertised(relay_addr);
+        let mut reservation_token = None;
+        if let Some((rh, raddr)) = reserved {
+            let token: [u8; 8] = rand::random();
+            self.reservations.push(Reservation {
+                token,
+                relay: rh,
+                addr: raddr,
+                expires: now + RESERVATION_LIFETIME,
+            });
+            reservation_token = Some(token);
+        }
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            method::ALLOCATE,
+            Class::Success,
+            msg.transaction_id(),
+        );
+        w.xor_address(attr::XOR_RELAYED_ADDRESS, advertised);
+        w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
+        w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
+        if let Some(t) = reservation_token {
+            w.attr(attr::RESERVATION_TOKEN, &t);
+        }
+        finish(&mut w, rt, msg, Some(auth));
+
+        let id = self.shared.next_allocation_id();
+        let alloc = Allocation {
+            id,
+            five_tuple: ft,
+            relay,
+            relay_addr,
+            advertised,
+            username: username.into(),
+            key: auth.key,
+            created: now,
+            expires: now + lifetime,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            allocate_tid: msg.transaction_id(),
+            allocate_response: self.out.clone().into_boxed_slice(),
+            usage: Usage::default(),
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.allocations[s] = Some(alloc);
+                s
+            }
+            None => {
+                self.allocations.push(Some(alloc));
+                self.allocations.len() - 1
+            }
+        };
+        self.by_five_tuple.insert(ft, slot);
+        self.by_relay.insert(relay, slot);
+        self.shared.add_relay(relay_addr);
+        self.shared.add_relay(advertised);
+        if self.collect_events {
+            self.events.push(Event::AllocationCreated {
+                id,
+                five_tuple: ft,
+                relay: advertised,
+                username: username.to_string(),
+            });
+        }
+        Reply::Done
+    }
+
+    /// Looks up the allocation of `ft` for a request on it: 437 without one, 441 when
+    /// the request's username is not the allocation's.
+    fn owned_allocation(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+    ) -> Result<usize, Reply> {
+        let Some(&slot) = self.by_five_tuple.get(&ft) else {
+            return Err(self.fail(rt, msg, 437, auth));
+        };
+        let same_user = match (self.allocations.get(slot), msg.username()) {
+            (Some(Some(a)), Ok(Some(u))) => *a.username == *u,
+            _ => false,
+        };
+        if !same_user {
+            return Err(self.fail(rt, msg, 441, auth));
+        }
+        Ok(slot)
+    }
+
+    fn refresh<B: RelayBinder>(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        clock: Clock,
+        binder: &mut B,
+    ) -> Reply {
+        let slot = match self.owned_allocation(rt, ft, msg, auth) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let Ok(requested) = msg.lifetime() else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        if let Ok(Some(f)) = msg.requested_address_family() {
+            let is_v6 = self
+                .allocations
+                .get(slot)
+                .and_then(|a| a.as_ref())
+                .is_some_and(|a| a.relay_addr.is_ipv6());
+            if (f == 0x02) != is_v6 {
+                return self.fail(rt, msg, 443, auth);
+            }
+        }
+        let lifetime = match requested {
+            Some(0) => Duration::ZERO,
+            Some(secs) => Duration::from_secs(u64::from(secs)).min(rt.limits.max_lifetime),
+            None => rt.limits.default_lifetime,
+        };
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            method::REFRESH,
+            Class::Success,
+            msg.transaction_id(),
+        );
+        w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
+        finish(&mut w, rt, msg, Some(auth));
+        if lifetime.is_zero() {
+            self.remove_allocation(slot, clock.now, EndReason::Deleted, binder);
+            let entry = (
+                ft,
+                msg.transaction_id(),
+                self.out.clone().into_boxed_slice(),
+            );
+            if self.recent_deletes.len() < RECENT_DELETES {
+                self.recent_deletes.push(entry);
+            } else {
+                self.recent_deletes[self.recent_next] = entry;
+            }
+            self.recent_next = (self.recent_next + 1) % RECENT_DELETES;
+        } else if let Some(Some(a)) = self.allocations.get_mut(slot) {
+            a.expires = clock.now + lifetime;
+        }
+        Reply::Done
+    }
+
+    /// Checks a peer address against family and policy. `Ok(relays_only)`.
+    /// The policy is checked first, so a denied address is refused (403) whatever its
+    /// family; an allowed one of the other family gets 443.
+    fn check_peer(&self, rt: &Runtime, relay_v6: bool, peer: SocketAddr) -> Result<bool, u16> {
+        let relays_only = if rt.policy.is_allowed(peer.ip()) {
+            false
+        } else if self.shared.is_live_relay(peer) {
+            // Relaying between two allocations of this server is always allowed,
+            // whatever range the relay address is in; only that exact transport address.
+            true
+        } else {
+            return Err(403);
+        };
+        if peer.is_ipv6() != relay_v6 {
+            return Err(443);
+        }
+        Ok(relays_only)
+    }
+
+    fn create_permission(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        clock: Clock,
+    ) -> Reply {
+        let slot = match self.owned_allocation(rt, ft, msg, auth) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let peers = match msg.xor_peer_addresses() {
+            Ok(p) if !p.is_empty() => p,
+            _ => return self.fail(rt, msg, 400, auth),
+        };
+        let Some(Some(alloc)) = self.allocations.get(slot) else {
+            return Reply::Drop;
+        };
+        let relay_v6 = alloc.relay_addr.is_ipv6();
+        let mut grants = Vec::with_capacity(peers.len());
+        for p in &peers {
+            match self.check_peer(rt, relay_v6, *p) {
+                Ok(relays_only) => grants.push((p.ip(), relays_only)),
+                Err(code) => return self.fail(rt, msg, code, auth),
+            }
+        }
+        let ips: Vec<IpAddr> = grants.iter().map(|g| g.0).collect();
+        if alloc.permissions.len() + alloc.new_permissions(&ips)
+            > rt.limits.max_permissions_per_allocation
+        {
+            return self.fail(rt, msg, 508, auth);
+        }
+        if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
+            for (ip, relays_only) in grants {
+                alloc.install_permission(ip, relays_only, clock.now);
+            }
+        }
+        self.success(rt, msg, auth)
+    }
+
+    fn channel_bind(
+        &mut self,
+        rt: &Runtime,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        clock: Clock,
+    ) -> Reply {
+        let slot = match self.owned_allocation(rt, ft, msg, auth) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let (Ok(Some(number)), Ok(Some(peer))) = (msg.channel_number(), msg.xor_peer_address())
+        else {
+            return self.fail(rt, msg, 400, auth);
+        };
+        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) {
+            return self.fail(rt, msg, 400, auth);
+        }
+        let Some(Some(alloc)) = self.allocations.get(slot) else {
+            return Reply::Drop;
+        };
+        let relays_only = match self.check_peer(rt, alloc.relay_addr.is_ipv6(), peer) {
+            Ok(r) => r,
+            Err(code) => return self.fail(rt, msg, code, auth),
+        };
+        match alloc.check_channel_bind(number, peer) {
+            BindCheck::Conflict => return self.fail(rt, msg, 400, auth),
+            BindCheck::New => {
+                if alloc.channels.len() >= rt.limits.max_channels_per_allocation {
+                    return self.fail(rt, msg, 508, auth);
+                }
+                let new_perm = alloc.new_permissions(&[peer.ip()]);
+                if alloc.permissions.len() + new_perm > rt.limits.max_permissions_per_allocation {
+                    return self.fail(rt, msg, 508, auth);
+                }
+            }
+            BindCheck::Refresh => {}
+        }
+        if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
+            alloc.bind_channel(number, peer, clock.now);
+            alloc.install_permission(peer.ip(), relays_only, clock.now);
+        }
+        self.success(rt, msg, auth)
+    }
+
+    fn success(&mut self, rt: &Runtime, msg: &Message<'_>, auth: &Authed) -> Reply {
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            msg.method(),
+            Class::Success,
+            msg.transaction_id(),
+        );
+        finish(&mut w, rt, msg, Some(auth));
+        Reply::Done
+    }
+
+    fn fail(&mut self, rt: &Runtime, msg: &Message<'_>, code: u16, auth: &Authed) -> Reply {
+        self.error(rt, msg, code, Some(auth), |_| {});
+        Reply::Done
+    }
+}
+
+/// SOFTWARE, integrity (with the request's algorithm) and FINGERPRINT (when the request
+/// had one), in that order.
+fn finish(w: &mut MessageWriter<'_>, rt: &Runtime, msg: &Message<'_>, auth: Option<&Authed>) {
+    if let Some(s) = &rt.software {
+        w.attr(attr::SOFTWARE, s.as_bytes());
+    }
+    if let Some(a) = auth {
+        if a.sha256 {
+            w.message_integrity_sha256(&a.key);
+        } else {
+            w.message_integrity(&a.key);
+        }
+    }
+    if msg.has_fingerprint() {
+        w.fingerprint();
+    }
+}
+
+/// RFC 8656 section 7.2: the default lifetime unless the client asks for more, capped.
+fn allocate_lifetime(requested: Option<u32>, limits: &Limits) -> Duration {
+    match requested {
+        Some(secs) => Duration::from_secs(u64::from(secs))
+            .max(limits.default_lifetime)
+            .min(limits.max_lifetime),
+        None => limits.default_lifetime,
+    }
+}
+
+/// Attributes this server understands in requests (RFC 8489 section 14, RFC 8656
+/// section 14, RFC 6062, RFC 5780 CHANGE-REQUEST/RESPONSE-PORT).
+fn known_attribute(t: u16) -> bool {
+    matches!(
+        t,
+        attr::MAPPED_ADDRESS
+            | attr::CHANGE_REQUEST
+            | attr::USERNAME
+            | attr::MESSAGE_INTEGRITY
+            | attr::ERROR_CODE
+            | attr::UNKNOWN_ATTRIBUTES
+            | attr::CHANNEL_NUMBER
+            | attr::LIFETIME
+            | attr::XOR_PEER_ADDRESS
+            | attr::DATA
+            | attr::REALM
+            | attr::NONCE
+            | attr::XOR_RELAYED_ADDRESS
+            | attr::REQUESTED_ADDRESS_FAMILY
+            | attr::EVEN_PORT
+            | attr::REQUESTED_TRANSPORT
+            | attr::DONT_FRAGMENT
+            | attr::MESSAGE_INTEGRITY_SHA256
+            | attr::XOR_MAPPED_ADDRESS
+            | attr::RESERVATION_TOKEN
+            | attr::PRIORITY
+            | attr::USE_CANDIDATE
+            | attr::PADDING
+            | attr::RESPONSE_PORT
+            | attr::CONNECTION_ID
+    )
+}
+
+/// STUN message type from method and class (RFC 8489 section 5).
+fn message_type(method: u16, class: Class) -> u16 {
+    let c: u16 = match class {
+        Class::Request => 0b00,
+        Class::Indication => 0b01,
+        Class::Success => 0b10,
+        Class::Error => 0b11,
+    };
+    (method & 0x000F)
+        | ((method & 0x0070) << 1)
+        | ((method & 0x0F80) << 2)
+        | ((c & 0b01) << 4)
+        | ((c & 0b10) << 7)
+}
+
+/// XOR-address value (family, port, address) written into a slice of 8 or 20 bytes.
+fn write_xor_address(dst: &mut [u8], addr: SocketAddr, tid: &TransactionId) {
+    let cookie = proto::MAGIC_COOKIE.to_be_bytes();
+    dst[0] = 0;
+    dst[2..4].copy_from_slice(&(addr.port() ^ (proto::MAGIC_COOKIE >> 16) as u16).to_be_bytes());
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            dst[1] = 0x01;
+            let o = ip.octets();
+            for i in 0..4 {
+                dst[4 + i] = o[i] ^ cookie[i];
+            }
+        }
+        IpAddr::V6(ip) => {
+            dst[1] = 0x02;
+            let o = ip.octets();
+            for i in 0..16 {
+                let k = if i < 4 { cookie[i] } else { tid.0[i - 4] };
+                dst[4 + i] = o[i] ^ k;
+            }
+        }
+    }
+}

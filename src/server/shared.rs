@@ -1,0 +1,199 @@
+//! State shared by all workers: the read-mostly runtime configuration (swapped whole on
+//! reload), the set of live relay addresses, and the allocation quotas. None of it is
+//! touched on the relay hot path except the live-relay set, and only for peers that the
+//! policy denies but that are relays of this server.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::auth::{Credentials, NonceMaker};
+use crate::config::Config;
+use crate::policy::PeerPolicy;
+
+/// Limits the core enforces (from `[limits]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_allocations: usize,
+    pub max_allocations_per_user: usize,
+    pub max_permissions_per_allocation: usize,
+    pub max_channels_per_allocation: usize,
+    /// RFC 8656 section 7.2: default 600 s.
+    pub default_lifetime: Duration,
+    /// RFC 8656 section 7.2: at most 3600 s recommended.
+    pub max_lifetime: Duration,
+}
+
+/// Relay addresses, at most one per family, and what to advertise for each.
+#[derive(Debug, Clone, Default)]
+pub struct RelayAddrs {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+    pub external_v4: Option<IpAddr>,
+    pub external_v6: Option<IpAddr>,
+}
+
+impl RelayAddrs {
+    pub fn for_family(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.v6
+        } else {
+            self.v4
+        }
+    }
+    pub fn advertised(&self, bound: SocketAddr) -> SocketAddr {
+        let ext = if bound.is_ipv6() {
+            self.external_v6
+        } else {
+            self.external_v4
+        };
+        match ext {
+            Some(ip) => SocketAddr::new(ip, bound.port()),
+            None => bound,
+        }
+    }
+}
+
+/// Everything a reload may change, swapped as one piece.
+pub struct Runtime {
+    pub realm: String,
+    pub software: Option<String>,
+    pub credentials: Credentials,
+    pub nonces: NonceMaker,
+    pub policy: PeerPolicy,
+    pub limits: Limits,
+    pub relay: RelayAddrs,
+}
+
+impl Runtime {
+    /// Builds the runtime view of a validated configuration. `nonce_secret` survives
+    /// reloads so outstanding nonces stay valid.
+    pub fn from_config(config: &Config, nonce_secret: [u8; 32]) -> Runtime {
+        let mut relay = RelayAddrs::default();
+        for ip in &config.relay.addresses {
+            if ip.is_ipv4() {
+                relay.v4.get_or_insert(*ip);
+            } else {
+                relay.v6.get_or_insert(*ip);
+            }
+        }
+        for ip in &config.relay.external_addresses {
+            if ip.is_ipv4() {
+                relay.external_v4.get_or_insert(*ip);
+            } else {
+                relay.external_v6.get_or_insert(*ip);
+            }
+        }
+        let l = &config.limits;
+        Runtime {
+            realm: config.server.realm.clone(),
+            software: config.server.software.clone().filter(|s| !s.is_empty()),
+            credentials: Credentials::new(
+                &config.server.realm,
+                &config.auth.users,
+                &config.auth.secrets,
+            ),
+            nonces: NonceMaker::new(nonce_secret, config.server.nonce_lifetime.as_secs()),
+            policy: PeerPolicy::new(&config.policy.allow_peers, &config.policy.deny_peers),
+            limits: Limits {
+                max_allocations: l.max_allocations,
+                max_allocations_per_user: l.max_allocations_per_user,
+                max_permissions_per_allocation: l.max_permissions_per_allocation,
+                max_channels_per_allocation: l.max_channels_per_allocation,
+                default_lifetime: l.default_lifetime,
+                max_lifetime: l.max_lifetime,
+            },
+            relay,
+        }
+    }
+}
+
+/// State shared by every worker of one server process.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    live_relays: RwLock<HashSet<SocketAddr>>,
+    per_user: Mutex<HashMap<Box<str>, usize>>,
+    total: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// Why a quota refused an allocation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QuotaError {
+    /// 486 Allocation Quota Reached.
+    User,
+    /// 508 Insufficient Capacity.
+    Total,
+}
+
+impl Shared {
+    pub fn new(runtime: Runtime) -> Arc<Shared> {
+        Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            live_relays: RwLock::new(HashSet::new()),
+            per_user: Mutex::new(HashMap::new()),
+            total: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn next_allocation_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes one allocation slot for `user`, or says which quota is full.
+    pub fn acquire(&self, user: &str, limits: &Limits) -> Result<(), QuotaError> {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_user.get(user).copied().unwrap_or(0);
+        if n >= limits.max_allocations_per_user {
+            return Err(QuotaError::User);
+        }
+        if self.total.load(Ordering::Relaxed) >= limits.max_allocations {
+            return Err(QuotaError::Total);
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        per_user.insert(user.into(), n + 1);
+        Ok(())
+    }
+
+    pub fn release(&self, user: &str) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_user.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(user);
+            }
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn total_allocations(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn add_relay(&self, addr: SocketAddr) {
+        self.live_relays
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr);
+    }
+
+    pub fn remove_relay(&self, addr: SocketAddr) {
+        self.live_relays
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+    }
+
+    /// Is `addr` the relayed transport address of a live allocation of this server?
+    pub fn is_live_relay(&self, addr: SocketAddr) -> bool {
+        self.live_relays
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&addr)
+    }
+}

@@ -1,0 +1,807 @@
+//! Unit tests of the sans-I/O core with fixed instants: every timer (allocation,
+//! permission, channel, nonce, reservation), authentication, quotas and peer policy.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::auth::{self, Credentials, NonceMaker};
+use crate::policy::PeerPolicy;
+use crate::proto::{attr, method, Class, Message, MessageWriter, TransactionId};
+
+const REALM: &str = "turnstone.test";
+const T0_UNIX: u64 = 1_800_000_000;
+
+struct MockBinder {
+    next_port: u16,
+    capacity: usize,
+    live: Vec<RelayHandle>,
+    released: Vec<RelayHandle>,
+    next_handle: u32,
+}
+
+impl MockBinder {
+    fn new(capacity: usize) -> Self {
+        MockBinder {
+            next_port: 50000,
+            capacity,
+            live: Vec::new(),
+            released: Vec::new(),
+            next_handle: 0,
+        }
+    }
+    fn one(&mut self, ip: IpAddr, even: bool) -> Result<(RelayHandle, SocketAddr), BindError> {
+        if self.live.len() >= self.capacity {
+            return Err(BindError::Exhausted);
+        }
+        if even && self.next_port % 2 == 1 {
+            self.next_port += 1;
+        }
+        let h = RelayHandle(self.next_handle);
+        self.next_handle += 1;
+        let addr = SocketAddr::new(ip, self.next_port);
+        self.next_port += 1;
+        self.live.push(h);
+        Ok((h, addr))
+    }
+}
+
+impl RelayBinder for MockBinder {
+    fn bind(
+        &mut self,
+        ip: IpAddr,
+        even_port: bool,
+        reserve_next: bool,
+    ) -> Result<(RelayHandle, SocketAddr, Option<(RelayHandle, SocketAddr)>), BindError> {
+        let a = self.one(ip, even_port)?;
+        let b = if reserve_next {
+            Some(self.one(ip, false)?)
+        } else {
+            None
+        };
+        Ok((a.0, a.1, b))
+    }
+    fn release(&mut self, relay: RelayHandle) {
+        self.live.retain(|h| *h != relay);
+        self.released.push(relay);
+    }
+}
+
+fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
+    let mut users = BTreeMap::new();
+    users.insert("alice".to_string(), "wonderland".to_string());
+    users.insert("bob".to_string(), "builder".to_string());
+    let allow: Vec<ipnet::IpNet> = allow.iter().map(|s| s.parse().unwrap()).collect();
+    Runtime {
+        realm: REALM.into(),
+        software: Some("turnstone-test".into()),
+        credentials: Credentials::new(REALM, &users, &["s3cret".to_string()]),
+        nonces: NonceMaker::new([7; 32], 600),
+        policy: PeerPolicy::new(&allow, &[]),
+        limits: Limits {
+            max_allocations: max_total,
+            max_allocations_per_user: max_per_user,
+            max_permissions_per_allocation: 8,
+            max_channels_per_allocation: 8,
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+        },
+        relay: RelayAddrs {
+            v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ..Default::default()
+        },
+    }
+}
+
+struct Harness {
+    server: Server,
+    binder: MockBinder,
+    t0: Instant,
+    nonce: String,
+}
+
+fn ft(port: u16) -> FiveTuple {
+    FiveTuple {
+        transport: Transport::Udp,
+        client: SocketAddr::from(([127, 0, 0, 1], port)),
+        server: SocketAddr::from(([127, 0, 0, 1], 3478)),
+    }
+}
+
+fn tid(n: u8) -> TransactionId {
+    TransactionId([n; 12])
+}
+
+/// An owned copy of a response, parsed on demand.
+struct Resp(Vec<u8>);
+impl Resp {
+    fn msg(&self) -> Message<'_> {
+        Message::parse(&self.0).expect("response parses")
+    }
+    fn class(&self) -> Class {
+        self.msg().class()
+    }
+    fn code(&self) -> Option<u16> {
+        self.msg().error_code().unwrap().map(|(c, _)| c)
+    }
+}
+
+fn key(user: &str, pass: &str) -> auth::Key {
+    auth::long_term_key(user, REALM, pass)
+}
+
+impl Harness {
+    fn new(rt: Runtime) -> Harness {
+        Harness::with_binder(rt, MockBinder::new(1000))
+    }
+    fn with_binder(rt: Runtime, binder: MockBinder) -> Harness {
+        let shared = Shared::new(rt);
+        let mut server = Server::new(shared);
+        server.set_collect_events(true);
+        let mut h = Harness {
+            server,
+            binder,
+            t0: Instant::now(),
+            nonce: String::new(),
+        };
+        h.nonce = h
+            .shared()
+            .runtime
+            .load()
+            .nonces
+            .make(ft(40000).client, T0_UNIX);
+        h
+    }
+    fn shared(&self) -> Arc<Shared> {
+        self.server.shared().clone()
+    }
+    fn clock(&self, secs: u64) -> Clock {
+        Clock {
+            now: self.t0 + Duration::from_secs(secs),
+            unix: T0_UNIX + secs,
+        }
+    }
+    fn send(&mut self, f: FiveTuple, bytes: &[u8], secs: u64) -> Option<Resp> {
+        let clock = self.clock(secs);
+        match self.server.handle_client(f, bytes, clock, &mut self.binder) {
+            Output::ToClient(d) => Some(Resp(d.to_vec())),
+            _ => None,
+        }
+    }
+    fn nonce_for(&self, f: FiveTuple, secs: u64) -> String {
+        self.shared()
+            .runtime
+            .load()
+            .nonces
+            .make(f.client, T0_UNIX + secs)
+    }
+    /// Builds an authenticated request.
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &self,
+        f: FiveTuple,
+        m: u16,
+        t: TransactionId,
+        user: &str,
+        pass: &str,
+        secs: u64,
+        attrs: impl FnOnce(&mut MessageWriter<'_>),
+    ) -> Vec<u8> {
+        let nonce = self.nonce_for(f, secs);
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, t);
+        attrs(&mut w);
+        w.attr(attr::USERNAME, user.as_bytes());
+        w.attr(attr::REALM, REALM.as_bytes());
+        w.attr(attr::NONCE, nonce.as_bytes());
+        w.message_integrity(&key(user, pass));
+        w.finish();
+        buf
+    }
+    fn allocate(&mut self, f: FiveTuple, t: u8, secs: u64) -> Resp {
+        let req = self.request(
+            f,
+            method::ALLOCATE,
+            tid(t),
+            "alice",
+            "wonderland",
+            secs,
+            |w| {
+                w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            },
+        );
+        self.send(f, &req, secs).expect("allocate answered")
+    }
+    fn relayed(&self, r: &Resp) -> SocketAddr {
+        r.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .expect("XOR-RELAYED-ADDRESS")
+    }
+    fn permission(&mut self, f: FiveTuple, peer: SocketAddr, t: u8, secs: u64) -> Resp {
+        let req = self.request(
+            f,
+            method::CREATE_PERMISSION,
+            tid(t),
+            "alice",
+            "wonderland",
+            secs,
+            |w| {
+                w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+            },
+        );
+        self.send(f, &req, secs).expect("answered")
+    }
+    fn channel(&mut self, f: FiveTuple, number: u16, peer: SocketAddr, t: u8, secs: u64) -> Resp {
+        let req = self.request(
+            f,
+            method::CHANNEL_BIND,
+            tid(t),
+            "alice",
+            "wonderland",
+            secs,
+            |w| {
+                w.attr(
+                    attr::CHANNEL_NUMBER,
+                    &[(number >> 8) as u8, number as u8, 0, 0],
+                );
+                w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+            },
+        );
+        self.send(f, &req, secs).expect("answered")
+    }
+    fn refresh(&mut self, f: FiveTuple, lifetime: u32, t: u8, secs: u64) -> Resp {
+        let req = self.request(
+            f,
+            method::REFRESH,
+            tid(t),
+            "alice",
+            "wonderland",
+            secs,
+            |w| {
+                w.u32_attr(attr::LIFETIME, lifetime);
+            },
+        );
+        self.send(f, &req, secs).expect("answered")
+    }
+    /// Peer datagram through the relay of `relay`; returns what goes to the client.
+    fn from_peer(
+        &mut self,
+        relay: RelayHandle,
+        from: SocketAddr,
+        payload: &[u8],
+        secs: u64,
+    ) -> Option<(FiveTuple, Vec<u8>)> {
+        let mut buf = vec![0u8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
+        buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+        let now = self.t0 + Duration::from_secs(secs);
+        let (f, r) = self.server.handle_peer(
+            relay,
+            from,
+            &mut buf,
+            PEER_HEADROOM..PEER_HEADROOM + payload.len(),
+            now,
+        )?;
+        Some((f, buf[r].to_vec()))
+    }
+    fn send_indication(
+        &mut self,
+        f: FiveTuple,
+        peer: SocketAddr,
+        data: &[u8],
+        secs: u64,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, method::SEND, Class::Indication, tid(99));
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        w.attr(attr::DATA, data);
+        w.finish();
+        let clock = self.clock(secs);
+        match self.server.handle_client(f, &buf, clock, &mut self.binder) {
+            Output::ToPeer { peer, data, .. } => Some((peer, data.to_vec())),
+            _ => None,
+        }
+    }
+    fn channel_data(
+        &mut self,
+        f: FiveTuple,
+        number: u16,
+        data: &[u8],
+        secs: u64,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        let mut buf = vec![(number >> 8) as u8, number as u8, 0, data.len() as u8];
+        buf.extend_from_slice(data);
+        let clock = self.clock(secs);
+        match self.server.handle_client(f, &buf, clock, &mut self.binder) {
+            Output::ToPeer { peer, data, .. } => Some((peer, data.to_vec())),
+            _ => None,
+        }
+    }
+    fn tick(&mut self, secs: u64) {
+        let now = self.t0 + Duration::from_secs(secs);
+        self.server.handle_timeout(now, &mut self.binder);
+    }
+}
+
+fn peer() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000))
+}
+
+#[test]
+fn binding_returns_reflexive_address() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let mut buf = Vec::new();
+    MessageWriter::new(&mut buf, method::BINDING, Class::Request, tid(1)).finish();
+    let r = h.send(ft(40000), &buf, 0).unwrap();
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(
+        r.msg().xor_address(attr::XOR_MAPPED_ADDRESS).unwrap(),
+        Some(ft(40000).client)
+    );
+    assert!(r.msg().get(attr::MAPPED_ADDRESS).is_some());
+}
+
+#[test]
+fn unauthenticated_allocate_gets_401_with_realm_and_nonce_and_no_state() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid(1));
+    w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    w.finish();
+    let r = h.send(ft(40000), &buf, 0).unwrap();
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(r.msg().realm().unwrap(), Some(REALM));
+    assert!(r.msg().nonce().unwrap().is_some());
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.binder.live.is_empty());
+}
+
+#[test]
+fn allocate_retransmission_and_437() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let r1 = h.allocate(ft(40000), 1, 0);
+    assert_eq!(r1.class(), Class::Success, "{:?}", r1.code());
+    assert!(r1.msg().verify_integrity(&key("alice", "wonderland")));
+    assert_eq!(r1.msg().lifetime().unwrap(), Some(600));
+    let r2 = h.allocate(ft(40000), 1, 1);
+    assert_eq!(r1.0, r2.0, "a retransmitted Allocate gets the same answer");
+    let r3 = h.allocate(ft(40000), 2, 1);
+    assert_eq!(r3.code(), Some(437));
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn wrong_password_401_and_unknown_user_401() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let req = h.request(
+        ft(40000),
+        method::ALLOCATE,
+        tid(1),
+        "alice",
+        "nope",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(40000), &req, 0).unwrap().code(), Some(401));
+    let req = h.request(
+        ft(40000),
+        method::ALLOCATE,
+        tid(2),
+        "mallory",
+        "x",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(40000), &req, 0).unwrap().code(), Some(401));
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn nonce_expires_with_438() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    // Nonce made at t=0, request at t=601 still carrying it.
+    let nonce = h.nonce.clone();
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid(1));
+    w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    w.attr(attr::USERNAME, b"alice");
+    w.attr(attr::REALM, REALM.as_bytes());
+    w.attr(attr::NONCE, nonce.as_bytes());
+    w.message_integrity(&key("alice", "wonderland"));
+    w.finish();
+    let ok = h.send(ft(40000), &buf, 599).unwrap();
+    assert_eq!(ok.class(), Class::Success, "{:?}", ok.code());
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let stale = h.send(ft(40000), &buf, 601).unwrap();
+    assert_eq!(stale.code(), Some(438));
+    assert!(stale.msg().nonce().unwrap().is_some());
+}
+
+#[test]
+fn rest_credentials_valid_and_expired() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let user = auth::rest_username(T0_UNIX + 60, "carol");
+    let pass = auth::rest_password("s3cret", &user);
+    let req = h.request(ft(40000), method::ALLOCATE, tid(1), &user, &pass, 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.send(ft(40000), &req, 0).unwrap().class(), Class::Success);
+    let req = h.request(ft(40001), method::ALLOCATE, tid(2), &user, &pass, 61, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.send(ft(40001), &req, 61).unwrap().code(), Some(401));
+}
+
+#[test]
+fn allocation_lifetime_and_refresh() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    assert_eq!(h.allocate(ft(40000), 1, 0).class(), Class::Success);
+    h.tick(599);
+    assert_eq!(h.server.allocation_count(), 1);
+    // Refresh at 500 s for 600 s: now ends at 1100 s.
+    let r = h.refresh(ft(40000), 600, 2, 500);
+    assert_eq!(r.msg().lifetime().unwrap(), Some(600));
+    h.tick(1099);
+    assert_eq!(h.server.allocation_count(), 1);
+    h.tick(1100);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.binder.released.len(), 1);
+    assert_eq!(h.shared().total_allocations(), 0);
+    let ended = h
+        .server
+        .drain_events()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::AllocationEnded {
+                    reason: EndReason::Expired,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(ended, 1);
+}
+
+#[test]
+fn lifetime_is_clamped() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let f = ft(40000);
+    let req = h.request(f, method::ALLOCATE, tid(1), "alice", "wonderland", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        w.u32_attr(attr::LIFETIME, 99_999);
+    });
+    assert_eq!(
+        h.send(f, &req, 0).unwrap().msg().lifetime().unwrap(),
+        Some(3600)
+    );
+    let f = ft(40001);
+    let req = h.request(f, method::ALLOCATE, tid(2), "alice", "wonderland", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        w.u32_attr(attr::LIFETIME, 30);
+    });
+    assert_eq!(
+        h.send(f, &req, 0).unwrap().msg().lifetime().unwrap(),
+        Some(600)
+    );
+}
+
+#[test]
+fn refresh_zero_deletes_and_retransmission_gets_same_answer() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    h.allocate(ft(40000), 1, 0);
+    let r = h.refresh(ft(40000), 0, 2, 10);
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.server.allocation_count(), 0);
+    let again = h.refresh(ft(40000), 0, 2, 11);
+    assert_eq!(r.0, again.0);
+    let other = h.refresh(ft(40000), 0, 3, 11);
+    assert_eq!(other.code(), Some(437));
+}
+
+#[test]
+fn permission_timer_and_data_both_ways() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    let relay = RelayHandle(0);
+    // No permission yet: nothing either way.
+    assert!(h.send_indication(f, peer(), b"hi", 1).is_none());
+    assert!(h.from_peer(relay, peer(), b"yo", 1).is_none());
+    assert_eq!(h.permission(f, peer(), 2, 10).class(), Class::Success);
+    let (to, data) = h.send_indication(f, peer(), b"hi", 11).unwrap();
+    assert_eq!((to, data.as_slice()), (peer(), &b"hi"[..]));
+    // Permission is per IP: another port of the same IP passes too.
+    let other_port = SocketAddr::from(([127, 0, 0, 1], 7001));
+    assert!(h.send_indication(f, other_port, b"hi", 12).is_some());
+    // Peer data comes back as a Data indication.
+    let (to, bytes) = h.from_peer(relay, peer(), b"hello", 12).unwrap();
+    assert_eq!(to, f);
+    let m = Message::parse(&bytes).expect("data indication parses");
+    assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
+    assert_eq!(m.data(), Some(&b"hello"[..]));
+    assert_eq!(m.xor_peer_address().unwrap(), Some(peer()));
+    // Expires 300 s after it was made (t=10).
+    assert!(h.from_peer(relay, peer(), b"x", 309).is_some());
+    assert!(h.from_peer(relay, peer(), b"x", 310).is_none());
+    assert!(h.send_indication(f, peer(), b"x", 310).is_none());
+}
+
+#[test]
+fn channel_timer_rebinding_rules_and_in_place_framing() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    let relay = RelayHandle(0);
+    let p2 = SocketAddr::from(([127, 0, 0, 2], 7000));
+    assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+    // uclient's RFC 5766 numbers are accepted; out of range is 400.
+    assert_eq!(h.channel(f, 0x7ce4, p2, 3, 0).class(), Class::Success);
+    assert_eq!(h.channel(f, 0x8000, peer(), 4, 0).code(), Some(400));
+    assert_eq!(h.channel(f, 0x3FFF, peer(), 5, 0).code(), Some(400));
+    // Same number to another peer, or same peer on another number: 400.
+    let p3 = SocketAddr::from(([127, 0, 0, 3], 7000));
+    assert_eq!(h.channel(f, 0x4000, p3, 6, 0).code(), Some(400));
+    assert_eq!(h.channel(f, 0x4001, peer(), 7, 0).code(), Some(400));
+    // Refreshing the same binding is fine.
+    assert_eq!(h.channel(f, 0x4000, peer(), 8, 200).class(), Class::Success);
+
+    let (to, data) = h.channel_data(f, 0x4000, b"abc", 201).unwrap();
+    assert_eq!((to, data.as_slice()), (peer(), &b"abc"[..]));
+    let (_, bytes) = h.from_peer(relay, peer(), b"hello", 201).unwrap();
+    assert_eq!(&bytes[..4], &[0x40, 0x00, 0x00, 0x05]);
+    assert_eq!(&bytes[4..], b"hello");
+    // Unbound channel number: dropped.
+    assert!(h.channel_data(f, 0x4002, b"abc", 201).is_none());
+
+    // The binding made/refreshed at 200 s lasts until 800 s; its permission until 500 s.
+    assert!(h.channel_data(f, 0x4000, b"abc", 499).is_some());
+    assert!(h.channel_data(f, 0x4000, b"abc", 500).is_none());
+    h.permission(f, peer(), 9, 700);
+    assert!(h.channel_data(f, 0x4000, b"abc", 799).is_some());
+    assert!(h.channel_data(f, 0x4000, b"abc", 800).is_none());
+    // After expiry, peer data goes as Data indication.
+    let (_, bytes) = h.from_peer(relay, peer(), b"hello", 801).unwrap();
+    assert!(Message::parse(&bytes).is_ok());
+    // During the 5 minute cool-down the number can't go to another peer...
+    h.refresh(f, 3600, 10, 801);
+    h.tick(900);
+    assert_eq!(h.channel(f, 0x4000, p3, 11, 900).code(), Some(400));
+    // ...but after it, it can.
+    h.tick(1101);
+    assert_eq!(h.channel(f, 0x4000, p3, 12, 1101).class(), Class::Success);
+}
+
+#[test]
+fn forbidden_peers_get_403_with_default_policy() {
+    let mut h = Harness::new(runtime(&[], 10, 100));
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    let forbidden = [
+        "0.0.0.0:9",
+        "[::]:9",
+        "[::1]:9",
+        "[::ffff:127.0.0.1]:9",
+        "169.254.169.254:80",
+        "10.0.0.1:9",
+        "224.0.0.1:9",
+        "127.0.0.1:22",
+        "192.168.1.1:9",
+    ];
+    for (i, p) in forbidden.iter().enumerate() {
+        let peer: SocketAddr = p.parse().unwrap();
+        let r = h.permission(f, peer, 10 + i as u8, 1);
+        assert_eq!(r.code(), Some(403), "CreatePermission {p}");
+        let r = h.channel(f, 0x4000, peer, 40 + i as u8, 1);
+        assert_eq!(r.code(), Some(403), "ChannelBind {p}");
+        assert!(h.send_indication(f, peer, b"x", 1).is_none());
+    }
+    // A public address of the wrong family: 443; of the right one: fine.
+    assert_eq!(
+        h.permission(f, "[2606:4700::1111]:9".parse().unwrap(), 90, 1)
+            .code(),
+        Some(443)
+    );
+    assert_eq!(
+        h.permission(f, "8.8.8.8:53".parse().unwrap(), 91, 1)
+            .class(),
+        Class::Success
+    );
+}
+
+#[test]
+fn relay_to_relay_allowed_only_for_live_relays() {
+    // Relay address 127.0.0.1 is denied by the default policy.
+    let mut h = Harness::new(runtime(&[], 10, 100));
+    let (a, b) = (ft(40000), ft(40001));
+    let ra = h.allocate(a, 1, 0);
+    let rb = h.allocate(b, 2, 0);
+    let (relay_a, relay_b) = (h.relayed(&ra), h.relayed(&rb));
+    assert_eq!(h.permission(a, relay_b, 3, 1).class(), Class::Success);
+    assert_eq!(h.channel(b, 0x4000, relay_a, 4, 1).class(), Class::Success);
+    assert!(h.send_indication(a, relay_b, b"x", 2).is_some());
+    // Another port on the relay's IP stays unreachable.
+    let host_service = SocketAddr::new(relay_b.ip(), 22);
+    assert!(h.send_indication(a, host_service, b"x", 2).is_none());
+    assert_eq!(h.permission(a, host_service, 5, 2).code(), Some(403));
+    // ...and cannot send in either.
+    assert!(h.from_peer(RelayHandle(0), host_service, b"x", 2).is_none());
+    assert!(h.from_peer(RelayHandle(0), relay_b, b"x", 2).is_some());
+    // Once b's allocation is gone, its address is an ordinary denied address.
+    h.refresh(b, 0, 6, 3);
+    assert!(h.send_indication(a, relay_b, b"x", 4).is_none());
+}
+
+#[test]
+fn quotas_486_508_and_recovery() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 2, 3));
+    assert_eq!(h.allocate(ft(1), 1, 0).class(), Class::Success);
+    assert_eq!(h.allocate(ft(2), 2, 0).class(), Class::Success);
+    assert_eq!(h.allocate(ft(3), 3, 0).code(), Some(486));
+    let req = h.request(ft(4), method::ALLOCATE, tid(4), "bob", "builder", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.send(ft(4), &req, 0).unwrap().class(), Class::Success);
+    let req = h.request(ft(5), method::ALLOCATE, tid(5), "bob", "builder", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.send(ft(5), &req, 0).unwrap().code(), Some(508));
+    h.refresh(ft(1), 0, 6, 1);
+    assert_eq!(h.allocate(ft(3), 7, 1).class(), Class::Success);
+}
+
+#[test]
+fn port_exhaustion_508_then_recovery() {
+    let mut h = Harness::with_binder(runtime(&["127.0.0.0/8"], 100, 100), MockBinder::new(2));
+    assert_eq!(h.allocate(ft(1), 1, 0).class(), Class::Success);
+    assert_eq!(h.allocate(ft(2), 2, 0).class(), Class::Success);
+    assert_eq!(h.allocate(ft(3), 3, 0).code(), Some(508));
+    assert_eq!(h.shared().total_allocations(), 2, "quota slot given back");
+    h.refresh(ft(1), 0, 4, 1);
+    assert_eq!(h.allocate(ft(3), 5, 1).class(), Class::Success);
+}
+
+#[test]
+fn wrong_credentials_on_allocation_441() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    let req = h.request(f, method::REFRESH, tid(2), "bob", "builder", 1, |w| {
+        w.u32_attr(attr::LIFETIME, 600);
+    });
+    assert_eq!(h.send(f, &req, 1).unwrap().code(), Some(441));
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_420() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, tid(1));
+    w.attr(0x0031, b"zz");
+    w.attr(0xC057, b"ok!!");
+    w.finish();
+    let r = h.send(ft(40000), &buf, 0).unwrap();
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES),
+        Some(&[0x00, 0x31][..])
+    );
+}
+
+#[test]
+fn requests_without_transport_or_bad_family() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let req = h.request(
+        ft(1),
+        method::ALLOCATE,
+        tid(1),
+        "alice",
+        "wonderland",
+        0,
+        |_| {},
+    );
+    assert_eq!(h.send(ft(1), &req, 0).unwrap().code(), Some(400));
+    let req = h.request(
+        ft(2),
+        method::ALLOCATE,
+        tid(2),
+        "alice",
+        "wonderland",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[99, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(2), &req, 0).unwrap().code(), Some(442));
+    // No IPv6 relay address configured: 440.
+    let req = h.request(
+        ft(3),
+        method::ALLOCATE,
+        tid(3),
+        "alice",
+        "wonderland",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(3), &req, 0).unwrap().code(), Some(440));
+    assert_eq!(h.shared().total_allocations(), 0);
+}
+
+#[test]
+fn even_port_reservation_is_claimed_or_expires() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let req = h.request(
+        ft(1),
+        method::ALLOCATE,
+        tid(1),
+        "alice",
+        "wonderland",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::EVEN_PORT, &[0x80]);
+        },
+    );
+    let r = h.send(ft(1), &req, 0).unwrap();
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.relayed(&r).port() % 2, 0);
+    let token = r.msg().reservation_token().unwrap().expect("token");
+    let req = h.request(
+        ft(2),
+        method::ALLOCATE,
+        tid(2),
+        "alice",
+        "wonderland",
+        1,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::RESERVATION_TOKEN, &token);
+        },
+    );
+    let r2 = h.send(ft(2), &req, 1).unwrap();
+    assert_eq!(h.relayed(&r2).port(), h.relayed(&r).port() + 1);
+    // A second reservation that nobody claims is released after 30 s.
+    let req = h.request(
+        ft(3),
+        method::ALLOCATE,
+        tid(3),
+        "alice",
+        "wonderland",
+        2,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::EVEN_PORT, &[0x80]);
+        },
+    );
+    h.send(ft(3), &req, 2).unwrap();
+    let live = h.binder.live.len();
+    h.tick(32);
+    assert_eq!(h.binder.live.len(), live - 1);
+}
+
+#[test]
+fn garbage_never_panics_and_gets_nothing() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let mut seed = 1u64;
+    for len in 0..300usize {
+        let mut buf = vec![0u8; len];
+        for b in buf.iter_mut() {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            *b = (seed >> 56) as u8;
+        }
+        if let Some(first) = buf.first_mut() {
+            *first &= 0x7F;
+        }
+        let _ = h.send(ft(40000), &buf, 0);
+    }
+    assert_eq!(h.server.allocation_count(), 0);
+}

@@ -1,0 +1,750 @@
+//! Shared harness for the black-box integration tests: runs a real `turnstone`
+//! process (or, for differential checks, coturn's `turnserver`) on 127.0.0.1 with
+//! its own ports, and offers small helpers (free ports, a raw STUN Binding client,
+//! external tools with bounded run times).
+//!
+//! Every test binary includes this module with `mod common;` and uses a part of it.
+//!
+//! Set `TURNSTONE_TEST_SERVER=coturn` to run the same tests against coturn's
+//! `turnserver` (Debian package `coturn`) instead of turnstone: the harness then maps
+//! the options below to turnserver flags. This is how the tests themselves were
+//! validated; coturn cannot mix static users with REST secrets, so there the
+//! secrets are used only when the user list is empty.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the server may take to answer its first Binding request.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between readiness probes.
+pub const READY_POLL: Duration = Duration::from_millis(50);
+
+pub const REALM: &str = "turnstone.test";
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "wonderland";
+pub const SECRET: &str = "s3cret";
+
+const COTURN_HINT: &str = "apt-get install -y coturn";
+
+/// Relay port ranges: 25 slots of 500 ports in 20000-32499, below the kernel's
+/// ephemeral range (32768-60999) so that client sockets never sit in them.
+const RELAY_BASE: u32 = 20_000;
+const RELAY_WIDTH: u32 = 500;
+const RELAY_SLOTS: u32 = 25;
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// Which server the tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Turnstone,
+    Coturn,
+}
+
+impl Backend {
+    /// `TURNSTONE_TEST_SERVER=coturn` selects coturn; anything else (or unset) turnstone.
+    pub fn from_env() -> Backend {
+        match std::env::var("TURNSTONE_TEST_SERVER") {
+            Ok(v) if v.eq_ignore_ascii_case("coturn") => Backend::Coturn,
+            _ => Backend::Turnstone,
+        }
+    }
+}
+
+/// What the test server is configured with. `Default` is alice/wonderland, secret
+/// `s3cret`, realm `turnstone.test`, loopback peers allowed.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub realm: String,
+    pub users: Vec<(String, String)>,
+    pub secrets: Vec<String>,
+    pub allow_peers: Vec<String>,
+    pub deny_peers: Vec<String>,
+    pub max_allocations: usize,
+    pub max_allocations_per_user: usize,
+    /// Appended verbatim to the generated TOML (turnstone only), e.g. a `[log]` section.
+    pub extra_toml: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            realm: REALM.to_string(),
+            users: vec![(USER.to_string(), PASSWORD.to_string())],
+            secrets: vec![SECRET.to_string()],
+            allow_peers: vec!["127.0.0.0/8".to_string()],
+            deny_peers: Vec::new(),
+            max_allocations: 100_000,
+            max_allocations_per_user: 100,
+            extra_toml: String::new(),
+        }
+    }
+}
+
+impl ServerOptions {
+    pub fn users(mut self, users: &[(&str, &str)]) -> Self {
+        self.users = users
+            .iter()
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect();
+        self
+    }
+    pub fn secrets(mut self, secrets: &[&str]) -> Self {
+        self.secrets = secrets.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn allow_peers(mut self, nets: &[&str]) -> Self {
+        self.allow_peers = nets.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn deny_peers(mut self, nets: &[&str]) -> Self {
+        self.deny_peers = nets.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn max_allocations(mut self, n: usize) -> Self {
+        self.max_allocations = n;
+        self
+    }
+    pub fn max_allocations_per_user(mut self, n: usize) -> Self {
+        self.max_allocations_per_user = n;
+        self
+    }
+    pub fn extra_toml(mut self, toml: &str) -> Self {
+        self.extra_toml = toml.to_string();
+        self
+    }
+
+    /// The turnstone configuration file for this server.
+    pub fn to_toml(&self, listen: SocketAddr, relay_ports: (u16, u16)) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "[server]\nrealm = {}\n", toml_str(&self.realm));
+        let _ = writeln!(
+            t,
+            "[[listen]]\ntransport = \"udp\"\naddress = \"{listen}\"\n"
+        );
+        let _ = writeln!(
+            t,
+            "[relay]\naddress = \"127.0.0.1\"\nports = \"{}-{}\"\n",
+            relay_ports.0, relay_ports.1
+        );
+        let users: Vec<String> = self
+            .users
+            .iter()
+            .map(|(u, p)| format!("{} = {}", toml_str(u), toml_str(p)))
+            .collect();
+        let _ = writeln!(
+            t,
+            "[auth]\nusers = {{ {} }}\nsecrets = {}\n",
+            users.join(", "),
+            toml_list(&self.secrets)
+        );
+        let _ = writeln!(
+            t,
+            "[policy]\nallow_peers = {}\ndeny_peers = {}\n",
+            toml_list(&self.allow_peers),
+            toml_list(&self.deny_peers)
+        );
+        let _ = writeln!(
+            t,
+            "[limits]\nmax_allocations = {}\nmax_allocations_per_user = {}\n",
+            self.max_allocations, self.max_allocations_per_user
+        );
+        t.push_str(&self.extra_toml);
+        t
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    // Basic TOML string: escape backslash and quote; tests use plain ASCII values.
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn toml_list(items: &[String]) -> String {
+    let v: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// A free UDP port on 127.0.0.1 (bind port 0, read it, release it).
+pub fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    s.local_addr().expect("local_addr").port()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    s.local_addr().expect("local_addr").port()
+}
+
+/// A relay port range no other server started by this process uses at the same time
+/// (and, thanks to the pid, probably no other test process either).
+pub fn relay_port_range() -> (u16, u16) {
+    let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
+    let slot = (std::process::id().wrapping_mul(7).wrapping_add(n)) % RELAY_SLOTS;
+    let low = RELAY_BASE + slot * RELAY_WIDTH;
+    let high = low + RELAY_WIDTH - 1;
+    (low as u16, high as u16)
+}
+
+/// Full path of an external tool, or a panic that says how to install it.
+pub fn require_tool(name: &str, install_hint: &str) -> PathBuf {
+    if let Some(p) = find_tool(name) {
+        return p;
+    }
+    panic!(
+        "required tool `{name}` was not found in PATH.\n\
+         Install it with: `{install_hint}` (as root), or run `bash scripts/test`, \
+         which installs every tool the tests need when run as root."
+    );
+}
+
+/// Full path of an executable in PATH, if any.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// A running server under test. Dropping it kills the process and waits for it;
+/// if the current thread is panicking, its stdout/stderr are printed first.
+pub struct TestServer {
+    pub backend: Backend,
+    /// The UDP listen address (STUN/TURN).
+    pub addr: SocketAddr,
+    pub relay_ports: (u16, u16),
+    pub options: ServerOptions,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// A server with the default options (see [`ServerOptions`]).
+    pub fn start_default() -> TestServer {
+        TestServer::start(ServerOptions::default())
+    }
+
+    /// Starts the server chosen by `TURNSTONE_TEST_SERVER` and waits until it
+    /// answers a STUN Binding request (or panics with its logs).
+    pub fn start(options: ServerOptions) -> TestServer {
+        TestServer::start_with(Backend::from_env(), options)
+    }
+
+    pub fn start_with(backend: Backend, options: ServerOptions) -> TestServer {
+        let dir = tempfile::Builder::new()
+            .prefix("turnstone-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let port = free_udp_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let relay_ports = relay_port_range();
+        let stdout = File::create(dir.path().join("stdout.log")).expect("stdout.log");
+        let stderr = File::create(dir.path().join("stderr.log")).expect("stderr.log");
+
+        let mut cmd = match backend {
+            Backend::Turnstone => {
+                let config = dir.path().join("turnstone.toml");
+                std::fs::write(&config, options.to_toml(addr, relay_ports)).expect("write config");
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
+                cmd.arg("--config").arg(&config);
+                cmd
+            }
+            Backend::Coturn => coturn_command(dir.path(), &options, addr, relay_ports),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {backend:?} server {cmd:?}: {e}"));
+        let mut server = TestServer {
+            backend,
+            addr,
+            relay_ports,
+            options,
+            child: Some(child),
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether `port` lies in this server's relay port range.
+    pub fn is_relay_port(&self, port: u16) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&port)
+    }
+
+    /// The server's stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!(
+            "----- {:?} server on {} stdout -----\n{}\n----- stderr -----\n{}\n----- end -----",
+            self.backend,
+            self.addr,
+            read("stdout.log"),
+            read("stderr.log")
+        )
+    }
+
+    /// Polls with Binding requests every 50 ms until a Binding success comes back.
+    fn wait_ready(&mut self) {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind probe socket");
+        sock.set_read_timeout(Some(READY_POLL)).expect("timeout");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "{:?} server exited before it was ready ({status})\n{}",
+                        self.backend,
+                        self.logs()
+                    );
+                }
+            }
+            let tid = random_tid();
+            let _ = sock.send_to(&binding_request(&tid), self.addr);
+            let until = Instant::now() + READY_POLL;
+            let mut buf = [0u8; 1500];
+            while Instant::now() < until {
+                match sock.recv_from(&mut buf) {
+                    Ok((n, from)) if from == self.addr => {
+                        if parse_binding_success(&buf[..n], &tid).is_some() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Timeout, or ICMP port unreachable (ECONNREFUSED) before it binds.
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{:?} server did not answer a STUN Binding request on {} within {:?}\n{}",
+                    self.backend,
+                    self.addr,
+                    READY_TIMEOUT,
+                    self.logs()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn coturn_command(
+    dir: &Path,
+    options: &ServerOptions,
+    addr: SocketAddr,
+    relay_ports: (u16, u16),
+) -> Command {
+    let bin = require_tool("turnserver", COTURN_HINT);
+    let mut cmd = Command::new(bin);
+    cmd.arg("-n")
+        .arg(format!("--listening-ip={}", addr.ip()))
+        .arg(format!("--listening-port={}", addr.port()))
+        .arg("--relay-ip=127.0.0.1")
+        .arg(format!("--min-port={}", relay_ports.0))
+        .arg(format!("--max-port={}", relay_ports.1))
+        .arg("--lt-cred-mech")
+        .arg(format!("--realm={}", options.realm))
+        .arg("--no-cli")
+        .arg("--no-tls")
+        .arg("--no-dtls")
+        .arg("--simple-log")
+        .arg("--log-file=stdout")
+        .arg(format!(
+            "--pidfile={}",
+            dir.join("turnserver.pid").display()
+        ))
+        .arg(format!("--userdb={}", dir.join("turnserver.db").display()))
+        .arg(format!("--total-quota={}", options.max_allocations))
+        .arg(format!("--user-quota={}", options.max_allocations_per_user));
+    if !options.users.is_empty() || options.secrets.is_empty() {
+        for (u, p) in &options.users {
+            cmd.arg(format!("--user={u}:{p}"));
+        }
+    } else {
+        // coturn cannot mix static users and REST secrets: secrets only when no users.
+        cmd.arg("--use-auth-secret");
+        for s in &options.secrets {
+            cmd.arg(format!("--static-auth-secret={s}"));
+        }
+    }
+    if options.allow_peers.iter().any(|n| n.starts_with("127.")) {
+        cmd.arg("--allow-loopback-peers");
+    }
+    for n in &options.deny_peers {
+        if let Ok(net) = n.parse::<ipnet::IpNet>() {
+            cmd.arg(format!(
+                "--denied-peer-ip={}-{}",
+                net.network(),
+                net.broadcast()
+            ));
+        }
+    }
+    cmd
+}
+
+// ---------------------------------------------------------------------------
+// Raw STUN Binding client
+// ---------------------------------------------------------------------------
+
+pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+
+/// 12 random bytes (no extra dependency: std's randomly seeded hasher).
+pub fn random_tid() -> [u8; 12] {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 12];
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let a = h.finish().to_be_bytes();
+    h.write_u64(u64::from_be_bytes(a));
+    let b = h.finish().to_be_bytes();
+    out[..8].copy_from_slice(&a);
+    out[8..].copy_from_slice(&b[..4]);
+    out
+}
+
+/// A 20-byte Binding request: type 0x0001, length 0, magic cookie, `tid`.
+pub fn binding_request(tid: &[u8; 12]) -> [u8; 20] {
+    let mut m = [0u8; 20];
+    m[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
+    m[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+    m[8..20].copy_from_slice(tid);
+    m
+}
+
+/// If `buf` is a Binding success (0x0101) for `tid`, the XOR-MAPPED-ADDRESS (or
+/// MAPPED-ADDRESS) it carries, `None` inside when it carries neither.
+pub fn parse_binding_success(buf: &[u8], tid: &[u8; 12]) -> Option<Option<SocketAddr>> {
+    if buf.len() < 20
+        || buf[0..2] != [0x01, 0x01]
+        || buf[4..8] != MAGIC_COOKIE.to_be_bytes()
+        || buf[8..20] != tid[..]
+    {
+        return None;
+    }
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    let body = buf.get(20..20 + len)?;
+    let mut mapped = None;
+    let mut i = 0;
+    while i + 4 <= body.len() {
+        let typ = u16::from_be_bytes([body[i], body[i + 1]]);
+        let alen = u16::from_be_bytes([body[i + 2], body[i + 3]]) as usize;
+        let value = body.get(i + 4..i + 4 + alen)?;
+        match typ {
+            0x0020 => return Some(decode_address(value, true, tid)),
+            0x0001 => mapped = decode_address(value, false, tid),
+            _ => {}
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    Some(mapped)
+}
+
+fn decode_address(v: &[u8], xor: bool, tid: &[u8; 12]) -> Option<SocketAddr> {
+    if v.len() < 8 {
+        return None;
+    }
+    let cookie = MAGIC_COOKIE.to_be_bytes();
+    let mut port = u16::from_be_bytes([v[2], v[3]]);
+    if xor {
+        port ^= (MAGIC_COOKIE >> 16) as u16;
+    }
+    match v[1] {
+        0x01 => {
+            let mut ip = [v[4], v[5], v[6], v[7]];
+            if xor {
+                for (b, k) in ip.iter_mut().zip(cookie.iter()) {
+                    *b ^= k;
+                }
+            }
+            Some(SocketAddr::from((ip, port)))
+        }
+        0x02 if v.len() >= 20 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&v[4..20]);
+            if xor {
+                let key: Vec<u8> = cookie.iter().chain(tid.iter()).copied().collect();
+                for (b, k) in ip.iter_mut().zip(key.iter()) {
+                    *b ^= k;
+                }
+            }
+            Some(SocketAddr::from((ip, port)))
+        }
+        _ => None,
+    }
+}
+
+/// Sends Binding requests to `server` (retransmitting every 250 ms) until a success
+/// arrives or `timeout` passes. Returns (our local address, the reflexive address
+/// the server reports).
+pub fn stun_binding(
+    server: SocketAddr,
+    timeout: Duration,
+) -> Result<(SocketAddr, SocketAddr), String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(250)))
+        .map_err(|e| e.to_string())?;
+    let tid = random_tid();
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        sock.send_to(&binding_request(&tid), server)
+            .map_err(|e| e.to_string())?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if from == server {
+                if let Some(mapped) = parse_binding_success(&buf[..n], &tid) {
+                    return mapped.map(|m| (local, m)).ok_or_else(|| {
+                        format!("Binding success from {server} without a mapped address")
+                    });
+                }
+            }
+        }
+    }
+    Err(format!(
+        "no Binding success from {server} to {local} within {timeout:?}"
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// External processes with bounded lifetimes
+// ---------------------------------------------------------------------------
+
+/// A child process killed (SIGKILL to its whole process group) and reaped on drop.
+/// Its stdout/stderr go to files; they are printed if the thread is panicking.
+pub struct ChildGuard {
+    pub name: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` in its own process group with output captured to files.
+    pub fn spawn(name: &str, cmd: &mut Command) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::Builder::new()
+            .prefix("turnstone-child-")
+            .tempdir()
+            .expect("temp dir");
+        let out = File::create(dir.path().join("stdout.log")).expect("stdout.log");
+        let err = File::create(dir.path().join("stderr.log")).expect("stderr.log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits until the process exits or `timeout` passes; on timeout it is killed
+    /// and `None` is returned.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.dir.path().join("stdout.log"))
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.dir.path().join("stderr.log"))
+    }
+
+    pub fn output(&self) -> String {
+        format!(
+            "----- {} stdout -----\n{}\n----- {} stderr -----\n{}\n----- end -----",
+            self.name,
+            self.stdout(),
+            self.name,
+            self.stderr()
+        )
+    }
+
+    /// Kills the process group (only the processes this guard started) and reaps.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The child leads its own process group (process_group(0) above), so
+            // the group id is its pid; this also ends helpers it forked (Chromium).
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.output());
+        }
+    }
+}
+
+fn read_lossy(p: &Path) -> String {
+    let mut v = Vec::new();
+    if let Ok(mut f) = File::open(p) {
+        let _ = f.read_to_end(&mut v);
+    }
+    String::from_utf8_lossy(&v).into_owned()
+}
+
+/// Result of [`run_bounded`].
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// stdout followed by stderr (coturn's tools print to both).
+    pub fn combined(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion, killing it and panicking (with its output) if it
+/// takes longer than `timeout`.
+pub fn run_bounded(name: &str, cmd: &mut Command, timeout: Duration) -> RunOutput {
+    let mut g = ChildGuard::spawn(name, cmd);
+    match g.wait_timeout(timeout) {
+        Some(status) => RunOutput {
+            status,
+            stdout: g.stdout(),
+            stderr: g.stderr(),
+        },
+        None => panic!(
+            "{name} did not finish within {timeout:?}; killed it\n{}",
+            g.output()
+        ),
+    }
+}
+
+/// Runs the `turnstone` binary with `args` (bounded to 30 s).
+pub fn run_turnstone(args: &[&str]) -> RunOutput {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
+    cmd.args(args);
+    run_bounded("turnstone", &mut cmd, Duration::from_secs(30))
+}
+
+/// Parses the output of `turnstone credentials`: accepts `username: X` / `password: Y`
+/// lines (any case, `:` or `=`), or a JSON object with `username` and
+/// `password` or `credential` keys (alone or inside an iceServers entry).
+pub fn parse_credentials(output: &str) -> Option<(String, String)> {
+    let mut user = None;
+    let mut pass = None;
+    for line in output.lines() {
+        let line = line.trim();
+        if line.starts_with('{') || line.starts_with('[') {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if let Some(found) = credentials_in_json(&v) {
+                    return Some(found);
+                }
+            }
+            continue;
+        }
+        let Some((k, v)) = line.split_once([':', '=']) else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"').to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "username" | "user" if user.is_none() => user = Some(v),
+            "password" | "credential" if pass.is_none() => pass = Some(v),
+            _ => {}
+        }
+    }
+    if let (Some(u), Some(p)) = (user, pass) {
+        return Some((u, p));
+    }
+    // Whole output as one (pretty-printed) JSON document.
+    serde_json::from_str::<serde_json::Value>(output.trim())
+        .ok()
+        .and_then(|v| credentials_in_json(&v))
+}
+
+fn credentials_in_json(v: &serde_json::Value) -> Option<(String, String)> {
+    match v {
+        serde_json::Value::Object(m) => {
+            let u = m.get("username").and_then(|x| x.as_str());
+            let p = m
+                .get("password")
+                .or_else(|| m.get("credential"))
+                .and_then(|x| x.as_str());
+            if let (Some(u), Some(p)) = (u, p) {
+                return Some((u.to_string(), p.to_string()));
+            }
+            m.values().find_map(credentials_in_json)
+        }
+        serde_json::Value::Array(a) => a.iter().find_map(credentials_in_json),
+        _ => None,
+    }
+}
