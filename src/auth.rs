@@ -601,6 +601,22 @@ mod tests {
     }
 
     #[test]
+    fn random_input_never_panics() {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let n = NonceMaker::new([3; 32], 600);
+        let c = creds(&[("alice", "pw")], &["s3cret", "other"]);
+        for _ in 0..2000 {
+            let len = rng.random_range(0..40);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.random_range(b' '..=b'z')).collect();
+            let s = String::from_utf8(bytes).unwrap();
+            let now = rng.random::<u64>();
+            assert_ne!(n.check(&s, client(), now), NonceCheck::Valid);
+            let _ = c.keys_for(&s, now);
+        }
+    }
+
+    #[test]
     fn random_makers_differ() {
         let a = NonceMaker::with_random_secret(60);
         let b = NonceMaker::with_random_secret(60);

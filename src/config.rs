@@ -156,7 +156,7 @@ impl Default for RelaySection {
 }
 
 impl RelaySection {
-    /// The relay address of the family of `peer_or_family`, if configured.
+    /// The relay address of the given family (`ipv6 == true`: IPv6), if configured.
     pub fn address_for_family(&self, ipv6: bool) -> Option<IpAddr> {
         self.addresses.iter().copied().find(|a| a.is_ipv6() == ipv6)
     }
@@ -508,10 +508,20 @@ fn shape<T: DeserializeOwned + Default>(table: &Table, path: &str, errors: &mut 
                 good.insert(key.clone(), value.clone());
             }
             Err(e) => {
-                let message = e
+                let mut message = e
                     .message()
                     .replacen("unknown field", "unknown key", 1)
-                    .replace("expected usize", "expected a non-negative integer");
+                    .replace("expected usize", "expected a non-negative integer")
+                    .replace("expected a map", "expected a table")
+                    .replace("expected a sequence", "expected an array");
+                // serde quotes the offending value; under [auth] that may be a secret.
+                if path.starts_with("auth") && !message.starts_with("unknown key") {
+                    let expected = message
+                        .rsplit_once(", expected ")
+                        .map(|(_, tail)| tail.to_owned())
+                        .unwrap_or_default();
+                    message = format!("expected {expected}, found {}", value.type_str());
+                }
                 errors.push(&join(path, key), message);
             }
         }
@@ -1519,9 +1529,9 @@ key_file = "/etc/turnstone/key.pem"
             ("users = { alice = \"wonderland\" }", "users = { alice = \"wonderland\", bob = \"\" }", "auth.users.bob", "empty password"),
             ("users = { alice = \"wonderland\" }", "users = { alice = 5 }", "auth.users.alice", "expected a password string"),
             ("users = { alice = \"wonderland\" }", "users = { \"b b\" = \"\" }", "auth.users.\"b b\"", "empty password"),
-            ("users = { alice = \"wonderland\" }", "users = [\"alice\"]", "auth.users", "invalid type"),
+            ("users = { alice = \"wonderland\" }", "users = [\"alice\"]", "auth.users", "expected a table, found array"),
             ("secrets = [\"s3cret\"]", "secrets = [\"s3cret\", \"\"]", "auth.secrets[1]", "empty secret"),
-            ("secrets = [\"s3cret\"]", "secrets = \"s3cret\"", "auth.secrets", "invalid type"),
+            ("secrets = [\"s3cret\"]", "secrets = \"s3cret\"", "auth.secrets", "expected an array, found string"),
             ("allow_peers = [\"127.0.0.0/8\"]", "allow_peers = [\"x\"]", "policy.allow_peers[0]", "\"x\" is not a CIDR"),
             ("allow_peers = [\"127.0.0.0/8\"]", "allow_peers = [\"127.0.0.0/33\"]", "policy.allow_peers[0]", "is not a CIDR"),
             ("deny_peers = []", "deny_peers = [\"10.0.0.0/8\", 3]", "policy.deny_peers[1]", "expected a CIDR string"),
@@ -1734,6 +1744,32 @@ level = "loud"
         let s = format!("{c:?}");
         assert!(!s.contains("wonderland") && !s.contains("s3cret"), "{s}");
         assert!(s.contains("alice"));
+    }
+
+    #[test]
+    fn auth_errors_do_not_echo_secrets() {
+        for (find, replace, key) in [
+            (
+                "secrets = [\"s3cret\"]",
+                "secrets = \"topsecret\"",
+                "auth.secrets",
+            ),
+            (
+                "users = { alice = \"wonderland\" }",
+                "users = \"topsecret\"",
+                "auth.users",
+            ),
+            (
+                "users = { alice = \"wonderland\" }",
+                "users = { alice = [\"topsecret\"] }",
+                "auth.users.alice",
+            ),
+        ] {
+            let e = errs_with(find, replace);
+            let e = one(&e, key);
+            assert!(!e.message.contains("topsecret"), "{e}");
+            assert!(e.message.starts_with("expected "), "{e}");
+        }
     }
 
     #[test]

@@ -459,6 +459,28 @@ mod tests {
     }
 
     #[test]
+    fn random_addresses_never_panic_and_deny_rules_hold() {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let p = policy(&["0.0.0.0/0", "::/0"], &["10.0.0.0/8"]);
+        for _ in 0..10_000 {
+            let v6 = Ipv6Addr::from(rng.random::<u128>());
+            let v4 = Ipv4Addr::from(rng.random::<u32>());
+            let _ = p.is_allowed(IpAddr::V6(v6));
+            let _ = PeerPolicy::default_denied(IpAddr::V6(v6));
+            let _ = PeerPolicy::default().is_allowed(IpAddr::V4(v4));
+            // Any form embedding a 10/8 address is refused, whatever allow says.
+            let ten = Ipv4Addr::from(0x0a00_0000 | (rng.random::<u32>() & 0x00ff_ffff));
+            assert!(!p.is_allowed(IpAddr::V6(ten.to_ipv6_mapped())));
+            assert!(!p.is_allowed(IpAddr::V6(ten.to_ipv6_compatible())));
+            let nat64 = Ipv6Addr::from(0x0064_ff9b_u128 << 96 | u128::from(u32::from(ten)));
+            assert!(!p.is_allowed(IpAddr::V6(nat64)));
+            let sixtofour = Ipv6Addr::from(0x2002_u128 << 112 | u128::from(u32::from(ten)) << 80);
+            assert!(!p.is_allowed(IpAddr::V6(sixtofour)));
+        }
+    }
+
+    #[test]
     fn embedded_extraction() {
         let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
         assert_eq!(

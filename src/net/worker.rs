@@ -15,8 +15,8 @@ use tokio::task::{AbortHandle, LocalSet};
 use super::ports::PortPool;
 use super::socket;
 use crate::server::{
-    BindError, Clock, Event, FiveTuple, Output, RelayBinder, RelayHandle, Server, Shared,
-    Transport, PEER_HEADROOM, PEER_TAILROOM,
+    BindError, BindResult, Clock, Event, FiveTuple, Output, RelayBinder, RelayHandle, Server,
+    Shared, Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
 /// Largest UDP payload plus room to frame it in place.
@@ -74,12 +74,7 @@ impl Binder<'_> {
 const BIND_ATTEMPTS: usize = 16;
 
 impl RelayBinder for Binder<'_> {
-    fn bind(
-        &mut self,
-        ip: IpAddr,
-        even_port: bool,
-        reserve_next: bool,
-    ) -> Result<(RelayHandle, SocketAddr, Option<(RelayHandle, SocketAddr)>), BindError> {
+    fn bind(&mut self, ip: IpAddr, even_port: bool, reserve_next: bool) -> BindResult {
         for _ in 0..BIND_ATTEMPTS {
             let port = self
                 .ports

@@ -1014,7 +1014,7 @@ fn never_panics_on_mutated_input() {
                 v[i] = rng.next() as u8;
             }
             // Keep the header valid half the time so the attribute walk is exercised.
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 v[0] &= 0x3F;
                 v[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
                 fix_len(&mut v);

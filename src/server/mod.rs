@@ -92,16 +92,16 @@ pub enum BindError {
     NoAddress,
 }
 
+/// A bound relay socket: its handle and address.
+pub type BoundRelay = (RelayHandle, SocketAddr);
+/// What [`RelayBinder::bind`] returns: the relay, and the reserved next port if asked.
+pub type BindResult = Result<(RelayHandle, SocketAddr, Option<BoundRelay>), BindError>;
+
 /// Relay sockets are I/O: the shell binds them when the core asks.
 pub trait RelayBinder {
     /// Binds a relay socket on `ip` (port from the relay range; even if `even_port`;
     /// if `reserve_next`, also binds and holds port+1, returned as the second element).
-    fn bind(
-        &mut self,
-        ip: IpAddr,
-        even_port: bool,
-        reserve_next: bool,
-    ) -> Result<(RelayHandle, SocketAddr, Option<(RelayHandle, SocketAddr)>), BindError>;
+    fn bind(&mut self, ip: IpAddr, even_port: bool, reserve_next: bool) -> BindResult;
     /// Closes a relay socket.
     fn release(&mut self, relay: RelayHandle);
 }

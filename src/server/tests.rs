@@ -49,12 +49,7 @@ impl MockBinder {
 }
 
 impl RelayBinder for MockBinder {
-    fn bind(
-        &mut self,
-        ip: IpAddr,
-        even_port: bool,
-        reserve_next: bool,
-    ) -> Result<(RelayHandle, SocketAddr, Option<(RelayHandle, SocketAddr)>), BindError> {
+    fn bind(&mut self, ip: IpAddr, even_port: bool, reserve_next: bool) -> BindResult {
         let a = self.one(ip, even_port)?;
         let b = if reserve_next {
             Some(self.one(ip, false)?)
@@ -267,7 +262,7 @@ impl Harness {
         self.send(f, &req, secs).expect("answered")
     }
     /// Peer datagram through the relay of `relay`; returns what goes to the client.
-    fn from_peer(
+    fn peer_sends(
         &mut self,
         relay: RelayHandle,
         from: SocketAddr,
@@ -513,7 +508,7 @@ fn permission_timer_and_data_both_ways() {
     let relay = RelayHandle(0);
     // No permission yet: nothing either way.
     assert!(h.send_indication(f, peer(), b"hi", 1).is_none());
-    assert!(h.from_peer(relay, peer(), b"yo", 1).is_none());
+    assert!(h.peer_sends(relay, peer(), b"yo", 1).is_none());
     assert_eq!(h.permission(f, peer(), 2, 10).class(), Class::Success);
     let (to, data) = h.send_indication(f, peer(), b"hi", 11).unwrap();
     assert_eq!((to, data.as_slice()), (peer(), &b"hi"[..]));
@@ -521,15 +516,15 @@ fn permission_timer_and_data_both_ways() {
     let other_port = SocketAddr::from(([127, 0, 0, 1], 7001));
     assert!(h.send_indication(f, other_port, b"hi", 12).is_some());
     // Peer data comes back as a Data indication.
-    let (to, bytes) = h.from_peer(relay, peer(), b"hello", 12).unwrap();
+    let (to, bytes) = h.peer_sends(relay, peer(), b"hello", 12).unwrap();
     assert_eq!(to, f);
     let m = Message::parse(&bytes).expect("data indication parses");
     assert_eq!((m.method(), m.class()), (method::DATA, Class::Indication));
     assert_eq!(m.data(), Some(&b"hello"[..]));
     assert_eq!(m.xor_peer_address().unwrap(), Some(peer()));
     // Expires 300 s after it was made (t=10).
-    assert!(h.from_peer(relay, peer(), b"x", 309).is_some());
-    assert!(h.from_peer(relay, peer(), b"x", 310).is_none());
+    assert!(h.peer_sends(relay, peer(), b"x", 309).is_some());
+    assert!(h.peer_sends(relay, peer(), b"x", 310).is_none());
     assert!(h.send_indication(f, peer(), b"x", 310).is_none());
 }
 
@@ -554,7 +549,7 @@ fn channel_timer_rebinding_rules_and_in_place_framing() {
 
     let (to, data) = h.channel_data(f, 0x4000, b"abc", 201).unwrap();
     assert_eq!((to, data.as_slice()), (peer(), &b"abc"[..]));
-    let (_, bytes) = h.from_peer(relay, peer(), b"hello", 201).unwrap();
+    let (_, bytes) = h.peer_sends(relay, peer(), b"hello", 201).unwrap();
     assert_eq!(&bytes[..4], &[0x40, 0x00, 0x00, 0x05]);
     assert_eq!(&bytes[4..], b"hello");
     // Unbound channel number: dropped.
@@ -567,7 +562,7 @@ fn channel_timer_rebinding_rules_and_in_place_framing() {
     assert!(h.channel_data(f, 0x4000, b"abc", 799).is_some());
     assert!(h.channel_data(f, 0x4000, b"abc", 800).is_none());
     // After expiry, peer data goes as Data indication.
-    let (_, bytes) = h.from_peer(relay, peer(), b"hello", 801).unwrap();
+    let (_, bytes) = h.peer_sends(relay, peer(), b"hello", 801).unwrap();
     assert!(Message::parse(&bytes).is_ok());
     // During the 5 minute cool-down the number can't go to another peer...
     h.refresh(f, 3600, 10, 801);
@@ -631,8 +626,10 @@ fn relay_to_relay_allowed_only_for_live_relays() {
     assert!(h.send_indication(a, host_service, b"x", 2).is_none());
     assert_eq!(h.permission(a, host_service, 5, 2).code(), Some(403));
     // ...and cannot send in either.
-    assert!(h.from_peer(RelayHandle(0), host_service, b"x", 2).is_none());
-    assert!(h.from_peer(RelayHandle(0), relay_b, b"x", 2).is_some());
+    assert!(h
+        .peer_sends(RelayHandle(0), host_service, b"x", 2)
+        .is_none());
+    assert!(h.peer_sends(RelayHandle(0), relay_b, b"x", 2).is_some());
     // Once b's allocation is gone, its address is an ordinary denied address.
     h.refresh(b, 0, 6, 3);
     assert!(h.send_indication(a, relay_b, b"x", 4).is_none());

@@ -682,10 +682,11 @@ pub fn run_bounded(name: &str, cmd: &mut Command, timeout: Duration) -> RunOutpu
             stdout: g.stdout(),
             stderr: g.stderr(),
         },
-        None => panic!(
-            "{name} did not finish within {timeout:?}; killed it\n{}",
-            g.output()
-        ),
+        None => {
+            let output = g.output();
+            drop(g);
+            panic!("{name} did not finish within {timeout:?}; killed it\n{output}")
+        }
     }
 }
 
