@@ -157,9 +157,8 @@ fn chromium_data_channel_relays_through_turn() {
         }
         if let Some(st) = browser.try_wait() {
             panic!(
-                "chromium exited early ({st})\npage log:\n{}\n{}",
-                page_log.join("\n"),
-                browser.output()
+                "chromium exited early ({st})\npage log:\n{}",
+                page_log.join("\n")
             );
         }
     };
@@ -169,16 +168,13 @@ fn chromium_data_channel_relays_through_turn() {
 
     let page_log = page_log.join("\n");
     let Some(result) = result else {
-        panic!(
-            "no result from the page within {RESULT_TIMEOUT:?}\npage log:\n{page_log}\n{}\n{}",
-            browser.output(),
-            server.logs()
-        );
+        // Chromium's and the server's output are printed by their Drop impls.
+        panic!("no result from the page within {RESULT_TIMEOUT:?}\npage log:\n{page_log}");
     };
     println!("browser result: {result}");
     let v: serde_json::Value = serde_json::from_str(&result)
         .unwrap_or_else(|e| panic!("bad result JSON ({e}): {result}\npage log:\n{page_log}"));
-    let context = || format!("result: {result}\npage log:\n{page_log}\n{}", server.logs());
+    let context = || format!("result: {result}\npage log:\n{page_log}");
 
     assert_eq!(
         v["messagesAtoB"].as_u64(),

@@ -32,7 +32,7 @@ fn start_peer() -> Peer {
     // Let it bind; fail early if it died (e.g. port taken).
     std::thread::sleep(Duration::from_millis(200));
     if let Some(st) = guard.try_wait() {
-        panic!("turnutils_peer exited at once ({st})\n{}", guard.output());
+        panic!("turnutils_peer exited at once ({st})"); // Drop prints its output
     }
     Peer {
         port,
@@ -87,7 +87,8 @@ fn run_uclient(server: &TestServer, args: &[String], clients: u64, messages: u64
         .arg("127.0.0.1");
     let run = run_bounded("turnutils_uclient", &mut cmd, UCLIENT_TIMEOUT);
     let out = run.combined();
-    let context = || format!("uclient {args:?}\n{out}\n{}", server.logs());
+    // The server's own output is printed by TestServer's Drop on failure.
+    let context = || format!("uclient {args:?}\n{out}");
     assert!(
         run.status.success(),
         "uclient failed ({})\n{}",
@@ -203,9 +204,8 @@ fn uclient_wrong_password_cannot_allocate() {
     let out = run.combined();
     assert!(
         !run.status.success() && out.contains("Cannot complete Allocation"),
-        "uclient should fail to allocate with a wrong password ({})\n{out}\n{}",
-        run.status,
-        server.logs()
+        "uclient should fail to allocate with a wrong password ({})\n{out}",
+        run.status
     );
 }
 
@@ -221,7 +221,7 @@ fn stunclient_reflexive_address() {
     let line = out
         .lines()
         .find(|l| l.contains("UDP reflexive addr:"))
-        .unwrap_or_else(|| panic!("no reflexive address printed\n{out}\n{}", server.logs()));
+        .unwrap_or_else(|| panic!("no reflexive address printed\n{out}"));
     let addr = line
         .split("UDP reflexive addr:")
         .nth(1)
@@ -242,7 +242,7 @@ fn stunclient_reflexive_address() {
 #[test]
 fn raw_binding_reports_reflexive_address() {
     let server = TestServer::start_default();
-    let (local, mapped) = common::stun_binding(server.addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e}\n{}", server.logs()));
+    let (local, mapped) =
+        common::stun_binding(server.addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(mapped, local, "XOR-MAPPED-ADDRESS must be our own address");
 }

@@ -219,7 +219,8 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 }
 
 /// A running server under test. Dropping it kills the process and waits for it;
-/// if the current thread is panicking, its stdout/stderr are printed first.
+/// if the current thread is panicking, its stdout/stderr are printed then (so
+/// assertion messages need not include them).
 pub struct TestServer {
     pub backend: Backend,
     /// The UDP listen address (STUN/TURN).
@@ -315,10 +316,10 @@ impl TestServer {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
+                    // Drop prints the server's output while unwinding.
                     panic!(
-                        "{:?} server exited before it was ready ({status})\n{}",
-                        self.backend,
-                        self.logs()
+                        "{:?} server exited before it was ready ({status})",
+                        self.backend
                     );
                 }
             }
@@ -340,11 +341,8 @@ impl TestServer {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "{:?} server did not answer a STUN Binding request on {} within {:?}\n{}",
-                    self.backend,
-                    self.addr,
-                    READY_TIMEOUT,
-                    self.logs()
+                    "{:?} server did not answer a STUN Binding request on {} within {:?}",
+                    self.backend, self.addr, READY_TIMEOUT
                 );
             }
         }
