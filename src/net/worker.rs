@@ -1,16 +1,17 @@
-//! One worker: a current-thread tokio runtime driving one [`Server`] core, this worker's
-//! listener sockets and the relay sockets of its allocations. Tasks share the core
-//! through a `RefCell` and never hold a borrow across an `.await`.
+//! One worker: a level-triggered epoll loop on its own thread driving one [`Server`]
+//! core, this worker's listener sockets and the relay sockets of its allocations.
+//!
+//! The loop is the kernel floor's own shape: `epoll_wait`, then one `recvfrom` per ready
+//! socket and one `sendto` per relayed packet. Level-triggered readiness means a socket
+//! with more queued is simply reported again, so no call is spent on `EAGAIN`. No
+//! lock, no heap allocation and no task hand-off on the relay path.
 
-use std::cell::RefCell;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::rc::Rc;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::net::UdpSocket;
-use tokio::task::{AbortHandle, LocalSet};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use super::ports::PortPool;
 use super::socket;
@@ -21,22 +22,26 @@ use crate::server::{
 
 /// Largest UDP payload plus room to frame it in place.
 const BUF_LEN: usize = PEER_HEADROOM + 65536 + PEER_TAILROOM;
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+/// Tokens below this are listeners; relay `i` is `RELAY_BASE + i`.
+const RELAY_BASE: u64 = 1 << 32;
+/// How often the core's timers are run.
+const TICK: Duration = Duration::from_secs(1);
 
 struct RelayEntry {
-    socket: Rc<UdpSocket>,
+    socket: UdpSocket,
     addr: SocketAddr,
-    task: Option<AbortHandle>,
 }
 
 #[derive(Default)]
 struct Relays {
     entries: Vec<Option<RelayEntry>>,
     free: Vec<u32>,
-    /// Sockets bound during the last core call whose receive task is not running yet.
-    pending: Vec<u32>,
 }
 
 impl Relays {
+    #[inline]
     fn get(&self, h: RelayHandle) -> Option<&RelayEntry> {
         self.entries.get(h.0 as usize).and_then(|e| e.as_ref())
     }
@@ -46,12 +51,12 @@ impl Relays {
 struct Binder<'a> {
     relays: &'a mut Relays,
     ports: &'a PortPool,
+    epoll: &'a Epoll,
 }
 
 impl Binder<'_> {
     fn bind_one(&mut self, ip: IpAddr, port: u16) -> io::Result<(RelayHandle, SocketAddr)> {
-        let std_sock = socket::udp_relay(SocketAddr::new(ip, port))?;
-        let sock = UdpSocket::from_std(std_sock)?;
+        let sock = socket::udp_relay(SocketAddr::new(ip, port))?;
         let addr = sock.local_addr()?;
         let idx = match self.relays.free.pop() {
             Some(i) => i,
@@ -60,12 +65,15 @@ impl Binder<'_> {
                 (self.relays.entries.len() - 1) as u32
             }
         };
-        self.relays.entries[idx as usize] = Some(RelayEntry {
-            socket: Rc::new(sock),
-            addr,
-            task: None,
-        });
-        self.relays.pending.push(idx);
+        let token = RELAY_BASE + u64::from(idx);
+        if let Err(e) = self
+            .epoll
+            .add(&sock, EpollEvent::new(EpollFlags::EPOLLIN, token))
+        {
+            self.relays.free.push(idx);
+            return Err(e.into());
+        }
+        self.relays.entries[idx as usize] = Some(RelayEntry { socket: sock, addr });
         Ok((RelayHandle(idx), addr))
     }
 }
@@ -104,24 +112,12 @@ impl RelayBinder for Binder<'_> {
             return;
         };
         if let Some(e) = slot.take() {
-            if let Some(t) = e.task {
-                t.abort();
-            }
+            // Closing the socket removes it from the epoll set.
+            let _ = self.epoll.delete(&e.socket);
             self.ports.give_back(e.addr.ip(), e.addr.port());
             self.relays.free.push(relay.0);
-            self.relays.pending.retain(|&p| p != relay.0);
         }
     }
-}
-
-struct Worker {
-    index: usize,
-    core: RefCell<Server>,
-    relays: RefCell<Relays>,
-    ports: Arc<PortPool>,
-    listeners: Vec<(SocketAddr, Rc<UdpSocket>)>,
-    /// One receive buffer per worker: tasks use it only between awaits.
-    buf: RefCell<Vec<u8>>,
 }
 
 fn clock() -> Clock {
@@ -133,176 +129,107 @@ fn clock() -> Clock {
     }
 }
 
-pub fn run(
+/// Runs worker `index` until the process exits.
+pub fn run(index: usize, shared: Arc<Shared>, ports: Arc<PortPool>, sockets: Vec<UdpSocket>) {
+    if let Err(e) = run_loop(index, shared, &ports, sockets) {
+        tracing::error!(worker = index, error = %e, "worker stopped");
+    }
+}
+
+fn run_loop(
     index: usize,
     shared: Arc<Shared>,
-    ports: Arc<PortPool>,
-    sockets: Vec<std::net::UdpSocket>,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "worker {index}: cannot start runtime");
-            return;
-        }
-    };
-    let local = LocalSet::new();
-    local.block_on(&rt, async move {
-        let mut listeners = Vec::new();
-        for s in sockets {
-            let addr = match s.local_addr() {
-                Ok(a) => a,
-                Err(_) => continue,
-            };
-            match UdpSocket::from_std(s) {
-                Ok(sock) => listeners.push((addr, Rc::new(sock))),
-                Err(e) => tracing::error!(error = %e, "worker {index}: listener"),
-            }
-        }
-        let w = Rc::new(Worker {
-            index,
-            core: RefCell::new(Server::new(shared)),
-            relays: RefCell::new(Relays::default()),
-            ports,
-            listeners,
-            buf: RefCell::new(vec![0u8; BUF_LEN]),
-        });
-        for i in 0..w.listeners.len() {
-            tokio::task::spawn_local(listener_task(w.clone(), i));
-        }
-        timer_task(w).await;
-    });
-}
-
-impl Worker {
-    fn listener_for(&self, server: SocketAddr) -> Option<&Rc<UdpSocket>> {
-        self.listeners
-            .iter()
-            .find(|(a, _)| *a == server)
-            .map(|(_, s)| s)
+    ports: &PortPool,
+    sockets: Vec<UdpSocket>,
+) -> io::Result<()> {
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let mut listeners = Vec::with_capacity(sockets.len());
+    for (i, s) in sockets.into_iter().enumerate() {
+        let addr = s.local_addr()?;
+        epoll.add(&s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+        listeners.push((addr, s));
     }
+    let mut core = Server::new(shared);
+    let mut relays = Relays::default();
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut events = vec![EpollEvent::empty(); EVENTS];
+    let mut next_tick = Instant::now() + TICK;
 
-    /// Starts receive tasks for relay sockets bound during the last core call.
-    fn spawn_pending(self: &Rc<Self>) {
-        let pending = std::mem::take(&mut self.relays.borrow_mut().pending);
-        for idx in pending {
-            let sock = {
-                let relays = self.relays.borrow();
-                match relays.get(RelayHandle(idx)) {
-                    Some(e) => e.socket.clone(),
-                    None => continue,
-                }
-            };
-            let task = tokio::task::spawn_local(relay_task(self.clone(), RelayHandle(idx), sock));
-            if let Some(Some(e)) = self.relays.borrow_mut().entries.get_mut(idx as usize) {
-                e.task = Some(task.abort_handle());
-            }
-        }
-    }
-
-    fn log_events(&self) {
-        let mut core = self.core.borrow_mut();
-        for ev in core.drain_events() {
-            log_event(self.index, &ev);
-        }
-    }
-}
-
-async fn listener_task(w: Rc<Worker>, i: usize) {
-    let (local, sock) = w.listeners[i].clone();
     loop {
-        if sock.readable().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        let mut bound_any = false;
-        // Drain what is queued, then wait again.
-        for _ in 0..64 {
-            let mut buf = w.buf.borrow_mut();
-            let (n, from) = match sock.try_recv_from(&mut buf[..]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => continue,
-            };
-            let ft = FiveTuple {
-                transport: Transport::Udp,
-                client: from,
-                server: local,
-            };
-            let mut core = w.core.borrow_mut();
-            let mut relays = w.relays.borrow_mut();
-            let mut binder = Binder {
-                relays: &mut relays,
-                ports: &w.ports,
-            };
-            match core.handle_client(ft, &buf[..n], clock(), &mut binder) {
-                Output::Nothing => {}
-                Output::ToClient(d) => {
-                    let _ = sock.try_send_to(d, from);
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let timeout = EpollTimeout::from(wait.as_millis().min(1000) as u16 + 1);
+        let n = match epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        // One reading of the clocks per batch of events.
+        let clock = clock();
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token < RELAY_BASE {
+                let Some((local, sock)) = listeners.get(token as usize) else {
+                    continue;
+                };
+                let (len, from) = match sock.recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                };
+                let ft = FiveTuple {
+                    transport: Transport::Udp,
+                    client: from,
+                    server: *local,
+                };
+                let mut binder = Binder {
+                    relays: &mut relays,
+                    ports,
+                    epoll: &epoll,
+                };
+                match core.handle_client(ft, &buf[..len], clock, &mut binder) {
+                    Output::Nothing => {}
+                    Output::ToClient(d) => {
+                        let _ = sock.send_to(d, from);
+                    }
+                    Output::ToPeer { relay, peer, data } => {
+                        if let Some(e) = relays.get(relay) {
+                            let _ = e.socket.send_to(data, peer);
+                        }
+                    }
                 }
-                Output::ToPeer { relay, peer, data } => {
-                    if let Some(e) = binder.relays.get(relay) {
-                        let _ = e.socket.try_send_to(data, peer);
+            } else {
+                let handle = RelayHandle((token - RELAY_BASE) as u32);
+                let Some(entry) = relays.get(handle) else {
+                    continue;
+                };
+                let end = buf.len() - PEER_TAILROOM;
+                let (len, from) = match entry.socket.recv_from(&mut buf[PEER_HEADROOM..end]) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                };
+                let payload = PEER_HEADROOM..PEER_HEADROOM + len;
+                if let Some((ft, range)) =
+                    core.handle_peer(handle, from, &mut buf, payload, clock.now)
+                {
+                    let listener = listeners.iter().find(|(a, _)| *a == ft.server);
+                    if let (Some((_, l)), Some(bytes)) = (listener, buf.get(range)) {
+                        let _ = l.send_to(bytes, ft.client);
                     }
                 }
             }
-            bound_any |= !binder.relays.pending.is_empty();
         }
-        if bound_any {
-            w.spawn_pending();
-        }
-        w.log_events();
-    }
-}
-
-async fn relay_task(w: Rc<Worker>, handle: RelayHandle, sock: Rc<UdpSocket>) {
-    loop {
-        if sock.readable().await.is_err() {
-            return;
-        }
-        for _ in 0..64 {
-            let mut buf = w.buf.borrow_mut();
-            let end = buf.len() - PEER_TAILROOM;
-            let (n, from) = match sock.try_recv_from(&mut buf[PEER_HEADROOM..end]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => continue,
-            };
-            let mut core = w.core.borrow_mut();
-            let out = core.handle_peer(
-                handle,
-                from,
-                &mut buf,
-                PEER_HEADROOM..PEER_HEADROOM + n,
-                Instant::now(),
-            );
-            if let Some((ft, range)) = out {
-                if let (Some(l), Some(bytes)) = (w.listener_for(ft.server), buf.get(range)) {
-                    let _ = l.try_send_to(bytes, ft.client);
-                }
-            }
-        }
-    }
-}
-
-async fn timer_task(w: Rc<Worker>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        {
-            let mut core = w.core.borrow_mut();
-            let mut relays = w.relays.borrow_mut();
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + TICK;
             let mut binder = Binder {
                 relays: &mut relays,
-                ports: &w.ports,
+                ports,
+                epoll: &epoll,
             };
-            core.handle_timeout(Instant::now(), &mut binder);
+            core.handle_timeout(now, &mut binder);
         }
-        w.log_events();
+        for ev in core.drain_events() {
+            log_event(index, &ev);
+        }
     }
 }
 

@@ -500,15 +500,16 @@ impl Server {
         binder: &mut B,
     ) -> Reply {
         let rt = self.shared.runtime.load_full();
-        let unknown = msg.unknown_required(known_attribute);
-        if !unknown.is_empty() {
-            self.error(&rt, msg, 420, None, |w| {
-                w.unknown_attributes(&unknown);
-            });
-            return Reply::Done;
-        }
         let m = msg.method();
         if m == method::BINDING {
+            // Binding needs no authentication: unknown attributes are checked at once.
+            let unknown = msg.unknown_required(known_attribute);
+            if !unknown.is_empty() {
+                self.error(&rt, msg, 420, None, |w| {
+                    w.unknown_attributes(&unknown);
+                });
+                return Reply::Done;
+            }
             return self.binding(&rt, ft, msg);
         }
         if !matches!(
@@ -527,6 +528,15 @@ impl Server {
             Ok(a) => a,
             Err(reply) => return reply,
         };
+        // RFC 8489 section 6.3: unknown comprehension-required attributes are checked
+        // once authentication has passed, and the 420 is signed.
+        let unknown = msg.unknown_required(known_attribute);
+        if !unknown.is_empty() {
+            self.error(&rt, msg, 420, Some(&auth), |w| {
+                w.unknown_attributes(&unknown);
+            });
+            return Reply::Done;
+        }
         match m {
             method::ALLOCATE => self.allocate(&rt, ft, msg, &auth, clock, binder),
             method::REFRESH => self.refresh(&rt, ft, msg, &auth, clock, binder),
@@ -690,6 +700,8 @@ impl Server {
             MessageWriter::new_rfc3489(&mut self.out, method::BINDING, Class::Success, tid16);
         w.mapped_address(attr::MAPPED_ADDRESS, ft.client);
         w.mapped_address(attr::SOURCE_ADDRESS, ft.server);
+        // RFC 3489 section 11.2.1 requires CHANGED-ADDRESS; we have no second address.
+        w.mapped_address(attr::CHANGED_ADDRESS, ft.server);
         w.finish();
         Output::ToClient(&self.out)
     }
@@ -899,10 +911,10 @@ impl Server {
                 return self.fail(rt, msg, 443, auth);
             }
         }
+        // RFC 8656 section 7.3: as for Allocate, but 0 deletes.
         let lifetime = match requested {
             Some(0) => Duration::ZERO,
-            Some(secs) => Duration::from_secs(u64::from(secs)).min(rt.limits.max_lifetime),
-            None => rt.limits.default_lifetime,
+            other => allocate_lifetime(other, &rt.limits),
         };
         let mut w = MessageWriter::new(
             &mut self.out,

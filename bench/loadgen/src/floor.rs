@@ -1,0 +1,82 @@
+//! The floor forwarder: the least a userspace relay can do on this kernel. One socket
+//! toward the client (bound to the listen address), one toward the peer (connected to
+//! it); no TURN, no table: a datagram from the client goes to the peer, a datagram from
+//! the peer goes back to the last client address seen. One packet per system call
+//! (`recvfrom`/`sendto`), epoll (mio, edge-triggered, drained to EAGAIN), one thread.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::util::{udp_socket, BIG_BUFFER};
+
+const CLIENT: Token = Token(0);
+const PEER: Token = Token(1);
+
+pub fn run(listen: SocketAddr, peer: SocketAddr, max_secs: u64) -> io::Result<()> {
+    let client_std = udp_socket(listen, BIG_BUFFER)?;
+    client_std.set_nonblocking(true)?;
+    let peer_std = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), BIG_BUFFER)?;
+    peer_std.connect(peer)?;
+    peer_std.set_nonblocking(true)?;
+    let mut client_sock = UdpSocket::from_std(client_std);
+    let mut peer_sock = UdpSocket::from_std(peer_std);
+
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut client_sock, CLIENT, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut peer_sock, PEER, Interest::READABLE)?;
+    let mut events = Events::with_capacity(64);
+    let mut buf = vec![0u8; 65536];
+    let mut last_client: Option<SocketAddr> = None;
+    let (mut to_peer, mut to_client, mut dropped) = (0u64, 0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    eprintln!("floor: forwarding {listen} <-> {peer} (at most {max_secs} s)");
+
+    while Instant::now() < deadline {
+        match poll.poll(&mut events, Some(Duration::from_millis(200))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                CLIENT => loop {
+                    match client_sock.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            last_client = Some(from);
+                            match peer_sock.send(buf.get(..n).unwrap_or_default()) {
+                                Ok(_) => to_peer += 1,
+                                Err(_) => dropped += 1,
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {} // e.g. ECONNREFUSED reported on the socket: go on
+                    }
+                },
+                PEER => loop {
+                    match peer_sock.recv(&mut buf) {
+                        Ok(n) => match last_client {
+                            Some(c) => {
+                                match client_sock.send_to(buf.get(..n).unwrap_or_default(), c) {
+                                    Ok(_) => to_client += 1,
+                                    Err(_) => dropped += 1,
+                                }
+                            }
+                            None => dropped += 1,
+                        },
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => {}
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+    eprintln!("floor: to_peer={to_peer} to_client={to_client} dropped={dropped}");
+    Ok(())
+}
