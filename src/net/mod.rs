@@ -6,8 +6,11 @@
 //! sockets of the allocations the kernel's hash sends to it. Nothing is shared between
 //! workers on the relay path.
 
+mod batch;
 mod ports;
 mod socket;
+pub mod stream;
+pub mod tls;
 mod worker;
 
 use std::net::SocketAddr;

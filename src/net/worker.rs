@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use super::batch::{RecvBatch, SendBatch};
 use super::ports::PortPool;
 use super::socket;
 use crate::server::{
@@ -153,6 +154,8 @@ fn run_loop(
     let mut relays = Relays::default();
     let mut buf = vec![0u8; BUF_LEN];
     let mut events = vec![EpollEvent::empty(); EVENTS];
+    let mut rbatch = RecvBatch::new();
+    let mut sbatch = SendBatch::new();
     let mut next_tick = Instant::now() + TICK;
 
     loop {
@@ -168,31 +171,33 @@ fn run_loop(
         for ev in &events[..n] {
             let token = ev.data();
             if token < RELAY_BASE {
-                let Some((local, sock)) = listeners.get(token as usize) else {
+                let idx = token as usize;
+                let Some((local, sock)) = listeners.get(idx) else {
                     continue;
                 };
-                let (len, from) = match sock.recv_from(&mut buf) {
-                    Ok(r) => r,
-                    Err(_) => continue,
-                };
-                let ft = FiveTuple {
-                    transport: Transport::Udp,
-                    client: from,
-                    server: *local,
-                };
-                let mut binder = Binder {
-                    relays: &mut relays,
-                    ports,
-                    epoll: &epoll,
-                };
-                match core.handle_client(ft, &buf[..len], clock, &mut binder) {
-                    Output::Nothing => {}
-                    Output::ToClient(d) => {
-                        let _ = sock.send_to(d, from);
-                    }
-                    Output::ToPeer { relay, peer, data } => {
-                        if let Some(e) = relays.get(relay) {
-                            let _ = e.socket.send_to(data, peer);
+                let local = *local;
+                let n = rbatch.recv(sock);
+                for k in 0..n {
+                    let Some((data, from)) = rbatch.get(k) else {
+                        continue;
+                    };
+                    let ft = FiveTuple {
+                        transport: Transport::Udp,
+                        client: from,
+                        server: local,
+                    };
+                    let mut binder = Binder {
+                        relays: &mut relays,
+                        ports,
+                        epoll: &epoll,
+                    };
+                    match core.handle_client(ft, data, clock, &mut binder) {
+                        Output::Nothing => {}
+                        Output::ToClient(d) => sbatch.push(&listeners, idx, d, from),
+                        Output::ToPeer { relay, peer, data } => {
+                            if let Some(e) = relays.get(relay) {
+                                let _ = e.socket.send_to(data, peer);
+                            }
                         }
                     }
                 }
@@ -210,13 +215,14 @@ fn run_loop(
                 if let Some((ft, range)) =
                     core.handle_peer(handle, from, &mut buf, payload, clock.now)
                 {
-                    let listener = listeners.iter().find(|(a, _)| *a == ft.server);
-                    if let (Some((_, l)), Some(bytes)) = (listener, buf.get(range)) {
-                        let _ = l.send_to(bytes, ft.client);
+                    let listener = listeners.iter().position(|(a, _)| *a == ft.server);
+                    if let (Some(idx), Some(bytes)) = (listener, buf.get(range)) {
+                        sbatch.push(&listeners, idx, bytes, ft.client);
                     }
                 }
             }
         }
+        sbatch.flush(&listeners);
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + TICK;

@@ -120,6 +120,7 @@ const RECENT_DELETES: usize = 256;
 /// Protocol numbers in REQUESTED-TRANSPORT (RFC 8656 section 14.7).
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
+const NO_SLOT: u32 = u32::MAX;
 
 struct Reservation {
     token: [u8; 8],
@@ -162,7 +163,9 @@ pub struct Server {
     allocations: Vec<Option<Allocation>>,
     free_slots: Vec<usize>,
     by_five_tuple: HashMap<FiveTuple, usize, RandomState>,
-    by_relay: HashMap<RelayHandle, usize, RandomState>,
+    /// Allocation slot by relay handle (handles are small, dense numbers chosen by the
+    /// shell); `NO_SLOT` where none.
+    by_relay: Vec<u32>,
     reservations: Vec<Reservation>,
     recent_deletes: Vec<(FiveTuple, TransactionId, Box<[u8]>)>,
     recent_next: usize,
@@ -192,7 +195,7 @@ impl Server {
             allocations: Vec::new(),
             free_slots: Vec::new(),
             by_five_tuple: HashMap::default(),
-            by_relay: HashMap::default(),
+            by_relay: Vec::new(),
             reservations: Vec::new(),
             recent_deletes: Vec::new(),
             recent_next: 0,
@@ -360,7 +363,7 @@ impl Server {
         payload: Range<usize>,
         now: Instant,
     ) -> Option<(FiveTuple, Range<usize>)> {
-        let slot = *self.by_relay.get(&relay)?;
+        let slot = *self.by_relay.get(relay.0 as usize)? as usize;
         let alloc = self.allocations.get_mut(slot)?.as_mut()?;
         let perm = alloc.permission(from.ip(), now)?;
         if perm.relays_only && !self.shared.is_live_relay(from) {
@@ -472,7 +475,9 @@ impl Server {
         };
         self.free_slots.push(slot);
         self.by_five_tuple.remove(&a.five_tuple);
-        self.by_relay.remove(&a.relay);
+        if let Some(s) = self.by_relay.get_mut(a.relay.0 as usize) {
+            *s = NO_SLOT;
+        }
         self.shared.remove_relay(a.relay_addr);
         self.shared.remove_relay(a.advertised);
         self.shared.release(&a.username);
@@ -849,7 +854,11 @@ impl Server {
             }
         };
         self.by_five_tuple.insert(ft, slot);
-        self.by_relay.insert(relay, slot);
+        let h = relay.0 as usize;
+        if self.by_relay.len() <= h {
+            self.by_relay.resize(h + 1, NO_SLOT);
+        }
+        self.by_relay[h] = slot as u32;
         self.shared.add_relay(relay_addr);
         self.shared.add_relay(advertised);
         if self.collect_events {

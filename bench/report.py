@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run (standard library only).
+
+  report.py uclient FILE        parse turnutils_uclient output -> key=value line
+  report.py render RAW OUTDIR   RAW (RESULT lines + META lines) -> OUTDIR/latest.md,
+                                OUTDIR/latest.svg, the table on stdout, and the
+                                "latest results" section of bench/README.md refreshed
+"""
+import math
+import os
+import re
+import statistics
+import sys
+
+# ---------------------------------------------------------------- uclient parsing
+
+LINE = re.compile(r"^(\d+): .*start_mclient: msz=\d+, tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+FINAL = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+LOST = re.compile(r"Total lost packets (\d+) \(([\d.]+)%\)")
+
+
+def parse_uclient(path):
+    """Counters of one uclient run.
+
+    rate_pps: relayed packets/s at full load = 2 x the mean of the once-a-second
+    tot_recv_msgs increments that reach at least 90% of the largest increment (uclient
+    starts its clients 1-6 s apart, so the first and last seconds are ramps).
+    """
+    samples = []
+    sent = recv = None
+    lost_pct = None
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = LINE.search(line)
+            if m:
+                samples.append((int(m.group(1)), int(m.group(2)), int(m.group(3))))
+                continue
+            m = FINAL.search(line)
+            if m:
+                sent, recv = int(m.group(1)), int(m.group(2))
+                continue
+            m = LOST.search(line)
+            if m:
+                lost_pct = float(m.group(2))
+    if sent is None and samples:
+        sent, recv = samples[-1][1], samples[-1][2]
+    deltas = []
+    for (t0, _, r0), (t1, _, r1) in zip(samples, samples[1:]):
+        if t1 > t0:
+            deltas.append((r1 - r0) / (t1 - t0))
+    rate = 0.0
+    if deltas and max(deltas) > 0:
+        top = max(deltas)
+        rate = 2 * statistics.mean([d for d in deltas if d >= 0.9 * top])
+    out = {
+        "sent": sent if sent is not None else 0,
+        "recv": recv if recv is not None else 0,
+        "rate_pps": round(rate),
+        "peak_pps": round(2 * max(deltas)) if deltas else 0,
+    }
+    out["complete"] = 1 if sent is not None and lost_pct is not None else 0
+    if lost_pct is None:
+        lost_pct = 100.0 * (out["sent"] - out["recv"]) / out["sent"] if out["sent"] else 100.0
+    out["loss_pct"] = lost_pct
+    return out
+
+
+# ---------------------------------------------------------------- raw file
+
+def read_raw(path):
+    results, meta = [], {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("META "):
+                k, _, v = line[5:].partition("=")
+                meta[k] = v
+            elif line.startswith("RESULT "):
+                parts = line.split()
+                d = {"tool": parts[1]}
+                for p in parts[2:]:
+                    k, _, v = p.partition("=")
+                    d[k] = v
+                results.append(d)
+    return results, meta
+
+
+def num(x, default=None):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return default
+
+
+def fmt(x, digits=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.{digits}f}x"
+
+
+def find(results, tool, **kw):
+    for r in results:
+        if r["tool"] == tool and all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+# ---------------------------------------------------------------- markdown
+
+def render_md(results, meta):
+    out = []
+    w = out.append
+    w("# turnstone vs coturn: benchmark results")
+    w("")
+    w(f"- date: {meta.get('date', '?')}")
+    w(f"- machine: {meta.get('machine', '?')}")
+    w(f"- turnstone commit: {meta.get('commit', '?')}")
+    w(f"- coturn: {meta.get('coturn', '?')}")
+    w(f"- mode: {meta.get('mode', 'full')}; command: `{meta.get('command', 'bash bench/run')}`")
+    w("- client, peer and server share this machine's cores; compare within one run, "
+      "runs vary by ±10-15%.")
+    w("")
+
+    # uclient table
+    w("## turnutils_uclient loads (payload 170 B, `-c -X -g`)")
+    w("")
+    w(f"`turnutils_uclient -u bench -w bench -e 127.0.0.1 -r 3680 -l 170 -c -X -g <load> -p 3678 127.0.0.1` "
+      "against `turnutils_peer -L 127.0.0.1 -p 3680`; each server freshly started for each row.")
+    w("pkt/s: relayed packets/s at full load; loss: uclient's lost %; µs/pkt: server CPU "
+      "(utime+stime) over the whole uclient run / (2 × round trips completed).")
+    w("")
+    w("| load | coturn pkt/s | coturn loss % | coturn µs/pkt | turnstone pkt/s | turnstone loss % | turnstone µs/pkt | pkt/s ratio | µs/pkt ratio |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    loads = []
+    for r in results:
+        if r["tool"] == "uclient" and r.get("load") not in loads:
+            loads.append(r.get("load"))
+    for load in loads:
+        c = find(results, "uclient", load=load, server="coturn") or {}
+        t = find(results, "uclient", load=load, server="turnstone") or {}
+        cr, tr = num(c.get("rate_pps")), num(t.get("rate_pps"))
+        cc, tc = num(c.get("cpu_us_per_pkt")), num(t.get("cpu_us_per_pkt"))
+        w(f"| `{load.replace('_', ' ')}` | {fmt(cr)} | {fmt(num(c.get('loss_pct')), 3)} | {fmt(cc)} "
+          f"| {fmt(tr)} | {fmt(num(t.get('loss_pct')), 3)} | {fmt(tc)} | {ratio(tr, cr)} | {ratio(tc, cc)} |")
+    w("")
+
+    # loadgen table
+    w("## Paced load generator (`loadgen load`, 50 allocations, ChannelData unless noted)")
+    w("")
+    w("offered: relayed packets/s asked for (half sent by the generator, half echoed back); "
+      "achieved: what the generator really offered; pkt/s: relayed packets/s that completed "
+      "the round trip; µs/pkt: server CPU during the measurement phase / relayed packets; "
+      "floor: the minimal one-packet-per-syscall UDP forwarder (`loadgen floor`).")
+    w("")
+    w("| offered pkt/s | target | achieved | pkt/s | loss % | server CPU % | µs/pkt | vs floor | vs coturn | RTT p50 / p99 µs |")
+    w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = [r for r in results if r["tool"] == "load"]
+    keys = []
+    for r in rows:
+        k = (int(num(r.get("offered_pps"), 0)), r.get("mode"))
+        if k not in keys:
+            keys.append(k)
+    keys.sort(key=lambda k: (k[1] != "channel", k[0]))
+    for rate, mode in keys:
+        fl = next((r for r in rows if r.get("server") == "floor" and int(num(r.get("offered_pps"), 0)) == rate), None)
+        co = next((r for r in rows if r.get("server") == "coturn" and r.get("mode") == mode and int(num(r.get("offered_pps"), 0)) == rate), None)
+        for server in ("floor", "coturn", "turnstone"):
+            r = next((x for x in rows if x.get("server") == server and int(num(x.get("offered_pps"), 0)) == rate
+                      and (x.get("mode") == mode or (server == "floor" and mode == "channel"))), None)
+            if r is None:
+                continue
+            name = server if mode == "channel" or server == "floor" else f"{server} ({mode} ind.)"
+            if server == "floor" and mode != "channel":
+                continue
+            cpu = num(r.get("cpu_us_per_pkt"))
+            vs_floor = ratio(cpu, num(fl.get("cpu_us_per_pkt"))) if fl and server != "floor" else "-"
+            vs_co = ratio(cpu, num(co.get("cpu_us_per_pkt"))) if co and server == "turnstone" else "-"
+            w(f"| {fmt(float(rate))} | {name} | {fmt(num(r.get('achieved_offered_pps')))} | {fmt(num(r.get('relayed_pps')))} "
+              f"| {fmt(num(r.get('loss_pct')), 3)} | {fmt(num(r.get('server_cpu_pct')), 1)} | {fmt(cpu)} | {vs_floor} | {vs_co} "
+              f"| {r.get('rtt_p50_us', '-')} / {r.get('rtt_p99_us', '-')} |")
+    w("")
+
+    # rtt
+    w("## Round trip through the relay (`loadgen rtt`: one channel, 100 B every 10 ms)")
+    w("")
+    w("| condition | coturn p50 µs | coturn p99 µs | turnstone p50 µs | turnstone p99 µs | p50 ratio | p99 ratio | floor p50 / p99 µs |")
+    w("|---|---:|---:|---:|---:|---:|---:|---|")
+    for cond, desc in (("idle", "idle"), ("m100z1", "under `-m 100 -z 1` uclient load")):
+        c = find(results, "rtt", server="coturn", cond=cond) or {}
+        t = find(results, "rtt", server="turnstone", cond=cond) or {}
+        f = find(results, "rtt", server="floor", cond=cond) or {}
+        floor_txt = f"{f.get('p50_us')} / {f.get('p99_us')}" if f else "-"
+        w(f"| {desc} | {c.get('p50_us', '-')} | {c.get('p99_us', '-')} | {t.get('p50_us', '-')} | {t.get('p99_us', '-')} "
+          f"| {ratio(num(t.get('p50_us')), num(c.get('p50_us')))} | {ratio(num(t.get('p99_us')), num(c.get('p99_us')))} | {floor_txt} |")
+    w("")
+
+    # allocrate
+    w("## Allocation rate (`loadgen allocrate`: 401 round trip + authenticated Allocate + Refresh 0)")
+    w("")
+    w("| server | allocations/s | server CPU % | CPU µs/allocation | errors | timeouts |")
+    w("|---|---:|---:|---:|---|---:|")
+    for s in ("coturn", "turnstone"):
+        r = find(results, "allocrate", server=s) or {}
+        w(f"| {s} | {fmt(num(r.get('allocs_per_s')))} | {fmt(num(r.get('server_cpu_pct')), 1)} | {fmt(num(r.get('cpu_us_per_alloc')), 1)} "
+          f"| {r.get('errors', '-')} | {r.get('timeouts', '-')} |")
+    c, t = find(results, "allocrate", server="coturn") or {}, find(results, "allocrate", server="turnstone") or {}
+    w(f"| ratio | {ratio(num(t.get('allocs_per_s')), num(c.get('allocs_per_s')))} | | | | |")
+    w("")
+
+    # mem
+    w("## Memory (`loadgen mem`: VmRSS at 0 allocations, at N idle allocations, after deleting them)")
+    w("")
+    w("| server | allocations | RSS at 0 KiB | RSS at N KiB | KiB / allocation | RSS after delete KiB | fds at 0 / N / after |")
+    w("|---|---:|---:|---:|---:|---:|---|")
+    for s in ("coturn", "turnstone"):
+        r = find(results, "mem", server=s) or {}
+        w(f"| {s} | {r.get('allocations', '-')} | {fmt(num(r.get('rss0_kib')))} | {fmt(num(r.get('rss_full_kib')))} "
+          f"| {fmt(num(r.get('per_alloc_kib')))} | {fmt(num(r.get('rss_after_kib')))} "
+          f"| {r.get('fd0', '-')} / {r.get('fd_full', '-')} / {r.get('fd_after', '-')} |")
+    w("")
+
+    # targets
+    w("## Issue 3 targets, this run")
+    w("")
+    w("| target | value | met |")
+    w("|---|---|---|")
+
+    def target(name, value, ok):
+        w(f"| {name} | {value} | {'-' if ok is None else ('yes' if ok else '**no**')} |")
+
+    c = find(results, "uclient", load="-m_100_-z_1", server="coturn") or {}
+    t = find(results, "uclient", load="-m_100_-z_1", server="turnstone") or {}
+    cc, tc = num(c.get("cpu_us_per_pkt")), num(t.get("cpu_us_per_pkt"))
+    target("CPU/pkt at `-m 100 -z 1` ≤ 0.75x coturn", ratio(tc, cc), (tc / cc <= 0.75) if cc and tc else None)
+    tl = next((r for r in rows if r.get("server") == "turnstone" and r.get("mode") == "channel" and int(num(r.get("offered_pps"), 0)) == 100000), None)
+    fl = next((r for r in rows if r.get("server") == "floor" and int(num(r.get("offered_pps"), 0)) == 100000), None)
+    a, b = (num(tl.get("cpu_us_per_pkt")) if tl else None), (num(fl.get("cpu_us_per_pkt")) if fl else None)
+    target("loadgen 100k pkt/s: CPU/pkt ≤ 1.15x floor", ratio(a, b), (a / b <= 1.15) if a and b else None)
+    t150 = find(results, "uclient", load="-m_150_-z_1", server="turnstone") or {}
+    l150 = num(t150.get("loss_pct"))
+    target("loss at `-m 150 -z 1` < 0.1%", f"{fmt(l150, 3)} %", (l150 < 0.1) if l150 is not None else None)
+    ci, ti = find(results, "rtt", server="coturn", cond="idle") or {}, find(results, "rtt", server="turnstone", cond="idle") or {}
+    a, b = num(ti.get("p50_us")), num(ci.get("p50_us"))
+    target("idle RTT p50 ≤ coturn's", f"{ti.get('p50_us', '-')} vs {ci.get('p50_us', '-')} µs", (a <= b) if a and b else None)
+    cl, tl2 = find(results, "rtt", server="coturn", cond="m100z1") or {}, find(results, "rtt", server="turnstone", cond="m100z1") or {}
+    a, b = num(tl2.get("p99_us")), num(cl.get("p99_us"))
+    target("RTT p99 under `-m 100 -z 1` ≤ 1/5 of coturn's", f"{tl2.get('p99_us', '-')} vs {cl.get('p99_us', '-')} µs",
+           (a <= b / 5) if a is not None and b else None)
+    ca, ta = find(results, "allocrate", server="coturn") or {}, find(results, "allocrate", server="turnstone") or {}
+    a, b = num(ta.get("allocs_per_s")), num(ca.get("allocs_per_s"))
+    target("allocation rate ≥ 3x coturn's", ratio(a, b), (a / b >= 3) if a and b else None)
+    tm = find(results, "mem", server="turnstone") or {}
+    pa = num(tm.get("per_alloc_kib"))
+    target("≤ 4 KiB RSS per idle allocation", f"{fmt(pa)} KiB", (pa <= 4) if pa is not None else None)
+    r0, r1, r2 = num(tm.get("rss0_kib")), num(tm.get("rss_full_kib")), num(tm.get("rss_after_kib"))
+    if None not in (r0, r1, r2):
+        back = r2 - r0 <= max(0.1 * (r1 - r0), 1024)
+        target("RSS back near start after deleting (≤ start + max(10% of growth, 1 MiB))",
+               f"{fmt(r0)} → {fmt(r1)} → {fmt(r2)} KiB", back)
+    w("")
+    cmds = meta.get("commands")
+    if cmds:
+        w("## Commands")
+        w("")
+        w("```")
+        for c in cmds.split(" ;; "):
+            w(c)
+        w("```")
+        w("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- svg
+
+COLORS = {"coturn": "#d62728", "turnstone": "#1f77b4", "floor": "#2ca02c"}
+
+
+def svg_plot(results):
+    width, height = 1000, 430
+    panels = [("server CPU µs per relayed packet", "cpu_us_per_pkt", False),
+              ("loss %", "loss_pct", False)]
+    series = {}  # (server, kind) -> [(x, y)]
+    for r in results:
+        if r["tool"] == "load" and r.get("mode") in ("channel", "floor"):
+            x = num(r.get("offered_pps"))
+            for _, key, _ in panels:
+                y = num(r.get(key))
+                if x is not None and y is not None:
+                    series.setdefault((r["server"], "loadgen", key), []).append((x, y))
+        if r["tool"] == "uclient" and r.get("kind") == "channel":
+            x = num(r.get("offered_pps"))
+            for _, key, _ in panels:
+                y = num(r.get(key))
+                if x is not None and y is not None:
+                    series.setdefault((r["server"], "uclient", key), []).append((x, y))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>']
+    pw, ph = 400, 300
+    for pi, (title, key, _) in enumerate(panels):
+        ox, oy = 70 + pi * 490, 40
+        pts = [p for (s, k, kk), v in series.items() if kk == key for p in v]
+        if not pts:
+            continue
+        xmax = max(p[0] for p in pts) * 1.08
+        ymax = max(max(p[1] for p in pts) * 1.15, 0.1 if key == "loss_pct" else 1.0)
+
+        def X(x):
+            return ox + pw * x / xmax
+
+        def Y(y):
+            return oy + ph - ph * y / ymax
+        parts.append(f'<text x="{ox + pw / 2}" y="{oy - 15}" text-anchor="middle" font-size="14">{title}</text>')
+        parts.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
+        for i in range(6):
+            yv = ymax * i / 5
+            yy = Y(yv)
+            parts.append(f'<line x1="{ox}" y1="{yy:.1f}" x2="{ox + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
+            parts.append(f'<text x="{ox - 6}" y="{yy + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+            xv = xmax * i / 5
+            xx = X(xv)
+            parts.append(f'<text x="{xx:.1f}" y="{oy + ph + 16}" text-anchor="middle">{xv / 1000:.0f}k</text>')
+        parts.append(f'<text x="{ox + pw / 2}" y="{oy + ph + 34}" text-anchor="middle">offered relayed packets/s</text>')
+        for (server, kind, kk), v in sorted(series.items()):
+            if kk != key:
+                continue
+            v = sorted(v)
+            color = COLORS.get(server, "#000")
+            dash = ' stroke-dasharray="6,4"' if kind == "uclient" else ""
+            d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in v)
+            parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+            for x, y in v:
+                shape = (f'<rect x="{X(x) - 3.5:.1f}" y="{Y(y) - 3.5:.1f}" width="7" height="7" fill="{color}"/>'
+                         if kind == "uclient" else f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3.5" fill="{color}"/>')
+                parts.append(shape)
+    # legend
+    lx, ly = 70, height - 30
+    items = [("coturn", "loadgen", "coturn (loadgen)"), ("turnstone", "loadgen", "turnstone (loadgen)"),
+             ("floor", "loadgen", "floor forwarder (loadgen)"), ("coturn", "uclient", "coturn (uclient)"),
+             ("turnstone", "uclient", "turnstone (uclient)")]
+    for i, (server, kind, label) in enumerate(items):
+        x = lx + i * 180
+        dash = ' stroke-dasharray="6,4"' if kind == "uclient" else ""
+        parts.append(f'<line x1="{x}" y1="{ly}" x2="{x + 30}" y2="{ly}" stroke="{COLORS[server]}" stroke-width="2"{dash}/>')
+        parts.append(f'<text x="{x + 36}" y="{ly + 4}">{label}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- main
+
+def update_readme(readme, md):
+    begin, end = "<!-- latest-results:begin -->", "<!-- latest-results:end -->"
+    try:
+        text = open(readme).read()
+    except OSError:
+        return
+    if begin not in text or end not in text:
+        return
+    body = md.split("\n", 2)[2] if md.startswith("# ") else md
+    body = body.replace("\n## ", "\n### ")
+    new = text[: text.index(begin) + len(begin)] + "\n" + body.strip() + "\n" + text[text.index(end):]
+    with open(readme, "w") as f:
+        f.write(new)
+
+
+def main(argv):
+    if len(argv) >= 3 and argv[1] == "uclient":
+        d = parse_uclient(argv[2])
+        print(" ".join(f"{k}={v}" for k, v in d.items()))
+        return 0
+    if len(argv) >= 4 and argv[1] == "render":
+        results, meta = read_raw(argv[2])
+        outdir = argv[3]
+        md = render_md(results, meta)
+        with open(os.path.join(outdir, "latest.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(outdir, "latest.svg"), "w") as f:
+            f.write(svg_plot(results) + "\n")
+        if len(argv) >= 5:
+            update_readme(argv[4], md)
+        print(md)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

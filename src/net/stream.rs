@@ -1,0 +1,1245 @@
+//! Stream client connections (TCP and TLS, RFC 8656 section 3.1 / 12.5) of one worker:
+//! accepting, per-connection buffers, TLS (rustls), splitting the byte stream into STUN
+//! and ChannelData frames, writing replies with backpressure, and the stream safety rules
+//! (slow-loris deadline, maximum frame size, idle timeout, per-address and total caps).
+//!
+//! Driven by the worker's level-triggered epoll loop: non-blocking std sockets, one epoll
+//! token per connection (`token_base + slot`), no tokio. Protocol logic stays in the core:
+//! each complete frame is handed to a callback together with the connection's 5-tuple.
+//!
+//! Memory: an idle connection holds its socket, a few small fields and (TLS) a rustls
+//! connection of a few KiB. Read and write buffers are empty `Vec`s until a partial frame
+//! or an unsent reply needs them, and are given back once drained.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+use rustls::ServerConnection;
+
+use crate::proto::{next_frame, Frame};
+use crate::server::{FiveTuple, Transport};
+
+/// Connections accepted per readiness event of a listener (level-triggered: the rest are
+/// reported again).
+const ACCEPT_BATCH: usize = 64;
+/// Socket reads per readiness event of a connection.
+const READS_PER_EVENT: usize = 4;
+/// Size of the worker-wide read buffer.
+const SCRATCH_LEN: usize = 64 * 1024;
+/// A drained buffer larger than this is freed rather than kept for the next message.
+const KEEP_CAPACITY: usize = 4 * 1024;
+/// TLS record overhead per 16 KiB record (header + AEAD tag + content type), for the
+/// write-buffer accounting.
+const TLS_RECORD_OVERHEAD: usize = 5 + 16 + 1 + 256;
+const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
+
+/// Stream safety limits (issue 4: slow-loris, frame size, idle, caps, backpressure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Largest frame accepted (STUN: 20 + length; ChannelData: 4 + length padded to 4).
+    /// A frame header announcing more closes the connection.
+    pub max_frame: usize,
+    /// An incomplete frame, or an unfinished TLS handshake, must complete within this.
+    pub handshake_and_partial_deadline: Duration,
+    /// A connection that delivers no complete frame for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections from one source IP address (excess connections are closed at once).
+    pub max_per_source_ip: usize,
+    /// Connections in total (counted by the [`ConnCounter`], which may be shared).
+    pub max_total: usize,
+    /// Unsent bytes queued per connection. Peer data beyond it is dropped (the frame, not
+    /// the connection: [`Streams::send`] returns false); a reply to the client's own
+    /// request that does not fit closes the connection.
+    pub max_write_buffer: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            // The largest ChannelData (65535 bytes of data, padded), RFC 8656 12.5.
+            max_frame: 4 + 65536,
+            handshake_and_partial_deadline: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_per_source_ip: 64,
+            max_total: 10_000,
+            max_write_buffer: 1024 * 1024,
+        }
+    }
+}
+
+/// Connection counts per source address and in total. One per worker by default
+/// ([`Streams::new`]); share one between workers ([`Streams::with_counter`]) to make the
+/// caps process-wide. Locked only on accept and close, never on the data path.
+#[derive(Debug, Default)]
+pub struct ConnCounter {
+    inner: Mutex<CounterInner>,
+}
+
+#[derive(Debug, Default)]
+struct CounterInner {
+    per_ip: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+impl ConnCounter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Connections counted now.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CounterInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a new connection from `ip` if both caps allow it.
+    fn try_add(&self, ip: IpAddr, limits: &StreamLimits) -> Result<(), &'static str> {
+        let mut c = self.lock();
+        if c.total >= limits.max_total {
+            return Err("total connection limit");
+        }
+        let n = c.per_ip.entry(ip).or_insert(0);
+        if *n >= limits.max_per_source_ip {
+            return Err("per-address connection limit");
+        }
+        *n += 1;
+        c.total += 1;
+        Ok(())
+    }
+
+    fn remove(&self, ip: IpAddr) {
+        let mut c = self.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Why a connection is closed (logged at debug level).
+#[derive(Debug)]
+enum Close {
+    PeerClosed,
+    Io(io::Error),
+    Tls(rustls::Error),
+    /// Not STUN/ChannelData, or a frame over `max_frame`.
+    BadFrame,
+    /// A reply to the client's own request did not fit in the write buffer.
+    ReplyOverflow,
+}
+
+struct Conn {
+    socket: TcpStream,
+    ft: FiveTuple,
+    token: u64,
+    tls: Option<Box<ServerConnection>>,
+    /// Received plaintext not yet framed (an incomplete frame).
+    rbuf: Vec<u8>,
+    /// Bytes (ciphertext for TLS) waiting for the socket; `wbuf[wpos..]` is unsent.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Since when an incomplete frame or an unfinished TLS handshake has been waiting.
+    partial_since: Option<Instant>,
+    /// Last complete frame (or accept / handshake completion).
+    last_frame: Instant,
+    /// EPOLLOUT is in the registered interest.
+    out_interest: bool,
+    /// A write failed: closed on the next event or tick.
+    broken: bool,
+}
+
+impl Conn {
+    fn pending(&self) -> usize {
+        self.wbuf.len().saturating_sub(self.wpos)
+    }
+
+    /// Write-buffer bytes `len` plaintext bytes will take.
+    fn wire_len(&self, len: usize) -> usize {
+        if self.tls.is_some() {
+            len + (len / TLS_RECORD_PAYLOAD + 1) * TLS_RECORD_OVERHEAD
+        } else {
+            len
+        }
+    }
+
+    /// Writes what is queued, as far as the socket takes it.
+    fn flush(&mut self) -> io::Result<()> {
+        while self.wpos < self.wbuf.len() {
+            let Some(rest) = self.wbuf.get(self.wpos..) else {
+                break;
+            };
+            match self.socket.write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.wpos >= self.wbuf.len() {
+            self.wpos = 0;
+            if self.wbuf.capacity() > KEEP_CAPACITY {
+                self.wbuf = Vec::new();
+            } else {
+                self.wbuf.clear();
+            }
+        } else if self.wpos > self.wbuf.len() / 2 {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        Ok(())
+    }
+
+    /// Moves whatever rustls has to send (handshake, alerts, records) into `wbuf`.
+    fn drain_tls(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                tls.write_tls(&mut self.wbuf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `bytes` (plaintext) whole: written now as far as the socket takes it, the rest
+    /// queued. The caller has checked the write-buffer limit.
+    fn push(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.writer().write_all(bytes)?;
+            self.drain_tls()?;
+            return self.flush();
+        }
+        if self.pending() == 0 {
+            let n = match self.socket.write(bytes) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    0
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(rest) = bytes.get(n..) {
+                self.wbuf.extend_from_slice(rest);
+            }
+            Ok(())
+        } else {
+            self.wbuf.extend_from_slice(bytes);
+            self.flush()
+        }
+    }
+
+    /// Registers EPOLLOUT only while something is waiting to be written.
+    fn update_interest(&mut self, epoll: &Epoll) {
+        let want = self.pending() > 0;
+        if want == self.out_interest {
+            return;
+        }
+        let flags = if want {
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+        } else {
+            EpollFlags::EPOLLIN
+        };
+        let mut ev = EpollEvent::new(flags, self.token);
+        match epoll.modify(&self.socket, &mut ev) {
+            Ok(()) => self.out_interest = want,
+            Err(_) => self.broken = true,
+        }
+    }
+
+    /// Queues the replies collected in `reply` (closing on overflow) and clears it.
+    fn send_replies(&mut self, reply: &mut Vec<u8>, limits: &StreamLimits) -> Result<(), Close> {
+        if reply.is_empty() {
+            return Ok(());
+        }
+        let need = self.pending() + self.wire_len(reply.len());
+        let r = if need > limits.max_write_buffer {
+            Err(Close::ReplyOverflow)
+        } else {
+            self.push(reply).map_err(Close::Io)
+        };
+        reply.clear();
+        r
+    }
+
+    /// Frames `data` (received plaintext) after what `rbuf` holds, calling `on_frame` for
+    /// each complete frame; keeps the incomplete tail in `rbuf`. Updates the timers.
+    #[allow(clippy::too_many_arguments)]
+    fn ingest(
+        &mut self,
+        data: &[u8],
+        limits: &StreamLimits,
+        now: Instant,
+        reply: &mut Vec<u8>,
+        on_frame: &mut dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>),
+    ) -> Result<(), Close> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let result = if self.rbuf.is_empty() {
+            let r = split_frames(self.ft, data, limits.max_frame, reply, on_frame);
+            if let Ok(used) = r {
+                if let Some(rest) = data.get(used..) {
+                    self.rbuf.extend_from_slice(rest);
+                }
+            }
+            r
+        } else {
+            self.rbuf.extend_from_slice(data);
+            let buf = std::mem::take(&mut self.rbuf);
+            let r = split_frames(self.ft, &buf, limits.max_frame, reply, on_frame);
+            self.rbuf = buf;
+            if let Ok(used) = r {
+                self.rbuf.drain(..used.min(self.rbuf.len()));
+                if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CAPACITY {
+                    self.rbuf = Vec::new();
+                }
+            }
+            r
+        };
+        let used = result?;
+        if used > 0 {
+            self.last_frame = now;
+            self.partial_since = if self.rbuf.is_empty() {
+                None
+            } else {
+                Some(now)
+            };
+        } else {
+            self.partial_since.get_or_insert(now);
+        }
+        Ok(())
+    }
+
+    /// Reads a plain TCP connection.
+    fn read_tcp(
+        &mut self,
+        scratch: &mut [u8],
+        limits: &StreamLimits,
+        now: Instant,
+        reply: &mut Vec<u8>,
+        on_frame: &mut dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>),
+    ) -> Result<(), Close> {
+        for _ in 0..READS_PER_EVENT {
+            let n = match self.socket.read(scratch) {
+                Ok(0) => return Err(Close::PeerClosed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Close::Io(e)),
+            };
+            let data = scratch.get(..n).unwrap_or_default();
+            let framed = self.ingest(data, limits, now, reply, on_frame);
+            // Answer what was complete even when the stream then turned bad.
+            self.send_replies(reply, limits)?;
+            framed?;
+            if n < scratch.len() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a TLS connection: ciphertext in, handshake out, plaintext framed.
+    fn read_tls(
+        &mut self,
+        scratch: &mut [u8],
+        limits: &StreamLimits,
+        now: Instant,
+        reply: &mut Vec<u8>,
+        on_frame: &mut dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>),
+    ) -> Result<(), Close> {
+        for _ in 0..READS_PER_EVENT {
+            let Some(tls) = self.tls.as_mut() else {
+                return Err(Close::PeerClosed);
+            };
+            let was_handshaking = tls.is_handshaking();
+            let (n, eof) = match tls.read_tls(&mut self.socket) {
+                Ok(0) => (0, true),
+                Ok(n) => (n, false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Close::Io(e)),
+            };
+            if let Err(e) = tls.process_new_packets() {
+                // rustls queued an alert: send it if the socket takes it now.
+                let _ = self.drain_tls().and_then(|()| self.flush());
+                return Err(Close::Tls(e));
+            }
+            let mut got_plaintext = false;
+            let mut closed = eof;
+            loop {
+                let Some(tls) = self.tls.as_mut() else {
+                    break;
+                };
+                match tls.reader().read(scratch) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(m) => {
+                        got_plaintext = true;
+                        let data = scratch.get(..m).unwrap_or_default();
+                        let framed = self.ingest(data, limits, now, reply, on_frame);
+                        if framed.is_err() {
+                            let _ = self.send_replies(reply, limits);
+                            return framed;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        // UnexpectedEof: TCP closed without close_notify.
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            self.send_replies(reply, limits)?;
+            self.drain_tls().map_err(Close::Io)?;
+            self.flush().map_err(Close::Io)?;
+            let handshaking = self.tls.as_ref().is_some_and(|t| t.is_handshaking());
+            if was_handshaking && !handshaking {
+                self.last_frame = now;
+                if self.rbuf.is_empty() {
+                    self.partial_since = None;
+                }
+            } else if !handshaking && !got_plaintext && n > 0 {
+                // A TLS record arriving in pieces counts as an incomplete message.
+                self.partial_since.get_or_insert(now);
+            }
+            if closed {
+                return Err(Close::PeerClosed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a close we decide on: TLS close_notify, best effort.
+    fn goodbye(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = self.drain_tls().and_then(|()| self.flush());
+        }
+    }
+}
+
+/// Calls `on_frame` for each complete frame at the front of `buf`; returns how many bytes
+/// they took. `Err(BadFrame)` when the stream is not STUN/ChannelData or a frame is too long.
+fn split_frames(
+    ft: FiveTuple,
+    buf: &[u8],
+    max_frame: usize,
+    reply: &mut Vec<u8>,
+    on_frame: &mut dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>),
+) -> Result<usize, Close> {
+    let mut off = 0;
+    loop {
+        let rest = buf.get(off..).unwrap_or_default();
+        let n = match next_frame(rest, max_frame) {
+            Frame::NeedMore => return Ok(off),
+            Frame::Stun(n) | Frame::ChannelData { total: n } => n,
+            Frame::Invalid => return Err(Close::BadFrame),
+        };
+        let Some(frame) = rest.get(..n).filter(|f| !f.is_empty()) else {
+            return Err(Close::BadFrame);
+        };
+        on_frame(ft, frame, reply);
+        off += n;
+    }
+}
+
+/// All stream connections of one worker. Connection `slot` is registered with epoll under
+/// token `token_base + slot`.
+pub struct Streams {
+    limits: StreamLimits,
+    token_base: u64,
+    slots: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    by_five_tuple: HashMap<FiveTuple, usize>,
+    counter: Arc<ConnCounter>,
+    scratch: Box<[u8]>,
+    reply: Vec<u8>,
+    live: usize,
+}
+
+impl Streams {
+    /// Connections of one worker, with caps counted for this worker alone.
+    pub fn new(limits: StreamLimits, token_base: u64) -> Self {
+        Self::with_counter(limits, token_base, Arc::new(ConnCounter::new()))
+    }
+
+    /// Connections of one worker, with caps counted in `counter` (share one between
+    /// workers for process-wide per-address and total caps).
+    pub fn with_counter(limits: StreamLimits, token_base: u64, counter: Arc<ConnCounter>) -> Self {
+        Streams {
+            limits,
+            token_base,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_five_tuple: HashMap::new(),
+            counter,
+            scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
+            reply: Vec::new(),
+            live: 0,
+        }
+    }
+
+    /// Is `token` one of this set's connection tokens?
+    pub fn owns(&self, token: u64) -> bool {
+        token
+            .checked_sub(self.token_base)
+            .is_some_and(|s| s < self.slots.len() as u64)
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Is there an open connection with this 5-tuple?
+    pub fn contains(&self, ft: &FiveTuple) -> bool {
+        self.by_five_tuple.contains_key(ft)
+    }
+
+    /// Accepts what is pending on `listener` (non-blocking; at most [`ACCEPT_BATCH`] per
+    /// call), closes at once what exceeds the caps, and registers the rest with `epoll`
+    /// (EPOLLIN) under their tokens. `transport` is `Tcp` or `Tls`; `Tls` needs `tls`.
+    /// Returns how many connections were taken on.
+    pub fn accept(
+        &mut self,
+        listener: &TcpListener,
+        transport: Transport,
+        tls: Option<&Arc<rustls::ServerConfig>>,
+        epoll: &Epoll,
+        now: Instant,
+    ) -> usize {
+        let mut taken = 0;
+        for _ in 0..ACCEPT_BATCH {
+            let (socket, peer) = match listener.accept() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE and the like: try again on the next event.
+                    tracing::warn!(error = %e, "accept failed");
+                    break;
+                }
+            };
+            if let Err(why) = self.counter.try_add(peer.ip(), &self.limits) {
+                tracing::debug!(client = %peer, reason = why, "stream connection refused");
+                reject(socket);
+                continue;
+            }
+            match self.register(socket, peer, transport, tls, epoll, now) {
+                Ok(()) => taken += 1,
+                Err(e) => {
+                    self.counter.remove(peer.ip());
+                    tracing::debug!(client = %peer, error = %e, "stream connection dropped");
+                }
+            }
+        }
+        taken
+    }
+
+    fn register(
+        &mut self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        transport: Transport,
+        tls: Option<&Arc<rustls::ServerConfig>>,
+        epoll: &Epoll,
+        now: Instant,
+    ) -> io::Result<()> {
+        socket.set_nonblocking(true)?;
+        socket.set_nodelay(true)?;
+        let local = socket.local_addr()?;
+        let tls = match transport {
+            Transport::Tls => {
+                let Some(cfg) = tls else {
+                    return Err(io::Error::other("tls listener without a TLS configuration"));
+                };
+                let mut conn = ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
+                // Our own write buffer does the accounting.
+                conn.set_buffer_limit(None);
+                Some(Box::new(conn))
+            }
+            Transport::Tcp => None,
+            Transport::Udp => return Err(io::Error::other("not a stream transport")),
+        };
+        let ft = FiveTuple {
+            transport,
+            client: peer,
+            server: local,
+        };
+        if self.by_five_tuple.contains_key(&ft) {
+            return Err(io::Error::other("duplicate 5-tuple"));
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let token = self.token_base + slot as u64;
+        if let Err(e) = epoll.add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, token)) {
+            self.free.push(slot);
+            return Err(e.into());
+        }
+        let partial_since = tls.is_some().then_some(now);
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(Conn {
+                socket,
+                ft,
+                token,
+                tls,
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+                wpos: 0,
+                partial_since,
+                last_frame: now,
+                out_interest: false,
+                broken: false,
+            });
+        }
+        self.by_five_tuple.insert(ft, slot);
+        self.live += 1;
+        Ok(())
+    }
+
+    /// Handles an epoll event on connection `token`: flushes on EPOLLOUT; on EPOLLIN (or
+    /// HUP/ERR) reads a bounded amount, decrypts (TLS), splits complete frames and calls
+    /// `on_frame(five_tuple, frame, reply)` for each, then sends what the callback appended
+    /// to `reply`. Returns the connection's 5-tuple if it was closed (peer closed, error,
+    /// bad frame, TLS failure, reply overflow): only this one connection can close here.
+    pub fn on_event(
+        &mut self,
+        token: u64,
+        flags: EpollFlags,
+        epoll: &Epoll,
+        now: Instant,
+        on_frame: &mut dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>),
+    ) -> Option<FiveTuple> {
+        let slot = usize::try_from(token.checked_sub(self.token_base)?).ok()?;
+        let conn = self.slots.get_mut(slot)?.as_mut()?;
+        let mut result = Ok(());
+        if flags.contains(EpollFlags::EPOLLOUT) && conn.pending() > 0 {
+            result = conn.flush().map_err(Close::Io);
+        }
+        if result.is_ok()
+            && flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+        {
+            self.reply.clear();
+            result = if conn.tls.is_some() {
+                conn.read_tls(&mut self.scratch, &self.limits, now, &mut self.reply, on_frame)
+            } else {
+                conn.read_tcp(&mut self.scratch, &self.limits, now, &mut self.reply, on_frame)
+            };
+            if self.reply.capacity() > self.limits.max_write_buffer {
+                self.reply = Vec::new();
+            }
+        }
+        match result {
+            Ok(()) if !conn.broken => {
+                conn.update_interest(epoll);
+                if !conn.broken {
+                    return None;
+                }
+                tracing::debug!(client = %conn.ft.client, "stream connection closed: epoll");
+            }
+            Ok(()) => {
+                tracing::debug!(client = %conn.ft.client, "stream connection closed: write failed")
+            }
+            Err(why) => {
+                if matches!(why, Close::BadFrame | Close::ReplyOverflow) {
+                    conn.goodbye();
+                }
+                tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason = ?why, "stream connection closed");
+            }
+        }
+        self.close_slot(slot, epoll)
+    }
+
+    /// Sends `bytes` (a whole frame: a response, or peer data the core framed and padded)
+    /// to the client on connection `ft`. Returns false, sending nothing, if there is no such
+    /// connection or its write buffer has no room for the whole frame (dropped: UDP-like
+    /// loss under backpressure, the connection stays).
+    pub fn send(&mut self, ft: &FiveTuple, bytes: &[u8], epoll: &Epoll) -> bool {
+        let Some(&slot) = self.by_five_tuple.get(ft) else {
+            return false;
+        };
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return false;
+        };
+        if conn.broken {
+            return false;
+        }
+        if conn.pending() + conn.wire_len(bytes.len()) > self.limits.max_write_buffer {
+            return false;
+        }
+        if conn.push(bytes).is_err() {
+            // Closed on its next event (EPOLLHUP/EPOLLERR) or tick.
+            conn.broken = true;
+            return false;
+        }
+        conn.update_interest(epoll);
+        true
+    }
+
+    /// Closes connection `ft` (for example when the core decides so). Returns whether it
+    /// existed. Not reported again by `on_event`/`tick`.
+    pub fn close(&mut self, ft: &FiveTuple, epoll: &Epoll) -> bool {
+        let Some(&slot) = self.by_five_tuple.get(ft) else {
+            return false;
+        };
+        if let Some(Some(conn)) = self.slots.get_mut(slot) {
+            conn.goodbye();
+        }
+        self.close_slot(slot, epoll).is_some()
+    }
+
+    /// Call about once a second: closes connections whose incomplete frame or TLS
+    /// handshake is older than the deadline, that have been idle too long, or whose writes
+    /// failed. Returns their 5-tuples.
+    pub fn tick(&mut self, now: Instant, epoll: &Epoll) -> Vec<FiveTuple> {
+        let mut closed = Vec::new();
+        for slot in 0..self.slots.len() {
+            let Some(Some(conn)) = self.slots.get_mut(slot) else {
+                continue;
+            };
+            let slow = conn.partial_since.is_some_and(|t| {
+                now.saturating_duration_since(t) >= self.limits.handshake_and_partial_deadline
+            });
+            let idle = now.saturating_duration_since(conn.last_frame) >= self.limits.idle_timeout;
+            if !(slow || idle || conn.broken) {
+                continue;
+            }
+            let reason = if conn.broken {
+                "write failed"
+            } else if slow && conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+                "TLS handshake deadline"
+            } else if slow {
+                "incomplete message deadline"
+            } else {
+                "idle timeout"
+            };
+            tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason, "stream connection closed");
+            if !conn.broken {
+                conn.goodbye();
+            }
+            if let Some(ft) = self.close_slot(slot, epoll) {
+                closed.push(ft);
+            }
+        }
+        closed
+    }
+
+    fn close_slot(&mut self, slot: usize, epoll: &Epoll) -> Option<FiveTuple> {
+        let conn = self.slots.get_mut(slot)?.take()?;
+        let _ = epoll.delete(&conn.socket);
+        self.by_five_tuple.remove(&conn.ft);
+        self.counter.remove(conn.ft.client.ip());
+        self.free.push(slot);
+        self.live = self.live.saturating_sub(1);
+        Some(conn.ft)
+    }
+}
+
+/// Closes a refused connection with a reset, so it leaves no TIME_WAIT behind.
+fn reject(socket: TcpStream) {
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::epoll::{EpollCreateFlags, EpollTimeout};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    use std::thread::JoinHandle;
+
+    const LISTENER: u64 = 1;
+    const BASE: u64 = 1000;
+    const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A worker-like epoll loop on its own thread: one listener, an echo `on_frame`, a
+    /// tick every 50 ms, `send` requests through a channel. Stops on drop (or after 30 s).
+    struct Harness {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        closed: Arc<Mutex<Vec<FiveTuple>>>,
+        sends: mpsc::Sender<(FiveTuple, Vec<u8>)>,
+        sent: mpsc::Receiver<bool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Harness {
+        fn start(
+            limits: StreamLimits,
+            transport: Transport,
+            tls: Option<Arc<rustls::ServerConfig>>,
+        ) -> Harness {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let closed = Arc::new(Mutex::new(Vec::new()));
+            let (sends, send_rx) = mpsc::channel::<(FiveTuple, Vec<u8>)>();
+            let (sent_tx, sent) = mpsc::channel();
+            let (stop2, closed2) = (stop.clone(), closed.clone());
+            let thread = std::thread::spawn(move || {
+                let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+                epoll
+                    .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+                    .unwrap();
+                let mut streams = Streams::new(limits, BASE);
+                let mut events = [EpollEvent::empty(); 64];
+                let end = Instant::now() + Duration::from_secs(30);
+                let mut next_tick = Instant::now();
+                let mut echo = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
+                    reply.extend_from_slice(frame)
+                };
+                while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
+                    let n = epoll.wait(&mut events, EpollTimeout::from(10u16)).unwrap_or(0);
+                    for ev in &events[..n] {
+                        let now = Instant::now();
+                        if ev.data() == LISTENER {
+                            streams.accept(&listener, transport, tls.as_ref(), &epoll, now);
+                        } else {
+                            assert!(streams.owns(ev.data()));
+                            if let Some(ft) =
+                                streams.on_event(ev.data(), ev.events(), &epoll, now, &mut echo)
+                            {
+                                closed2.lock().unwrap().push(ft);
+                            }
+                        }
+                    }
+                    while let Ok((ft, bytes)) = send_rx.try_recv() {
+                        let _ = sent_tx.send(streams.send(&ft, &bytes, &epoll));
+                    }
+                    let now = Instant::now();
+                    if now >= next_tick {
+                        next_tick = now + Duration::from_millis(50);
+                        let gone = streams.tick(now, &epoll);
+                        closed2.lock().unwrap().extend(gone);
+                    }
+                }
+            });
+            Harness {
+                addr,
+                stop,
+                closed,
+                sends,
+                sent,
+                thread: Some(thread),
+            }
+        }
+
+        fn connect(&self) -> TcpStream {
+            let s = TcpStream::connect(self.addr).unwrap();
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        }
+
+        fn ft(&self, client: &TcpStream, transport: Transport) -> FiveTuple {
+            FiveTuple {
+                transport,
+                client: client.local_addr().unwrap(),
+                server: self.addr,
+            }
+        }
+
+        fn send(&self, ft: FiveTuple, bytes: &[u8]) -> bool {
+            self.sends.send((ft, bytes.to_vec())).unwrap();
+            self.sent.recv_timeout(IO_TIMEOUT).unwrap()
+        }
+
+        fn was_closed(&self, ft: &FiveTuple) -> bool {
+            self.closed.lock().unwrap().contains(ft)
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn stun(tid: u8, attr_len: u16) -> Vec<u8> {
+        let mut m = vec![0x00, 0x01];
+        m.extend_from_slice(&(attr_len + 4 * u16::from(attr_len > 0)).to_be_bytes());
+        m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+        m.extend_from_slice(&[tid; 12]);
+        if attr_len > 0 {
+            m.extend_from_slice(&0x8022u16.to_be_bytes()); // SOFTWARE
+            m.extend_from_slice(&attr_len.to_be_bytes());
+            m.extend(std::iter::repeat_n(b'x', usize::from(attr_len)));
+        }
+        m
+    }
+
+    fn channel_data(payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![0x40, 0x00];
+        m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        m.extend_from_slice(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    fn three_frames() -> Vec<u8> {
+        let mut all = stun(1, 0);
+        all.extend(stun(2, 8));
+        all.extend(channel_data(b"hello"));
+        assert_eq!(all.len(), 20 + 32 + 12);
+        all
+    }
+
+    fn read_exact_timeout(s: &mut impl Read, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).expect("reply in time");
+        buf
+    }
+
+    /// The server closed the connection: EOF or reset within the timeout (not a timeout).
+    fn assert_closed(s: &mut impl Read) {
+        let mut buf = [0u8; 256];
+        let start = Instant::now();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::InvalidData
+                    ) =>
+                {
+                    return
+                }
+                Err(e) => panic!("not closed after {:?}: {e}", start.elapsed()),
+            }
+        }
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + IO_TIMEOUT;
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn tcp_frames_in_one_write_and_byte_by_byte() {
+        let h = Harness::start(StreamLimits::default(), Transport::Tcp, None);
+        let all = three_frames();
+
+        let mut a = h.connect();
+        a.write_all(&all).unwrap();
+        assert_eq!(read_exact_timeout(&mut a, all.len()), all);
+
+        let mut b = h.connect();
+        for byte in &all {
+            b.write_all(std::slice::from_ref(byte)).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(read_exact_timeout(&mut b, all.len()), all);
+
+        // Both still open; the peer closing is reported with the right 5-tuple.
+        a.write_all(&all).unwrap();
+        assert_eq!(read_exact_timeout(&mut a, all.len()), all);
+        let fta = h.ft(&a, Transport::Tcp);
+        drop(a);
+        wait_until("close report", || h.was_closed(&fta));
+        assert!(!h.was_closed(&h.ft(&b, Transport::Tcp)));
+    }
+
+    #[test]
+    fn frame_over_max_and_garbage_close() {
+        let limits = StreamLimits {
+            max_frame: 1500,
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let good = h.connect();
+
+        // A STUN header announcing 2000 bytes closes at once, without waiting for them.
+        let mut a = h.connect();
+        let mut hdr = stun(3, 0);
+        hdr[2..4].copy_from_slice(&2000u16.to_be_bytes());
+        a.write_all(&hdr).unwrap();
+        assert_closed(&mut a);
+        // A complete frame before the bad one is still answered.
+        let mut b = h.connect();
+        let mut bytes = stun(4, 0);
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        b.write_all(&bytes).unwrap();
+        assert_eq!(read_exact_timeout(&mut b, 20), stun(4, 0));
+        assert_closed(&mut b);
+
+        let mut good = good;
+        good.write_all(&stun(5, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut good, 20), stun(5, 0));
+    }
+
+    #[test]
+    fn slow_loris_and_idle_timeouts() {
+        let limits = StreamLimits {
+            handshake_and_partial_deadline: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(1200),
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let mut slow = h.connect();
+        let mut idle = h.connect();
+        let mut busy = h.connect();
+        let start = Instant::now();
+        slow.write_all(&stun(6, 0)[..10]).unwrap();
+        idle.write_all(&stun(7, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut idle, 20), stun(7, 0));
+
+        // The partial message is dropped after ~300 ms; the busy client, sending a
+        // frame every 100 ms, is untouched.
+        let slow_ft = h.ft(&slow, Transport::Tcp);
+        let idle_ft = h.ft(&idle, Transport::Tcp);
+        while !h.was_closed(&idle_ft) {
+            assert!(start.elapsed() < IO_TIMEOUT, "idle connection not closed");
+            busy.write_all(&stun(8, 0)).unwrap();
+            assert_eq!(read_exact_timeout(&mut busy, 20), stun(8, 0));
+            if start.elapsed() < Duration::from_millis(250) {
+                assert!(!h.was_closed(&slow_ft), "closed too early");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let idle_after = start.elapsed();
+        assert!(h.was_closed(&slow_ft));
+        assert!(idle_after >= Duration::from_millis(1100), "{idle_after:?}");
+        assert_closed(&mut slow);
+        assert_closed(&mut idle);
+        assert!(!h.was_closed(&h.ft(&busy, Transport::Tcp)));
+        busy.write_all(&stun(9, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut busy, 20), stun(9, 0));
+    }
+
+    #[test]
+    fn per_ip_cap_refuses_extra_connection_only() {
+        let limits = StreamLimits {
+            max_per_source_ip: 3,
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let mut conns: Vec<TcpStream> = (0..3).map(|_| h.connect()).collect();
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(&stun(i as u8, 0)).unwrap();
+            assert_eq!(read_exact_timeout(c, 20), stun(i as u8, 0));
+        }
+        let mut extra = h.connect();
+        let _ = extra.write_all(&stun(9, 0));
+        assert_closed(&mut extra);
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(&stun(i as u8 + 10, 0)).unwrap();
+            assert_eq!(read_exact_timeout(c, 20), stun(i as u8 + 10, 0));
+        }
+        // A slot freed by a close can be used again.
+        let first = conns.remove(0);
+        let ft = h.ft(&first, Transport::Tcp);
+        drop(first);
+        wait_until("close report", || h.was_closed(&ft));
+        let mut again = h.connect();
+        again.write_all(&stun(20, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut again, 20), stun(20, 0));
+    }
+
+    #[test]
+    fn send_backpressure_drops_whole_frames() {
+        let limits = StreamLimits {
+            max_write_buffer: 64 * 1024,
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let mut c = h.connect();
+        c.write_all(&stun(1, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut c, 20), stun(1, 0));
+        let ft = h.ft(&c, Transport::Tcp);
+        let unknown = FiveTuple {
+            client: "127.0.0.1:1".parse().unwrap(),
+            ..ft
+        };
+        assert!(!h.send(unknown, &channel_data(b"x")));
+
+        // The client reads nothing: frames beyond socket buffers + 64 KiB are dropped.
+        let mut accepted = Vec::new();
+        for i in 0..400u32 {
+            let mut payload = vec![0u8; 8 * 1024 - 1];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            if h.send(ft, &channel_data(&payload)) {
+                accepted.push(i);
+            }
+        }
+        assert!(accepted.len() < 400, "nothing dropped");
+        assert!(accepted.len() > 8, "too few accepted: {}", accepted.len());
+        // What was accepted arrives whole and in order; the connection still works.
+        for i in &accepted {
+            let f = read_exact_timeout(&mut c, 8 * 1024 + 4);
+            assert_eq!(&f[..4], &[0x40, 0x00, 0x1F, 0xFF]);
+            assert_eq!(&f[4..8], &i.to_be_bytes());
+        }
+        c.write_all(&stun(2, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut c, 20), stun(2, 0));
+        assert!(!h.was_closed(&ft));
+    }
+
+    fn tls_client_config(
+        root: rustls::pki_types::CertificateDer<'static>,
+        alpn: &[&[u8]],
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(cfg)
+    }
+
+    fn tls_connect(
+        h: &Harness,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, h.connect());
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).expect("handshake");
+        }
+        s
+    }
+
+    fn tls_harness(limits: StreamLimits) -> (Harness, CertificateDerStatic, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, der) = crate::net::tls::tests::self_signed(dir.path());
+        let cfg = crate::net::tls::server_config(&cert, &key).unwrap();
+        (Harness::start(limits, Transport::Tls, Some(cfg)), der, dir)
+    }
+
+    type CertificateDerStatic = rustls::pki_types::CertificateDer<'static>;
+
+    #[test]
+    fn tls_frames_alpn_and_versions() {
+        let (h, der, _dir) = tls_harness(StreamLimits::default());
+        let all = three_frames();
+        for (alpn, version) in [
+            (&[&b"stun.turn"[..]][..], &rustls::version::TLS13),
+            (&[&b"stun.nat-discovery"[..]][..], &rustls::version::TLS12),
+            (&[][..], &rustls::version::TLS13),
+        ] {
+            let mut s = tls_connect(&h, tls_client_config(der.clone(), alpn, version));
+            assert_eq!(s.conn.alpn_protocol(), alpn.first().copied());
+            assert_eq!(s.conn.protocol_version(), Some(version.version));
+            s.write_all(&all).unwrap();
+            assert_eq!(read_exact_timeout(&mut s, all.len()), all);
+            for byte in &all {
+                s.write_all(std::slice::from_ref(byte)).unwrap();
+            }
+            assert_eq!(read_exact_timeout(&mut s, all.len()), all);
+            // Peer data through `send`, encrypted.
+            let ft = h.ft(&s.sock, Transport::Tls);
+            assert!(h.send(ft, &channel_data(b"from peer")));
+            assert_eq!(
+                read_exact_timeout(&mut s, 16),
+                channel_data(b"from peer")
+            );
+            s.conn.send_close_notify();
+            let _ = s.conn.complete_io(&mut s.sock);
+            wait_until("close report", || h.was_closed(&ft));
+        }
+        // A client offering only other protocols is refused (RFC 7301 3.2).
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let cfg = tls_client_config(der, &[b"http/1.1"], &rustls::version::TLS13);
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, h.connect());
+        let err = loop {
+            match s.conn.complete_io(&mut s.sock) {
+                Ok(_) if s.conn.is_handshaking() => continue,
+                Ok(_) => panic!("handshake succeeded"),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
+    }
+
+    #[test]
+    fn tls_garbage_old_versions_and_slow_handshake_close() {
+        let limits = StreamLimits {
+            handshake_and_partial_deadline: Duration::from_millis(300),
+            ..StreamLimits::default()
+        };
+        let (h, der, _dir) = tls_harness(limits);
+        let mut good = tls_connect(
+            &h,
+            tls_client_config(der, &[b"stun.turn"], &rustls::version::TLS13),
+        );
+
+        // Garbage instead of a ClientHello: an alert, then closed.
+        let mut g = h.connect();
+        g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_closed(&mut g);
+        wait_until("close report", || h.was_closed(&h.ft(&g, Transport::Tls)));
+
+        // A TLS 1.0-only ClientHello (no supported_versions): protocol_version alert.
+        let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x2d, 0x01, 0x00, 0x00, 0x29, 0x03, 0x01];
+        hello.extend_from_slice(&[7u8; 32]);
+        hello.extend_from_slice(&[0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
+        let mut old = h.connect();
+        old.write_all(&hello).unwrap();
+        let mut resp = Vec::new();
+        let _ = old.read_to_end(&mut resp);
+        assert_eq!(resp.first(), Some(&0x15), "expected an alert: {resp:?}");
+        assert_eq!(resp.get(6), Some(&70), "protocol_version alert: {resp:?}");
+
+        // A handshake that stops half-way is dropped after the deadline.
+        let mut stalled = h.connect();
+        stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+        let t = Instant::now();
+        assert_closed(&mut stalled);
+        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+        // A client that connects and says nothing likewise.
+        let mut mute = h.connect();
+        assert_closed(&mut mute);
+
+        // The good client was served throughout.
+        good.write_all(&stun(1, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut good, 20), stun(1, 0));
+    }
+}
