@@ -45,12 +45,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         }
         // ring keys always expose their public key; an unknown answer is not a mismatch.
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(e) => {
-            return Err(format!(
-                "{}: unusable certificate: {e}",
-                cert.display()
-            ))
-        }
+        Err(e) => return Err(format!("{}: unusable certificate: {e}", cert.display())),
     }
 
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -106,7 +101,11 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
             "{}: no private key found (expected PEM \"-----BEGIN PRIVATE KEY-----\", RSA or EC)",
             path.display()
         ),
-        e => format!("{}: invalid private key: {}", path.display(), pem_reason(&e)),
+        e => format!(
+            "{}: invalid private key: {}",
+            path.display(),
+            pem_reason(&e)
+        ),
     })
 }
 
@@ -140,7 +139,10 @@ pub(crate) mod tests {
         let dbg = format!("{cfg:?}");
         assert!(dbg.contains("TLSv1_3"), "{dbg}");
         assert!(dbg.contains("TLSv1_2"), "{dbg}");
-        assert!(!dbg.contains("TLSv1_1") && !dbg.contains("TLSv1_0"), "{dbg}");
+        assert!(
+            !dbg.contains("TLSv1_1") && !dbg.contains("TLSv1_0"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -167,7 +169,10 @@ pub(crate) mod tests {
             "{e}"
         );
         let e = server_config(&c, &junk).unwrap_err();
-        assert!(e.contains("junk.pem") && e.contains("no private key"), "{e}");
+        assert!(
+            e.contains("junk.pem") && e.contains("no private key"),
+            "{e}"
+        );
 
         let broken = dir.path().join("broken.pem");
         std::fs::write(
@@ -180,7 +185,10 @@ pub(crate) mod tests {
 
         // A certificate file given as the key: PEM, but no key inside.
         let e = server_config(&c, &c).unwrap_err();
-        assert!(e.contains("cert.pem") && e.contains("no private key"), "{e}");
+        assert!(
+            e.contains("cert.pem") && e.contains("no private key"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -153,10 +153,15 @@ fn run_loop(
     let mut core = Server::new(shared);
     let mut relays = Relays::default();
     let mut buf = vec![0u8; BUF_LEN];
+    // Client data bound for a peer, with room to frame it if the peer is local.
+    let mut xbuf = vec![0u8; BUF_LEN];
     let mut events = vec![EpollEvent::empty(); EVENTS];
     let mut rbatch = RecvBatch::new();
     let mut sbatch = SendBatch::new();
     let mut next_tick = Instant::now() + TICK;
+    // Benchmarks compare the in-worker hand-off between two allocations with the
+    // kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
+    let handoff = std::env::var_os("TURNSTONE_NO_HANDOFF").is_none();
 
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
@@ -191,14 +196,41 @@ fn run_loop(
                         ports,
                         epoll: &epoll,
                     };
-                    match core.handle_client(ft, data, clock, &mut binder) {
-                        Output::Nothing => {}
-                        Output::ToClient(d) => sbatch.push(&listeners, idx, d, from),
+                    let (relay, peer, len) = match core.handle_client(ft, data, clock, &mut binder)
+                    {
+                        Output::Nothing => continue,
+                        Output::ToClient(d) => {
+                            sbatch.push(&listeners, idx, d, from);
+                            continue;
+                        }
                         Output::ToPeer { relay, peer, data } => {
-                            if let Some(e) = relays.get(relay) {
-                                let _ = e.socket.send_to(data, peer);
+                            let len = data.len();
+                            let Some(dst) = xbuf.get_mut(PEER_HEADROOM..PEER_HEADROOM + len) else {
+                                continue;
+                            };
+                            dst.copy_from_slice(data);
+                            (relay, peer, len)
+                        }
+                    };
+                    let payload = PEER_HEADROOM..PEER_HEADROOM + len;
+                    let local = if handoff {
+                        core.local_relay(relay, peer)
+                    } else {
+                        None
+                    };
+                    if let Some((to, from_addr)) = local {
+                        // Both allocations live in this worker: hand the packet over
+                        // directly; the receiving allocation's permissions apply.
+                        if let Some((ft2, range)) =
+                            core.handle_peer(to, from_addr, &mut xbuf, payload, clock.now)
+                        {
+                            let l = listeners.iter().position(|(a, _)| *a == ft2.server);
+                            if let (Some(l), Some(bytes)) = (l, xbuf.get(range)) {
+                                sbatch.push(&listeners, l, bytes, ft2.client);
                             }
                         }
+                    } else if let (Some(e), Some(bytes)) = (relays.get(relay), xbuf.get(payload)) {
+                        let _ = e.socket.send_to(bytes, peer);
                     }
                 }
             } else {

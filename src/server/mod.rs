@@ -163,6 +163,9 @@ pub struct Server {
     allocations: Vec<Option<Allocation>>,
     free_slots: Vec<usize>,
     by_five_tuple: HashMap<FiveTuple, usize, RandomState>,
+    /// Relay handle by relayed transport address (bound and advertised), for handing
+    /// packets between two allocations of this worker without the kernel.
+    by_relay_addr: HashMap<SocketAddr, RelayHandle, RandomState>,
     /// Allocation slot by relay handle (handles are small, dense numbers chosen by the
     /// shell); `NO_SLOT` where none.
     by_relay: Vec<u32>,
@@ -195,6 +198,7 @@ impl Server {
             allocations: Vec::new(),
             free_slots: Vec::new(),
             by_five_tuple: HashMap::default(),
+            by_relay_addr: HashMap::default(),
             by_relay: Vec::new(),
             reservations: Vec::new(),
             recent_deletes: Vec::new(),
@@ -231,6 +235,37 @@ impl Server {
             .get(ft)
             .and_then(|&i| self.allocations.get(i))
             .and_then(|a| a.as_ref())
+    }
+
+    /// If `peer` is the relayed address of an allocation of this worker: that
+    /// allocation's relay handle and the address its peers know the sender `from` by
+    /// (the sender's advertised relay address). The shell then hands the packet to
+    /// [`Server::handle_peer`] directly instead of through the kernel; permissions are
+    /// checked there as for any peer.
+    #[inline]
+    pub fn local_relay(
+        &self,
+        from: RelayHandle,
+        peer: SocketAddr,
+    ) -> Option<(RelayHandle, SocketAddr)> {
+        if self.by_relay_addr.is_empty() {
+            return None;
+        }
+        let to = *self.by_relay_addr.get(&peer)?;
+        let sender = self.by_handle(from)?;
+        let target = self.by_handle(to)?;
+        // Peers addressed by the advertised address see the sender's advertised one.
+        let from_addr = if peer == target.advertised {
+            sender.advertised
+        } else {
+            sender.relay_addr
+        };
+        Some((to, from_addr))
+    }
+
+    fn by_handle(&self, h: RelayHandle) -> Option<&Allocation> {
+        let slot = *self.by_relay.get(h.0 as usize)? as usize;
+        self.allocations.get(slot)?.as_ref()
     }
 
     /// Handles one datagram (or one stream frame) from a client.
@@ -475,6 +510,8 @@ impl Server {
         };
         self.free_slots.push(slot);
         self.by_five_tuple.remove(&a.five_tuple);
+        self.by_relay_addr.remove(&a.relay_addr);
+        self.by_relay_addr.remove(&a.advertised);
         if let Some(s) = self.by_relay.get_mut(a.relay.0 as usize) {
             *s = NO_SLOT;
         }
@@ -861,6 +898,8 @@ impl Server {
         self.by_relay[h] = slot as u32;
         self.shared.add_relay(relay_addr);
         self.shared.add_relay(advertised);
+        self.by_relay_addr.insert(relay_addr, relay);
+        self.by_relay_addr.insert(advertised, relay);
         if self.collect_events {
             self.events.push(Event::AllocationCreated {
                 id,

@@ -802,3 +802,22 @@ fn garbage_never_panics_and_gets_nothing() {
     }
     assert_eq!(h.server.allocation_count(), 0);
 }
+
+#[test]
+fn local_relay_hand_off_knows_both_allocations() {
+    let mut h = Harness::new(runtime(&[], 10, 100));
+    let (a, b) = (ft(40000), ft(40001));
+    let ra = h.allocate(a, 1, 0);
+    let rb = h.allocate(b, 2, 0);
+    let (relay_a, relay_b) = (h.relayed(&ra), h.relayed(&rb));
+    let (ha, hb) = (RelayHandle(0), RelayHandle(1));
+    assert_eq!(h.server.local_relay(ha, relay_b), Some((hb, relay_a)));
+    assert_eq!(h.server.local_relay(ha, peer()), None);
+    // The receiving side still needs its permission.
+    assert!(h.peer_sends(hb, relay_a, b"x", 1).is_none());
+    h.permission(b, relay_a, 3, 1);
+    let (to, _) = h.peer_sends(hb, relay_a, b"x", 1).unwrap();
+    assert_eq!(to, b);
+    h.refresh(b, 0, 4, 2);
+    assert_eq!(h.server.local_relay(ha, relay_b), None);
+}
