@@ -141,7 +141,13 @@ pub struct RelaySection {
     pub external_addresses: Vec<IpAddr>,
     pub port_min: u16,
     pub port_max: u16,
+    /// Receive and send buffer asked for on every UDP socket (`socket_buffer`, e.g.
+    /// "4MiB"); the kernel caps it at net.core.rmem_max / wmem_max.
+    pub socket_buffer: usize,
 }
+
+/// Default `[relay] socket_buffer`: 4 MiB.
+pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 
 impl Default for RelaySection {
     /// Defaults of the optional keys; `addresses` is empty and must be set.
@@ -151,6 +157,7 @@ impl Default for RelaySection {
             external_addresses: Vec::new(),
             port_min: DEFAULT_PORT_MIN,
             port_max: DEFAULT_PORT_MAX,
+            socket_buffer: DEFAULT_SOCKET_BUFFER,
         }
     }
 }
@@ -333,6 +340,7 @@ struct RawRelay {
     address: Option<StringOrList>,
     external_address: Option<StringOrList>,
     ports: Option<String>,
+    socket_buffer: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -552,6 +560,32 @@ fn section<'a>(top: &'a Table, key: &str, errors: &mut Errors) -> Option<&'a Tab
 // ---------------------------------------------------------------------------------------------
 // Value parsers
 // ---------------------------------------------------------------------------------------------
+
+/// A byte size: a number with an optional unit (B, KiB, MiB, GiB, KB, MB, GB).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as \"4MiB\""))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "{text:?}: unknown unit {u:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| {
@@ -852,6 +886,16 @@ impl Config {
                             config.relay.port_max = hi;
                         }
                         Err(e) => errors.push("relay.ports", e),
+                    }
+                }
+                if let Some(size) = raw.socket_buffer {
+                    match parse_size(&size) {
+                        Ok(n) if (4096..=1 << 30).contains(&n) => config.relay.socket_buffer = n,
+                        Ok(_) => errors.push(
+                            "relay.socket_buffer",
+                            format!("{size:?} is out of range (4KiB to 1GiB)"),
+                        ),
+                        Err(e) => errors.push("relay.socket_buffer", e),
                     }
                 }
             }
@@ -1389,6 +1433,7 @@ format = "text"
             "address",
             "external_address",
             "ports",
+            "socket_buffer",
             "users",
             "secrets",
             "allow_peers",

@@ -67,19 +67,33 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     for _ in 0..workers {
         let mut per_worker = Vec::new();
         for addr in &udp_listens {
-            let s = socket::udp_listener(*addr)
+            let s = socket::udp_listener(*addr, config.relay.socket_buffer)
                 .with_context(|| format!("listen: cannot bind UDP {addr}"))?;
             per_worker.push(s);
         }
         sockets.push(per_worker);
     }
+    if let Some(first) = sockets.first().and_then(|w| w.first()) {
+        let want = config.relay.socket_buffer;
+        let (rcv, snd) = socket::granted_buffers(first);
+        if rcv < want || snd < want {
+            tracing::warn!(
+                asked = want,
+                receive = rcv,
+                send = snd,
+                "the kernel capped UDP socket buffers below relay.socket_buffer; raise \
+                 net.core.rmem_max and net.core.wmem_max (sysctl) to avoid drops under load"
+            );
+        }
+    }
+    let buffer = config.relay.socket_buffer;
     let mut handles = Vec::new();
     for (i, socks) in sockets.into_iter().enumerate() {
         let shared = shared.clone();
         let ports = ports.clone();
         let h = std::thread::Builder::new()
             .name(format!("turnstone-w{i}"))
-            .spawn(move || worker::run(i, shared, ports, socks))?;
+            .spawn(move || worker::run(i, shared, ports, socks, buffer))?;
         handles.push(h);
     }
     for addr in &udp_listens {

@@ -6,11 +6,9 @@ use std::net::{SocketAddr, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Socket buffer size asked for on listeners (the kernel caps it at net.core.rmem_max).
-pub const LISTENER_BUFFER: usize = 4 << 20;
-
 /// A non-blocking UDP listener socket; every worker binds its own on the same address.
-pub fn udp_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// `buffer` is asked for as receive and send buffer (the kernel may cap it).
+pub fn udp_listener(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -18,19 +16,31 @@ pub fn udp_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
-    let _ = s.set_recv_buffer_size(LISTENER_BUFFER);
-    let _ = s.set_send_buffer_size(LISTENER_BUFFER);
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
     s.bind(&addr.into())?;
     Ok(s.into())
 }
 
-/// A non-blocking UDP relay socket bound to `addr`.
-pub fn udp_relay(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A non-blocking UDP relay socket bound to `addr`, with buffers of `buffer` bytes.
+pub fn udp_relay(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
     s.set_nonblocking(true)?;
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
     s.bind(&addr.into())?;
     Ok(s.into())
+}
+
+/// The buffer sizes the kernel granted (Linux reports twice what it allows for
+/// bookkeeping, so halve it): (receive, send).
+pub fn granted_buffers(sock: &UdpSocket) -> (usize, usize) {
+    let s = socket2::SockRef::from(sock);
+    (
+        s.recv_buffer_size().unwrap_or(0) / 2,
+        s.send_buffer_size().unwrap_or(0) / 2,
+    )
 }

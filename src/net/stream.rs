@@ -1354,7 +1354,7 @@ mod tests {
                 info.bytes_max
             );
             let budget = if transport == Transport::Tls {
-                48 * 1024
+                16 * 1024
             } else {
                 1024
             };

@@ -53,11 +53,12 @@ struct Binder<'a> {
     relays: &'a mut Relays,
     ports: &'a PortPool,
     epoll: &'a Epoll,
+    buffer: usize,
 }
 
 impl Binder<'_> {
     fn bind_one(&mut self, ip: IpAddr, port: u16) -> io::Result<(RelayHandle, SocketAddr)> {
-        let sock = socket::udp_relay(SocketAddr::new(ip, port))?;
+        let sock = socket::udp_relay(SocketAddr::new(ip, port), self.buffer)?;
         let addr = sock.local_addr()?;
         let idx = match self.relays.free.pop() {
             Some(i) => i,
@@ -131,8 +132,14 @@ fn clock() -> Clock {
 }
 
 /// Runs worker `index` until the process exits.
-pub fn run(index: usize, shared: Arc<Shared>, ports: Arc<PortPool>, sockets: Vec<UdpSocket>) {
-    if let Err(e) = run_loop(index, shared, &ports, sockets) {
+pub fn run(
+    index: usize,
+    shared: Arc<Shared>,
+    ports: Arc<PortPool>,
+    sockets: Vec<UdpSocket>,
+    buffer: usize,
+) {
+    if let Err(e) = run_loop(index, shared, &ports, sockets, buffer) {
         tracing::error!(worker = index, error = %e, "worker stopped");
     }
 }
@@ -142,6 +149,7 @@ fn run_loop(
     shared: Arc<Shared>,
     ports: &PortPool,
     sockets: Vec<UdpSocket>,
+    buffer: usize,
 ) -> io::Result<()> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let mut listeners = Vec::with_capacity(sockets.len());
@@ -195,6 +203,7 @@ fn run_loop(
                         relays: &mut relays,
                         ports,
                         epoll: &epoll,
+                        buffer,
                     };
                     let (relay, peer, len) = match core.handle_client(ft, data, clock, &mut binder)
                     {
@@ -262,6 +271,7 @@ fn run_loop(
                 relays: &mut relays,
                 ports,
                 epoll: &epoll,
+                buffer,
             };
             core.handle_timeout(now, &mut binder);
         }
