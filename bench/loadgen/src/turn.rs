@@ -293,13 +293,15 @@ impl Client {
 
 /// Sends Binding requests to `server` until one is answered or `timeout` passes.
 pub fn wait_for_server(server: SocketAddr, timeout: Duration) -> io::Result<()> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
-    sock.connect(server)?;
-    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
     let mut rbuf = [0u8; 1500];
     while Instant::now() < deadline {
+        // A new source port each time: a server with several SO_REUSEPORT sockets hashes
+        // a 5-tuple to one of them, which may not be serving yet.
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.connect(server)?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let tid = new_tid();
         build_binding(&mut buf, tid);
         // ECONNREFUSED from an earlier send surfaces here or on recv: just retry.

@@ -1,0 +1,4 @@
+//! Fuzz target `credentials`: see `turnstone_fuzz::check_credentials` (fuzz/src/checks.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| turnstone_fuzz::check_credentials(data));
