@@ -282,6 +282,17 @@ def render_md(results, meta):
 
 # ---------------------------------------------------------------- svg
 
+def nice_ceil(x):
+    """The smallest 1, 2, 2.5 or 5 x 10^k at or above x (for axis ranges)."""
+    if x <= 0:
+        return 1.0
+    k = math.floor(math.log10(x))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * 10 ** k >= x:
+            return m * 10 ** k
+    return 10 ** (k + 1)
+
+
 COLORS = {"coturn": "#d62728", "turnstone": "#1f77b4", "floor": "#2ca02c"}
 
 
@@ -312,8 +323,8 @@ def svg_plot(results):
         pts = [p for (s, k, kk), v in series.items() if kk == key for p in v]
         if not pts:
             continue
-        xmax = max(p[0] for p in pts) * 1.08
-        ymax = max(max(p[1] for p in pts) * 1.15, 0.1 if key == "loss_pct" else 1.0)
+        xmax = nice_ceil(max(p[0] for p in pts) * 1.02)
+        ymax = nice_ceil(max(max(p[1] for p in pts) * 1.05, 0.1 if key == "loss_pct" else 1.0))
 
         def X(x):
             return ox + pw * x / xmax
@@ -326,7 +337,7 @@ def svg_plot(results):
             yv = ymax * i / 5
             yy = Y(yv)
             parts.append(f'<line x1="{ox}" y1="{yy:.1f}" x2="{ox + pw}" y2="{yy:.1f}" stroke="#ddd"/>')
-            parts.append(f'<text x="{ox - 6}" y="{yy + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+            parts.append(f'<text x="{ox - 6}" y="{yy + 4:.1f}" text-anchor="end">{yv:g}</text>')
             xv = xmax * i / 5
             xx = X(xv)
             parts.append(f'<text x="{xx:.1f}" y="{oy + ph + 16}" text-anchor="middle">{xv / 1000:.0f}k</text>')

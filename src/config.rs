@@ -378,8 +378,8 @@ struct RawLog {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawTls {
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
 }
 
 /// A humantime duration string ("10m", "1h 30m"), kept as text until converted.
@@ -972,8 +972,8 @@ impl Config {
         // [tls]
         if let Some(t) = section(&top, "tls", &mut errors) {
             let raw: RawTls = shape(t, "tls", &mut errors);
-            config.tls.cert_file = raw.cert_file;
-            config.tls.key_file = raw.key_file;
+            config.tls.cert_file = raw.certificate;
+            config.tls.key_file = raw.private_key;
         }
 
         config.check(&mut errors);
@@ -1136,13 +1136,13 @@ impl Config {
         if has_tls {
             if self.tls.cert_file.is_none() {
                 errors.push(
-                    "tls.cert_file",
+                    "tls.certificate",
                     "missing; a tls listener needs a certificate chain (PEM file)",
                 );
             }
             if self.tls.key_file.is_none() {
                 errors.push(
-                    "tls.key_file",
+                    "tls.private_key",
                     "missing; a tls listener needs a private key (PEM file)",
                 );
             }
@@ -1304,8 +1304,8 @@ impl Config {
 
         // tls
         for (key, p) in [
-            ("tls.cert_file", &self.tls.cert_file),
-            ("tls.key_file", &self.tls.key_file),
+            ("tls.certificate", &self.tls.cert_file),
+            ("tls.private_key", &self.tls.key_file),
         ] {
             if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 errors.push(key, "empty path");
@@ -1447,8 +1447,8 @@ format = "text"
             "level",
             "format",
             "[tls]",
-            "cert_file",
-            "key_file",
+            "certificate",
+            "private_key",
         ] {
             assert!(
                 example.contains(key),
@@ -1495,8 +1495,8 @@ default_lifetime = "5m"
 level = "info,turnstone::server=debug"
 format = "json"
 [tls]
-cert_file = "/etc/turnstone/cert.pem"
-key_file = "/etc/turnstone/key.pem"
+certificate = "/etc/turnstone/cert.pem"
+private_key = "/etc/turnstone/key.pem"
 "#,
         )
         .unwrap();
@@ -1617,8 +1617,8 @@ key_file = "/etc/turnstone/key.pem"
             vec![
                 "listen[1].address",
                 "listen[3].address",
-                "tls.cert_file",
-                "tls.key_file"
+                "tls.certificate",
+                "tls.private_key"
             ],
             "{e:#?}"
         );
@@ -1639,7 +1639,7 @@ key_file = "/etc/turnstone/key.pem"
 
         let ok_tls = GOOD.replacen(
             "[relay]",
-            "[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:5349\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[relay]",
+            "[[listen]]\ntransport = \"tls\"\naddress = \"127.0.0.1:5349\"\n[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[relay]",
             1,
         );
         assert!(Config::from_toml(&ok_tls).is_ok());

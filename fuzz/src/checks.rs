@@ -196,7 +196,11 @@ pub fn check_stun_message(data: &[u8]) {
         let mut normal = data.to_vec();
         for (_, v) in msg.attributes() {
             let at = offset_in(data, v);
-            for b in normal.iter_mut().take(at + padded(v.len())).skip(at + v.len()) {
+            for b in normal
+                .iter_mut()
+                .take(at + padded(v.len()))
+                .skip(at + v.len())
+            {
                 *b = 0;
             }
         }
@@ -215,12 +219,8 @@ pub fn check_stun_message(data: &[u8]) {
     const KEY: &[u8] = b"fuzz-key";
     if buf.len() + 24 + 36 + 8 <= HEADER_LEN + 0xFFFC {
         let mut signed = Vec::new();
-        let mut w = MessageWriter::new(
-            &mut signed,
-            msg.method(),
-            msg.class(),
-            msg.transaction_id(),
-        );
+        let mut w =
+            MessageWriter::new(&mut signed, msg.method(), msg.class(), msg.transaction_id());
         for (t, v) in msg.attributes() {
             w.attr(t, v);
         }
@@ -399,8 +399,14 @@ pub fn check_credentials(data: &[u8]) {
             let id = String::from_utf8_lossy(rest.get(1..).unwrap_or_default());
             auth::rest_username(now.saturating_add_signed(delta), &id)
         }
-        _ => ["alice", "bob", "1700000000:bob", "", ":x", "99999999999999999999999:x"]
-            [usize::from(rest.first().copied().unwrap_or(0)) % 6]
+        _ => [
+            "alice",
+            "bob",
+            "1700000000:bob",
+            "",
+            ":x",
+            "99999999999999999999999:x",
+        ][usize::from(rest.first().copied().unwrap_or(0)) % 6]
             .to_string(),
     };
     let creds = credentials();
@@ -432,7 +438,10 @@ pub fn check_credentials(data: &[u8]) {
         }
         (Err(LookupError::Expired), expiry) => {
             assert!(static_key.is_none());
-            assert!(matches!(expiry, Some(Ok(e)) if e <= now), "{username:?} {now}");
+            assert!(
+                matches!(expiry, Some(Ok(e)) if e <= now),
+                "{username:?} {now}"
+            );
         }
         (Err(LookupError::UnknownUser), expiry) => {
             assert!(static_key.is_none());
@@ -493,7 +502,11 @@ pub fn check_differential(data: &[u8]) {
         panic!("we accept a message the stun crate refuses: {e}");
     }
     assert_eq!(theirs.typ.value(), ours.message_type(), "message type");
-    assert_eq!(theirs.transaction_id.0, ours.transaction_id().0, "transaction id");
+    assert_eq!(
+        theirs.transaction_id.0,
+        ours.transaction_id().0,
+        "transaction id"
+    );
     // stun maps the pre-RFC XOR-MAPPED-ADDRESS 0x8020 to 0x0020.
     let compat = |t: u16| if t == 0x8020 { 0x0020 } else { t };
     let their_attrs: Vec<(u16, &[u8])> = theirs
@@ -503,7 +516,10 @@ pub fn check_differential(data: &[u8]) {
         .map(|a| (a.typ.0, a.value.as_slice()))
         .collect();
     let our_attrs: Vec<(u16, &[u8])> = ours.attributes().map(|(t, v)| (compat(t), v)).collect();
-    assert!(their_attrs.len() >= our_attrs.len(), "stun crate saw fewer attributes");
+    assert!(
+        their_attrs.len() >= our_attrs.len(),
+        "stun crate saw fewer attributes"
+    );
     assert_eq!(
         &their_attrs[..our_attrs.len()],
         &our_attrs[..],
@@ -532,7 +548,11 @@ pub fn check_differential(data: &[u8]) {
     if ours.has_fingerprint() {
         let theirs_fp = stun::fingerprint::FINGERPRINT.check(&theirs).is_ok();
         // stun checks the FINGERPRINT it finds first; ours is the same one.
-        assert_eq!(ours.verify_fingerprint(), Some(theirs_fp), "FINGERPRINT verdicts");
+        assert_eq!(
+            ours.verify_fingerprint(),
+            Some(theirs_fp),
+            "FINGERPRINT verdicts"
+        );
     }
 }
 
@@ -785,7 +805,11 @@ impl Op {
                 Op::Allocate {
                     client,
                     cred,
-                    lifetime: if flags & 1 != 0 { opt_lifetime(b) } else { None },
+                    lifetime: if flags & 1 != 0 {
+                        opt_lifetime(b)
+                    } else {
+                        None
+                    },
                     family: match (flags >> 1) & 7 {
                         1 => Some(1),
                         2 => Some(2),
@@ -941,9 +965,8 @@ impl Setup {
         let mut users = BTreeMap::new();
         users.insert("alice".to_string(), "wonderland".to_string());
         users.insert("bob".to_string(), "builder".to_string());
-        let nets = |l: &[&str]| -> Vec<ipnet::IpNet> {
-            l.iter().filter_map(|s| s.parse().ok()).collect()
-        };
+        let nets =
+            |l: &[&str]| -> Vec<ipnet::IpNet> { l.iter().filter_map(|s| s.parse().ok()).collect() };
         let (allow, deny) = match self.policy {
             0 => (nets(&["127.0.0.0/8"]), vec![]),
             1 => (vec![], vec![]),
@@ -1097,7 +1120,8 @@ impl World {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9))),
             PeerSel::Relay(i, next) => {
-                let relays: Vec<SocketAddr> = self.server.allocations().map(|a| a.advertised).collect();
+                let relays: Vec<SocketAddr> =
+                    self.server.allocations().map(|a| a.advertised).collect();
                 let base = relays
                     .get(usize::from(i) % relays.len().max(1))
                     .copied()
@@ -1396,10 +1420,13 @@ impl World {
         let mut buf = vec![0xEEu8; PEER_HEADROOM + len + PEER_TAILROOM];
         let data = payload(len as u16);
         buf[PEER_HEADROOM..PEER_HEADROOM + len].copy_from_slice(&data);
-        let Some((ft, range)) =
-            self.server
-                .handle_peer(relay, from, &mut buf, PEER_HEADROOM..PEER_HEADROOM + len, now)
-        else {
+        let Some((ft, range)) = self.server.handle_peer(
+            relay,
+            from,
+            &mut buf,
+            PEER_HEADROOM..PEER_HEADROOM + len,
+            now,
+        ) else {
             return;
         };
         let a = self
@@ -1460,7 +1487,9 @@ impl World {
         for a in self.server.allocations() {
             *per_user.entry(&a.username).or_default() += 1;
             assert_eq!(
-                self.server.allocation_by_five_tuple(&a.five_tuple).map(|x| x.id),
+                self.server
+                    .allocation_by_five_tuple(&a.five_tuple)
+                    .map(|x| x.id),
                 Some(a.id)
             );
             assert!(
@@ -1537,9 +1566,15 @@ impl World {
     fn check_after_timeout(&self) {
         let now = self.now();
         for a in self.server.allocations() {
-            assert!(a.expires > now, "expired allocation survived handle_timeout");
+            assert!(
+                a.expires > now,
+                "expired allocation survived handle_timeout"
+            );
             assert!(a.permissions.iter().all(|p| p.expires > now));
-            assert!(a.channels.iter().all(|c| c.expires + CHANNEL_COOLDOWN > now));
+            assert!(a
+                .channels
+                .iter()
+                .all(|c| c.expires + CHANNEL_COOLDOWN > now));
         }
         let reserve_age = RESERVATION_LIFETIME.as_secs();
         for (h, (_, reserved, at)) in &self.binder.live {
@@ -1562,12 +1597,17 @@ impl World {
         self.after_step();
         assert_eq!(self.server.allocation_count(), 0);
         assert_eq!(self.shared.total_allocations(), 0);
-        assert!(self.binder.live.is_empty(), "relays left bound after close_all");
+        assert!(
+            self.binder.live.is_empty(),
+            "relays left bound after close_all"
+        );
     }
 }
 
 fn payload(len: u16) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ 0x5A).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ 0x5A)
+        .collect()
 }
 
 /// Runs `ops` on a fresh world, checking after every step.
@@ -1587,11 +1627,34 @@ const MAX_STEPS: usize = 200;
 pub fn check_server_sequence(data: &[u8]) {
     let mut b = Bytes::new(data);
     let setup = Setup::decode(&mut b);
+    let debug = std::env::var_os("FUZZ_DEBUG").is_some();
+    if debug {
+        eprintln!("{setup:?}");
+    }
     let mut w = World::new(setup);
     let mut n = 0;
     while !b.is_empty() && n < MAX_STEPS {
         let op = Op::decode(&mut b);
+        if debug {
+            eprintln!("{op:?}");
+        }
         w.step(&op);
+        if debug {
+            eprintln!(
+                "  allocations {:?} last events: created {} ended {}",
+                w.server
+                    .allocations()
+                    .map(|a| (
+                        a.five_tuple.client,
+                        a.advertised,
+                        a.permissions.len(),
+                        a.channels.len()
+                    ))
+                    .collect::<Vec<_>>(),
+                w.created,
+                w.ended
+            );
+        }
         n += 1;
     }
     w.finish();

@@ -13,15 +13,16 @@ pub mod stream;
 pub mod tls;
 mod worker;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use arc_swap::ArcSwapOption;
+
 use crate::config::{Config, ListenTransport};
-use crate::server::{Runtime, Shared};
+use crate::server::{Runtime, Shared, Transport};
 pub use ports::PortPool;
 
 /// How the process was started: the config and where it came from (for reload).
@@ -30,32 +31,58 @@ pub struct Launch {
     pub path: Option<PathBuf>,
 }
 
+/// What every worker shares with the others and with the main thread.
+pub(crate) struct Common {
+    pub shared: Arc<Shared>,
+    pub ports: PortPool,
+    /// Socket buffer size for relay sockets.
+    pub buffer: usize,
+    /// The TLS configuration for `tls` listeners, swapped whole on reload.
+    pub tls: ArcSwapOption<rustls::ServerConfig>,
+    pub conns: Arc<stream::ConnCounter>,
+    pub stream_limits: stream::StreamLimits,
+}
+
+/// One worker's own listener sockets.
+pub(crate) struct WorkerSockets {
+    pub udp: Vec<std::net::UdpSocket>,
+    pub streams: Vec<(std::net::TcpListener, Transport)>,
+}
+
+fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    if !config
+        .listen
+        .iter()
+        .any(|l| matches!(l.transport, ListenTransport::Tls))
+    {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
+        anyhow::bail!("tls: a tls listener needs [tls] certificate and private_key");
+    };
+    tls::server_config(cert, key)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("tls: {e}"))
+}
+
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(launch: Launch) -> anyhow::Result<()> {
     let config = launch.config;
     let nonce_secret: [u8; 32] = rand::random();
     let shared = Shared::new(Runtime::from_config(&config, nonce_secret));
-    let ports = Arc::new(PortPool::new(
-        &config.relay.addresses,
-        config.relay.port_min,
-        config.relay.port_max,
-    ));
-    let udp_listens: Vec<SocketAddr> = config
-        .listen
-        .iter()
-        .filter(|l| matches!(l.transport, ListenTransport::Udp))
-        .map(|l| l.address)
-        .collect();
-    if udp_listens.is_empty() {
-        anyhow::bail!(
-            "listen: no UDP listener configured (TCP and TLS listeners are not implemented yet)"
-        );
-    }
-    for l in &config.listen {
-        if !matches!(l.transport, ListenTransport::Udp) {
-            tracing::warn!(address = %l.address, "TCP and TLS listeners are not implemented yet; ignoring");
-        }
-    }
+    let tls_config = load_tls(&config)?;
+    let common = Arc::new(Common {
+        shared: shared.clone(),
+        ports: PortPool::new(
+            &config.relay.addresses,
+            config.relay.port_min,
+            config.relay.port_max,
+        ),
+        buffer: config.relay.socket_buffer,
+        tls: ArcSwapOption::new(tls_config),
+        conns: Arc::new(stream::ConnCounter::new()),
+        stream_limits: stream::StreamLimits::default(),
+    });
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -65,15 +92,32 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     // start-up error.
     let mut sockets = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let mut per_worker = Vec::new();
-        for addr in &udp_listens {
-            let s = socket::udp_listener(*addr, config.relay.socket_buffer)
-                .with_context(|| format!("listen: cannot bind UDP {addr}"))?;
-            per_worker.push(s);
+        let mut w = WorkerSockets {
+            udp: Vec::new(),
+            streams: Vec::new(),
+        };
+        for l in &config.listen {
+            let addr = l.address;
+            match l.transport {
+                ListenTransport::Udp => w.udp.push(
+                    socket::udp_listener(addr, config.relay.socket_buffer)
+                        .with_context(|| format!("listen: cannot bind UDP {addr}"))?,
+                ),
+                ListenTransport::Tcp => w.streams.push((
+                    socket::tcp_listener(addr)
+                        .with_context(|| format!("listen: cannot bind TCP {addr}"))?,
+                    Transport::Tcp,
+                )),
+                ListenTransport::Tls => w.streams.push((
+                    socket::tcp_listener(addr)
+                        .with_context(|| format!("listen: cannot bind TCP {addr} (tls)"))?,
+                    Transport::Tls,
+                )),
+            }
         }
-        sockets.push(per_worker);
+        sockets.push(w);
     }
-    if let Some(first) = sockets.first().and_then(|w| w.first()) {
+    if let Some(first) = sockets.first().and_then(|w| w.udp.first()) {
         let want = config.relay.socket_buffer;
         let (rcv, snd) = socket::granted_buffers(first);
         if rcv < want || snd < want {
@@ -86,25 +130,21 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
             );
         }
     }
-    let buffer = config.relay.socket_buffer;
-    let mut handles = Vec::new();
     for (i, socks) in sockets.into_iter().enumerate() {
-        let shared = shared.clone();
-        let ports = ports.clone();
-        let h = std::thread::Builder::new()
+        let common = common.clone();
+        std::thread::Builder::new()
             .name(format!("turnstone-w{i}"))
-            .spawn(move || worker::run(i, shared, ports, socks, buffer))?;
-        handles.push(h);
+            .spawn(move || worker::run(i, common, socks))?;
     }
-    for addr in &udp_listens {
-        tracing::info!(%addr, workers, "listening (udp)");
+    for l in &config.listen {
+        tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
     }
-    signals(shared, launch.path, nonce_secret)
+    signals(common, launch.path, nonce_secret)
 }
 
 /// The main thread waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop.
 fn signals(
-    shared: Arc<Shared>,
+    common: Arc<Common>,
     path: Option<PathBuf>,
     nonce_secret: [u8; 32],
 ) -> anyhow::Result<()> {
@@ -118,26 +158,39 @@ fn signals(
         let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
-                _ = hup.recv() => reload(&shared, path.as_deref(), nonce_secret),
+                _ = hup.recv() => reload(&common, path.as_deref(), nonce_secret),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
-        tracing::info!(allocations = shared.total_allocations(), "stopping");
+        tracing::info!(allocations = common.shared.total_allocations(), "stopping");
         // Give workers a moment to flush logs.
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok(())
     })
 }
 
-fn reload(shared: &Shared, path: Option<&std::path::Path>, nonce_secret: [u8; 32]) {
+fn reload(common: &Common, path: Option<&std::path::Path>, nonce_secret: [u8; 32]) {
     let Some(path) = path else {
         tracing::warn!("SIGHUP: no configuration file to reload (started without --config)");
         return;
     };
     match Config::load(path) {
         Ok(cfg) => {
-            shared
+            // Certificates first: a reload whose certificate cannot be loaded changes
+            // nothing.
+            let tls = match load_tls(&cfg) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(problem = %e, "reload refused; keeping the running configuration");
+                    return;
+                }
+            };
+            if let Some(t) = tls {
+                common.tls.store(Some(t));
+            }
+            common
+                .shared
                 .runtime
                 .store(Arc::new(Runtime::from_config(&cfg, nonce_secret)));
             tracing::info!(path = %path.display(), "configuration reloaded");

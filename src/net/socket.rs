@@ -22,6 +22,22 @@ pub fn udp_listener(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// A non-blocking TCP listener; every worker binds its own on the same address and the
+/// kernel spreads connections between them.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 /// A non-blocking UDP relay socket bound to `addr`, with buffers of `buffer` bytes.
 pub fn udp_relay(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;

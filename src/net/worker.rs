@@ -16,17 +16,22 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use super::batch::{RecvBatch, SendBatch};
 use super::ports::PortPool;
 use super::socket;
+use super::stream::Streams;
+use super::{Common, WorkerSockets};
 use crate::server::{
     BindError, BindResult, Clock, Event, FiveTuple, Output, RelayBinder, RelayHandle, Server,
-    Shared, Transport, PEER_HEADROOM, PEER_TAILROOM,
+    Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
 /// Largest UDP payload plus room to frame it in place.
 const BUF_LEN: usize = PEER_HEADROOM + 65536 + PEER_TAILROOM;
 /// Events taken per `epoll_wait`.
 const EVENTS: usize = 256;
-/// Tokens below this are listeners; relay `i` is `RELAY_BASE + i`.
+/// Tokens: UDP listener `i` is `i`; stream listener `i` is `STREAM_LISTENER_BASE + i`;
+/// relay `i` is `RELAY_BASE + i`; stream connections are `STREAM_BASE` and up.
+const STREAM_LISTENER_BASE: u64 = 1 << 31;
 const RELAY_BASE: u64 = 1 << 32;
+const STREAM_BASE: u64 = 1 << 40;
 /// How often the core's timers are run.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -132,33 +137,52 @@ fn clock() -> Clock {
 }
 
 /// Runs worker `index` until the process exits.
-pub fn run(
-    index: usize,
-    shared: Arc<Shared>,
-    ports: Arc<PortPool>,
-    sockets: Vec<UdpSocket>,
-    buffer: usize,
-) {
-    if let Err(e) = run_loop(index, shared, &ports, sockets, buffer) {
+pub(crate) fn run(index: usize, common: Arc<Common>, sockets: WorkerSockets) {
+    if let Err(e) = run_loop(index, &common, sockets) {
         tracing::error!(worker = index, error = %e, "worker stopped");
     }
 }
 
-fn run_loop(
-    index: usize,
-    shared: Arc<Shared>,
-    ports: &PortPool,
-    sockets: Vec<UdpSocket>,
-    buffer: usize,
-) -> io::Result<()> {
+/// Where a packet for a client goes: the UDP send batch or its stream.
+struct ToClients<'a> {
+    listeners: &'a [(SocketAddr, UdpSocket)],
+    sbatch: &'a mut SendBatch,
+}
+
+impl ToClients<'_> {
+    #[inline]
+    fn send(&mut self, streams: &mut Streams, epoll: &Epoll, ft: &FiveTuple, bytes: &[u8]) {
+        if ft.transport.is_stream() {
+            streams.send(ft, bytes, epoll);
+        } else if let Some(l) = self.listeners.iter().position(|(a, _)| *a == ft.server) {
+            self.sbatch.push(self.listeners, l, bytes, ft.client);
+        }
+    }
+}
+
+fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<()> {
+    let ports = &common.ports;
+    let buffer = common.buffer;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    let mut listeners = Vec::with_capacity(sockets.len());
-    for (i, s) in sockets.into_iter().enumerate() {
+    let mut listeners = Vec::with_capacity(sockets.udp.len());
+    for (i, s) in sockets.udp.into_iter().enumerate() {
         let addr = s.local_addr()?;
         epoll.add(&s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         listeners.push((addr, s));
     }
-    let mut core = Server::new(shared);
+    let stream_listeners = sockets.streams;
+    for (i, (l, _)) in stream_listeners.iter().enumerate() {
+        epoll.add(
+            l,
+            EpollEvent::new(EpollFlags::EPOLLIN, STREAM_LISTENER_BASE + i as u64),
+        )?;
+    }
+    let mut streams = Streams::with_counter(
+        common.stream_limits.clone(),
+        STREAM_BASE,
+        common.conns.clone(),
+    );
+    let mut core = Server::new(common.shared.clone());
     let mut relays = Relays::default();
     let mut buf = vec![0u8; BUF_LEN];
     // Client data bound for a peer, with room to frame it if the peer is local.
@@ -166,6 +190,7 @@ fn run_loop(
     let mut events = vec![EpollEvent::empty(); EVENTS];
     let mut rbatch = RecvBatch::new();
     let mut sbatch = SendBatch::new();
+    let mut closed: Vec<FiveTuple> = Vec::new();
     let mut next_tick = Instant::now() + TICK;
     // Benchmarks compare the in-worker hand-off between two allocations with the
     // kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
@@ -183,7 +208,8 @@ fn run_loop(
         let clock = clock();
         for ev in &events[..n] {
             let token = ev.data();
-            if token < RELAY_BASE {
+            if token < STREAM_LISTENER_BASE {
+                // A UDP listener: every queued client datagram.
                 let idx = token as usize;
                 let Some((local, sock)) = listeners.get(idx) else {
                     continue;
@@ -233,16 +259,32 @@ fn run_loop(
                         if let Some((ft2, range)) =
                             core.handle_peer(to, from_addr, &mut xbuf, payload, clock.now)
                         {
-                            let l = listeners.iter().position(|(a, _)| *a == ft2.server);
-                            if let (Some(l), Some(bytes)) = (l, xbuf.get(range)) {
-                                sbatch.push(&listeners, l, bytes, ft2.client);
+                            if let Some(bytes) = xbuf.get(range) {
+                                ToClients {
+                                    listeners: &listeners,
+                                    sbatch: &mut sbatch,
+                                }
+                                .send(
+                                    &mut streams,
+                                    &epoll,
+                                    &ft2,
+                                    bytes,
+                                );
                             }
                         }
                     } else if let (Some(e), Some(bytes)) = (relays.get(relay), xbuf.get(payload)) {
                         let _ = e.socket.send_to(bytes, peer);
                     }
                 }
-            } else {
+            } else if token < RELAY_BASE {
+                // A TCP or TLS listener.
+                let i = (token - STREAM_LISTENER_BASE) as usize;
+                if let Some((l, transport)) = stream_listeners.get(i) {
+                    let tls = common.tls.load_full();
+                    streams.accept(l, *transport, tls.as_ref(), &epoll, clock.now);
+                }
+            } else if token < STREAM_BASE {
+                // A relay socket: one datagram from a peer.
                 let handle = RelayHandle((token - RELAY_BASE) as u32);
                 let Some(entry) = relays.get(handle) else {
                     continue;
@@ -256,17 +298,47 @@ fn run_loop(
                 if let Some((ft, range)) =
                     core.handle_peer(handle, from, &mut buf, payload, clock.now)
                 {
-                    let listener = listeners.iter().position(|(a, _)| *a == ft.server);
-                    if let (Some(idx), Some(bytes)) = (listener, buf.get(range)) {
-                        sbatch.push(&listeners, idx, bytes, ft.client);
+                    if let Some(bytes) = buf.get(range) {
+                        ToClients {
+                            listeners: &listeners,
+                            sbatch: &mut sbatch,
+                        }
+                        .send(&mut streams, &epoll, &ft, bytes);
                     }
                 }
+            } else if streams.owns(token) {
+                // A client's TCP or TLS connection: complete frames go to the core.
+                let gone = streams.on_event(
+                    token,
+                    ev.events(),
+                    &epoll,
+                    clock.now,
+                    &mut |ft, frame, reply| {
+                        let mut binder = Binder {
+                            relays: &mut relays,
+                            ports,
+                            epoll: &epoll,
+                            buffer,
+                        };
+                        match core.handle_client(ft, frame, clock, &mut binder) {
+                            Output::Nothing => {}
+                            Output::ToClient(d) => reply.extend_from_slice(d),
+                            Output::ToPeer { relay, peer, data } => {
+                                if let Some(e) = relays.get(relay) {
+                                    let _ = e.socket.send_to(data, peer);
+                                }
+                            }
+                        }
+                    },
+                );
+                closed.extend(gone);
             }
         }
         sbatch.flush(&listeners);
         let now = Instant::now();
         if now >= next_tick {
             next_tick = now + TICK;
+            closed.extend(streams.tick(now, &epoll));
             let mut binder = Binder {
                 relays: &mut relays,
                 ports,
@@ -274,6 +346,17 @@ fn run_loop(
                 buffer,
             };
             core.handle_timeout(now, &mut binder);
+        }
+        if !closed.is_empty() {
+            let mut binder = Binder {
+                relays: &mut relays,
+                ports,
+                epoll: &epoll,
+                buffer,
+            };
+            for ft in closed.drain(..) {
+                core.client_closed(&ft, now, &mut binder);
+            }
         }
         for ev in core.drain_events() {
             log_event(index, &ev);

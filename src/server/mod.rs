@@ -486,6 +486,14 @@ impl Server {
         allocs.chain(res).min()
     }
 
+    /// The client's stream (TCP or TLS control connection) closed: its allocation ends
+    /// with it (RFC 8656 section 3.1: an allocation is identified by its 5-tuple).
+    pub fn client_closed<B: RelayBinder>(&mut self, ft: &FiveTuple, now: Instant, binder: &mut B) {
+        if let Some(&slot) = self.by_five_tuple.get(ft) {
+            self.remove_allocation(slot, now, EndReason::Deleted, binder);
+        }
+    }
+
     /// Ends every allocation (shutdown).
     pub fn close_all<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
         for i in 0..self.allocations.len() {

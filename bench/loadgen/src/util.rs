@@ -93,7 +93,7 @@ impl Echo {
                             if let Some(b) = buf.get(..n) {
                                 if sock.send_to(b, from).is_ok() {
                                     n_echoed += 1;
-                                    if n_echoed % 1024 == 0 {
+                                    if n_echoed.is_multiple_of(1024) {
                                         echoed2.store(n_echoed, Ordering::Relaxed);
                                     }
                                 }
