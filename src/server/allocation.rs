@@ -50,6 +50,14 @@ pub struct Usage {
     pub bytes_to_client: u64,
 }
 
+/// A relayed transport address of an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Relayed {
+    pub handle: RelayHandle,
+    pub bound: SocketAddr,
+    pub advertised: SocketAddr,
+}
+
 #[derive(Debug)]
 pub struct Allocation {
     pub id: u64,
@@ -59,6 +67,9 @@ pub struct Allocation {
     pub relay_addr: SocketAddr,
     /// Address advertised in XOR-RELAYED-ADDRESS (differs behind 1:1 NAT).
     pub advertised: SocketAddr,
+    /// The IPv6 relay of a dual allocation (ADDITIONAL-ADDRESS-FAMILY, RFC 8656
+    /// section 7.2); the IPv4 one is `relay`.
+    pub second: Option<Relayed>,
     pub username: Box<str>,
     pub key: Key,
     pub created: Instant,
@@ -72,6 +83,27 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// The relay socket that talks to peers of this family, if the allocation has one.
+    #[inline]
+    pub fn relay_for(&self, v6: bool) -> Option<RelayHandle> {
+        if self.relay_addr.is_ipv6() == v6 {
+            return Some(self.relay);
+        }
+        self.second
+            .filter(|s| s.bound.is_ipv6() == v6)
+            .map(|s| s.handle)
+    }
+
+    /// Every relayed address: (handle, bound, advertised).
+    pub fn relayed(&self) -> impl Iterator<Item = Relayed> + '_ {
+        std::iter::once(Relayed {
+            handle: self.relay,
+            bound: self.relay_addr,
+            advertised: self.advertised,
+        })
+        .chain(self.second)
+    }
+
     /// The live permission for `ip`, if any.
     #[inline]
     pub fn permission(&self, ip: IpAddr, now: Instant) -> Option<&Permission> {

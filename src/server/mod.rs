@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use foldhash::fast::RandomState;
 
 pub use allocation::{
-    Allocation, Usage, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_MAX, CHANNEL_MIN,
+    Allocation, Relayed, Usage, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_MAX, CHANNEL_MIN,
     PERMISSION_LIFETIME,
 };
 pub use shared::{Limits, QuotaError, RelayAddrs, Runtime, Shared};
@@ -252,13 +252,13 @@ impl Server {
             return None;
         }
         let to = *self.by_relay_addr.get(&peer)?;
-        let sender = self.by_handle(from)?;
-        let target = self.by_handle(to)?;
+        let sender = self.by_handle(from)?.relayed().find(|r| r.handle == from)?;
+        let target = self.by_handle(to)?.relayed().find(|r| r.handle == to)?;
         // Peers addressed by the advertised address see the sender's advertised one.
         let from_addr = if peer == target.advertised {
             sender.advertised
         } else {
-            sender.relay_addr
+            sender.bound
         };
         Some((to, from_addr))
     }
@@ -339,13 +339,12 @@ impl Server {
         if alloc.permission(peer.ip(), now).is_none() {
             return Output::Nothing;
         }
+        let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
+            return Output::Nothing;
+        };
         alloc.usage.packets_to_peer += 1;
         alloc.usage.bytes_to_peer += data.len() as u64;
-        Output::ToPeer {
-            relay: alloc.relay,
-            peer,
-            data,
-        }
+        Output::ToPeer { relay, peer, data }
     }
 
     /// Send indication (RFC 8656 section 11.2... 10.2): no authentication, no answer.
@@ -367,9 +366,9 @@ impl Server {
         let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
             return Output::Nothing;
         };
-        if peer.is_ipv6() != alloc.relay_addr.is_ipv6() {
+        let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
             return Output::Nothing;
-        }
+        };
         let Some(perm) = alloc.permission(peer.ip(), now) else {
             return Output::Nothing;
         };
@@ -378,11 +377,7 @@ impl Server {
         }
         alloc.usage.packets_to_peer += 1;
         alloc.usage.bytes_to_peer += data.len() as u64;
-        Output::ToPeer {
-            relay: alloc.relay,
-            peer,
-            data,
-        }
+        Output::ToPeer { relay, peer, data }
     }
 
     /// A datagram from a peer arrived on relay socket `relay`. Its payload is
@@ -518,15 +513,10 @@ impl Server {
         };
         self.free_slots.push(slot);
         self.by_five_tuple.remove(&a.five_tuple);
-        self.by_relay_addr.remove(&a.relay_addr);
-        self.by_relay_addr.remove(&a.advertised);
-        if let Some(s) = self.by_relay.get_mut(a.relay.0 as usize) {
-            *s = NO_SLOT;
+        for r in a.relayed() {
+            self.unregister_relay(r, binder);
         }
-        self.shared.remove_relay(a.relay_addr);
-        self.shared.remove_relay(a.advertised);
         self.shared.release(&a.username);
-        binder.release(a.relay);
         if self.collect_events {
             self.events.push(Event::AllocationEnded {
                 id: a.id,
@@ -538,6 +528,29 @@ impl Server {
                 reason,
             });
         }
+    }
+
+    fn register_relay(&mut self, r: Relayed, slot: usize) {
+        self.shared.add_relay(r.bound);
+        self.shared.add_relay(r.advertised);
+        self.by_relay_addr.insert(r.bound, r.handle);
+        self.by_relay_addr.insert(r.advertised, r.handle);
+        let h = r.handle.0 as usize;
+        if self.by_relay.len() <= h {
+            self.by_relay.resize(h + 1, NO_SLOT);
+        }
+        self.by_relay[h] = slot as u32;
+    }
+
+    fn unregister_relay<B: RelayBinder>(&mut self, r: Relayed, binder: &mut B) {
+        self.by_relay_addr.remove(&r.bound);
+        self.by_relay_addr.remove(&r.advertised);
+        if let Some(s) = self.by_relay.get_mut(r.handle.0 as usize) {
+            *s = NO_SLOT;
+        }
+        self.shared.remove_relay(r.bound);
+        self.shared.remove_relay(r.advertised);
+        binder.release(r.handle);
     }
 
     // ---------------------------------------------------------------- requests
@@ -844,6 +857,26 @@ impl Server {
                 return self.fail(rt, msg, code, auth);
             }
         };
+        // A dual allocation (RFC 8656 section 7.2): the IPv6 relay is best effort; if it
+        // cannot be had, the IPv4 allocation stands and ADDRESS-ERROR-CODE says why.
+        let mut second = None;
+        let mut second_error = None;
+        if additional == Some(0x02) {
+            match rt.relay.for_family(true) {
+                None => second_error = Some(440),
+                Some(ip) => match binder.bind(ip, false, false) {
+                    Ok((h, bound, _)) => {
+                        second = Some(Relayed {
+                            handle: h,
+                            bound,
+                            advertised: rt.relay.advertised(bound),
+                        })
+                    }
+                    Err(BindError::NoAddress) => second_error = Some(440),
+                    Err(BindError::Exhausted) => second_error = Some(508),
+                },
+            }
+        }
         let lifetime = allocate_lifetime(requested_lifetime, &rt.limits);
         let advertised = rt.relay.advertised(relay_addr);
         let mut reservation_token = None;
@@ -864,6 +897,15 @@ impl Server {
             msg.transaction_id(),
         );
         w.xor_address(attr::XOR_RELAYED_ADDRESS, advertised);
+        if let Some(r) = second {
+            w.xor_address(attr::XOR_RELAYED_ADDRESS, r.advertised);
+        }
+        if let Some(code) = second_error {
+            // RFC 8656 section 14.8: family, reserved, class, number, reason.
+            let mut v = vec![0x02, 0, (code / 100) as u8, (code % 100) as u8];
+            v.extend_from_slice(proto::reason_phrase(code).as_bytes());
+            w.attr(attr::ADDRESS_ERROR_CODE, &v);
+        }
         w.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
         w.xor_address(attr::XOR_MAPPED_ADDRESS, ft.client);
         if let Some(t) = reservation_token {
@@ -878,6 +920,7 @@ impl Server {
             relay,
             relay_addr,
             advertised,
+            second,
             username: username.into(),
             key: auth.key,
             created: now,
@@ -899,15 +942,17 @@ impl Server {
             }
         };
         self.by_five_tuple.insert(ft, slot);
-        let h = relay.0 as usize;
-        if self.by_relay.len() <= h {
-            self.by_relay.resize(h + 1, NO_SLOT);
+        self.register_relay(
+            Relayed {
+                handle: relay,
+                bound: relay_addr,
+                advertised,
+            },
+            slot,
+        );
+        if let Some(r) = second {
+            self.register_relay(r, slot);
         }
-        self.by_relay[h] = slot as u32;
-        self.shared.add_relay(relay_addr);
-        self.shared.add_relay(advertised);
-        self.by_relay_addr.insert(relay_addr, relay);
-        self.by_relay_addr.insert(advertised, relay);
         if self.collect_events {
             self.events.push(Event::AllocationCreated {
                 id,
@@ -957,15 +1002,25 @@ impl Server {
         let Ok(requested) = msg.lifetime() else {
             return self.fail(rt, msg, 400, auth);
         };
+        // REQUESTED-ADDRESS-FAMILY names one relay of the allocation (RFC 8656 section
+        // 7.3): 443 if it has none of that family; on a dual allocation, LIFETIME 0
+        // with it deletes only that family's relay.
+        let mut only_family = None;
         if let Ok(Some(f)) = msg.requested_address_family() {
-            let is_v6 = self
-                .allocations
-                .get(slot)
-                .and_then(|a| a.as_ref())
-                .is_some_and(|a| a.relay_addr.is_ipv6());
-            if (f == 0x02) != is_v6 {
+            let Some(Some(a)) = self.allocations.get(slot) else {
+                return Reply::Drop;
+            };
+            let v6 = f == 0x02;
+            if a.relay_for(v6).is_none() {
                 return self.fail(rt, msg, 443, auth);
             }
+            if a.second.is_some() {
+                only_family = Some(v6);
+            }
+        }
+        if let (Some(v6), Some(0)) = (only_family, requested) {
+            self.drop_family(slot, v6, binder);
+            return self.success_with_lifetime(rt, msg, auth, 0);
         }
         // RFC 8656 section 7.3: as for Allocate, but 0 deletes.
         let lifetime = match requested {
@@ -1002,7 +1057,7 @@ impl Server {
     /// Checks a peer address against family and policy. `Ok(relays_only)`.
     /// The policy is checked first, so a denied address is refused (403) whatever its
     /// family; an allowed one of the other family gets 443.
-    fn check_peer(&self, rt: &Runtime, relay_v6: bool, peer: SocketAddr) -> Result<bool, u16> {
+    fn check_peer(&self, rt: &Runtime, family_ok: bool, peer: SocketAddr) -> Result<bool, u16> {
         let relays_only = if rt.policy.is_allowed(peer.ip()) {
             false
         } else if self.shared.is_live_relay(peer) {
@@ -1012,7 +1067,7 @@ impl Server {
         } else {
             return Err(403);
         };
-        if peer.is_ipv6() != relay_v6 {
+        if !family_ok {
             return Err(443);
         }
         Ok(relays_only)
@@ -1037,10 +1092,10 @@ impl Server {
         let Some(Some(alloc)) = self.allocations.get(slot) else {
             return Reply::Drop;
         };
-        let relay_v6 = alloc.relay_addr.is_ipv6();
         let mut grants = Vec::with_capacity(peers.len());
         for p in &peers {
-            match self.check_peer(rt, relay_v6, *p) {
+            let family_ok = alloc.relay_for(p.is_ipv6()).is_some();
+            match self.check_peer(rt, family_ok, *p) {
                 Ok(relays_only) => grants.push((p.ip(), relays_only)),
                 Err(code) => return self.fail(rt, msg, code, auth),
             }
@@ -1081,7 +1136,8 @@ impl Server {
         let Some(Some(alloc)) = self.allocations.get(slot) else {
             return Reply::Drop;
         };
-        let relays_only = match self.check_peer(rt, alloc.relay_addr.is_ipv6(), peer) {
+        let family_ok = alloc.relay_for(peer.is_ipv6()).is_some();
+        let relays_only = match self.check_peer(rt, family_ok, peer) {
             Ok(r) => r,
             Err(code) => return self.fail(rt, msg, code, auth),
         };
@@ -1103,6 +1159,51 @@ impl Server {
             alloc.install_permission(peer.ip(), relays_only, clock.now);
         }
         self.success(rt, msg, auth)
+    }
+
+    fn success_with_lifetime(
+        &mut self,
+        rt: &Runtime,
+        msg: &Message<'_>,
+        auth: &Authed,
+        lifetime: u32,
+    ) -> Reply {
+        let mut w = MessageWriter::new(
+            &mut self.out,
+            msg.method(),
+            Class::Success,
+            msg.transaction_id(),
+        );
+        w.u32_attr(attr::LIFETIME, lifetime);
+        finish(&mut w, rt, msg, Some(auth));
+        Reply::Done
+    }
+
+    /// Removes one family's relay from a dual allocation; the other stays.
+    fn drop_family<B: RelayBinder>(&mut self, slot: usize, v6: bool, binder: &mut B) {
+        let Some(Some(a)) = self.allocations.get_mut(slot) else {
+            return;
+        };
+        let Some(second) = a.second.take() else {
+            return;
+        };
+        let gone = if second.bound.is_ipv6() == v6 {
+            second
+        } else {
+            // The primary goes: the second relay takes its place.
+            let old = Relayed {
+                handle: a.relay,
+                bound: a.relay_addr,
+                advertised: a.advertised,
+            };
+            a.relay = second.handle;
+            a.relay_addr = second.bound;
+            a.advertised = second.advertised;
+            old
+        };
+        a.permissions.retain(|p| p.ip.is_ipv6() != v6);
+        a.channels.retain(|c| c.peer.is_ipv6() != v6);
+        self.unregister_relay(gone, binder);
     }
 
     fn success(&mut self, rt: &Runtime, msg: &Message<'_>, auth: &Authed) -> Reply {

@@ -821,3 +821,70 @@ fn local_relay_hand_off_knows_both_allocations() {
     h.refresh(b, 0, 4, 2);
     assert_eq!(h.server.local_relay(ha, relay_b), None);
 }
+
+#[test]
+fn dual_allocation_with_additional_address_family() {
+    let mut rt = runtime(&["127.0.0.0/8", "::1/128"], 10, 100);
+    rt.relay.v6 = Some("::1".parse().unwrap());
+    let mut h = Harness::new(rt);
+    let f = ft(40000);
+    let req = h.request(f, method::ALLOCATE, tid(1), "alice", "wonderland", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    let r = h.send(f, &req, 0).unwrap();
+    assert_eq!(r.class(), Class::Success, "{:?}", r.code());
+    let relayed: Vec<SocketAddr> = r
+        .msg()
+        .attributes()
+        .filter(|(t, _)| *t == attr::XOR_RELAYED_ADDRESS)
+        .map(|(_, v)| crate::proto::decode_xor_address(v, &r.msg().transaction_id()).unwrap())
+        .collect();
+    assert_eq!(relayed.len(), 2);
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+    // Peers of both families are accepted, each through its own relay.
+    let p4 = peer();
+    let p6: SocketAddr = "[::1]:7000".parse().unwrap();
+    assert_eq!(h.permission(f, p4, 2, 1).class(), Class::Success);
+    assert_eq!(h.permission(f, p6, 3, 1).class(), Class::Success);
+    let (to, _) = h.send_indication(f, p6, b"six", 2).unwrap();
+    assert_eq!(to, p6);
+    assert!(h.peer_sends(RelayHandle(1), p6, b"back", 2).is_some());
+    // LIFETIME 0 with REQUESTED-ADDRESS-FAMILY IPv6 drops only the IPv6 relay.
+    let req = h.request(f, method::REFRESH, tid(4), "alice", "wonderland", 3, |w| {
+        w.u32_attr(attr::LIFETIME, 0);
+        w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    assert_eq!(h.send(f, &req, 3).unwrap().class(), Class::Success);
+    assert_eq!(h.server.allocation_count(), 1);
+    assert!(h.send_indication(f, p6, b"six", 4).is_none());
+    assert!(h.send_indication(f, p4, b"four", 4).is_some());
+    assert_eq!(h.binder.released, vec![RelayHandle(1)]);
+    // Without an IPv6 relay address, the IPv4 allocation stands with ADDRESS-ERROR-CODE.
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let req = h.request(f, method::ALLOCATE, tid(5), "alice", "wonderland", 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+    });
+    let r = h.send(f, &req, 0).unwrap();
+    assert_eq!(r.class(), Class::Success);
+    let aec = r
+        .msg()
+        .get(attr::ADDRESS_ERROR_CODE)
+        .expect("ADDRESS-ERROR-CODE");
+    assert_eq!(&aec[..4], &[2, 0, 4, 40]);
+    // Both families at once, or IPv4 as the additional one: 400.
+    let req = h.request(
+        ft(2),
+        method::ALLOCATE,
+        tid(6),
+        "alice",
+        "wonderland",
+        0,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[1, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(2), &req, 0).unwrap().code(), Some(400));
+}

@@ -1,0 +1,738 @@
+//! Attack suite against the real `turnstone` binary (UDP, black box): every IPv6/IPv4
+//! form that smuggles a forbidden peer address past a naive filter, malformed and
+//! oversized messages, duplicate and out-of-order attributes, a spray of unauthenticated
+//! Allocates from many source ports (memory must stay flat: no per-request state before
+//! authentication), relay port-range exhaustion (508, then recovery) and a channel-number
+//! flood. After each attack a good client must still complete an authenticated Allocate.
+//!
+//! Requests are built with `turnstone::proto::MessageWriter`; every loop is bounded.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{ChildGuard, ServerOptions, TestServer, PASSWORD, REALM, USER};
+use turnstone::auth::long_term_key;
+use turnstone::proto::{attr, method, Class, Message, MessageWriter, TransactionId};
+
+const PROTO_UDP: u8 = 17;
+const RTO: Duration = Duration::from_millis(400);
+const ATTEMPTS: usize = 6;
+
+fn tid() -> TransactionId {
+    TransactionId(common::random_tid())
+}
+
+fn turnstone_only(test: &str) -> bool {
+    if common::Backend::from_env() != common::Backend::Turnstone {
+        eprintln!("{test} inspects or configures the turnstone process: skipped");
+        return false;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// A small client
+// ---------------------------------------------------------------------------
+
+struct Resp(Vec<u8>);
+
+impl Resp {
+    fn msg(&self) -> Message<'_> {
+        Message::parse(&self.0).expect("response parses")
+    }
+    fn class(&self) -> Class {
+        self.msg().class()
+    }
+    fn code(&self) -> Option<u16> {
+        self.msg().error_code().ok().flatten().map(|(c, _)| c)
+    }
+    fn describe(&self) -> String {
+        let m = self.msg();
+        format!(
+            "{:?} method {:#05x} error {:?}",
+            m.class(),
+            m.method(),
+            m.error_code().ok().flatten()
+        )
+    }
+}
+
+struct Client {
+    sock: UdpSocket,
+    server: SocketAddr,
+    key: [u8; 16],
+    nonce: String,
+}
+
+impl Client {
+    fn new(server: SocketAddr) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
+        sock.set_read_timeout(Some(RTO)).expect("read timeout");
+        let mut c = Client {
+            sock,
+            server,
+            key: long_term_key(USER, REALM, PASSWORD),
+            nonce: String::new(),
+        };
+        let req = c.plain(method::ALLOCATE, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        });
+        let r = c.transact(&req).expect("answer to the first Allocate");
+        assert_eq!(r.code(), Some(401), "first Allocate: {}", r.describe());
+        c.nonce = r.msg().nonce().unwrap().expect("401 NONCE").to_string();
+        c
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        let _ = self.sock.send_to(bytes, self.server);
+    }
+
+    fn transact(&self, req: &[u8]) -> Option<Resp> {
+        let want = Message::parse(req).ok().map(|m| m.transaction_id());
+        let mut buf = vec![0u8; 65_536];
+        for _ in 0..ATTEMPTS {
+            self.send(req);
+            let until = Instant::now() + RTO;
+            while Instant::now() < until {
+                match self.sock.recv_from(&mut buf) {
+                    Ok((n, from)) if from == self.server => {
+                        if let Ok(m) = Message::parse(&buf[..n]) {
+                            if Some(m.transaction_id()) == want
+                                && matches!(m.class(), Class::Success | Class::Error)
+                            {
+                                return Some(Resp(buf[..n].to_vec()));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        None
+    }
+
+    /// No answer to `req` within a second (sent twice).
+    fn assert_no_answer(&self, req: &[u8], what: &str) {
+        let mut buf = vec![0u8; 65_536];
+        for _ in 0..2 {
+            self.send(req);
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                    panic!("{what}: expected no answer, got {n} bytes");
+                }
+            }
+        }
+    }
+
+    fn plain(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
+        attrs(&mut w);
+        w.finish();
+        buf
+    }
+
+    /// `attrs`, USERNAME, REALM, NONCE, MESSAGE-INTEGRITY, then `after` (attributes after
+    /// MESSAGE-INTEGRITY).
+    fn signed_with(
+        &self,
+        m: u16,
+        attrs: &dyn Fn(&mut MessageWriter<'_>),
+        after: &dyn Fn(&mut MessageWriter<'_>),
+    ) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
+        attrs(&mut w);
+        w.attr(attr::USERNAME, USER.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, self.nonce.as_bytes())
+            .message_integrity(&self.key);
+        after(&mut w);
+        w.finish();
+        buf
+    }
+
+    fn signed(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
+        self.signed_with(m, attrs, &|_| {})
+    }
+
+    fn request(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Resp {
+        self.transact(&self.signed(m, attrs))
+            .unwrap_or_else(|| panic!("no answer from {} to method {m:#x}", self.server))
+    }
+
+    fn allocate(&self) -> Resp {
+        self.request(method::ALLOCATE, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        })
+    }
+
+    fn refresh(&self, lifetime: u32) -> Resp {
+        self.request(method::REFRESH, &|w| {
+            w.u32_attr(attr::LIFETIME, lifetime);
+        })
+    }
+
+    fn create_permission(&self, peer: SocketAddr) -> Resp {
+        self.request(method::CREATE_PERMISSION, &|w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn channel_bind(&self, number: u16, peer: SocketAddr) -> Resp {
+        self.request(method::CHANNEL_BIND, &|w| {
+            let [a, b] = number.to_be_bytes();
+            w.attr(attr::CHANNEL_NUMBER, &[a, b, 0, 0]);
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn must_allocate(&self) -> SocketAddr {
+        let r = self.allocate();
+        assert_eq!(r.class(), Class::Success, "Allocate: {}", r.describe());
+        r.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .expect("XOR-RELAYED-ADDRESS")
+    }
+}
+
+/// A good client still gets a full authenticated Allocate (and releases it).
+fn assert_serves(server: SocketAddr, after: &str) {
+    let c = Client::new(server);
+    let r = c.allocate();
+    assert_eq!(
+        r.class(),
+        Class::Success,
+        "after {after}: a good client's Allocate failed: {}",
+        r.describe()
+    );
+    assert!(
+        r.msg().verify_integrity(&c.key),
+        "after {after}: unsigned Allocate success"
+    );
+    let r = c.refresh(0);
+    assert_eq!(r.class(), Class::Success, "after {after}: {}", r.describe());
+}
+
+/// The pid of the turnstone process whose command line names a config in `dir`.
+fn server_pid(dir: &Path) -> u32 {
+    let needle = dir.to_string_lossy().into_owned();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            return pid;
+        }
+    }
+    panic!("no process with {needle} on its command line");
+}
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS")
+}
+
+// ---------------------------------------------------------------------------
+// Peer-address bypasses
+// ---------------------------------------------------------------------------
+
+/// Every form that embeds or means a forbidden address gets 403 with the default policy
+/// (RFC 8656 9.1 / 11.1; coturn CVE-2020-26262 and follow-ups). The relay is IPv4: a
+/// denied IPv6 peer must get 403 (policy first), not 443 (family).
+#[test]
+fn peer_address_bypass_forms_get_403() {
+    let server = TestServer::start(ServerOptions::default().allow_peers(&[]));
+    let c = Client::new(server.addr);
+    c.must_allocate();
+    let forbidden = [
+        "[::ffff:127.0.0.1]:9",                     // IPv4-mapped loopback
+        "[::ffff:169.254.169.254]:80",              // IPv4-mapped metadata
+        "[64:ff9b::7f00:1]:9",                      // NAT64 of 127.0.0.1
+        "[64:ff9b::a9fe:a9fe]:80",                  // NAT64 of 169.254.169.254
+        "[2002:7f00:1::1]:9",                       // 6to4 of 127.0.0.1
+        "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:9", // Teredo
+        "[::7f00:1]:9",                             // IPv4-compatible 127.0.0.1
+        "0.1.2.3:9",                                // 0.0.0.0/8
+        "0.0.0.0:9",
+        "[::]:9",
+        "[::1]:9",
+        "255.255.255.255:9", // broadcast
+        "224.0.0.1:9",       // multicast
+        "[ff02::1]:9",       // IPv6 multicast
+        "169.254.169.254:80",
+        "[fd00:ec2::254]:80", // AWS IPv6 metadata
+        "127.0.0.1:9",
+        "10.0.0.1:9",
+        "100.64.0.1:9",
+        "[fe80::1]:9",
+    ];
+    let mut failures = Vec::new();
+    for (i, p) in forbidden.iter().enumerate() {
+        let peer: SocketAddr = p.parse().unwrap();
+        let r = c.create_permission(peer);
+        if r.code() != Some(403) {
+            failures.push(format!("CreatePermission {peer}: {}", r.describe()));
+        }
+        let r = c.channel_bind(0x4000 + i as u16, peer);
+        if r.code() != Some(403) {
+            failures.push(format!("ChannelBind {peer}: {}", r.describe()));
+        }
+        // A permitted and a forbidden peer in one request: 403, nothing installed.
+        let r = c.request(method::CREATE_PERMISSION, &|w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, "8.8.8.8:53".parse().unwrap());
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        });
+        if r.code() != Some(403) {
+            failures.push(format!(
+                "CreatePermission 8.8.8.8 + {peer}: {}",
+                r.describe()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the default policy must refuse these with 403:\n{}",
+        failures.join("\n")
+    );
+    // Controls: an allowed IPv6 address on an IPv4 relay is 443, a public IPv4 is fine.
+    let r = c.create_permission("[2001:4860:4860::8888]:53".parse().unwrap());
+    assert_eq!(
+        r.code(),
+        Some(443),
+        "allowed IPv6 peer on IPv4 relay: {}",
+        r.describe()
+    );
+    let r = c.create_permission("8.8.8.8:53".parse().unwrap());
+    assert_eq!(r.class(), Class::Success, "public peer: {}", r.describe());
+    assert_serves(server.addr, "peer-address bypass attempts");
+}
+
+// ---------------------------------------------------------------------------
+// Malformed, oversized, duplicate and out-of-order
+// ---------------------------------------------------------------------------
+
+#[test]
+fn malformed_and_oversized_messages() {
+    let server = TestServer::start_default();
+    let c = Client::new(server.addr);
+    c.must_allocate();
+    let good = c.signed(method::REFRESH, &|w| {
+        w.u32_attr(attr::LIFETIME, 600);
+    });
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    // Lengths that lie: header length bigger / smaller / not a multiple of 4.
+    for delta in [4i32, -4, 1, 2, 3, 0x7FFC] {
+        let mut b = good.clone();
+        let len = (u16::from_be_bytes([b[2], b[3]]) as i32 + delta) as u16;
+        b[2..4].copy_from_slice(&len.to_be_bytes());
+        cases.push((format!("header length {delta:+}"), b));
+    }
+    // An attribute whose length runs past the end.
+    let mut b = good.clone();
+    b[22..24].copy_from_slice(&0xFFFFu16.to_be_bytes());
+    cases.push(("attribute length 0xFFFF".into(), b));
+    // Oversized: the largest UDP datagram, as STUN with a valid-looking header, and as
+    // ChannelData claiming 65535 bytes.
+    let mut big = vec![0u8; 65_507];
+    big[0..2].copy_from_slice(&[0x00, 0x03]);
+    big[2..4].copy_from_slice(&((65_507u32 - 20) as u16 & !3).to_be_bytes());
+    big[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    cases.push(("65507-byte STUN".into(), big.clone()));
+    let mut cd = vec![0u8; 65_507];
+    cd[0..4].copy_from_slice(&[0x40, 0x00, 0xFF, 0xFF]);
+    cases.push(("65507-byte ChannelData".into(), cd));
+    // Header only, truncated header, a lone byte, nothing.
+    cases.push(("header only".into(), good[..20].to_vec()));
+    cases.push(("19 bytes".into(), good[..19].to_vec()));
+    cases.push(("one byte".into(), vec![0]));
+    cases.push(("empty".into(), vec![]));
+    // A huge USERNAME / REALM / NONCE, signed.
+    let long = vec![b'a'; 4000];
+    let r = c
+        .transact(&{
+            let mut buf = Vec::new();
+            let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid());
+            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
+                .attr(attr::USERNAME, &long)
+                .attr(attr::REALM, &long)
+                .attr(attr::NONCE, &long)
+                .message_integrity(&c.key);
+            w.finish();
+            buf
+        })
+        .expect("an answer to over-long USERNAME/REALM/NONCE");
+    assert_eq!(
+        r.code(),
+        Some(400),
+        "over-long text attributes: {}",
+        r.describe()
+    );
+    // 1000 unknown comprehension-optional attributes in a Binding request.
+    let r = c
+        .transact(&c.plain(method::BINDING, &|w| {
+            for i in 0..1000u16 {
+                w.attr(0x8100 + i, &[1, 2, 3]);
+            }
+        }))
+        .expect("an answer to a Binding with 1000 optional attributes");
+    assert_eq!(r.class(), Class::Success, "{}", r.describe());
+    // 1000 unknown comprehension-required ones: 420 with a bounded UNKNOWN-ATTRIBUTES.
+    let r = c
+        .transact(&c.plain(method::BINDING, &|w| {
+            for i in 0..1000u16 {
+                w.attr(0x4100 + i, &[1]);
+            }
+        }))
+        .expect("an answer to a Binding with 1000 required attributes");
+    assert_eq!(r.code(), Some(420), "{}", r.describe());
+    assert!(
+        r.0.len() < 1500,
+        "420 answer of {} bytes (amplification)",
+        r.0.len()
+    );
+    for (what, bytes) in &cases {
+        c.assert_no_answer(bytes, what);
+    }
+    // The allocation is still there and refreshable.
+    let r = c.refresh(600);
+    assert_eq!(r.class(), Class::Success, "{}", r.describe());
+    assert_serves(server.addr, "malformed and oversized messages");
+}
+
+#[test]
+fn duplicate_and_out_of_order_attributes() {
+    let server = TestServer::start_default();
+    let c = Client::new(server.addr);
+    let rt = |w: &mut MessageWriter<'_>| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    };
+
+    // Attributes after MESSAGE-INTEGRITY are ignored (RFC 8489 14.5): REQUESTED-TRANSPORT
+    // there is missing -> 400.
+    let req = c.signed_with(method::ALLOCATE, &|_| {}, &rt);
+    let r = c.transact(&req).expect("answer");
+    assert_eq!(
+        r.code(),
+        Some(400),
+        "REQUESTED-TRANSPORT after MI: {}",
+        r.describe()
+    );
+
+    // FINGERPRINT before MESSAGE-INTEGRITY: nothing may follow FINGERPRINT -> dropped.
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid());
+    w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
+        .attr(attr::USERNAME, USER.as_bytes())
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, c.nonce.as_bytes())
+        .fingerprint()
+        .message_integrity(&c.key);
+    w.finish();
+    c.assert_no_answer(&buf, "FINGERPRINT before MESSAGE-INTEGRITY");
+
+    // Two FINGERPRINTs: dropped.
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, tid());
+    w.fingerprint().fingerprint();
+    w.finish();
+    c.assert_no_answer(&buf, "two FINGERPRINTs");
+
+    // A bad FINGERPRINT: dropped.
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::BINDING, Class::Request, tid());
+    w.attr(attr::FINGERPRINT, &[1, 2, 3, 4]);
+    w.finish();
+    c.assert_no_answer(&buf, "wrong FINGERPRINT");
+
+    // Two MESSAGE-INTEGRITYs: the second is ignored, the first verifies.
+    let mut buf = Vec::new();
+    let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid());
+    w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
+        .attr(attr::USERNAME, USER.as_bytes())
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, c.nonce.as_bytes())
+        .message_integrity(&c.key)
+        .message_integrity(b"garbage");
+    w.finish();
+    let r = c.transact(&buf).expect("answer");
+    assert_eq!(r.class(), Class::Success, "two MIs: {}", r.describe());
+    let r = c.refresh(0);
+    assert_eq!(r.class(), Class::Success, "{}", r.describe());
+
+    // Two USERNAMEs: the first counts (alice); the second (mallory) cannot swap identity.
+    let req = c.signed_with(
+        method::ALLOCATE,
+        &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+            w.attr(attr::USERNAME, b"alice");
+        },
+        &|_| {},
+    );
+    let r = c.transact(&req).expect("answer");
+    assert!(
+        r.class() == Class::Success || r.code() == Some(400),
+        "two USERNAMEs: {}",
+        r.describe()
+    );
+    if r.class() == Class::Success {
+        assert_eq!(c.refresh(0).class(), Class::Success);
+    }
+    let mallory = c.signed_with(
+        method::ALLOCATE,
+        &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+            w.attr(attr::USERNAME, b"mallory");
+        },
+        &|_| {},
+    );
+    let r = c.transact(&mallory).expect("answer");
+    assert_ne!(
+        r.class(),
+        Class::Success,
+        "USERNAME mallory first must not authenticate"
+    );
+
+    // Two REQUESTED-TRANSPORTs (UDP then TCP) and two LIFETIMEs: the first counts.
+    let r = c.request(method::ALLOCATE, &|w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        w.attr(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+        w.u32_attr(attr::LIFETIME, 700);
+        w.u32_attr(attr::LIFETIME, 0);
+    });
+    assert_eq!(
+        r.class(),
+        Class::Success,
+        "duplicated attributes: {}",
+        r.describe()
+    );
+    assert_eq!(r.msg().lifetime().unwrap(), Some(700));
+
+    // Duplicate XOR-PEER-ADDRESS (same address twice) is one permission; a CHANNEL-NUMBER
+    // duplicated with different values uses the first.
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let r = c.request(method::CREATE_PERMISSION, &|w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    assert_eq!(
+        r.class(),
+        Class::Success,
+        "duplicate peer: {}",
+        r.describe()
+    );
+    let r = c.request(method::CHANNEL_BIND, &|w| {
+        w.attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0]);
+        w.attr(attr::CHANNEL_NUMBER, &[0x00, 0x01, 0, 0]);
+        w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    assert_eq!(
+        r.class(),
+        Class::Success,
+        "duplicate CHANNEL-NUMBER: {}",
+        r.describe()
+    );
+    assert_eq!(c.refresh(0).class(), Class::Success);
+    assert_serves(server.addr, "duplicate and out-of-order attributes");
+}
+
+// ---------------------------------------------------------------------------
+// Floods
+// ---------------------------------------------------------------------------
+
+/// 20,000 unauthenticated Allocates from 200 source ports: every one is answered 401
+/// statelessly; the server's resident memory grows by less than 2 MiB and no allocation
+/// quota is taken (max_allocations = 1, and a good client still gets it).
+#[test]
+fn unauthenticated_allocate_spray_keeps_memory_flat() {
+    if !turnstone_only("unauthenticated_allocate_spray_keeps_memory_flat") {
+        return;
+    }
+    let server = TestServer::start(ServerOptions::default().max_allocations(1));
+    let pid = server_pid(server.dir());
+    let socks: Vec<UdpSocket> = (0..200)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.set_nonblocking(true).expect("nonblocking");
+            s
+        })
+        .collect();
+    let mut buf = vec![0u8; 2048];
+    let mut answered = 0usize;
+    let mut spray = |rounds: usize, answered: &mut usize| {
+        for round in 0..rounds {
+            for s in &socks {
+                let mut req = Vec::new();
+                let mut w = MessageWriter::new(&mut req, method::ALLOCATE, Class::Request, tid());
+                w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+                if round % 2 == 1 {
+                    // Half of them carry a username and a bogus integrity.
+                    w.attr(attr::USERNAME, format!("user{round}").as_bytes())
+                        .attr(attr::REALM, REALM.as_bytes())
+                        .attr(attr::NONCE, b"0123456789abcdef01234567")
+                        .message_integrity(b"nope");
+                }
+                w.finish();
+                let _ = s.send_to(&req, server.addr);
+            }
+            // Pace: drain the answers so the kernel buffers don't just drop everything.
+            std::thread::sleep(Duration::from_micros(500));
+            for s in &socks {
+                while let Ok((n, _)) = s.recv_from(&mut buf) {
+                    if Message::parse(&buf[..n]).is_ok_and(|m| m.class() == Class::Error) {
+                        *answered += 1;
+                    }
+                }
+            }
+        }
+    };
+    // Warm-up (allocator arenas, hash tables), then measure.
+    spray(10, &mut answered);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss_kib(pid);
+    let mut answered = 0usize;
+    spray(100, &mut answered);
+    std::thread::sleep(Duration::from_millis(300));
+    for s in &socks {
+        while let Ok((n, _)) = s.recv_from(&mut buf) {
+            if Message::parse(&buf[..n]).is_ok_and(|m| m.class() == Class::Error) {
+                answered += 1;
+            }
+        }
+    }
+    let after = rss_kib(pid);
+    eprintln!(
+        "spray: 20000 unauthenticated Allocates, {answered} error answers, VmRSS {before} -> {after} KiB"
+    );
+    assert!(
+        answered >= 10_000,
+        "only {answered} of 20000 unauthenticated Allocates were answered"
+    );
+    assert!(
+        after <= before + 2048,
+        "resident memory grew by {} KiB during the spray",
+        after.saturating_sub(before)
+    );
+    // max_allocations = 1: the spray took no quota.
+    assert_serves(server.addr, "an unauthenticated Allocate spray");
+}
+
+/// A server on a 10-port relay range: ten allocations succeed, the eleventh gets 508
+/// Insufficient Capacity (RFC 8656 7.2), freeing one makes room again.
+#[test]
+fn relay_port_range_exhaustion_then_recovery() {
+    if !turnstone_only("relay_port_range_exhaustion_then_recovery") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("turnstone-attack-")
+        .tempdir()
+        .expect("temp dir");
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_udp_port())
+        .parse()
+        .unwrap();
+    let (low, _) = common::relay_port_range();
+    let toml = ServerOptions::default().to_toml(addr, (low, low + 9));
+    let path = dir.path().join("turnstone.toml");
+    std::fs::write(&path, &toml).expect("write config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
+    cmd.arg("--config").arg(&path);
+    let mut child = ChildGuard::spawn("turnstone", &mut cmd);
+    if let Err(e) = common::stun_binding(addr, common::READY_TIMEOUT) {
+        let status = child.try_wait();
+        panic!(
+            "turnstone did not come up ({e}; {status:?})\n{}",
+            child.output()
+        );
+    }
+    let clients: Vec<Client> = (0..10).map(|_| Client::new(addr)).collect();
+    let mut relays = Vec::new();
+    for c in &clients {
+        let relayed = c.must_allocate();
+        assert!(
+            (low..=low + 9).contains(&relayed.port()),
+            "relay port {} outside {low}-{}",
+            relayed.port(),
+            low + 9
+        );
+        relays.push(relayed);
+    }
+    relays.sort();
+    relays.dedup();
+    assert_eq!(relays.len(), 10, "ten distinct relay ports");
+    let extra = Client::new(addr);
+    for _ in 0..3 {
+        let r = extra.allocate();
+        assert_eq!(
+            r.code(),
+            Some(508),
+            "Allocate past the port range: {}",
+            r.describe()
+        );
+    }
+    assert_eq!(clients[3].refresh(0).class(), Class::Success);
+    let relayed = extra.must_allocate();
+    assert!((low..=low + 9).contains(&relayed.port()));
+    assert_eq!(clients[4].refresh(0).class(), Class::Success);
+    assert_serves(addr, "relay port-range exhaustion");
+    drop(child);
+}
+
+/// Thousands of ChannelBinds with distinct numbers (and peers): the first
+/// max_channels_per_allocation (64) succeed, the rest get 508; bound channels still
+/// refresh, and the server still serves.
+#[test]
+fn channel_number_flood() {
+    let server = TestServer::start(
+        ServerOptions::default().extra_toml("max_channels_per_allocation = 64\n"),
+    );
+    let c = Client::new(server.addr);
+    c.must_allocate();
+    let mut ok = 0;
+    let mut codes = std::collections::BTreeMap::new();
+    for i in 0..3000u16 {
+        let number = 0x4000 + (i % 0x4000);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 10_000 + i));
+        let r = c.channel_bind(number, peer);
+        if r.class() == Class::Success {
+            ok += 1;
+        } else {
+            *codes.entry(r.code()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        ok, 64,
+        "successful ChannelBinds (codes of the rest: {codes:?})"
+    );
+    assert_eq!(
+        codes.get(&Some(508)).copied().unwrap_or(0),
+        3000 - 64,
+        "codes: {codes:?}"
+    );
+    // The first binding refreshes; a 65th still fails.
+    let r = c.channel_bind(0x4000, SocketAddr::from(([127, 0, 0, 1], 10_000)));
+    assert_eq!(
+        r.class(),
+        Class::Success,
+        "refresh of channel 0x4000: {}",
+        r.describe()
+    );
+    assert_eq!(c.refresh(0).class(), Class::Success);
+    assert_serves(server.addr, "a channel-number flood");
+}
