@@ -41,6 +41,18 @@ pub const DEFAULT_MAX_CHANNELS: usize = 64;
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
 /// Default `limits.default_lifetime` (RFC 8656 2.2: 10 minutes).
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
+/// Default `server.drain_timeout`: how long SIGTERM waits for allocations to end.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `server.drain_timeout` accepted.
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default `limits.unauthenticated_rate`: answers per second per source IP.
+pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 50;
+/// Largest `limits.unauthenticated_rate` accepted.
+const MAX_UNAUTHENTICATED_RATE: u32 = 1_000_000;
+/// Smallest non-zero bandwidth limit: one full-size (1500-byte) packet per second.
+const MIN_BANDWIDTH: u64 = 1500;
+/// Default `[metrics] listen` suggested in the example (the metrics endpoint is off by default).
+pub const EXAMPLE_METRICS_LISTEN: &str = "127.0.0.1:9641";
 /// Channel numbers 0x4000..=0x4FFF (RFC 8656 12.): at most this many channels per allocation.
 pub const MAX_CHANNEL_NUMBERS: usize = 0x1000;
 /// REALM and SOFTWARE: fewer than 128 characters (RFC 8489 14.9, 14.14).
@@ -66,6 +78,8 @@ pub struct Config {
     pub log: LogSection,
     /// Certificate for `tls` listeners (addition to the contract; empty when no TLS listener).
     pub tls: TlsSection,
+    /// The Prometheus endpoint (`[metrics]`); off unless `listen` is set.
+    pub metrics: MetricsSection,
 }
 
 /// `[server]`.
@@ -79,6 +93,10 @@ pub struct ServerSection {
     pub nonce_lifetime: Duration,
     /// Worker shards; 0 = one per core.
     pub workers: usize,
+    /// Servers named in ALTERNATE-SERVER (300 Try Alternate) while draining; empty: 508.
+    pub alternate_servers: Vec<SocketAddr>,
+    /// How long SIGTERM lets existing allocations run before the process exits.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerSection {
@@ -89,6 +107,8 @@ impl Default for ServerSection {
             software: Some(DEFAULT_SOFTWARE.to_owned()),
             nonce_lifetime: DEFAULT_NONCE_LIFETIME,
             workers: 0,
+            alternate_servers: Vec::new(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -223,6 +243,13 @@ pub struct LimitsSection {
     pub max_channels_per_allocation: usize,
     pub max_lifetime: Duration,
     pub default_lifetime: Duration,
+    /// Relayed application bytes per second per allocation, both directions together
+    /// (a token bucket; excess is dropped); 0 = unlimited.
+    pub max_bandwidth_per_allocation: u64,
+    /// Relayed bytes per second for the whole server; 0 = unlimited.
+    pub max_total_bandwidth: u64,
+    /// Answers to unauthenticated requests per second per source IP address; 0 = unlimited.
+    pub unauthenticated_rate: u32,
 }
 
 impl Default for LimitsSection {
@@ -234,6 +261,9 @@ impl Default for LimitsSection {
             max_channels_per_allocation: DEFAULT_MAX_CHANNELS,
             max_lifetime: DEFAULT_MAX_LIFETIME,
             default_lifetime: DEFAULT_LIFETIME,
+            max_bandwidth_per_allocation: 0,
+            max_total_bandwidth: 0,
+            unauthenticated_rate: DEFAULT_UNAUTHENTICATED_RATE,
         }
     }
 }
@@ -269,6 +299,13 @@ impl Default for LogSection {
 pub struct TlsSection {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+/// `[metrics]`: the Prometheus endpoint (`/metrics`, `/health`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSection {
+    /// Address of the HTTP endpoint; `None` (the default): no endpoint.
+    pub listen: Option<SocketAddr>,
 }
 
 /// One configuration problem: the key it is about (`relay.ports`, `listen[1].address`,
@@ -316,6 +353,7 @@ struct RawTop {
     limits: Option<Value>,
     log: Option<Value>,
     tls: Option<Value>,
+    metrics: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -325,6 +363,8 @@ struct RawServer {
     software: Option<String>,
     nonce_lifetime: Option<DurationText>,
     workers: Option<usize>,
+    alternate_servers: Option<Vec<Value>>,
+    drain_timeout: Option<DurationText>,
 }
 
 #[derive(Deserialize, Default)]
@@ -366,6 +406,9 @@ struct RawLimits {
     max_channels_per_allocation: Option<usize>,
     max_lifetime: Option<DurationText>,
     default_lifetime: Option<DurationText>,
+    max_bandwidth_per_allocation: Option<BandwidthText>,
+    max_total_bandwidth: Option<BandwidthText>,
+    unauthenticated_rate: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -373,6 +416,12 @@ struct RawLimits {
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -398,6 +447,32 @@ impl<'de> Deserialize<'de> for DurationText {
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// A bandwidth: a string with a unit ("2Mbit", "250KB") or a bare integer (bytes per
+/// second), kept as text until converted.
+struct BandwidthText(String);
+
+impl<'de> Deserialize<'de> for BandwidthText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = BandwidthText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a bandwidth such as \"2Mbit\", \"250KB\" or \"0\" (unlimited)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<BandwidthText, E> {
+                Ok(BandwidthText(s.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<BandwidthText, E> {
+                Ok(BandwidthText(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<BandwidthText, E> {
+                Ok(BandwidthText(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -585,6 +660,47 @@ fn parse_size(text: &str) -> Result<usize, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A bandwidth in bytes per second: a number (decimals allowed) with an optional unit and
+/// an optional "/s". Bytes: B, kB/KB, MB, GB (powers of 1000), KiB, MiB, GiB; bits: bit,
+/// kbit/Kbit, Mbit, Gbit (and bps, kbps, Mbps, Gbps). No unit: bytes. "0": unlimited.
+pub fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let hint = "write for example \"2Mbit\", \"250KB\", \"1.5MiB\" or \"0\" (unlimited)";
+    let n: f64 = match num.parse() {
+        Ok(n) if !num.starts_with('.') && !num.ends_with('.') => n,
+        _ => return Err(format!("{text:?} is not a bandwidth; {hint}")),
+    };
+    // (multiplier in bits or bytes, is it bits?)
+    let (mult, bits): (f64, bool) = match unit.trim() {
+        "" | "B" => (1.0, false),
+        "kB" | "KB" => (1e3, false),
+        "MB" => (1e6, false),
+        "GB" => (1e9, false),
+        "KiB" => (1024.0, false),
+        "MiB" => (1024.0 * 1024.0, false),
+        "GiB" => (1024.0 * 1024.0 * 1024.0, false),
+        "bit" | "bps" => (1.0, true),
+        "kbit" | "Kbit" | "kbps" | "Kbps" => (1e3, true),
+        "Mbit" | "Mbps" => (1e6, true),
+        "Gbit" | "Gbps" => (1e9, true),
+        u => {
+            return Err(format!(
+                "{text:?}: unknown unit {u:?}; bytes per second: B, KB, MB, GB, KiB, MiB, GiB; bits per second: bit, kbit, Mbit, Gbit"
+            ))
+        }
+    };
+    let bytes = n * mult / if bits { 8.0 } else { 1.0 };
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -785,6 +901,7 @@ impl Config {
             limits: LimitsSection::default(),
             log: LogSection::default(),
             tls: TlsSection::default(),
+            metrics: MetricsSection::default(),
         };
 
         // [server]
@@ -813,6 +930,24 @@ impl Config {
                     &mut errors,
                 );
                 config.server.workers = raw.workers.unwrap_or(0);
+                let alternates = raw.alternate_servers.unwrap_or_default();
+                for (key, text) in string_elements(
+                    &alternates,
+                    "server.alternate_servers",
+                    "an IP:PORT",
+                    &mut errors,
+                ) {
+                    match parse_socket_addr(text) {
+                        Ok(a) => config.server.alternate_servers.push(a),
+                        Err(e) => errors.push(&key, e),
+                    }
+                }
+                config.server.drain_timeout = duration_or(
+                    raw.drain_timeout,
+                    DEFAULT_DRAIN_TIMEOUT,
+                    "server.drain_timeout",
+                    &mut errors,
+                );
             }
         }
 
@@ -956,6 +1091,26 @@ impl Config {
                 "limits.default_lifetime",
                 &mut errors,
             );
+            for (raw, key, field) in [
+                (
+                    raw.max_bandwidth_per_allocation,
+                    "limits.max_bandwidth_per_allocation",
+                    &mut l.max_bandwidth_per_allocation,
+                ),
+                (
+                    raw.max_total_bandwidth,
+                    "limits.max_total_bandwidth",
+                    &mut l.max_total_bandwidth,
+                ),
+            ] {
+                if let Some(BandwidthText(text)) = raw {
+                    match parse_bandwidth(&text) {
+                        Ok(n) => *field = n,
+                        Err(e) => errors.push(key, e),
+                    }
+                }
+            }
+            l.unauthenticated_rate = raw.unauthenticated_rate.unwrap_or(d.unauthenticated_rate);
         }
 
         // [log]
@@ -974,6 +1129,17 @@ impl Config {
             let raw: RawTls = shape(t, "tls", &mut errors);
             config.tls.cert_file = raw.certificate;
             config.tls.key_file = raw.private_key;
+        }
+
+        // [metrics]
+        if let Some(t) = section(&top, "metrics", &mut errors) {
+            let raw: RawMetrics = shape(t, "metrics", &mut errors);
+            if let Some(listen) = raw.listen {
+                match parse_socket_addr(&listen) {
+                    Ok(a) => config.metrics.listen = Some(a),
+                    Err(e) => errors.push("metrics.listen", e),
+                }
+            }
         }
 
         config.check(&mut errors);
@@ -1037,6 +1203,7 @@ impl Config {
             limits: LimitsSection::default(),
             log: LogSection::default(),
             tls: TlsSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 
@@ -1098,6 +1265,38 @@ impl Config {
                 format!(
                     "{} is more than {MAX_WORKERS}; use 0 for one per core",
                     self.server.workers
+                ),
+            );
+        }
+
+        for (i, a) in self.server.alternate_servers.iter().enumerate() {
+            let key = index("server.alternate_servers", i);
+            if a.ip().is_unspecified() || a.ip().is_multicast() || a.port() == 0 {
+                errors.push(
+                    &key,
+                    format!("{a} is not a reachable server address; give the IP:PORT clients should use instead"),
+                );
+            } else if let Some(j) = self
+                .server
+                .alternate_servers
+                .get(..i)
+                .unwrap_or_default()
+                .iter()
+                .position(|b| b == a)
+            {
+                errors.push(
+                    &key,
+                    format!("{a} is a duplicate of server.alternate_servers[{j}]"),
+                );
+            }
+        }
+        if self.server.drain_timeout > MAX_DRAIN_TIMEOUT {
+            errors.push(
+                "server.drain_timeout",
+                format!(
+                    "{} is longer than {}; 0s exits at once, 30s is usual",
+                    humantime::format_duration(self.server.drain_timeout),
+                    humantime::format_duration(MAX_DRAIN_TIMEOUT)
                 ),
             );
         }
@@ -1297,6 +1496,37 @@ impl Config {
             );
         }
 
+        for (key, v) in [
+            (
+                "limits.max_bandwidth_per_allocation",
+                l.max_bandwidth_per_allocation,
+            ),
+            ("limits.max_total_bandwidth", l.max_total_bandwidth),
+        ] {
+            if v != 0 && v < MIN_BANDWIDTH {
+                errors.push(
+                    key,
+                    format!("{v} bytes/s is less than one full-size packet per second ({MIN_BANDWIDTH} bytes/s, \"12kbit\"); use 0 for unlimited"),
+                );
+            }
+        }
+        if l.unauthenticated_rate > MAX_UNAUTHENTICATED_RATE {
+            errors.push(
+                "limits.unauthenticated_rate",
+                format!(
+                    "{} is more than {MAX_UNAUTHENTICATED_RATE}; use 0 for unlimited",
+                    l.unauthenticated_rate
+                ),
+            );
+        }
+
+        // metrics
+        if let Some(a) = self.metrics.listen {
+            if a.ip().is_multicast() {
+                errors.push("metrics.listen", format!("{a} is not a unicast address"));
+            }
+        }
+
         // log
         if let Err(e) = check_log_level(&self.log.level) {
             errors.push("log.level", e);
@@ -1398,7 +1628,159 @@ format = "text"
         assert_eq!(c.limits, LimitsSection::default());
         assert_eq!(c.log, LogSection::default());
         assert_eq!(c.tls, TlsSection::default());
+        assert!(c.server.alternate_servers.is_empty());
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_bandwidth_per_allocation, 0);
+        assert_eq!(c.limits.max_total_bandwidth, 0);
+        assert_eq!(c.limits.unauthenticated_rate, 50);
+        assert_eq!(c.metrics.listen, None);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn bandwidth_units() {
+        for (text, want) in [
+            ("0", 0),
+            ("1500", 1500),
+            ("250KB", 250_000),
+            ("250 kB/s", 250_000),
+            ("2Mbit", 250_000),
+            ("2 Mbps", 250_000),
+            ("1.5MiB", 1_572_864),
+            ("100Kbit/s", 12_500),
+            ("1Gbit", 125_000_000),
+            ("3GB", 3_000_000_000),
+            ("12kbit", 1500),
+        ] {
+            assert_eq!(parse_bandwidth(text), Ok(want), "{text}");
+        }
+        for text in [
+            "",
+            "fast",
+            "2Mb",
+            "2 mbit",
+            "-1",
+            ".5MB",
+            "5.MB",
+            "1e3",
+            "99999999999GB",
+        ] {
+            assert!(parse_bandwidth(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn drain_metrics_and_limit_problems() {
+        for (find, replace, key, needle) in [
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\nalternate_servers = [\"203.0.113.20\"]",
+                "server.alternate_servers[0]",
+                "IP:PORT",
+            ),
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\nalternate_servers = \"203.0.113.20:3478\"",
+                "server.alternate_servers",
+                "expected",
+            ),
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\nalternate_servers = [\"0.0.0.0:3478\"]",
+                "server.alternate_servers[0]",
+                "not a reachable",
+            ),
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\nalternate_servers = [\"203.0.113.20:3478\", \"203.0.113.20:3478\"]",
+                "server.alternate_servers[1]",
+                "duplicate of server.alternate_servers[0]",
+            ),
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\ndrain_timeout = \"soon\"",
+                "server.drain_timeout",
+                "not a duration",
+            ),
+            (
+                "realm = \"turnstone.test\"",
+                "realm = \"turnstone.test\"\ndrain_timeout = \"2days\"",
+                "server.drain_timeout",
+                "longer than",
+            ),
+            (
+                "max_allocations_per_user = 100",
+                "max_allocations_per_user = 100\nmax_bandwidth_per_allocation = \"2Mb\"",
+                "limits.max_bandwidth_per_allocation",
+                "unknown unit",
+            ),
+            (
+                "max_allocations_per_user = 100",
+                "max_allocations_per_user = 100\nmax_total_bandwidth = 100",
+                "limits.max_total_bandwidth",
+                "one full-size packet",
+            ),
+            (
+                "max_allocations_per_user = 100",
+                "max_allocations_per_user = 100\nmax_total_bandwidth = true",
+                "limits.max_total_bandwidth",
+                "bandwidth",
+            ),
+            (
+                "max_allocations_per_user = 100",
+                "max_allocations_per_user = 100\nunauthenticated_rate = -1",
+                "limits.unauthenticated_rate",
+                "",
+            ),
+            (
+                "max_allocations_per_user = 100",
+                "max_allocations_per_user = 100\nunauthenticated_rate = 2000000",
+                "limits.unauthenticated_rate",
+                "use 0 for unlimited",
+            ),
+            (
+                "[log]",
+                "[metrics]\nlisten = \"127.0.0.1\"\n[log]",
+                "metrics.listen",
+                "IP:PORT",
+            ),
+            (
+                "[log]",
+                "[metrics]\nlisten = \"224.0.0.1:9641\"\n[log]",
+                "metrics.listen",
+                "unicast",
+            ),
+            ("[log]", "metrics = 1\n[log]", "limits.metrics", "unknown key"),
+        ] {
+            let e = errs_with(find, replace);
+            let e = one(&e, key);
+            assert!(
+                e.message.contains(needle),
+                "{key}: message {:?} should contain {needle:?}",
+                e.message
+            );
+        }
+        let c = Config::from_toml(&GOOD.replacen(
+            "max_allocations_per_user = 100",
+            "max_allocations_per_user = 100\nmax_bandwidth_per_allocation = 250000\nunauthenticated_rate = 10",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(c.limits.max_bandwidth_per_allocation, 250_000);
+        assert_eq!(c.limits.unauthenticated_rate, 10);
+        let mut c = Config::development();
+        assert_eq!(c.metrics, MetricsSection::default());
+        c.server.drain_timeout = Duration::from_secs(100_000);
+        c.limits.max_bandwidth_per_allocation = 10;
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            keys(&e),
+            vec![
+                "server.drain_timeout",
+                "limits.max_bandwidth_per_allocation"
+            ],
+            "{e:#?}"
+        );
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -1449,6 +1831,13 @@ format = "text"
             "[tls]",
             "certificate",
             "private_key",
+            "alternate_servers",
+            "drain_timeout",
+            "max_bandwidth_per_allocation",
+            "max_total_bandwidth",
+            "unauthenticated_rate",
+            "[metrics]",
+            "listen = \"127.0.0.1:9641\"",
         ] {
             assert!(
                 example.contains(key),
@@ -1466,6 +1855,8 @@ realm = "turn.example.com"
 software = ""
 nonce_lifetime = "1h 30m"
 workers = 4
+alternate_servers = ["203.0.113.20:3478", "[2001:db8::20]:3478"]
+drain_timeout = "2m"
 [[listen]]
 transport = "udp"
 address = "0.0.0.0:3478"
@@ -1491,6 +1882,11 @@ max_permissions_per_allocation = 3
 max_channels_per_allocation = 4
 max_lifetime = "2h"
 default_lifetime = "5m"
+max_bandwidth_per_allocation = "2Mbit"
+max_total_bandwidth = "1GB"
+unauthenticated_rate = 0
+[metrics]
+listen = "[::1]:9641"
 [log]
 level = "info,turnstone::server=debug"
 format = "json"
@@ -1503,6 +1899,18 @@ private_key = "/etc/turnstone/key.pem"
         assert_eq!(c.server.software, None);
         assert_eq!(c.server.nonce_lifetime, Duration::from_secs(5400));
         assert_eq!(c.server.workers, 4);
+        assert_eq!(
+            c.server.alternate_servers,
+            vec![
+                "203.0.113.20:3478".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::20]:3478".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.server.drain_timeout, Duration::from_secs(120));
+        assert_eq!(c.limits.max_bandwidth_per_allocation, 250_000);
+        assert_eq!(c.limits.max_total_bandwidth, 1_000_000_000);
+        assert_eq!(c.limits.unauthenticated_rate, 0);
+        assert_eq!(c.metrics.listen, Some("[::1]:9641".parse().unwrap()));
         assert_eq!(c.listen.len(), 3);
         assert_eq!(c.listen[2].transport, ListenTransport::Tls);
         assert_eq!(c.relay.addresses, vec![ip("10.0.0.5"), ip("2001:db8::5")]);
@@ -1673,7 +2081,10 @@ private_key = "/etc/turnstone/key.pem"
         assert_eq!(keys(&e), vec!["policy.allow", "policy.block"]);
 
         let e = errs(&format!("{GOOD}\n[metrics]\nport = 9000\n"));
-        one(&e, "metrics");
+        let e = one(&e, "metrics.port");
+        assert!(e.message.contains("`listen`"), "{e}");
+        let e = errs(&format!("{GOOD}\n[stats]\nport = 9000\n"));
+        one(&e, "stats");
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! - [`auth`], [`policy`], [`config`]: credentials and nonces, peer-address policy, TOML config.
 //! - [`server`]: the sans-I/O TURN/STUN state machine.
 //! - [`net`]: the tokio shell that moves bytes between sockets and the core.
+//! - [`notify`], [`metrics`]: the systemd notify protocol; Prometheus metrics and their HTTP endpoint.
 pub mod auth;
 pub mod config;
+pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod policy;
 pub mod proto;
 pub mod server;

@@ -60,3 +60,42 @@ pub fn granted_buffers(sock: &UdpSocket) -> (usize, usize) {
         s.send_buffer_size().unwrap_or(0) / 2,
     )
 }
+
+/// A listening TCP relay socket for an RFC 6062 allocation. `SO_REUSEPORT` lets the
+/// outgoing connections of Connect requests use the same relayed address.
+pub fn tcp_relay_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(16)?;
+    Ok(s.into())
+}
+
+/// Starts a non-blocking TCP connection from the relayed address `local` to `peer`
+/// (RFC 6062 section 5.2); completion shows as writability.
+pub fn tcp_connect_from(local: SocketAddr, peer: SocketAddr) -> io::Result<std::net::TcpStream> {
+    let s = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if local.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    s.bind(&local.into())?;
+    match s.connect(&peer.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}

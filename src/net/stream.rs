@@ -129,7 +129,11 @@ impl ConnCounter {
 /// The per-frame callback: `(connection 5-tuple, one complete frame, reply)`. Whatever it
 /// appends to `reply` is sent back on the same connection, after the frames of the same
 /// read (one write for a burst of pipelined requests).
-pub type OnFrame<'a> = dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>) + 'a;
+/// Called with each complete frame (or, on a raw connection, each chunk of bytes) and a
+/// buffer for the reply. Returns true when the connection carries raw bytes from now on
+/// (an RFC 6062 data connection after its ConnectionBind): what follows the frame is
+/// then handed over unframed.
+pub type OnFrame<'a> = dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>) -> bool + 'a;
 
 /// Why a connection is closed (logged at debug level).
 enum Close {
@@ -172,6 +176,8 @@ struct Conn {
     out_interest: bool,
     /// A write failed: closed on the next event or tick.
     broken: bool,
+    /// An RFC 6062 data connection: bytes pass through unframed, no timers.
+    raw: bool,
 }
 
 impl Conn {
@@ -303,9 +309,14 @@ impl Conn {
         if data.is_empty() {
             return Ok(());
         }
+        if self.raw {
+            on_frame(self.ft, data, reply);
+            self.last_frame = now;
+            return Ok(());
+        }
         let result = if self.rbuf.is_empty() {
             let r = split_frames(self.ft, data, limits.max_frame, reply, on_frame);
-            if let Ok(used) = r {
+            if let Ok((used, _)) = r {
                 if let Some(rest) = data.get(used..) {
                     self.rbuf.extend_from_slice(rest);
                 }
@@ -316,7 +327,7 @@ impl Conn {
             let buf = std::mem::take(&mut self.rbuf);
             let r = split_frames(self.ft, &buf, limits.max_frame, reply, on_frame);
             self.rbuf = buf;
-            if let Ok(used) = r {
+            if let Ok((used, _)) = r {
                 self.rbuf.drain(..used.min(self.rbuf.len()));
                 if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CAPACITY {
                     self.rbuf = Vec::new();
@@ -324,7 +335,18 @@ impl Conn {
             }
             r
         };
-        let used = result?;
+        let (used, went_raw) = result?;
+        if went_raw {
+            // What followed the ConnectionBind is already application data.
+            self.raw = true;
+            self.partial_since = None;
+            self.last_frame = now;
+            let rest = std::mem::take(&mut self.rbuf);
+            if !rest.is_empty() {
+                on_frame(self.ft, &rest, reply);
+            }
+            return Ok(());
+        }
         if used > 0 {
             self.last_frame = now;
             self.partial_since = if self.rbuf.is_empty() {
@@ -455,20 +477,23 @@ fn split_frames(
     max_frame: usize,
     reply: &mut Vec<u8>,
     on_frame: &mut OnFrame<'_>,
-) -> Result<usize, Close> {
+) -> Result<(usize, bool), Close> {
     let mut off = 0;
     loop {
         let rest = buf.get(off..).unwrap_or_default();
         let n = match next_frame(rest, max_frame) {
-            Frame::NeedMore => return Ok(off),
+            Frame::NeedMore => return Ok((off, false)),
             Frame::Stun(n) | Frame::ChannelData { total: n } => n,
             Frame::Invalid => return Err(Close::BadFrame),
         };
         let Some(frame) = rest.get(..n).filter(|f| !f.is_empty()) else {
             return Err(Close::BadFrame);
         };
-        on_frame(ft, frame, reply);
+        let raw = on_frame(ft, frame, reply);
         off += n;
+        if raw {
+            return Ok((off, true));
+        }
     }
 }
 
@@ -628,6 +653,7 @@ impl Streams {
                 last_frame: now,
                 out_interest: false,
                 broken: false,
+                raw: false,
             });
         }
         self.by_five_tuple.insert(ft, slot);
@@ -747,10 +773,13 @@ impl Streams {
             let Some(Some(conn)) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let slow = conn.partial_since.is_some_and(|t| {
-                now.saturating_duration_since(t) >= self.limits.handshake_and_partial_deadline
-            });
-            let idle = now.saturating_duration_since(conn.last_frame) >= self.limits.idle_timeout;
+            let slow = !conn.raw
+                && conn.partial_since.is_some_and(|t| {
+                    now.saturating_duration_since(t) >= self.limits.handshake_and_partial_deadline
+                });
+            // Data connections live as long as their allocation and peer connection.
+            let idle = !conn.raw
+                && now.saturating_duration_since(conn.last_frame) >= self.limits.idle_timeout;
             if !(slow || idle || conn.broken) {
                 continue;
             }
@@ -837,7 +866,8 @@ mod tests {
                 let end = Instant::now() + Duration::from_secs(30);
                 let mut next_tick = Instant::now();
                 let mut echo = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
-                    reply.extend_from_slice(frame)
+                    reply.extend_from_slice(frame);
+                    false
                 };
                 while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
                     let n = epoll
@@ -1322,8 +1352,10 @@ mod tests {
                     }
                 }));
             }
-            let mut echo =
-                |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| reply.extend_from_slice(frame);
+            let mut echo = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
+                reply.extend_from_slice(frame);
+                false
+            };
             let mut done = 0;
             let end = Instant::now() + IO_TIMEOUT;
             let info = allocation_counter::measure(|| {

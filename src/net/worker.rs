@@ -6,8 +6,10 @@
 //! with more queued is simply reported again, so no call is spent on `EAGAIN`. No
 //! lock, no heap allocation and no task hand-off on the relay path.
 
-use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,8 +21,8 @@ use super::socket;
 use super::stream::Streams;
 use super::{Common, WorkerSockets};
 use crate::server::{
-    BindError, BindResult, Clock, Event, FiveTuple, Output, RelayBinder, RelayHandle, Server,
-    Transport, PEER_HEADROOM, PEER_TAILROOM,
+    BindError, BindResult, Clock, Command, Event, FiveTuple, Output, RelayBinder, RelayHandle,
+    Server, Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
 /// Largest UDP payload plus room to frame it in place.
@@ -32,12 +34,33 @@ const EVENTS: usize = 256;
 const STREAM_LISTENER_BASE: u64 = 1 << 31;
 const RELAY_BASE: u64 = 1 << 32;
 const STREAM_BASE: u64 = 1 << 40;
+const PEER_BASE: u64 = 1 << 48;
+/// An outgoing RFC 6062 connection that has not completed in this long fails (447).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes queued toward a peer before the pair is closed.
+const MAX_PEER_BUFFER: usize = 1 << 20;
 /// How often the core's timers are run.
 const TICK: Duration = Duration::from_secs(1);
 
+/// A relay socket: UDP, or the listening socket of an RFC 6062 TCP allocation.
+enum RelaySock {
+    Udp(UdpSocket),
+    Tcp(TcpListener),
+}
+
 struct RelayEntry {
-    socket: UdpSocket,
+    socket: RelaySock,
     addr: SocketAddr,
+}
+
+impl RelayEntry {
+    #[inline]
+    fn udp(&self) -> Option<&UdpSocket> {
+        match &self.socket {
+            RelaySock::Udp(s) => Some(s),
+            RelaySock::Tcp(_) => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -64,7 +87,14 @@ struct Binder<'a> {
 impl Binder<'_> {
     fn bind_one(&mut self, ip: IpAddr, port: u16) -> io::Result<(RelayHandle, SocketAddr)> {
         let sock = socket::udp_relay(SocketAddr::new(ip, port), self.buffer)?;
-        let addr = sock.local_addr()?;
+        self.register(RelaySock::Udp(sock))
+    }
+
+    fn register(&mut self, sock: RelaySock) -> io::Result<(RelayHandle, SocketAddr)> {
+        let (addr, fd) = match &sock {
+            RelaySock::Udp(s) => (s.local_addr()?, s.as_fd()),
+            RelaySock::Tcp(l) => (l.local_addr()?, l.as_fd()),
+        };
         let idx = match self.relays.free.pop() {
             Some(i) => i,
             None => {
@@ -75,7 +105,7 @@ impl Binder<'_> {
         let token = RELAY_BASE + u64::from(idx);
         if let Err(e) = self
             .epoll
-            .add(&sock, EpollEvent::new(EpollFlags::EPOLLIN, token))
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
         {
             self.relays.free.push(idx);
             return Err(e.into());
@@ -114,13 +144,32 @@ impl RelayBinder for Binder<'_> {
         Err(BindError::Exhausted)
     }
 
+    fn bind_tcp(&mut self, ip: IpAddr) -> Result<crate::server::BoundRelay, BindError> {
+        for _ in 0..BIND_ATTEMPTS {
+            let port = self
+                .ports
+                .take(ip, false, false)
+                .ok_or(BindError::Exhausted)?;
+            let Ok(l) = socket::tcp_relay_listener(SocketAddr::new(ip, port)) else {
+                continue;
+            };
+            if let Ok(b) = self.register(RelaySock::Tcp(l)) {
+                return Ok(b);
+            }
+        }
+        Err(BindError::Exhausted)
+    }
+
     fn release(&mut self, relay: RelayHandle) {
         let Some(slot) = self.relays.entries.get_mut(relay.0 as usize) else {
             return;
         };
         if let Some(e) = slot.take() {
             // Closing the socket removes it from the epoll set.
-            let _ = self.epoll.delete(&e.socket);
+            let _ = match &e.socket {
+                RelaySock::Udp(s) => self.epoll.delete(s),
+                RelaySock::Tcp(l) => self.epoll.delete(l),
+            };
             self.ports.give_back(e.addr.ip(), e.addr.port());
             self.relays.free.push(relay.0);
         }
@@ -191,6 +240,8 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
     let mut rbatch = RecvBatch::new();
     let mut sbatch = SendBatch::new();
     let mut closed: Vec<FiveTuple> = Vec::new();
+    let mut peers = PeerConns::default();
+    let mut peer_check = Instant::now() + TICK;
     let mut next_tick = Instant::now() + TICK;
     // Benchmarks compare the in-worker hand-off between two allocations with the
     // kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
@@ -272,8 +323,11 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                                 );
                             }
                         }
-                    } else if let (Some(e), Some(bytes)) = (relays.get(relay), xbuf.get(payload)) {
-                        let _ = e.socket.send_to(bytes, peer);
+                    } else if let (Some(s), Some(bytes)) = (
+                        relays.get(relay).and_then(RelayEntry::udp),
+                        xbuf.get(payload),
+                    ) {
+                        let _ = s.send_to(bytes, peer);
                     }
                 }
             } else if token < RELAY_BASE {
@@ -283,14 +337,41 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                     let tls = common.tls.load_full();
                     streams.accept(l, *transport, tls.as_ref(), &epoll, clock.now);
                 }
+            } else if token >= PEER_BASE {
+                // An RFC 6062 peer connection.
+                peers.on_event(
+                    token,
+                    ev.events(),
+                    &epoll,
+                    &mut core,
+                    &mut streams,
+                    &mut buf,
+                    clock.now,
+                );
             } else if token < STREAM_BASE {
-                // A relay socket: one datagram from a peer.
                 let handle = RelayHandle((token - RELAY_BASE) as u32);
                 let Some(entry) = relays.get(handle) else {
                     continue;
                 };
+                let sock = match &entry.socket {
+                    RelaySock::Udp(s) => s,
+                    RelaySock::Tcp(l) => {
+                        // A peer connecting to a TCP allocation's relayed address.
+                        for _ in 0..16 {
+                            let Ok((stream, from)) = l.accept() else {
+                                break;
+                            };
+                            match core.tcp_incoming(handle, from, clock.now) {
+                                Some(id) => peers.add(id, stream, None, &epoll),
+                                None => drop(stream),
+                            }
+                        }
+                        continue;
+                    }
+                };
+                // A relay socket: one datagram from a peer.
                 let end = buf.len() - PEER_TAILROOM;
-                let (len, from) = match entry.socket.recv_from(&mut buf[PEER_HEADROOM..end]) {
+                let (len, from) = match sock.recv_from(&mut buf[PEER_HEADROOM..end]) {
                     Ok(r) => r,
                     Err(_) => continue,
                 };
@@ -307,13 +388,18 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                     }
                 }
             } else if streams.owns(token) {
-                // A client's TCP or TLS connection: complete frames go to the core.
+                // A client's TCP or TLS connection: complete frames go to the core; a
+                // spliced RFC 6062 data connection's bytes go to its peer.
                 let gone = streams.on_event(
                     token,
                     ev.events(),
                     &epoll,
                     clock.now,
                     &mut |ft, frame, reply| {
+                        if let Some(id) = core.data_connection(&ft) {
+                            peers.write(id, frame, &epoll);
+                            return true;
+                        }
                         let mut binder = Binder {
                             relays: &mut relays,
                             ports,
@@ -324,11 +410,13 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                             Output::Nothing => {}
                             Output::ToClient(d) => reply.extend_from_slice(d),
                             Output::ToPeer { relay, peer, data } => {
-                                if let Some(e) = relays.get(relay) {
-                                    let _ = e.socket.send_to(data, peer);
+                                if let Some(s) = relays.get(relay).and_then(RelayEntry::udp) {
+                                    let _ = s.send_to(data, peer);
                                 }
                             }
                         }
+                        // A successful ConnectionBind: what follows is application data.
+                        core.data_connection(&ft).is_some()
                     },
                 );
                 closed.extend(gone);
@@ -358,8 +446,251 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                 core.client_closed(&ft, now, &mut binder);
             }
         }
+        // What the core asked for outside its answers (RFC 6062 connections).
+        while let Some(cmd) = core.poll_command() {
+            match cmd {
+                Command::ConnectPeer { id, relay, peer } => {
+                    let started = relays
+                        .get(relay)
+                        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+                        .and_then(|e| socket::tcp_connect_from(e.addr, peer));
+                    match started {
+                        Ok(stream) => peers.add(id, stream, Some(now), &epoll),
+                        Err(_) => core.tcp_connected(id, false, now),
+                    }
+                }
+                Command::Splice { id, data } => peers.splice(id, data, &epoll),
+                Command::ClosePeer { id } => peers.remove(id, &epoll),
+                Command::CloseClient { ft } => {
+                    streams.close(&ft, &epoll);
+                }
+                Command::ToClient { ft, bytes } => {
+                    ToClients {
+                        listeners: &listeners,
+                        sbatch: &mut sbatch,
+                    }
+                    .send(&mut streams, &epoll, &ft, &bytes);
+                }
+            }
+        }
+        if now >= peer_check {
+            peer_check = now + TICK;
+            peers.expire_connecting(now, &epoll, &mut core);
+        }
+        sbatch.flush(&listeners);
         for ev in core.drain_events() {
             log_event(index, &ev);
+        }
+    }
+}
+
+/// One RFC 6062 peer connection.
+struct PeerConn {
+    id: u32,
+    stream: TcpStream,
+    /// Set while the outgoing connection is being established.
+    connecting: Option<Instant>,
+    /// The client's data connection, once bound.
+    data: Option<FiveTuple>,
+    /// Bytes from the client not yet taken by the peer's socket.
+    wbuf: Vec<u8>,
+    interest: EpollFlags,
+}
+
+/// The RFC 6062 peer connections of one worker; connection `slot` is epoll token
+/// `PEER_BASE + slot`.
+#[derive(Default)]
+struct PeerConns {
+    slots: Vec<Option<PeerConn>>,
+    free: Vec<usize>,
+    by_id: HashMap<u32, usize>,
+}
+
+impl PeerConns {
+    fn add(&mut self, id: u32, stream: TcpStream, connecting: Option<Instant>, epoll: &Epoll) {
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.set_nodelay(true);
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        // Connecting: wait for writability. Accepted: nothing until bound.
+        let interest = if connecting.is_some() {
+            EpollFlags::EPOLLOUT
+        } else {
+            EpollFlags::empty()
+        };
+        if epoll
+            .add(&stream, EpollEvent::new(interest, PEER_BASE + slot as u64))
+            .is_err()
+        {
+            self.free.push(slot);
+            return;
+        }
+        self.slots[slot] = Some(PeerConn {
+            id,
+            stream,
+            connecting,
+            data: None,
+            wbuf: Vec::new(),
+            interest,
+        });
+        self.by_id.insert(id, slot);
+    }
+
+    fn set_interest(conn: &mut PeerConn, slot: usize, epoll: &Epoll) {
+        let mut want = EpollFlags::empty();
+        if conn.data.is_some() {
+            want |= EpollFlags::EPOLLIN;
+        }
+        if conn.connecting.is_some() || !conn.wbuf.is_empty() {
+            want |= EpollFlags::EPOLLOUT;
+        }
+        if want != conn.interest {
+            let mut ev = EpollEvent::new(want, PEER_BASE + slot as u64);
+            if epoll.modify(&conn.stream, &mut ev).is_ok() {
+                conn.interest = want;
+            }
+        }
+    }
+
+    fn splice(&mut self, id: u32, data: FiveTuple, epoll: &Epoll) {
+        let Some(&slot) = self.by_id.get(&id) else {
+            return;
+        };
+        if let Some(Some(conn)) = self.slots.get_mut(slot) {
+            conn.data = Some(data);
+            Self::set_interest(conn, slot, epoll);
+        }
+    }
+
+    fn remove(&mut self, id: u32, epoll: &Epoll) {
+        if let Some(slot) = self.by_id.remove(&id) {
+            if let Some(conn) = self.slots.get_mut(slot).and_then(Option::take) {
+                let _ = epoll.delete(&conn.stream);
+                self.free.push(slot);
+            }
+        }
+    }
+
+    /// Bytes from the client's data connection toward the peer.
+    fn write(&mut self, id: u32, bytes: &[u8], epoll: &Epoll) {
+        let Some(&slot) = self.by_id.get(&id) else {
+            return;
+        };
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let mut done = 0;
+        if conn.wbuf.is_empty() {
+            while done < bytes.len() {
+                match conn.stream.write(&bytes[done..]) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        if done < bytes.len() {
+            if conn.wbuf.len() + bytes.len() - done > MAX_PEER_BUFFER {
+                // The peer does not keep up: shut the connection; its read side then
+                // reports the close.
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            conn.wbuf.extend_from_slice(&bytes[done..]);
+        }
+        Self::set_interest(conn, slot, epoll);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_event(
+        &mut self,
+        token: u64,
+        flags: EpollFlags,
+        epoll: &Epoll,
+        core: &mut Server,
+        streams: &mut Streams,
+        buf: &mut [u8],
+        now: Instant,
+    ) {
+        let slot = (token - PEER_BASE) as usize;
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let id = conn.id;
+        if conn.connecting.is_some() {
+            let ok =
+                matches!(conn.stream.take_error(), Ok(None)) && conn.stream.peer_addr().is_ok();
+            if !ok
+                && !flags
+                    .intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP | EpollFlags::EPOLLOUT)
+            {
+                return;
+            }
+            if ok {
+                conn.connecting = None;
+                Self::set_interest(conn, slot, epoll);
+                core.tcp_connected(id, true, now);
+            } else {
+                self.remove(id, epoll);
+                core.tcp_connected(id, false, now);
+            }
+            return;
+        }
+        let mut gone = false;
+        if flags.contains(EpollFlags::EPOLLOUT) && !conn.wbuf.is_empty() {
+            match conn.stream.write(&conn.wbuf) {
+                Ok(n) => {
+                    conn.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => gone = true,
+            }
+        }
+        if let Some(data) = conn.data {
+            if !gone
+                && flags
+                    .intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
+            {
+                match conn.stream.read(buf) {
+                    Ok(0) => gone = true,
+                    Ok(n) => {
+                        if !streams.send(&data, &buf[..n], epoll) {
+                            gone = true;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => gone = true,
+                }
+            }
+        } else if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+            gone = true;
+        }
+        if gone {
+            self.remove(id, epoll);
+            core.tcp_closed(id);
+        } else if let Some(Some(conn)) = self.slots.get_mut(slot) {
+            Self::set_interest(conn, slot, epoll);
+        }
+    }
+
+    /// Outgoing connections that did not complete in time fail (447).
+    fn expire_connecting(&mut self, now: Instant, epoll: &Epoll, core: &mut Server) {
+        let late: Vec<u32> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|c| {
+                c.connecting
+                    .is_some_and(|t| now.saturating_duration_since(t) >= CONNECT_TIMEOUT)
+            })
+            .map(|c| c.id)
+            .collect();
+        for id in late {
+            self.remove(id, epoll);
+            core.tcp_connected(id, false, now);
         }
     }
 }

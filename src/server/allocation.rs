@@ -70,6 +70,8 @@ pub struct Allocation {
     /// The IPv6 relay of a dual allocation (ADDITIONAL-ADDRESS-FAMILY, RFC 8656
     /// section 7.2); the IPv4 one is `relay`.
     pub second: Option<Relayed>,
+    /// An RFC 6062 TCP allocation: `relay` is a listening TCP socket.
+    pub tcp: bool,
     pub username: Box<str>,
     pub key: Key,
     pub created: Instant,

@@ -7,6 +7,7 @@
 
 mod allocation;
 mod shared;
+mod tcp;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ pub use allocation::{
     PERMISSION_LIFETIME,
 };
 pub use shared::{Limits, QuotaError, RelayAddrs, Runtime, Shared};
+pub use tcp::{Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, NonceCheck};
 use crate::proto::{self, attr, method, Class, Message, MessageWriter, TransactionId};
@@ -102,6 +104,11 @@ pub trait RelayBinder {
     /// Binds a relay socket on `ip` (port from the relay range; even if `even_port`;
     /// if `reserve_next`, also binds and holds port+1, returned as the second element).
     fn bind(&mut self, ip: IpAddr, even_port: bool, reserve_next: bool) -> BindResult;
+    /// Binds a listening TCP relay socket on `ip` for an RFC 6062 TCP allocation.
+    fn bind_tcp(&mut self, ip: IpAddr) -> Result<BoundRelay, BindError> {
+        let _ = ip;
+        Err(BindError::NoAddress)
+    }
     /// Closes a relay socket.
     fn release(&mut self, relay: RelayHandle);
 }
@@ -175,6 +182,14 @@ pub struct Server {
     out: Vec<u8>,
     events: Vec<Event>,
     collect_events: bool,
+    /// RFC 6062 peer connections by CONNECTION-ID.
+    tcp_conns: HashMap<u32, tcp::TcpConn, RandomState>,
+    next_conn_id: u32,
+    /// Client data connections spliced to a peer connection.
+    data_conns: HashMap<FiveTuple, u32, RandomState>,
+    commands: Vec<Command>,
+    /// The time of the message being handled.
+    last_now: Instant,
 }
 
 /// The outcome of authenticating a request.
@@ -206,6 +221,11 @@ impl Server {
             out: Vec::with_capacity(1500),
             events: Vec::new(),
             collect_events: true,
+            tcp_conns: HashMap::default(),
+            next_conn_id: rand::random(),
+            data_conns: HashMap::default(),
+            commands: Vec::new(),
+            last_now: Instant::now(),
         }
     }
 
@@ -279,6 +299,7 @@ impl Server {
         let Some(&first) = buf.first() else {
             return Output::Nothing;
         };
+        self.last_now = clock.now;
         if proto::is_channel_data(first) {
             return self.client_channel_data(ft, buf, clock.now);
         }
@@ -333,6 +354,9 @@ impl Server {
         let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
             return Output::Nothing;
         };
+        if alloc.tcp {
+            return Output::Nothing;
+        }
         let Some(peer) = alloc.channel_peer(number, now) else {
             return Output::Nothing;
         };
@@ -366,6 +390,9 @@ impl Server {
         let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
             return Output::Nothing;
         };
+        if alloc.tcp {
+            return Output::Nothing;
+        }
         let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
             return Output::Nothing;
         };
@@ -463,6 +490,7 @@ impl Server {
         for i in expired {
             self.remove_allocation(i, now, EndReason::Expired, binder);
         }
+        self.expire_tcp(now);
         let mut k = 0;
         while k < self.reservations.len() {
             if now >= self.reservations[k].expires {
@@ -484,6 +512,9 @@ impl Server {
     /// The client's stream (TCP or TLS control connection) closed: its allocation ends
     /// with it (RFC 8656 section 3.1: an allocation is identified by its 5-tuple).
     pub fn client_closed<B: RelayBinder>(&mut self, ft: &FiveTuple, now: Instant, binder: &mut B) {
+        if self.data_closed(ft) {
+            return;
+        }
         if let Some(&slot) = self.by_five_tuple.get(ft) {
             self.remove_allocation(slot, now, EndReason::Deleted, binder);
         }
@@ -515,6 +546,9 @@ impl Server {
         self.by_five_tuple.remove(&a.five_tuple);
         for r in a.relayed() {
             self.unregister_relay(r, binder);
+        }
+        if a.tcp {
+            self.close_tcp_of(slot);
         }
         self.shared.release(&a.username);
         if self.collect_events {
@@ -577,7 +611,12 @@ impl Server {
         }
         if !matches!(
             m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+            method::ALLOCATE
+                | method::REFRESH
+                | method::CREATE_PERMISSION
+                | method::CHANNEL_BIND
+                | method::CONNECT
+                | method::CONNECTION_BIND
         ) {
             self.error(&rt, msg, 400, None, |_| {});
             return Reply::Done;
@@ -604,6 +643,8 @@ impl Server {
             method::ALLOCATE => self.allocate(&rt, ft, msg, &auth, clock, binder),
             method::REFRESH => self.refresh(&rt, ft, msg, &auth, clock, binder),
             method::CREATE_PERMISSION => self.create_permission(&rt, ft, msg, &auth, clock),
+            method::CONNECT => self.connect(&rt, ft, msg, &auth),
+            method::CONNECTION_BIND => self.connection_bind(&rt, ft, msg, &auth),
             _ => self.channel_bind(&rt, ft, msg, &auth, clock),
         }
     }
@@ -786,11 +827,24 @@ impl Server {
             return self.fail(rt, msg, 437, auth);
         }
         // RFC 8656 section 7.2 checks, in order.
-        match msg.requested_transport() {
-            Ok(Some(PROTO_UDP)) => {}
-            Ok(Some(PROTO_TCP)) | Ok(Some(_)) => return self.fail(rt, msg, 442, auth),
+        let tcp = match msg.requested_transport() {
+            Ok(Some(PROTO_UDP)) => false,
+            // RFC 6062 section 5.1: TCP relays only over a TCP or TLS control
+            // connection, and without the UDP-only attributes.
+            Ok(Some(PROTO_TCP)) => {
+                if !ft.transport.is_stream()
+                    || msg.has(attr::EVEN_PORT)
+                    || msg.has(attr::RESERVATION_TOKEN)
+                    || msg.has(attr::DONT_FRAGMENT)
+                    || msg.has(attr::ADDITIONAL_ADDRESS_FAMILY)
+                {
+                    return self.fail(rt, msg, 400, auth);
+                }
+                true
+            }
+            Ok(Some(_)) => return self.fail(rt, msg, 442, auth),
             _ => return self.fail(rt, msg, 400, auth),
-        }
+        };
         let Ok(even_port) = msg.even_port() else {
             return self.fail(rt, msg, 400, auth);
         };
@@ -840,6 +894,15 @@ impl Server {
         } else {
             match rt.relay.for_family(v6) {
                 None => Err(440),
+                Some(ip) if tcp => {
+                    binder
+                        .bind_tcp(ip)
+                        .map(|(h, a)| (h, a, None))
+                        .map_err(|e| match e {
+                            BindError::Exhausted => 508,
+                            BindError::NoAddress => 440,
+                        })
+                }
                 Some(ip) => {
                     let even = even_port.is_some();
                     let reserve = even_port == Some(true);
@@ -921,6 +984,7 @@ impl Server {
             relay_addr,
             advertised,
             second,
+            tcp,
             username: username.into(),
             key: auth.key,
             created: now,

@@ -15,7 +15,8 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -71,6 +72,16 @@ pub struct ServerOptions {
     pub max_allocations_per_user: usize,
     /// Appended verbatim to the generated TOML (turnstone only), e.g. a `[log]` section.
     pub extra_toml: String,
+    /// Also a `tcp` listener on the UDP listen address (same port).
+    pub tcp: bool,
+    /// Also a `tls` listener on its own port, with a self-signed certificate for
+    /// `localhost` / 127.0.0.1 that the harness generates (PEM files in the server's
+    /// temporary directory).
+    pub tls: bool,
+    /// Also listen on [::1] (same ports as on 127.0.0.1, for each transport enabled).
+    pub ipv6_listen: bool,
+    /// Relay on 127.0.0.1 and ::1 (`[relay] address = ["127.0.0.1", "::1"]`).
+    pub ipv6_relay: bool,
 }
 
 impl Default for ServerOptions {
@@ -84,6 +95,10 @@ impl Default for ServerOptions {
             max_allocations: 100_000,
             max_allocations_per_user: 100,
             extra_toml: String::new(),
+            tcp: false,
+            tls: false,
+            ipv6_listen: false,
+            ipv6_relay: false,
         }
     }
 }
@@ -121,17 +136,67 @@ impl ServerOptions {
         self
     }
 
-    /// The turnstone configuration file for this server.
+    /// Adds a `tcp` listener on the UDP listen address.
+    pub fn tcp(mut self) -> Self {
+        self.tcp = true;
+        self
+    }
+    /// Adds a `tls` listener (own port, test-generated self-signed certificate).
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+    /// Listens on [::1] too, relays on 127.0.0.1 and ::1, and allows ::1 peers.
+    pub fn dual_stack(mut self) -> Self {
+        self.ipv6_listen = true;
+        self.ipv6_relay = true;
+        if !self.allow_peers.iter().any(|n| n == "::1/128") {
+            self.allow_peers.push("::1/128".to_string());
+        }
+        self
+    }
+
+    /// The turnstone configuration file for a server with only the UDP listener
+    /// `listen` (whatever `tcp`/`tls`/`ipv6_listen` say; see [`Self::to_toml_with`]).
     pub fn to_toml(&self, listen: SocketAddr, relay_ports: (u16, u16)) -> String {
+        self.to_toml_with(&Listeners::udp_only(listen), relay_ports)
+    }
+
+    /// The turnstone configuration file for these listeners.
+    pub fn to_toml_with(&self, l: &Listeners, relay_ports: (u16, u16)) -> String {
         let mut t = String::new();
         let _ = writeln!(t, "[server]\nrealm = {}\n", toml_str(&self.realm));
+        let mut listen = |transport: &str, addr: SocketAddr| {
+            let _ = writeln!(
+                t,
+                "[[listen]]\ntransport = \"{transport}\"\naddress = \"{addr}\"\n"
+            );
+        };
+        for udp in l.udp_addrs() {
+            listen("udp", udp);
+            if l.tcp {
+                listen("tcp", udp);
+            }
+        }
+        for tls in l.tls_addrs() {
+            listen("tls", tls);
+        }
+        if let Some(cert) = &l.cert {
+            let _ = writeln!(
+                t,
+                "[tls]\ncertificate = {}\nprivate_key = {}\n",
+                toml_str(&cert.cert_pem.display().to_string()),
+                toml_str(&cert.key_pem.display().to_string())
+            );
+        }
+        let relay = if self.ipv6_relay {
+            "[\"127.0.0.1\", \"::1\"]"
+        } else {
+            "\"127.0.0.1\""
+        };
         let _ = writeln!(
             t,
-            "[[listen]]\ntransport = \"udp\"\naddress = \"{listen}\"\n"
-        );
-        let _ = writeln!(
-            t,
-            "[relay]\naddress = \"127.0.0.1\"\nports = \"{}-{}\"\n",
+            "[relay]\naddress = {relay}\nports = \"{}-{}\"\n",
             relay_ports.0, relay_ports.1
         );
         let users: Vec<String> = self
@@ -183,6 +248,117 @@ pub fn free_tcp_port() -> u16 {
     s.local_addr().expect("local_addr").port()
 }
 
+/// A port free for both UDP and TCP on every address in `ips` (probed by binding;
+/// released again, so a race with another process is possible but unlikely).
+pub fn free_port_on(ips: &[IpAddr]) -> u16 {
+    for _ in 0..200 {
+        let Some(first) = ips.first() else {
+            return free_udp_port();
+        };
+        let Ok(s) = UdpSocket::bind((*first, 0)) else {
+            continue;
+        };
+        let Ok(port) = s.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        let ok = ips.iter().all(|ip| {
+            let t = TcpListener::bind((*ip, port)).is_ok();
+            let u = if ip == first {
+                true
+            } else {
+                UdpSocket::bind((*ip, port)).is_ok()
+            };
+            t && u
+        });
+        drop(s);
+        if ok {
+            return port;
+        }
+    }
+    panic!("no port free for UDP and TCP on {ips:?} after 200 tries");
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 (rcgen), as PEM files.
+#[derive(Clone, Debug)]
+pub struct TestCert {
+    pub cert_pem: PathBuf,
+    pub key_pem: PathBuf,
+    /// The certificate in DER, to trust it in a rustls client.
+    pub cert_der: Vec<u8>,
+}
+
+impl TestCert {
+    /// Generates the certificate and writes `cert.pem` / `key.pem` into `dir`.
+    pub fn generate(dir: &Path) -> TestCert {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])
+        .expect("rcgen: generate a self-signed certificate");
+        let cert_pem = dir.join("cert.pem");
+        let key_pem = dir.join("key.pem");
+        std::fs::write(&cert_pem, ck.cert.pem()).expect("write cert.pem");
+        std::fs::write(&key_pem, ck.signing_key.serialize_pem()).expect("write key.pem");
+        TestCert {
+            cert_pem,
+            key_pem,
+            cert_der: ck.cert.der().to_vec(),
+        }
+    }
+}
+
+/// The listeners of a test server: UDP (and TCP, same port) on 127.0.0.1 and
+/// optionally [::1]; TLS on its own port on the same addresses.
+#[derive(Clone, Debug)]
+pub struct Listeners {
+    pub udp: SocketAddr,
+    pub tcp: bool,
+    pub ipv6: bool,
+    pub tls_port: Option<u16>,
+    pub cert: Option<TestCert>,
+}
+
+impl Listeners {
+    pub fn udp_only(udp: SocketAddr) -> Listeners {
+        Listeners {
+            udp,
+            tcp: false,
+            ipv6: false,
+            tls_port: None,
+            cert: None,
+        }
+    }
+
+    fn ips(&self) -> Vec<IpAddr> {
+        let mut v = vec![self.udp.ip()];
+        if self.ipv6 {
+            v.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        }
+        v
+    }
+
+    /// The UDP (and, with `tcp`, TCP) listen addresses.
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.ips()
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, self.udp.port()))
+            .collect()
+    }
+
+    /// The TLS listen addresses.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        match self.tls_port {
+            Some(p) => self
+                .ips()
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, p))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
 /// A relay port range no other server started by this process uses at the same time
 /// (and, thanks to the pid, probably no other test process either).
 pub fn relay_port_range() -> (u16, u16) {
@@ -227,6 +403,17 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub relay_ports: (u16, u16),
     pub options: ServerOptions,
+    /// The TCP listen address (same as `addr`), when `options.tcp`.
+    pub tcp_addr: Option<SocketAddr>,
+    /// The TLS listen address on 127.0.0.1, when `options.tls`.
+    pub tls_addr: Option<SocketAddr>,
+    /// The UDP (and TCP) listen address on [::1], when `options.ipv6_listen`.
+    pub addr6: Option<SocketAddr>,
+    /// The TLS listen address on [::1], when `options.tls` and `options.ipv6_listen`.
+    pub tls_addr6: Option<SocketAddr>,
+    /// The server's certificate, when `options.tls`.
+    pub cert: Option<TestCert>,
+    pub listeners: Listeners,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -248,8 +435,32 @@ impl TestServer {
             .prefix("turnstone-test-")
             .tempdir()
             .expect("create temp dir");
-        let port = free_udp_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut ips = vec![v4];
+        if options.ipv6_listen {
+            ips.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        }
+        let plain = options.tcp || options.tls || options.ipv6_listen;
+        let port = if plain {
+            free_port_on(&ips)
+        } else {
+            free_udp_port()
+        };
+        let addr = SocketAddr::new(v4, port);
+        let tls_port = options.tls.then(|| loop {
+            let p = free_port_on(&ips);
+            if p != port {
+                break p;
+            }
+        });
+        let cert = options.tls.then(|| TestCert::generate(dir.path()));
+        let listeners = Listeners {
+            udp: addr,
+            tcp: options.tcp,
+            ipv6: options.ipv6_listen,
+            tls_port,
+            cert: cert.clone(),
+        };
         let relay_ports = relay_port_range();
         let stdout = File::create(dir.path().join("stdout.log")).expect("stdout.log");
         let stderr = File::create(dir.path().join("stderr.log")).expect("stderr.log");
@@ -257,12 +468,13 @@ impl TestServer {
         let mut cmd = match backend {
             Backend::Turnstone => {
                 let config = dir.path().join("turnstone.toml");
-                std::fs::write(&config, options.to_toml(addr, relay_ports)).expect("write config");
+                std::fs::write(&config, options.to_toml_with(&listeners, relay_ports))
+                    .expect("write config");
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
                 cmd.arg("--config").arg(&config);
                 cmd
             }
-            Backend::Coturn => coturn_command(dir.path(), &options, addr, relay_ports),
+            Backend::Coturn => coturn_command(dir.path(), &options, &listeners, relay_ports),
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
@@ -270,10 +482,19 @@ impl TestServer {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {backend:?} server {cmd:?}: {e}"));
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
         let mut server = TestServer {
             backend,
             addr,
             relay_ports,
+            tcp_addr: options.tcp.then_some(addr),
+            tls_addr: tls_port.map(|p| SocketAddr::new(v4, p)),
+            addr6: options.ipv6_listen.then(|| SocketAddr::new(v6, port)),
+            tls_addr6: tls_port
+                .filter(|_| options.ipv6_listen)
+                .map(|p| SocketAddr::new(v6, p)),
+            cert,
+            listeners,
             options,
             child: Some(child),
             dir,
@@ -284,6 +505,31 @@ impl TestServer {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The TLS listen port (panics if the server has no TLS listener).
+    pub fn tls_port(&self) -> u16 {
+        self.tls_addr.expect("server started without .tls()").port()
+    }
+
+    /// The server process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Has the server process exited? (`Some(status)` if so.)
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// How many file descriptors the server process has open (Linux /proc), if known.
+    pub fn open_fds(&self) -> Option<usize> {
+        let pid = self.pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count())
     }
 
     pub fn dir(&self) -> &Path {
@@ -331,6 +577,7 @@ impl TestServer {
                 match sock.recv_from(&mut buf) {
                     Ok((n, from)) if from == self.addr => {
                         if parse_binding_success(&buf[..n], &tid).is_some() {
+                            self.wait_streams_ready(deadline);
                             return;
                         }
                     }
@@ -344,6 +591,38 @@ impl TestServer {
                     "{:?} server did not answer a STUN Binding request on {} within {:?}",
                     self.backend, self.addr, READY_TIMEOUT
                 );
+            }
+        }
+    }
+}
+
+impl TestServer {
+    /// After the UDP listener answers: the TCP/TLS listeners accept and the [::1] UDP
+    /// listener answers a Binding, before `deadline`.
+    fn wait_streams_ready(&mut self, deadline: Instant) {
+        let mut streams: Vec<SocketAddr> = Vec::new();
+        if self.options.tcp {
+            streams.extend(self.listeners.udp_addrs());
+        }
+        streams.extend(self.listeners.tls_addrs());
+        for a in streams {
+            loop {
+                if TcpStream::connect_timeout(&a, READY_POLL).is_ok() {
+                    break;
+                }
+                if Instant::now() >= deadline || self.try_wait().is_some() {
+                    panic!(
+                        "{:?} server does not accept TCP connections on {a} within {:?}",
+                        self.backend, READY_TIMEOUT
+                    );
+                }
+                std::thread::sleep(READY_POLL);
+            }
+        }
+        if let Some(a6) = self.addr6 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = stun_binding(a6, left.max(Duration::from_secs(1))) {
+                panic!("{:?} server is not ready on {a6}: {e}", self.backend);
             }
         }
     }
@@ -364,21 +643,39 @@ impl Drop for TestServer {
 fn coturn_command(
     dir: &Path,
     options: &ServerOptions,
-    addr: SocketAddr,
+    listeners: &Listeners,
     relay_ports: (u16, u16),
 ) -> Command {
     let bin = require_tool("turnserver", COTURN_HINT);
+    let addr = listeners.udp;
     let mut cmd = Command::new(bin);
-    cmd.arg("-n")
-        .arg(format!("--listening-ip={}", addr.ip()))
-        .arg(format!("--listening-port={}", addr.port()))
-        .arg("--relay-ip=127.0.0.1")
-        .arg(format!("--min-port={}", relay_ports.0))
+    cmd.arg("-n");
+    for a in listeners.udp_addrs() {
+        cmd.arg(format!("--listening-ip={}", a.ip()));
+    }
+    cmd.arg(format!("--listening-port={}", addr.port()))
+        .arg("--relay-ip=127.0.0.1");
+    if options.ipv6_relay {
+        cmd.arg("--relay-ip=::1");
+    }
+    // coturn always listens on TCP on the listening port too (`options.tcp`).
+    match (&listeners.cert, listeners.tls_port) {
+        (Some(cert), Some(p)) => {
+            cmd.arg(format!("--tls-listening-port={p}"))
+                .arg(format!("--cert={}", cert.cert_pem.display()))
+                .arg(format!("--pkey={}", cert.key_pem.display()))
+                .arg("--no-tlsv1")
+                .arg("--no-tlsv1_1");
+        }
+        _ => {
+            cmd.arg("--no-tls");
+        }
+    }
+    cmd.arg(format!("--min-port={}", relay_ports.0))
         .arg(format!("--max-port={}", relay_ports.1))
         .arg("--lt-cred-mech")
         .arg(format!("--realm={}", options.realm))
         .arg("--no-cli")
-        .arg("--no-tls")
         .arg("--no-dtls")
         .arg("--simple-log")
         .arg("--log-file=stdout")
@@ -519,7 +816,12 @@ pub fn stun_binding(
     server: SocketAddr,
     timeout: Duration,
 ) -> Result<(SocketAddr, SocketAddr), String> {
-    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let bind = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
     let local = sock.local_addr().map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_millis(250)))
         .map_err(|e| e.to_string())?;
@@ -746,4 +1048,324 @@ fn credentials_in_json(v: &serde_json::Value) -> Option<(String, String)> {
         serde_json::Value::Array(a) => a.iter().find_map(credentials_in_json),
         _ => None,
     }
+}
+
+// ---------------------------------------------------------------------------
+// STUN/TURN over TCP and TLS (RFC 8656 12.5 framing)
+// ---------------------------------------------------------------------------
+
+/// Read/write timeout of the stream clients below.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TCP connection to `server`, from `source` (an IP of this host, e.g. 127.0.0.2)
+/// if given; read/write timeouts of [`STREAM_TIMEOUT`].
+pub fn tcp_connect_from(source: Option<IpAddr>, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let domain = socket2::Domain::for_address(server);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if let Some(ip) = source {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.connect_timeout(&server.into(), STREAM_TIMEOUT)?;
+    let t: TcpStream = s.into();
+    t.set_read_timeout(Some(STREAM_TIMEOUT))?;
+    t.set_write_timeout(Some(STREAM_TIMEOUT))?;
+    t.set_nodelay(true)?;
+    Ok(t)
+}
+
+/// A rustls client configuration (ring) that trusts only `cert`, offers `versions`
+/// and the ALPN protocols `alpn` (none if empty).
+pub fn tls_client_config(
+    cert: &TestCert,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            cert.cert_der.clone(),
+        ))
+        .expect("trust the test certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    std::sync::Arc::new(cfg)
+}
+
+/// A TLS client stream.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects to `server` over TLS (server name `name`, e.g. "localhost") and completes
+/// the handshake.
+pub fn tls_connect(
+    server: SocketAddr,
+    name: &str,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<TlsStream, String> {
+    let mut tcp =
+        tcp_connect_from(None, server).map_err(|e| format!("TCP connect to {server}: {e}"))?;
+    let sni = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| format!("server name {name}: {e}"))?;
+    let mut conn = rustls::ClientConnection::new(cfg, sni).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + STREAM_TIMEOUT;
+    while conn.is_handshaking() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "TLS handshake with {server} not done in {STREAM_TIMEOUT:?}"
+            ));
+        }
+        conn.complete_io(&mut tcp)
+            .map_err(|e| format!("TLS handshake with {server}: {e}"))?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// A TCP or TLS connection carrying STUN/ChannelData frames.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(t) => t,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(t) => t.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(t) => t.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(t) => t.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// Reads one frame from a stream: a STUN message (20 + length) or a ChannelData
+/// message (4 + length, plus the padding to 4 bytes, which is stripped).
+pub fn read_frame(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head)?;
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let (body, pad) = if head[0] < 0x40 {
+        (16 + len, 0)
+    } else {
+        (len, (4 - len % 4) % 4)
+    };
+    let mut frame = head.to_vec();
+    frame.resize(4 + body + pad, 0);
+    r.read_exact(&mut frame[4..])?;
+    frame.truncate(4 + body);
+    Ok(frame)
+}
+
+/// A small TURN client over a stream (long-term credentials, RFC 8489 9.2).
+pub struct StreamClient {
+    pub stream: Stream,
+    user: String,
+    key: [u8; 16],
+    realm: String,
+    nonce: Option<String>,
+}
+
+/// A parsed answer: (class, method, error code, raw bytes).
+pub struct Answer {
+    pub raw: Vec<u8>,
+}
+
+impl Answer {
+    pub fn msg(&self) -> turnstone::proto::Message<'_> {
+        turnstone::proto::Message::parse(&self.raw).expect("answer parses")
+    }
+    pub fn is_success(&self) -> bool {
+        self.msg().class() == turnstone::proto::Class::Success
+    }
+    pub fn code(&self) -> Option<u16> {
+        self.msg().error_code().ok().flatten().map(|(c, _)| c)
+    }
+    pub fn describe(&self) -> String {
+        let m = self.msg();
+        format!(
+            "{:?} method {:#05x} error {:?}",
+            m.class(),
+            m.method(),
+            m.error_code().ok().flatten()
+        )
+    }
+}
+
+impl StreamClient {
+    pub fn new(stream: Stream, user: &str, password: &str) -> StreamClient {
+        StreamClient {
+            stream,
+            user: user.to_string(),
+            key: turnstone::auth::long_term_key(user, REALM, password),
+            realm: REALM.to_string(),
+            nonce: None,
+        }
+    }
+
+    /// alice/wonderland over TCP from `source` (default 127.0.0.1).
+    pub fn tcp(source: Option<IpAddr>, server: SocketAddr) -> Result<StreamClient, String> {
+        let t = tcp_connect_from(source, server).map_err(|e| format!("connect {server}: {e}"))?;
+        Ok(StreamClient::new(Stream::Tcp(t), USER, PASSWORD))
+    }
+
+    /// Writes `req` and reads frames until the answer with its transaction ID.
+    pub fn transact(&mut self, req: &[u8]) -> Result<Answer, String> {
+        use turnstone::proto::{Class, Message};
+        let want = Message::parse(req)
+            .map_err(|e| format!("our request: {e:?}"))?
+            .transaction_id();
+        self.stream
+            .write_all(req)
+            .and_then(|()| self.stream.flush())
+            .map_err(|e| format!("write: {e}"))?;
+        let deadline = Instant::now() + STREAM_TIMEOUT;
+        while Instant::now() < deadline {
+            let f = read_frame(&mut self.stream).map_err(|e| format!("read: {e}"))?;
+            if let Ok(m) = Message::parse(&f) {
+                if m.transaction_id() == want && matches!(m.class(), Class::Success | Class::Error)
+                {
+                    return Ok(Answer { raw: f });
+                }
+            }
+        }
+        Err(format!("no answer within {STREAM_TIMEOUT:?}"))
+    }
+
+    /// Binding request; returns XOR-MAPPED-ADDRESS.
+    pub fn binding(&mut self) -> Result<SocketAddr, String> {
+        use turnstone::proto::{attr, method, Class, MessageWriter, TransactionId};
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(
+            &mut buf,
+            method::BINDING,
+            Class::Request,
+            TransactionId(random_tid()),
+        );
+        w.fingerprint();
+        w.finish();
+        let a = self.transact(&buf)?;
+        if !a.is_success() {
+            return Err(format!("Binding: {}", a.describe()));
+        }
+        a.msg()
+            .xor_address(attr::XOR_MAPPED_ADDRESS)
+            .ok()
+            .flatten()
+            .ok_or_else(|| "Binding success without XOR-MAPPED-ADDRESS".to_string())
+    }
+
+    /// An authenticated request: `add` adds the method's attributes; USERNAME, REALM,
+    /// NONCE, MESSAGE-INTEGRITY and FINGERPRINT follow. Fetches a nonce first (with an
+    /// unauthenticated request of the same kind) if it has none, and retries once on 438.
+    pub fn request(
+        &mut self,
+        method: u16,
+        add: &dyn Fn(&mut turnstone::proto::MessageWriter<'_>),
+    ) -> Result<Answer, String> {
+        use turnstone::proto::{attr, Class, MessageWriter, TransactionId};
+        for _ in 0..3 {
+            let mut buf = Vec::new();
+            let mut w = MessageWriter::new(
+                &mut buf,
+                method,
+                Class::Request,
+                TransactionId(random_tid()),
+            );
+            add(&mut w);
+            if let Some(nonce) = &self.nonce {
+                w.attr(attr::USERNAME, self.user.as_bytes())
+                    .attr(attr::REALM, self.realm.as_bytes())
+                    .attr(attr::NONCE, nonce.as_bytes())
+                    .message_integrity(&self.key);
+            }
+            w.fingerprint();
+            w.finish();
+            let a = self.transact(&buf)?;
+            match a.code() {
+                Some(401) | Some(438) => {
+                    let m = a.msg();
+                    let nonce = m.nonce().ok().flatten().map(str::to_string);
+                    let realm = m.realm().ok().flatten().map(str::to_string);
+                    if a.code() == Some(401) && self.nonce.is_some() {
+                        return Err(format!("credentials refused: {}", a.describe()));
+                    }
+                    match nonce {
+                        Some(n) => self.nonce = Some(n),
+                        None => return Err(format!("{} without NONCE", a.describe())),
+                    }
+                    if let Some(r) = realm {
+                        self.realm = r;
+                    }
+                }
+                _ => return Ok(a),
+            }
+        }
+        Err("no answer beyond 401/438".to_string())
+    }
+
+    /// An authenticated Allocate (UDP relay); returns XOR-RELAYED-ADDRESS.
+    pub fn allocate(&mut self) -> Result<SocketAddr, String> {
+        use turnstone::proto::{attr, method};
+        let a = self.request(method::ALLOCATE, &|w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })?;
+        if !a.is_success() {
+            return Err(format!("Allocate: {}", a.describe()));
+        }
+        a.msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .ok()
+            .flatten()
+            .ok_or_else(|| "Allocate success without XOR-RELAYED-ADDRESS".to_string())
+    }
+
+    /// An authenticated Refresh with `lifetime` seconds.
+    pub fn refresh(&mut self, lifetime: u32) -> Result<(), String> {
+        use turnstone::proto::{attr, method};
+        let a = self.request(method::REFRESH, &|w| {
+            w.u32_attr(attr::LIFETIME, lifetime);
+        })?;
+        if a.is_success() {
+            Ok(())
+        } else {
+            Err(format!("Refresh: {}", a.describe()))
+        }
+    }
+}
+
+/// A fresh TCP connection from `source` completes an authenticated Allocate (and the
+/// connection is closed again); panics with `what` otherwise.
+pub fn assert_tcp_allocates(server: SocketAddr, source: Option<IpAddr>, what: &str) -> SocketAddr {
+    let r = StreamClient::tcp(source, server).and_then(|mut c| {
+        let relayed = c.allocate()?;
+        // Give the allocation back so repeated checks do not pile up.
+        let _ = c.refresh(0);
+        Ok(relayed)
+    });
+    r.unwrap_or_else(|e| panic!("a good TCP client from {source:?} was not served ({what}): {e}"))
 }
