@@ -111,7 +111,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             (c, Some((username, password)))
         }
     };
-    init_logging(&config);
+    let log_level = init_logging(&config);
     if let Some((username, password)) = dev_credential {
         let urls: Vec<String> = config
             .listen
@@ -125,7 +125,11 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         eprintln!("turnstone development server (credential valid for 24 hours); paste into new RTCPeerConnection({{iceServers: [...]}}):");
         println!("{}", ice_server_json(&urls, &username, &password));
     }
-    match net::run(Launch { config, path }) {
+    match net::run(Launch {
+        config,
+        path,
+        log_level: Some(log_level),
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -135,18 +139,31 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Sets up `tracing` (text or JSON on stderr, `[log] level` unless `RUST_LOG` is set)
+/// with a filter that a reload can change.
+fn init_logging(config: &Config) -> net::LogLevelSetter {
+    use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
     }
+    Box::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn ice_server_json(urls: &[String], username: &str, credential: &str) -> String {

@@ -556,9 +556,10 @@ fn duplicate_and_out_of_order_attributes() {
 // Floods
 // ---------------------------------------------------------------------------
 
-/// 20,000 unauthenticated Allocates from 200 source ports: every one is answered 401
-/// statelessly; the server's resident memory grows by less than 2 MiB and no allocation
-/// quota is taken (max_allocations = 1, and a good client still gets it).
+/// 20,000 unauthenticated Allocates from 200 source ports on 100 addresses: answered
+/// (401/438, possibly rate limited) statelessly; the server's resident memory grows by
+/// less than 2 MiB and no allocation quota is taken (max_allocations = 1, and a good
+/// client still gets it).
 #[test]
 fn unauthenticated_allocate_spray_keeps_memory_flat() {
     if !turnstone_only("unauthenticated_allocate_spray_keeps_memory_flat") {
@@ -566,9 +567,12 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
     }
     let server = TestServer::start(ServerOptions::default().max_allocations(1));
     let pid = server_pid(server.dir());
-    let socks: Vec<UdpSocket> = (0..200)
-        .map(|_| {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    // 200 sockets on 100 source addresses (127.0.1.1 .. 127.0.1.100), two ports each:
+    // whatever the server keeps per unauthenticated source must stay bounded.
+    let socks: Vec<UdpSocket> = (0..200u8)
+        .map(|i| {
+            let s = UdpSocket::bind(SocketAddr::from(([127, 0, 1, 1 + i / 2], 0)))
+                .expect("bind a 127.0.1.x source address");
             s.set_nonblocking(true).expect("nonblocking");
             s
         })
@@ -620,10 +624,8 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
     eprintln!(
         "spray: 20000 unauthenticated Allocates, {answered} error answers, VmRSS {before} -> {after} KiB"
     );
-    assert!(
-        answered >= 10_000,
-        "only {answered} of 20000 unauthenticated Allocates were answered"
-    );
+    // Answers may be rate limited per source ([limits] unauthenticated_rate), not absent.
+    assert!(answered > 0, "no unauthenticated Allocate was answered");
     assert!(
         after <= before + 2048,
         "resident memory grew by {} KiB during the spray",

@@ -214,6 +214,9 @@ fn runtime() -> Runtime {
         nonces: NonceMaker::new([0x5a; 32], 600),
         policy: PeerPolicy::new(&allow, &[]),
         limits: Limits {
+            max_bandwidth_per_allocation: 0,
+            max_total_bandwidth: 0,
+            unauthenticated_rate: 0,
             max_allocations: 1000,
             max_allocations_per_user: 1000,
             max_permissions_per_allocation: 64,
@@ -221,6 +224,7 @@ fn runtime() -> Runtime {
             default_lifetime: Duration::from_secs(u64::from(DEFAULT_LIFETIME)),
             max_lifetime: Duration::from_secs(u64::from(MAX_LIFETIME)),
         },
+        alternate_servers: Vec::new(),
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()

@@ -43,6 +43,9 @@ fn server() -> Server {
         nonces: NonceMaker::new([1; 32], 600),
         policy: PeerPolicy::new(&["127.0.0.0/8".parse().unwrap()], &[]),
         limits: Limits {
+            max_bandwidth_per_allocation: 0,
+            max_total_bandwidth: 0,
+            unauthenticated_rate: 0,
             max_allocations: 10,
             max_allocations_per_user: 10,
             max_permissions_per_allocation: 10,
@@ -50,6 +53,7 @@ fn server() -> Server {
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
         },
+        alternate_servers: Vec::new(),
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()

@@ -116,6 +116,15 @@ fn run_uclient(args: &[String], server_ip: &str, clients: u64) {
         run.status,
         context()
     );
+    // uclient waits up to ~35 s for all its connections (with -T: control connections,
+    // Connect / ConnectionBind data connections), then carries on with those it has and
+    // prints this warning; coturn completes them all at once.
+    assert!(
+        !out.contains("not enough"),
+        "uclient could not complete all its connections (`connections are completed, not \
+         enough`; look for `connection bind error` / `connect error` lines)\n{}",
+        context()
+    );
     let s = parse_summary(&out)
         .unwrap_or_else(|| panic!("no final summary in uclient output\n{}", context()));
     assert_eq!(s.sent, clients * MESSAGES, "sent: {s:?}\n{}", context());

@@ -28,9 +28,9 @@ use turnstone::proto::{
     Message, MessageWriter, TransactionId, HEADER_LEN,
 };
 use turnstone::server::{
-    BindError, BindResult, Clock, Event, FiveTuple, Limits, Output, RelayAddrs, RelayBinder,
-    RelayHandle, Runtime, Server, Shared, Transport, CHANNEL_COOLDOWN, PEER_HEADROOM,
-    PEER_TAILROOM, RESERVATION_LIFETIME,
+    BindError, BindResult, Clock, Event, FiveTuple, Output, RelayBinder, RelayHandle, Runtime,
+    Server, Shared, Transport, CHANNEL_COOLDOWN, PEER_HEADROOM, PEER_TAILROOM,
+    RESERVATION_LIFETIME,
 };
 
 /// Open server bugs are tolerated by the checks (so the test suite and fuzzing stay useful
@@ -975,40 +975,42 @@ impl Setup {
         }
     }
 
+    /// The runtime, built the way the server builds it: from a validated [`Config`] (so
+    /// fields added to `Runtime`/`Limits` later get their configured defaults).
     fn runtime(&self) -> Runtime {
-        let mut users = BTreeMap::new();
-        users.insert("alice".to_string(), "wonderland".to_string());
-        users.insert("bob".to_string(), "builder".to_string());
+        let mut c = Config::development();
+        c.server.realm = SERVER_REALM.into();
+        c.server.software = Some("turnstone-fuzz".into());
+        c.server.nonce_lifetime = Duration::from_secs(600);
+        c.relay.addresses = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        c.relay.external_addresses = if self.external {
+            vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))]
+        } else {
+            vec![]
+        };
+        c.auth.users = [("alice", "wonderland"), ("bob", "builder")]
+            .iter()
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect();
+        c.auth.secrets = vec![REST_SECRET.to_string()];
         let nets =
             |l: &[&str]| -> Vec<ipnet::IpNet> { l.iter().filter_map(|s| s.parse().ok()).collect() };
-        let (allow, deny) = match self.policy {
+        (c.policy.allow_peers, c.policy.deny_peers) = match self.policy {
             0 => (nets(&["127.0.0.0/8"]), vec![]),
             1 => (vec![], vec![]),
             _ => (nets(&["127.0.0.0/8", "::1/128"]), nets(&["127.0.0.2/32"])),
         };
-        Runtime {
-            realm: SERVER_REALM.into(),
-            software: Some("turnstone-fuzz".into()),
-            credentials: Credentials::new(SERVER_REALM, &users, &[REST_SECRET.to_string()]),
-            nonces: NonceMaker::new([9; 32], 600),
-            policy: PeerPolicy::new(&allow, &deny),
-            limits: Limits {
-                max_allocations: self.max_allocations,
-                max_allocations_per_user: self.max_per_user,
-                max_permissions_per_allocation: self.max_permissions,
-                max_channels_per_allocation: self.max_channels,
-                default_lifetime: Duration::from_secs(self.default_lifetime),
-                max_lifetime: Duration::from_secs(self.max_lifetime),
-            },
-            relay: RelayAddrs {
-                v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                v6: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-                external_v4: self
-                    .external
-                    .then_some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))),
-                external_v6: None,
-            },
-        }
+        let l = &mut c.limits;
+        l.max_allocations = self.max_allocations;
+        l.max_allocations_per_user = self.max_per_user;
+        l.max_permissions_per_allocation = self.max_permissions;
+        l.max_channels_per_allocation = self.max_channels;
+        l.default_lifetime = Duration::from_secs(self.default_lifetime);
+        l.max_lifetime = Duration::from_secs(self.max_lifetime);
+        Runtime::from_config(&c, [9; 32])
     }
 }
 

@@ -22,6 +22,8 @@ use anyhow::Context;
 use arc_swap::ArcSwapOption;
 
 use crate::config::{Config, ListenTransport};
+use crate::metrics::Metrics;
+use crate::notify;
 use crate::server::{Runtime, Shared, Transport};
 pub use ports::PortPool;
 
@@ -29,6 +31,8 @@ pub use ports::PortPool;
 pub struct Launch {
     pub config: Config,
     pub path: Option<PathBuf>,
+    /// Applies `[log] level` on reload, when the caller set up a reloadable filter.
+    pub log_level: Option<LogLevelSetter>,
 }
 
 /// What every worker shares with the others and with the main thread.
@@ -41,6 +45,7 @@ pub(crate) struct Common {
     pub tls: ArcSwapOption<rustls::ServerConfig>,
     pub conns: Arc<stream::ConnCounter>,
     pub stream_limits: stream::StreamLimits,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One worker's own listener sockets.
@@ -71,6 +76,12 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     let nonce_secret: [u8; 32] = rand::random();
     let shared = Shared::new(Runtime::from_config(&config, nonce_secret));
     let tls_config = load_tls(&config)?;
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    shared.set_workers(workers);
+    let metrics = Arc::new(Metrics::new(workers));
     let common = Arc::new(Common {
         shared: shared.clone(),
         ports: PortPool::new(
@@ -82,11 +93,8 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         tls: ArcSwapOption::new(tls_config),
         conns: Arc::new(stream::ConnCounter::new()),
         stream_limits: stream::StreamLimits::default(),
+        metrics: metrics.clone(),
     });
-    let workers = match config.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
 
     // Bind every worker's sockets before announcing readiness, so a bad address is a
     // start-up error.
@@ -139,10 +147,27 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
             .name(format!("turnstone-w{i}"))
             .spawn(move || worker::run(i, common, socks))?;
     }
+    if let Some(addr) = config.metrics.listen {
+        let m = metrics.clone();
+        let health: crate::metrics::Health =
+            Arc::new(move || m.workers_alive(Duration::from_secs(5)) && !m.is_draining());
+        crate::metrics::serve(addr, metrics.clone(), health)
+            .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
+    }
     for l in &config.listen {
         tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
     }
-    signals(common, launch.path, nonce_secret)
+    if let Err(e) = notify::ready() {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+    signals(
+        common,
+        launch.path,
+        nonce_secret,
+        config.server.drain_timeout,
+        launch.log_level,
+    )
 }
 
 /// The main thread waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop.
@@ -150,6 +175,8 @@ fn signals(
     common: Arc<Common>,
     path: Option<PathBuf>,
     nonce_secret: [u8; 32],
+    mut drain_timeout: Duration,
+    log_level: Option<LogLevelSetter>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,24 +186,78 @@ fn signals(
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // systemd's watchdog: ping at half its interval while every worker is alive.
+        let wd = notify::watchdog_interval();
+        let mut watchdog =
+            tokio::time::interval(wd.map_or(Duration::from_secs(3600), |d| (d / 2).max(Duration::from_millis(100))));
         loop {
             tokio::select! {
-                _ = hup.recv() => reload(&common, path.as_deref(), nonce_secret),
+                _ = hup.recv() => {
+                    let _ = notify::reloading();
+                    if let Some(t) = reload(&common, path.as_deref(), nonce_secret, log_level.as_ref()) {
+                        drain_timeout = t;
+                    }
+                    let _ = notify::ready();
+                }
                 _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = watchdog.tick() => {
+                    if wd.is_some() && common.metrics.workers_alive(Duration::from_secs(5)) {
+                        let _ = notify::watchdog();
+                    }
+                }
+            }
+        }
+        // Drain: refuse new allocations, let the live ones run until they end or the
+        // drain timeout passes, then exit.
+        let _ = notify::stopping();
+        common.shared.set_draining(true);
+        common.metrics.set_draining(true);
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        tracing::info!(
+            allocations = common.shared.total_allocations(),
+            timeout_secs = drain_timeout.as_secs(),
+            "draining"
+        );
+        loop {
+            let left = common.shared.total_allocations();
+            if left == 0 {
+                tracing::info!("drained: no allocation left; stopping");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(allocations = left, "drain timeout passed; stopping");
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = term.recv() => {
+                    tracing::info!(allocations = left, "second SIGTERM: stopping now");
+                    break;
+                }
                 _ = int.recv() => break,
             }
         }
-        tracing::info!(allocations = common.shared.total_allocations(), "stopping");
         // Give workers a moment to flush logs.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         Ok(())
     })
 }
 
-fn reload(common: &Common, path: Option<&std::path::Path>, nonce_secret: [u8; 32]) {
+/// Changes the log filter at run time (`[log] level` on reload).
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Reloads the configuration file; returns the new drain timeout on success. A file
+/// that fails validation changes nothing and every problem is logged.
+fn reload(
+    common: &Common,
+    path: Option<&std::path::Path>,
+    nonce_secret: [u8; 32],
+    log_level: Option<&LogLevelSetter>,
+) -> Option<Duration> {
     let Some(path) = path else {
         tracing::warn!("SIGHUP: no configuration file to reload (started without --config)");
-        return;
+        return None;
     };
     match Config::load(path) {
         Ok(cfg) => {
@@ -186,7 +267,8 @@ fn reload(common: &Common, path: Option<&std::path::Path>, nonce_secret: [u8; 32
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(problem = %e, "reload refused; keeping the running configuration");
-                    return;
+                    common.metrics.reload(false);
+                    return None;
                 }
             };
             if let Some(t) = tls {
@@ -196,12 +278,23 @@ fn reload(common: &Common, path: Option<&std::path::Path>, nonce_secret: [u8; 32
                 .shared
                 .runtime
                 .store(Arc::new(Runtime::from_config(&cfg, nonce_secret)));
+            if let Some(set) = log_level {
+                if std::env::var_os("RUST_LOG").is_none() {
+                    if let Err(e) = set(&cfg.log.level) {
+                        tracing::warn!(problem = %e, "log.level not applied");
+                    }
+                }
+            }
+            common.metrics.reload(true);
             tracing::info!(path = %path.display(), "configuration reloaded");
+            Some(cfg.server.drain_timeout)
         }
         Err(errors) => {
             for e in &errors {
                 tracing::error!(problem = %e, "reload refused; keeping the running configuration");
             }
+            common.metrics.reload(false);
+            None
         }
     }
 }

@@ -257,6 +257,7 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
         };
         // One reading of the clocks per batch of events.
         let clock = clock();
+        core.counters.handled(n as u64);
         for ev in &events[..n] {
             let token = ev.data();
             if token < STREAM_LISTENER_BASE {
@@ -424,8 +425,10 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
         }
         sbatch.flush(&listeners);
         let now = Instant::now();
+        core.counters.busy(now.saturating_duration_since(clock.now));
         if now >= next_tick {
             next_tick = now + TICK;
+            common.metrics.flush(index, &mut core.counters);
             closed.extend(streams.tick(now, &epoll));
             let mut binder = Binder {
                 relays: &mut relays,

@@ -82,6 +82,9 @@ pub struct Allocation {
     pub allocate_tid: TransactionId,
     pub allocate_response: Box<[u8]>,
     pub usage: Usage,
+    /// `[limits] max_bandwidth_per_allocation`, client to peer and peer to client.
+    pub bucket_out: super::TokenBucket,
+    pub bucket_in: super::TokenBucket,
 }
 
 impl Allocation {

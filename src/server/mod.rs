@@ -26,7 +26,8 @@ pub use allocation::{
 pub use shared::{Limits, QuotaError, RelayAddrs, Runtime, Shared};
 pub use tcp::{Command, CONNECTION_BIND_TIMEOUT};
 
-use crate::auth::{Key, NonceCheck};
+use crate::auth::{Key, LookupError, NonceCheck};
+use crate::metrics::{AuthFailure, Direction, DropReason, RelayPath, WorkerCounters};
 use crate::proto::{self, attr, method, Class, Message, MessageWriter, TransactionId};
 use allocation::BindCheck;
 
@@ -190,6 +191,107 @@ pub struct Server {
     commands: Vec<Command>,
     /// The time of the message being handled.
     last_now: Instant,
+    /// Metrics counted by this worker, flushed by the shell once a second.
+    pub counters: WorkerCounters,
+    /// Limits copied from the runtime once a second (read on the relay path).
+    hot: HotLimits,
+    /// This worker's share of `[limits] max_total_bandwidth`.
+    total_bucket: TokenBucket,
+    unauth: UnauthLimiter,
+}
+
+/// The limits the relay path reads, refreshed from the runtime every tick.
+#[derive(Debug, Clone, Copy, Default)]
+struct HotLimits {
+    per_allocation: u64,
+    total_per_worker: u64,
+}
+
+/// A byte token bucket holding up to one second of its rate.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(now: Instant) -> TokenBucket {
+        // Starts full: one second's worth once the rate is known.
+        TokenBucket {
+            tokens: u64::MAX,
+            last: now,
+        }
+    }
+
+    /// Takes `n` bytes at `rate` bytes/s (0: unlimited); false if not enough are left.
+    #[inline]
+    pub fn take(&mut self, n: usize, rate: u64, now: Instant) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last);
+        if elapsed.as_micros() > 0 {
+            let add = (rate as u128 * elapsed.as_micros() / 1_000_000) as u64;
+            if add > 0 {
+                self.tokens = self.tokens.saturating_add(add);
+                self.last = now;
+            }
+        }
+        self.tokens = self.tokens.min(rate);
+        let n = n as u64;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Answers to unauthenticated requests, limited per source IP so the server cannot be
+/// used as a reflector: a fixed table (no growth with the number of sources) of token
+/// buckets, one per hash slot.
+struct UnauthLimiter {
+    slots: Box<[(Option<IpAddr>, u32, Instant)]>,
+    hasher: RandomState,
+}
+
+const UNAUTH_SLOTS: usize = 4096;
+
+impl UnauthLimiter {
+    fn new(now: Instant) -> UnauthLimiter {
+        UnauthLimiter {
+            slots: vec![(None, 0, now); UNAUTH_SLOTS].into_boxed_slice(),
+            hasher: RandomState::default(),
+        }
+    }
+
+    /// May `ip` get one more unauthenticated answer now, at `rate` per second?
+    fn allow(&mut self, ip: IpAddr, rate: u32, now: Instant) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        use std::hash::BuildHasher;
+        let i = (self.hasher.hash_one(ip) as usize) % UNAUTH_SLOTS;
+        let Some(slot) = self.slots.get_mut(i) else {
+            return true;
+        };
+        if slot.0 != Some(ip) {
+            *slot = (Some(ip), rate, now);
+        }
+        let elapsed = now.saturating_duration_since(slot.2);
+        let add = (u128::from(rate) * elapsed.as_millis() / 1000) as u32;
+        if add > 0 {
+            slot.1 = slot.1.saturating_add(add).min(rate);
+            slot.2 = now;
+        }
+        if slot.1 > 0 {
+            slot.1 -= 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The outcome of authenticating a request.
@@ -208,6 +310,20 @@ enum Reply {
 
 impl Server {
     pub fn new(shared: Arc<Shared>) -> Server {
+        let mut s = Server::new_inner(shared);
+        s.refresh_hot_limits();
+        s
+    }
+
+    fn refresh_hot_limits(&mut self) {
+        let rt = self.shared.runtime.load();
+        self.hot = HotLimits {
+            per_allocation: rt.limits.max_bandwidth_per_allocation,
+            total_per_worker: rt.limits.max_total_bandwidth / self.shared.workers() as u64,
+        };
+    }
+
+    fn new_inner(shared: Arc<Shared>) -> Server {
         Server {
             shared,
             allocations: Vec::new(),
@@ -226,6 +342,10 @@ impl Server {
             data_conns: HashMap::default(),
             commands: Vec::new(),
             last_now: Instant::now(),
+            counters: WorkerCounters::new(),
+            hot: HotLimits::default(),
+            total_bucket: TokenBucket::new(Instant::now()),
+            unauth: UnauthLimiter::new(Instant::now()),
         }
     }
 
@@ -346,9 +466,11 @@ impl Server {
         now: Instant,
     ) -> Output<'s> {
         let Some((number, data)) = proto::parse_channel_data(buf) else {
+            self.counters.dropped(DropReason::Malformed);
             return Output::Nothing;
         };
         let Some(&slot) = self.by_five_tuple.get(&ft) else {
+            self.counters.dropped(DropReason::NoAllocation);
             return Output::Nothing;
         };
         let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
@@ -358,16 +480,30 @@ impl Server {
             return Output::Nothing;
         }
         let Some(peer) = alloc.channel_peer(number, now) else {
+            self.counters.dropped(DropReason::NoChannel);
             return Output::Nothing;
         };
         if alloc.permission(peer.ip(), now).is_none() {
+            self.counters.dropped(DropReason::NoPermission);
             return Output::Nothing;
         }
         let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
             return Output::Nothing;
         };
+        if !alloc
+            .bucket_out
+            .take(data.len(), self.hot.per_allocation, now)
+            || !self
+                .total_bucket
+                .take(data.len(), self.hot.total_per_worker, now)
+        {
+            self.counters.dropped(DropReason::Bandwidth);
+            return Output::Nothing;
+        }
         alloc.usage.packets_to_peer += 1;
         alloc.usage.bytes_to_peer += data.len() as u64;
+        self.counters
+            .relayed(Direction::ToPeer, RelayPath::Channel, data.len());
         Output::ToPeer { relay, peer, data }
     }
 
@@ -397,13 +533,27 @@ impl Server {
             return Output::Nothing;
         };
         let Some(perm) = alloc.permission(peer.ip(), now) else {
+            self.counters.dropped(DropReason::NoPermission);
             return Output::Nothing;
         };
         if perm.relays_only && !self.shared.is_live_relay(peer) {
+            self.counters.dropped(DropReason::NoPermission);
+            return Output::Nothing;
+        }
+        if !alloc
+            .bucket_out
+            .take(data.len(), self.hot.per_allocation, now)
+            || !self
+                .total_bucket
+                .take(data.len(), self.hot.total_per_worker, now)
+        {
+            self.counters.dropped(DropReason::Bandwidth);
             return Output::Nothing;
         }
         alloc.usage.packets_to_peer += 1;
         alloc.usage.bytes_to_peer += data.len() as u64;
+        self.counters
+            .relayed(Direction::ToPeer, RelayPath::Indication, data.len());
         Output::ToPeer { relay, peer, data }
     }
 
@@ -422,11 +572,21 @@ impl Server {
     ) -> Option<(FiveTuple, Range<usize>)> {
         let slot = *self.by_relay.get(relay.0 as usize)? as usize;
         let alloc = self.allocations.get_mut(slot)?.as_mut()?;
-        let perm = alloc.permission(from.ip(), now)?;
+        let Some(perm) = alloc.permission(from.ip(), now) else {
+            self.counters.dropped(DropReason::NoPermission);
+            return None;
+        };
         if perm.relays_only && !self.shared.is_live_relay(from) {
+            self.counters.dropped(DropReason::NoPermission);
             return None;
         }
         let len = payload.end.checked_sub(payload.start)?;
+        if !alloc.bucket_in.take(len, self.hot.per_allocation, now)
+            || !self.total_bucket.take(len, self.hot.total_per_worker, now)
+        {
+            self.counters.dropped(DropReason::Bandwidth);
+            return None;
+        }
         if payload.start < PEER_HEADROOM || buf.len() < payload.end + PEER_TAILROOM {
             return None;
         }
@@ -444,8 +604,12 @@ impl Server {
                 buf.get_mut(end..end + pad)?.fill(0);
                 end += pad;
             }
+            self.counters
+                .relayed(Direction::ToClient, RelayPath::Channel, len);
             start..end
         } else {
+            self.counters
+                .relayed(Direction::ToClient, RelayPath::Indication, len);
             // RFC 8656 section 11.3: Data indication with XOR-PEER-ADDRESS and DATA.
             let padded = (len + 3) & !3;
             let addr_len = if from.is_ipv6() { 20 } else { 8 };
@@ -477,6 +641,7 @@ impl Server {
     /// Expires allocations, permissions, channels and reservations. Call at least once a
     /// second (see [`Server::poll_timeout`]).
     pub fn handle_timeout<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
+        self.refresh_hot_limits();
         let mut expired = Vec::new();
         for (i, slot) in self.allocations.iter_mut().enumerate() {
             if let Some(a) = slot {
@@ -551,6 +716,8 @@ impl Server {
             self.close_tcp_of(slot);
         }
         self.shared.release(&a.username);
+        self.counters
+            .allocation_ended(a.five_tuple.transport, a.relay_addr.is_ipv6(), reason);
         if self.collect_events {
             self.events.push(Event::AllocationEnded {
                 id: a.id,
@@ -598,6 +765,18 @@ impl Server {
     ) -> Reply {
         let rt = self.shared.runtime.load_full();
         let m = msg.method();
+        // Answers that cost the sender nothing (Binding, challenges, errors before
+        // authentication) are limited per source IP: no amplification toward a
+        // spoofed victim.
+        let unauthenticated = m == method::BINDING || !msg.has_message_integrity();
+        if unauthenticated
+            && !self
+                .unauth
+                .allow(ft.client.ip(), rt.limits.unauthenticated_rate, clock.now)
+        {
+            self.counters.dropped(DropReason::RateLimited);
+            return Reply::Drop;
+        }
         if m == method::BINDING {
             // Binding needs no authentication: unknown attributes are checked at once.
             let unknown = msg.unknown_required(known_attribute);
@@ -681,6 +860,7 @@ impl Server {
         clock: Clock,
     ) -> Result<Authed, Reply> {
         if !msg.has_message_integrity() {
+            self.counters.auth_failure(AuthFailure::Missing);
             self.challenge(rt, ft, msg, 401, clock);
             return Err(Reply::Done);
         }
@@ -693,17 +873,23 @@ impl Server {
         match rt.nonces.check(nonce, ft.client, clock.unix) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
+                self.counters.auth_failure(AuthFailure::StaleNonce);
                 self.challenge(rt, ft, msg, 438, clock);
                 return Err(Reply::Done);
             }
         }
         if realm != rt.realm {
+            self.counters.auth_failure(AuthFailure::BadCredentials);
             self.challenge(rt, ft, msg, 401, clock);
             return Err(Reply::Done);
         }
         let keys = match rt.credentials.keys_for(username, clock.unix) {
             Ok(k) => k,
-            Err(_) => {
+            Err(e) => {
+                self.counters.auth_failure(match e {
+                    LookupError::Expired => AuthFailure::Expired,
+                    _ => AuthFailure::UnknownUser,
+                });
                 self.challenge(rt, ft, msg, 401, clock);
                 return Err(Reply::Done);
             }
@@ -716,6 +902,7 @@ impl Server {
                 });
             }
         }
+        self.counters.auth_failure(AuthFailure::BadCredentials);
         self.challenge(rt, ft, msg, 401, clock);
         Err(Reply::Done)
     }
@@ -746,6 +933,7 @@ impl Server {
         auth: Option<&Authed>,
         extra: impl FnOnce(&mut MessageWriter<'_>),
     ) {
+        self.counters.response(code);
         if self.collect_events {
             self.events.push(Event::ErrorResponse {
                 method: msg.method(),
@@ -825,6 +1013,17 @@ impl Server {
         };
         if self.by_five_tuple.contains_key(&ft) {
             return self.fail(rt, msg, 437, auth);
+        }
+        // Draining (SIGTERM): new allocations go elsewhere (RFC 8489 section 10: 300
+        // Try Alternate with ALTERNATE-SERVER) or are refused (508).
+        if self.shared.is_draining() {
+            if let Some(alt) = rt.alternate_servers.first().copied() {
+                self.error(rt, msg, 300, Some(auth), |w| {
+                    w.mapped_address(attr::ALTERNATE_SERVER, alt);
+                });
+                return Reply::Done;
+            }
+            return self.fail(rt, msg, 508, auth);
         }
         // RFC 8656 section 7.2 checks, in order.
         let tcp = match msg.requested_transport() {
@@ -994,6 +1193,8 @@ impl Server {
             allocate_tid: msg.transaction_id(),
             allocate_response: self.out.clone().into_boxed_slice(),
             usage: Usage::default(),
+            bucket_out: TokenBucket::new(now),
+            bucket_in: TokenBucket::new(now),
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -1017,6 +1218,8 @@ impl Server {
         if let Some(r) = second {
             self.register_relay(r, slot);
         }
+        self.counters
+            .allocation_created(ft.transport, relay_addr.is_ipv6());
         if self.collect_events {
             self.events.push(Event::AllocationCreated {
                 id,

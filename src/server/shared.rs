@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -18,6 +18,12 @@ use crate::policy::PeerPolicy;
 /// Limits the core enforces (from `[limits]`).
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Bytes per second each allocation may relay, each way (0: unlimited).
+    pub max_bandwidth_per_allocation: u64,
+    /// Bytes per second the whole server may relay (0: unlimited).
+    pub max_total_bandwidth: u64,
+    /// Answers per second to unauthenticated requests from one source IP (0: unlimited).
+    pub unauthenticated_rate: u32,
     pub max_allocations: usize,
     pub max_allocations_per_user: usize,
     pub max_permissions_per_allocation: usize,
@@ -67,6 +73,8 @@ pub struct Runtime {
     pub policy: PeerPolicy,
     pub limits: Limits,
     pub relay: RelayAddrs,
+    /// Where new Allocates are sent while draining (300 Try Alternate).
+    pub alternate_servers: Vec<SocketAddr>,
 }
 
 impl Runtime {
@@ -100,6 +108,9 @@ impl Runtime {
             nonces: NonceMaker::new(nonce_secret, config.server.nonce_lifetime.as_secs()),
             policy: PeerPolicy::new(&config.policy.allow_peers, &config.policy.deny_peers),
             limits: Limits {
+                max_bandwidth_per_allocation: l.max_bandwidth_per_allocation,
+                max_total_bandwidth: l.max_total_bandwidth,
+                unauthenticated_rate: l.unauthenticated_rate,
                 max_allocations: l.max_allocations,
                 max_allocations_per_user: l.max_allocations_per_user,
                 max_permissions_per_allocation: l.max_permissions_per_allocation,
@@ -108,6 +119,7 @@ impl Runtime {
                 max_lifetime: l.max_lifetime,
             },
             relay,
+            alternate_servers: config.server.alternate_servers.clone(),
         }
     }
 }
@@ -119,6 +131,10 @@ pub struct Shared {
     per_user: Mutex<HashMap<Box<str>, usize>>,
     total: AtomicUsize,
     next_id: AtomicU64,
+    /// SIGTERM received: new Allocates are turned away.
+    draining: AtomicBool,
+    /// How many workers share the total bandwidth.
+    workers: AtomicUsize,
 }
 
 /// Why a quota refused an allocation.
@@ -138,7 +154,25 @@ impl Shared {
             per_user: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            workers: AtomicUsize::new(1),
         })
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_workers(&self, n: usize) {
+        self.workers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed).max(1)
     }
 
     pub fn next_allocation_id(&self) -> u64 {

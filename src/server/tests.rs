@@ -76,6 +76,9 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
         nonces: NonceMaker::new([7; 32], 600),
         policy: PeerPolicy::new(&allow, &[]),
         limits: Limits {
+            max_bandwidth_per_allocation: 0,
+            max_total_bandwidth: 0,
+            unauthenticated_rate: 0,
             max_allocations: max_total,
             max_allocations_per_user: max_per_user,
             max_permissions_per_allocation: 8,
@@ -83,6 +86,7 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
         },
+        alternate_servers: Vec::new(),
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()
@@ -887,4 +891,69 @@ fn dual_allocation_with_additional_address_family() {
         },
     );
     assert_eq!(h.send(ft(2), &req, 0).unwrap().code(), Some(400));
+}
+
+#[test]
+fn bandwidth_per_allocation_token_bucket() {
+    let mut rt = runtime(&["127.0.0.0/8"], 10, 100);
+    rt.limits.max_bandwidth_per_allocation = 1500;
+    let mut h = Harness::new(rt);
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    h.channel(f, 0x4000, peer(), 2, 0);
+    let payload = [0u8; 100];
+    // One second's worth (1500 bytes) passes, the rest of the burst is dropped.
+    let sent = (0..30)
+        .filter(|_| h.channel_data(f, 0x4000, &payload, 1).is_some())
+        .count();
+    assert_eq!(sent, 15);
+    assert!(h.channel_data(f, 0x4000, &payload, 1).is_none());
+    // A second later the bucket has refilled.
+    assert!(h.channel_data(f, 0x4000, &payload, 2).is_some());
+    // The other direction has its own bucket.
+    assert!(h.peer_sends(RelayHandle(0), peer(), &payload, 2).is_some());
+}
+
+#[test]
+fn draining_refuses_new_allocations_300_or_508() {
+    let mut rt = runtime(&["127.0.0.0/8"], 10, 100);
+    rt.alternate_servers = vec!["192.0.2.7:3478".parse().unwrap()];
+    let mut h = Harness::new(rt);
+    h.allocate(ft(1), 1, 0);
+    h.shared().set_draining(true);
+    let r = h.allocate(ft(2), 2, 0);
+    assert_eq!(r.code(), Some(300));
+    assert!(r.msg().verify_integrity(&key("alice", "wonderland")));
+    assert_eq!(
+        r.msg().address(attr::ALTERNATE_SERVER).unwrap(),
+        Some("192.0.2.7:3478".parse().unwrap())
+    );
+    // Existing allocations go on: Refresh works.
+    assert_eq!(h.refresh(ft(1), 600, 3, 1).class(), Class::Success);
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    h.shared().set_draining(true);
+    assert_eq!(h.allocate(ft(2), 2, 0).code(), Some(508));
+}
+
+#[test]
+fn unauthenticated_answers_are_rate_limited_per_source() {
+    let mut rt = runtime(&["127.0.0.0/8"], 10, 100);
+    rt.limits.unauthenticated_rate = 5;
+    let mut h = Harness::new(rt);
+    let mut buf = Vec::new();
+    MessageWriter::new(&mut buf, method::BINDING, Class::Request, tid(1)).finish();
+    let answered = (0..50).filter(|_| h.send(ft(1), &buf, 0).is_some()).count();
+    assert_eq!(answered, 5);
+    // Another source is not affected; the first recovers after a second.
+    let other = FiveTuple {
+        client: "127.0.0.9:5000".parse().unwrap(),
+        ..ft(1)
+    };
+    assert!(h.send(other, &buf, 0).is_some());
+    assert!(h.send(ft(1), &buf, 1).is_some());
+    // Authenticated requests are not limited.
+    let answered = (0..20u8)
+        .filter(|i| h.refresh(ft(7), 600, 100 + i, 1).code() == Some(437))
+        .count();
+    assert_eq!(answered, 20);
 }

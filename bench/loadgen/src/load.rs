@@ -157,6 +157,7 @@ pub fn run(o: Opts) -> io::Result<()> {
 
     // Set up the client sockets.
     let mut socks: Vec<UdpSocket> = Vec::new();
+    let mut clients: Vec<Client> = Vec::new();
     match o.mode {
         Mode::Floor => {
             let s = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), BIG_BUFFER)?;
@@ -177,7 +178,8 @@ pub fn run(o: Opts) -> io::Result<()> {
                     c.create_permission(o.peer)
                         .map_err(|e| what(e, "CreatePermission"))?;
                 }
-                socks.push(c.sock);
+                socks.push(c.sock.try_clone()?);
+                clients.push(c);
             }
         }
     }
@@ -280,6 +282,12 @@ pub fn run(o: Opts) -> io::Result<()> {
     let rx = rx_handle
         .join()
         .map_err(|_| io::Error::other("receiver thread panicked"))??;
+    // Delete the allocations, so that a later run whose ephemeral ports happen to match
+    // does not get 437 (allocation mismatch).
+    drop(socks);
+    for c in clients.iter_mut() {
+        let _ = c.refresh(0);
+    }
     let echoed = echo.map(|e| {
         let counter = e.echoed.clone();
         drop(e);

@@ -191,6 +191,7 @@ pub struct Client {
 #[derive(Clone, Copy)]
 enum Req {
     Allocate,
+    Refresh(u32),
     ChannelBind(u16, SocketAddr),
     CreatePermission(SocketAddr),
 }
@@ -214,6 +215,7 @@ impl Client {
         let auth = self.auth.as_ref();
         match req {
             Req::Allocate => build_allocate(&mut self.buf, tid, &self.user, auth),
+            Req::Refresh(l) => build_refresh(&mut self.buf, tid, &self.user, auth, l),
             Req::ChannelBind(ch, peer) => {
                 build_channel_bind(&mut self.buf, tid, &self.user, auth, ch, peer)
             }
@@ -288,6 +290,11 @@ impl Client {
 
     pub fn create_permission(&mut self, peer: SocketAddr) -> io::Result<()> {
         self.transact(Req::CreatePermission(peer)).map(|_| ())
+    }
+
+    /// Refresh; lifetime 0 deletes the allocation.
+    pub fn refresh(&mut self, lifetime: u32) -> io::Result<()> {
+        self.transact(Req::Refresh(lifetime)).map(|_| ())
     }
 }
 
