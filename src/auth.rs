@@ -290,7 +290,7 @@ impl NonceMaker {
             Ok(mac) => mac,
             Err(_) => <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()),
         };
-        mac.update(b"turnstone nonce v1");
+        mac.update(b"turnstone nonce v2");
         mac.update(&time.to_be_bytes());
         match client.ip() {
             IpAddr::V4(ip) => {
@@ -302,7 +302,8 @@ impl NonceMaker {
                 mac.update(&ip.octets());
             }
         }
-        mac.update(&client.port().to_be_bytes());
+        // Bound to the address only: RFC 6062 data connections reuse the control
+        // connection's nonce from new ports.
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; 8];
         for (o, b) in out.iter_mut().zip(full.iter()) {
@@ -551,13 +552,14 @@ mod tests {
     }
 
     #[test]
-    fn nonce_bound_to_client_and_secret() {
+    fn nonce_bound_to_client_address_and_secret() {
         let n = NonceMaker::new([7; 32], 600);
         let nonce = n.make(client(), NOW);
         let other_port: SocketAddr = "192.0.2.7:50001".parse().unwrap();
         let other_ip: SocketAddr = "192.0.2.8:50000".parse().unwrap();
         let v6: SocketAddr = "[2001:db8::7]:50000".parse().unwrap();
-        assert_eq!(n.check(&nonce, other_port, NOW), NonceCheck::Invalid);
+        // Another port of the same address is fine (RFC 6062 data connections).
+        assert_eq!(n.check(&nonce, other_port, NOW), NonceCheck::Valid);
         assert_eq!(n.check(&nonce, other_ip, NOW), NonceCheck::Invalid);
         assert_eq!(n.check(&nonce, v6, NOW), NonceCheck::Invalid);
         let other = NonceMaker::new([8; 32], 600);

@@ -46,7 +46,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `server.drain_timeout` accepted.
 const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default `limits.unauthenticated_rate`: answers per second per source IP.
-pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 50;
+pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 500;
 /// Largest `limits.unauthenticated_rate` accepted.
 const MAX_UNAUTHENTICATED_RATE: u32 = 1_000_000;
 /// Smallest non-zero bandwidth limit: one full-size (1500-byte) packet per second.
@@ -1632,7 +1632,7 @@ format = "text"
         assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.limits.max_bandwidth_per_allocation, 0);
         assert_eq!(c.limits.max_total_bandwidth, 0);
-        assert_eq!(c.limits.unauthenticated_rate, 50);
+        assert_eq!(c.limits.unauthenticated_rate, 500);
         assert_eq!(c.metrics.listen, None);
         assert!(c.validate().is_ok());
     }

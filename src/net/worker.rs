@@ -70,6 +70,21 @@ struct Relays {
 }
 
 impl Relays {
+    /// Drops trailing free slots and shrinks the tables after a wave of allocations.
+    fn compact(&mut self) {
+        while matches!(self.entries.last(), Some(None)) {
+            self.entries.pop();
+        }
+        let len = self.entries.len() as u32;
+        self.free.retain(|&i| i < len);
+        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to_fit();
+        }
+        if self.free.capacity() > 64 && self.free.len() < self.free.capacity() / 4 {
+            self.free.shrink_to_fit();
+        }
+    }
+
     #[inline]
     fn get(&self, h: RelayHandle) -> Option<&RelayEntry> {
         self.entries.get(h.0 as usize).and_then(|e| e.as_ref())
@@ -437,6 +452,7 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                 buffer,
             };
             core.handle_timeout(now, &mut binder);
+            relays.compact();
         }
         if !closed.is_empty() {
             let mut binder = Binder {

@@ -642,6 +642,7 @@ impl Server {
     /// second (see [`Server::poll_timeout`]).
     pub fn handle_timeout<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
         self.refresh_hot_limits();
+        self.compact();
         let mut expired = Vec::new();
         for (i, slot) in self.allocations.iter_mut().enumerate() {
             if let Some(a) = slot {
@@ -664,6 +665,43 @@ impl Server {
             } else {
                 k += 1;
             }
+        }
+    }
+
+    /// Gives memory back after a wave of allocations has ended: trailing free slots are
+    /// dropped and tables much larger than their contents are shrunk.
+    fn compact(&mut self) {
+        while matches!(self.allocations.last(), Some(None)) {
+            self.allocations.pop();
+        }
+        let len = self.allocations.len();
+        if self.free_slots.iter().any(|&s| s >= len) {
+            self.free_slots.retain(|&s| s < len);
+        }
+        while self.by_relay.last() == Some(&NO_SLOT) {
+            self.by_relay.pop();
+        }
+        fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V, RandomState>) {
+            if m.capacity() > 64 && m.len() < m.capacity() / 4 {
+                m.shrink_to_fit();
+            }
+        }
+        shrink(&mut self.by_five_tuple);
+        shrink(&mut self.by_relay_addr);
+        shrink(&mut self.data_conns);
+        shrink(&mut self.tcp_conns);
+        for v in [&mut self.free_slots] {
+            if v.capacity() > 64 && v.len() < v.capacity() / 4 {
+                v.shrink_to_fit();
+            }
+        }
+        if self.allocations.capacity() > 64
+            && self.allocations.len() < self.allocations.capacity() / 4
+        {
+            self.allocations.shrink_to_fit();
+        }
+        if self.by_relay.capacity() > 64 && self.by_relay.len() < self.by_relay.capacity() / 4 {
+            self.by_relay.shrink_to_fit();
         }
     }
 
@@ -870,7 +908,9 @@ impl Server {
             self.error(rt, msg, 400, None, |_| {});
             return Err(Reply::Done);
         };
-        match rt.nonces.check(nonce, ft.client, clock.unix) {
+        // Nonces are bound to the client's IP address, not its port: RFC 6062 data
+        // connections come from new ports with the control connection's nonce.
+        match rt.nonces.check(nonce, nonce_addr(ft), clock.unix) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 self.counters.auth_failure(AuthFailure::StaleNonce);
@@ -916,7 +956,7 @@ impl Server {
         code: u16,
         clock: Clock,
     ) {
-        let nonce = rt.nonces.make(ft.client, clock.unix);
+        let nonce = rt.nonces.make(nonce_addr(ft), clock.unix);
         self.error(rt, msg, code, None, |w| {
             w.attr(attr::REALM, rt.realm.as_bytes());
             w.attr(attr::NONCE, nonce.as_bytes());
@@ -1506,6 +1546,11 @@ fn finish(w: &mut MessageWriter<'_>, rt: &Runtime, msg: &Message<'_>, auth: Opti
     if msg.has_fingerprint() {
         w.fingerprint();
     }
+}
+
+/// What a nonce is bound to: the client's IP address.
+fn nonce_addr(ft: FiveTuple) -> SocketAddr {
+    SocketAddr::new(ft.client.ip(), 0)
 }
 
 /// RFC 8656 section 7.2: the default lifetime unless the client asks for more, capped.

@@ -50,6 +50,8 @@ pub(super) enum TcpState {
 pub(super) struct TcpConn {
     pub slot: usize,
     pub peer: SocketAddr,
+    /// Opened by a Connect request (not accepted from the peer).
+    pub outgoing: bool,
     pub state: TcpState,
 }
 
@@ -95,7 +97,7 @@ impl Server {
         if self
             .tcp_conns
             .values()
-            .any(|c| c.slot == slot && c.peer == peer)
+            .any(|c| c.slot == slot && c.peer == peer && c.outgoing)
         {
             // 446 Connection Already Exists.
             return self.fail(rt, msg, 446, auth);
@@ -110,6 +112,7 @@ impl Server {
             TcpConn {
                 slot,
                 peer,
+                outgoing: true,
                 state: TcpState::Connecting {
                     tid: msg.transaction_id(),
                     sha256: auth.sha256,
@@ -239,6 +242,7 @@ impl Server {
             TcpConn {
                 slot,
                 peer,
+                outgoing: false,
                 state: TcpState::Pending {
                     expires: now + CONNECTION_BIND_TIMEOUT,
                 },

@@ -2,7 +2,8 @@
 //! toward the client (bound to the listen address), one toward the peer (connected to
 //! it); no TURN, no table: a datagram from the client goes to the peer, a datagram from
 //! the peer goes back to the last client address seen. One packet per system call
-//! (`recvfrom`/`sendto`), epoll (mio, edge-triggered, drained to EAGAIN), one thread.
+//! (`recvfrom`/`sendto`), epoll (mio, edge-triggered; the two directions served
+//! alternately, up to 32 datagrams at a time, each until EAGAIN), one thread.
 
 use std::io;
 use std::net::SocketAddr;
@@ -37,43 +38,60 @@ pub fn run(listen: SocketAddr, peer: SocketAddr, max_secs: u64) -> io::Result<()
     let deadline = Instant::now() + Duration::from_secs(max_secs);
     eprintln!("floor: forwarding {listen} <-> {peer} (at most {max_secs} s)");
 
+    // Edge-triggered: a socket stays "ready" until it returns EAGAIN. Both directions are
+    // served alternately, at most BATCH datagrams at a time, so that a busy client side
+    // cannot starve the peer side (and the reverse).
+    const BATCH: usize = 32;
+    let (mut client_ready, mut peer_ready) = (false, false);
     while Instant::now() < deadline {
-        match poll.poll(&mut events, Some(Duration::from_millis(200))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        if !client_ready && !peer_ready {
+            match poll.poll(&mut events, Some(Duration::from_millis(200))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    CLIENT => client_ready = true,
+                    PEER => peer_ready = true,
+                    _ => {}
+                }
+            }
         }
-        for ev in events.iter() {
-            match ev.token() {
-                CLIENT => loop {
-                    match client_sock.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            last_client = Some(from);
-                            match peer_sock.send(buf.get(..n).unwrap_or_default()) {
-                                Ok(_) => to_peer += 1,
-                                Err(_) => dropped += 1,
-                            }
+        if client_ready {
+            for _ in 0..BATCH {
+                match client_sock.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        last_client = Some(from);
+                        match peer_sock.send(buf.get(..n).unwrap_or_default()) {
+                            Ok(_) => to_peer += 1,
+                            Err(_) => dropped += 1,
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => {} // e.g. ECONNREFUSED reported on the socket: go on
                     }
-                },
-                PEER => loop {
-                    match peer_sock.recv(&mut buf) {
-                        Ok(n) => match last_client {
-                            Some(c) => {
-                                match client_sock.send_to(buf.get(..n).unwrap_or_default(), c) {
-                                    Ok(_) => to_client += 1,
-                                    Err(_) => dropped += 1,
-                                }
-                            }
-                            None => dropped += 1,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        client_ready = false;
+                        break;
+                    }
+                    Err(_) => {} // e.g. ECONNREFUSED reported on the socket: go on
+                }
+            }
+        }
+        if peer_ready {
+            for _ in 0..BATCH {
+                match peer_sock.recv(&mut buf) {
+                    Ok(n) => match last_client {
+                        Some(c) => match client_sock.send_to(buf.get(..n).unwrap_or_default(), c) {
+                            Ok(_) => to_client += 1,
+                            Err(_) => dropped += 1,
                         },
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => {}
+                        None => dropped += 1,
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        peer_ready = false;
+                        break;
                     }
-                },
-                _ => {}
+                    Err(_) => {}
+                }
             }
         }
     }
