@@ -80,6 +80,8 @@ pub struct Config {
     pub tls: TlsSection,
     /// The Prometheus endpoint (`[metrics]`); off unless `listen` is set.
     pub metrics: MetricsSection,
+    /// The fleet store (`[store]`); off unless `url` is set.
+    pub store: StoreSection,
 }
 
 /// `[server]`.
@@ -250,6 +252,9 @@ pub struct LimitsSection {
     pub max_total_bandwidth: u64,
     /// Answers to unauthenticated requests per second per source IP address; 0 = unlimited.
     pub unauthenticated_rate: u32,
+    /// With a fleet store: above this many active allocations, new Allocates are sent
+    /// to the least-loaded node (300 Try Alternate). 0 (default): never.
+    pub redirect_above: usize,
 }
 
 impl Default for LimitsSection {
@@ -264,6 +269,7 @@ impl Default for LimitsSection {
             max_bandwidth_per_allocation: 0,
             max_total_bandwidth: 0,
             unauthenticated_rate: DEFAULT_UNAUTHENTICATED_RATE,
+            redirect_above: 0,
         }
     }
 }
@@ -299,6 +305,19 @@ impl Default for LogSection {
 pub struct TlsSection {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+/// `[store]`: a Redis server shared by a fleet of nodes (users, secrets, revocations,
+/// quotas, sessions). A single node needs none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreSection {
+    /// `redis://host:port/db`; `None` (the default): no store.
+    pub url: Option<String>,
+    /// This node's name in the fleet (default: hostname and first listen port).
+    pub node_id: Option<String>,
+    /// Where clients reach this node, named in ALTERNATE-SERVER when another node
+    /// redirects to it (default: the first UDP listen address).
+    pub advertise: Option<SocketAddr>,
 }
 
 /// `[metrics]`: the Prometheus endpoint (`/metrics`, `/health`).
@@ -354,6 +373,7 @@ struct RawTop {
     log: Option<Value>,
     tls: Option<Value>,
     metrics: Option<Value>,
+    store: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -409,6 +429,7 @@ struct RawLimits {
     max_bandwidth_per_allocation: Option<BandwidthText>,
     max_total_bandwidth: Option<BandwidthText>,
     unauthenticated_rate: Option<u32>,
+    redirect_above: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -416,6 +437,14 @@ struct RawLimits {
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    url: Option<String>,
+    node_id: Option<String>,
+    advertise: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -902,6 +931,7 @@ impl Config {
             log: LogSection::default(),
             tls: TlsSection::default(),
             metrics: MetricsSection::default(),
+            store: StoreSection::default(),
         };
 
         // [server]
@@ -1111,6 +1141,7 @@ impl Config {
                 }
             }
             l.unauthenticated_rate = raw.unauthenticated_rate.unwrap_or(d.unauthenticated_rate);
+            l.redirect_above = raw.redirect_above.unwrap_or(d.redirect_above);
         }
 
         // [log]
@@ -1138,6 +1169,31 @@ impl Config {
                 match parse_socket_addr(&listen) {
                     Ok(a) => config.metrics.listen = Some(a),
                     Err(e) => errors.push("metrics.listen", e),
+                }
+            }
+        }
+
+        // [store]
+        if let Some(t) = section(&top, "store", &mut errors) {
+            let raw: RawStore = shape(t, "store", &mut errors);
+            if let Some(url) = raw.url {
+                if url.starts_with("redis://") || url.starts_with("rediss://") {
+                    config.store.url = Some(url);
+                } else {
+                    errors.push("store.url", "must start with redis:// (or rediss://)");
+                }
+            }
+            if let Some(id) = raw.node_id {
+                if id.is_empty() || id.len() > 64 || id.contains(char::is_whitespace) {
+                    errors.push("store.node_id", "1 to 64 characters, no spaces");
+                } else {
+                    config.store.node_id = Some(id);
+                }
+            }
+            if let Some(a) = raw.advertise {
+                match parse_socket_addr(&a) {
+                    Ok(a) => config.store.advertise = Some(a),
+                    Err(e) => errors.push("store.advertise", e),
                 }
             }
         }
@@ -1204,6 +1260,7 @@ impl Config {
             log: LogSection::default(),
             tls: TlsSection::default(),
             metrics: MetricsSection::default(),
+            store: StoreSection::default(),
         }
     }
 
@@ -1836,6 +1893,10 @@ format = "text"
             "max_bandwidth_per_allocation",
             "max_total_bandwidth",
             "unauthenticated_rate",
+            "redirect_above",
+            "[store]",
+            "node_id",
+            "advertise",
             "[metrics]",
             "listen = \"127.0.0.1:9641\"",
         ] {

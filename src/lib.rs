@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod proto;
 pub mod server;

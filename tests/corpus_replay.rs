@@ -225,6 +225,7 @@ fn runtime() -> Runtime {
             max_lifetime: Duration::from_secs(u64::from(MAX_LIFETIME)),
         },
         alternate_servers: Vec::new(),
+        redirect_above: 0,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()

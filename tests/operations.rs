@@ -274,6 +274,27 @@ impl Turnstone {
             }
             assert!(Instant::now() < deadline, "turnstone not ready in 10 s");
         }
+        // turnstone installs its SIGHUP/SIGTERM handlers only after it answers (and
+        // after READY=1): a signal sent in between kills it. Wait until /proc shows
+        // both caught (SigCgt bit 0 = SIGHUP, bit 14 = SIGTERM).
+        let status = format!("/proc/{}/status", self.pid());
+        loop {
+            let caught = std::fs::read_to_string(&status)
+                .ok()
+                .and_then(|s| {
+                    let line = s.lines().find(|l| l.starts_with("SigCgt:"))?;
+                    u64::from_str_radix(line.trim_start_matches("SigCgt:").trim(), 16).ok()
+                })
+                .unwrap_or(0);
+            if caught & (1 << 0) != 0 && caught & (1 << 14) != 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP/SIGTERM handlers not installed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if let Some(m) = self.metrics {
             while TcpStream::connect_timeout(&m, Duration::from_millis(100)).is_err() {
                 assert!(Instant::now() < deadline, "metrics endpoint not ready");
@@ -450,7 +471,13 @@ impl Client {
                 }
             }
         }
-        panic!("no answer to method {m:#x} from {}", self.server);
+        panic!(
+            "no answer in 3 s to method {m:#x} from {} (user {}, client {:?}, nonce {:?})",
+            self.server,
+            self.user,
+            self.sock.local_addr(),
+            self.nonce
+        );
     }
 
     /// A request, retried once after a challenge (401 while we had no nonce) or a

@@ -54,6 +54,7 @@ fn server() -> Server {
             max_lifetime: Duration::from_secs(3600),
         },
         alternate_servers: Vec::new(),
+        redirect_above: 0,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()

@@ -475,7 +475,10 @@ pub fn check_credentials(data: &[u8]) {
     let lifetime = u64::from(kind) * 7;
     let maker = NonceMaker::new(secret, lifetime);
     let client = SocketAddr::from(([192, 0, 2, kind], u16::from(kind) << 8 | 7));
-    let other = SocketAddr::from(([192, 0, 2, kind], (u16::from(kind) << 8 | 7) ^ 1));
+    // Nonces are bound to the client IP address only (RFC 6062 data connections come
+    // from new ports): another port of the same address may use it, another address not.
+    let other_port = SocketAddr::from(([192, 0, 2, kind], (u16::from(kind) << 8 | 7) ^ 1));
+    let other = SocketAddr::from(([198, 51, 100, kind], u16::from(kind) << 8 | 7));
     let nonce = maker.make(client, now);
     assert_eq!(nonce.len(), auth::NONCE_LEN);
     let age = u64::from(b.u16());
@@ -486,6 +489,10 @@ pub fn check_credentials(data: &[u8]) {
     };
     assert_eq!(maker.check(&nonce, client, now + age), expect);
     assert_eq!(maker.check(&nonce, other, now), NonceCheck::Invalid);
+    assert_eq!(
+        maker.check(&nonce, other_port, now),
+        maker.check(&nonce, client, now)
+    );
     let fuzzed = String::from_utf8_lossy(rest);
     if maker.check(&fuzzed, client, now) == NonceCheck::Valid {
         let issued = u32::from_str_radix(&fuzzed[..8], 16).expect("valid nonce has a time");

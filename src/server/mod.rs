@@ -191,6 +191,8 @@ pub struct Server {
     commands: Vec<Command>,
     /// The time of the message being handled.
     last_now: Instant,
+    /// The last kill entry this worker acted on.
+    kill_seen: u64,
     /// Metrics counted by this worker, flushed by the shell once a second.
     pub counters: WorkerCounters,
     /// Limits copied from the runtime once a second (read on the relay path).
@@ -342,6 +344,7 @@ impl Server {
             data_conns: HashMap::default(),
             commands: Vec::new(),
             last_now: Instant::now(),
+            kill_seen: 0,
             counters: WorkerCounters::new(),
             hot: HotLimits::default(),
             total_bucket: TokenBucket::new(Instant::now()),
@@ -642,6 +645,27 @@ impl Server {
     /// second (see [`Server::poll_timeout`]).
     pub fn handle_timeout<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
         self.refresh_hot_limits();
+        // Users removed, revoked or killed fleet-wide: their allocations end.
+        let (users, seen) = self.shared.kills_since(self.kill_seen);
+        self.kill_seen = seen;
+        if !users.is_empty() {
+            let doomed: Vec<usize> = self
+                .allocations
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| {
+                    let a = a.as_ref()?;
+                    let id = a.username.split_once(':').map(|(_, id)| id);
+                    users
+                        .iter()
+                        .any(|u| **u == *a.username || Some(u.as_str()) == id)
+                        .then_some(i)
+                })
+                .collect();
+            for i in doomed {
+                self.remove_allocation(i, now, EndReason::Deleted, binder);
+            }
+        }
         self.compact();
         let mut expired = Vec::new();
         for (i, slot) in self.allocations.iter_mut().enumerate() {
@@ -923,7 +947,7 @@ impl Server {
             self.challenge(rt, ft, msg, 401, clock);
             return Err(Reply::Done);
         }
-        let keys = match rt.credentials.keys_for(username, clock.unix) {
+        let keys = match self.keys_for(rt, username, clock.unix) {
             Ok(k) => k,
             Err(e) => {
                 self.counters.auth_failure(match e {
@@ -945,6 +969,44 @@ impl Server {
         self.counters.auth_failure(AuthFailure::BadCredentials);
         self.challenge(rt, ft, msg, 401, clock);
         Err(Reply::Done)
+    }
+
+    /// Candidate keys for `username`: the configuration's users and secrets, then the
+    /// fleet store's (cached; never waits on the store). Revoked users have none.
+    fn keys_for(&self, rt: &Runtime, username: &str, unix: u64) -> Result<Vec<Key>, LookupError> {
+        let store = self.shared.store.load();
+        if store.is_revoked(username) {
+            return Err(LookupError::UnknownUser);
+        }
+        let mut keys = match rt.credentials.keys_for(username, unix) {
+            Ok(k) => k,
+            Err(LookupError::Expired) => return Err(LookupError::Expired),
+            Err(_) => Vec::new(),
+        };
+        if let Some(k) = store.users.get(username) {
+            keys.push(*k);
+        }
+        if !store.secrets.is_empty() {
+            // TURN REST username: "<expiry>[:<id>]".
+            let expiry = username
+                .split(':')
+                .next()
+                .and_then(|e| e.parse::<u64>().ok());
+            if let Some(expiry) = expiry {
+                if expiry <= unix {
+                    return Err(LookupError::Expired);
+                }
+                for secret in &store.secrets {
+                    let password = crate::auth::rest_password(secret, username);
+                    keys.push(crate::auth::long_term_key(username, &rt.realm, &password));
+                }
+            }
+        }
+        if keys.is_empty() {
+            Err(LookupError::UnknownUser)
+        } else {
+            Ok(keys)
+        }
     }
 
     /// 401 or 438 with a fresh REALM and NONCE.
@@ -1064,6 +1126,26 @@ impl Server {
                 return Reply::Done;
             }
             return self.fail(rt, msg, 508, auth);
+        }
+        // Fleet load sharing: above `redirect_above`, send the client to the
+        // least-loaded other node that has fewer allocations than this one.
+        if rt.redirect_above > 0 {
+            let ours = self.shared.total_allocations();
+            if ours >= rt.redirect_above {
+                let store = self.shared.store.load();
+                let best = store
+                    .nodes
+                    .iter()
+                    .filter(|n| n.allocations < ours)
+                    .min_by_key(|n| n.allocations)
+                    .map(|n| n.addr);
+                if let Some(alt) = best {
+                    self.error(rt, msg, 300, Some(auth), |w| {
+                        w.mapped_address(attr::ALTERNATE_SERVER, alt);
+                    });
+                    return Reply::Done;
+                }
+            }
         }
         // RFC 8656 section 7.2 checks, in order.
         let tcp = match msg.requested_transport() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::auth::{Credentials, NonceMaker};
+use crate::auth::{Credentials, Key, NonceMaker};
 use crate::config::Config;
 use crate::policy::PeerPolicy;
 
@@ -75,6 +75,9 @@ pub struct Runtime {
     pub relay: RelayAddrs,
     /// Where new Allocates are sent while draining (300 Try Alternate).
     pub alternate_servers: Vec<SocketAddr>,
+    /// Above this many active allocations on this node, new Allocates are redirected to
+    /// the least-loaded node of the fleet (0: never).
+    pub redirect_above: usize,
 }
 
 impl Runtime {
@@ -120,12 +123,61 @@ impl Runtime {
             },
             relay,
             alternate_servers: config.server.alternate_servers.clone(),
+            redirect_above: config.limits.redirect_above,
         }
+    }
+}
+
+/// What a fleet store (Redis, `[store]`) says, cached so that authentication never
+/// waits on it; replaced whole by the store thread.
+#[derive(Debug, Default)]
+pub struct StoreView {
+    /// Is the store reachable right now?
+    pub up: bool,
+    /// Users managed in the store: long-term keys (never passwords).
+    pub users: HashMap<String, Key>,
+    /// TURN REST API secrets managed in the store.
+    pub secrets: Vec<String>,
+    /// Revoked usernames and REST user ids.
+    pub revoked: HashSet<String>,
+    /// Allocations per user on the other live nodes (fleet-wide quota).
+    pub remote_user_counts: HashMap<String, usize>,
+    /// The other live nodes and their load, for redirects.
+    pub nodes: Vec<NodeLoad>,
+}
+
+/// Another node of the fleet, as its last registry entry says.
+#[derive(Debug, Clone)]
+pub struct NodeLoad {
+    pub id: String,
+    /// Where clients reach it (ALTERNATE-SERVER).
+    pub addr: SocketAddr,
+    pub allocations: usize,
+}
+
+impl StoreView {
+    /// Is this username (or the user id of a REST username) revoked?
+    pub fn is_revoked(&self, username: &str) -> bool {
+        if self.revoked.is_empty() {
+            return false;
+        }
+        if self.revoked.contains(username) {
+            return true;
+        }
+        username
+            .split_once(':')
+            .is_some_and(|(_, id)| self.revoked.contains(id))
     }
 }
 
 /// State shared by every worker of one server process.
 pub struct Shared {
+    /// The fleet store's view (empty without `[store]`).
+    pub store: ArcSwap<StoreView>,
+    /// Users whose allocations must end (removed, revoked, killed), with a sequence
+    /// number so each worker acts on each entry once.
+    kills: Mutex<Vec<(u64, String)>>,
+    kill_seq: AtomicU64,
     pub runtime: ArcSwap<Runtime>,
     live_relays: RwLock<HashSet<SocketAddr>>,
     per_user: Mutex<HashMap<Box<str>, usize>>,
@@ -149,6 +201,9 @@ pub enum QuotaError {
 impl Shared {
     pub fn new(runtime: Runtime) -> Arc<Shared> {
         Arc::new(Shared {
+            store: ArcSwap::from_pointee(StoreView::default()),
+            kills: Mutex::new(Vec::new()),
+            kill_seq: AtomicU64::new(0),
             runtime: ArcSwap::from_pointee(runtime),
             live_relays: RwLock::new(HashSet::new()),
             per_user: Mutex::new(HashMap::new()),
@@ -157,6 +212,40 @@ impl Shared {
             draining: AtomicBool::new(false),
             workers: AtomicUsize::new(1),
         })
+    }
+
+    /// Ends every allocation of `user` on every worker of this node (soon: at the
+    /// workers' next tick).
+    pub fn kill_user(&self, user: &str) {
+        let seq = self.kill_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut k = self.kills.lock().unwrap_or_else(|e| e.into_inner());
+        k.push((seq, user.to_string()));
+        // Keep the list short: workers look at it every second.
+        if k.len() > 1024 {
+            let drop = k.len() - 1024;
+            k.drain(..drop);
+        }
+    }
+
+    /// Kill entries after `seen`, and the newest sequence number.
+    pub fn kills_since(&self, seen: u64) -> (Vec<String>, u64) {
+        let latest = self.kill_seq.load(Ordering::Relaxed);
+        if latest == seen {
+            return (Vec::new(), seen);
+        }
+        let k = self.kills.lock().unwrap_or_else(|e| e.into_inner());
+        let users = k
+            .iter()
+            .filter(|(s, _)| *s > seen)
+            .map(|(_, u)| u.clone())
+            .collect();
+        (users, latest)
+    }
+
+    /// Per-user allocation counts of this node (published for the fleet quota).
+    pub fn user_counts(&self) -> Vec<(String, usize)> {
+        let per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        per_user.iter().map(|(u, n)| (u.to_string(), *n)).collect()
     }
 
     pub fn set_draining(&self, on: bool) {
@@ -181,9 +270,17 @@ impl Shared {
 
     /// Takes one allocation slot for `user`, or says which quota is full.
     pub fn acquire(&self, user: &str, limits: &Limits) -> Result<(), QuotaError> {
+        // Fleet-wide: the other nodes' counts (leased in the store) count too.
+        let remote = self
+            .store
+            .load()
+            .remote_user_counts
+            .get(user)
+            .copied()
+            .unwrap_or(0);
         let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         let n = per_user.get(user).copied().unwrap_or(0);
-        if n >= limits.max_allocations_per_user {
+        if n + remote >= limits.max_allocations_per_user {
             return Err(QuotaError::User);
         }
         if self.total.load(Ordering::Relaxed) >= limits.max_allocations {

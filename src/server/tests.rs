@@ -87,6 +87,7 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
             max_lifetime: Duration::from_secs(3600),
         },
         alternate_servers: Vec::new(),
+        redirect_above: 0,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()
@@ -956,4 +957,113 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
         .filter(|i| h.refresh(ft(7), 600, 100 + i, 1).code() == Some(437))
         .count();
     assert_eq!(answered, 20);
+}
+
+#[test]
+fn fleet_store_users_revocation_kills_quota_and_redirect() {
+    use super::shared::{NodeLoad, StoreView};
+    let mut rt = runtime(&["127.0.0.0/8"], 2, 100);
+    rt.redirect_above = 3;
+    let mut h = Harness::new(rt);
+    let carol = |h: &Harness, f: FiveTuple, t: u8, secs: u64| {
+        h.request(f, method::ALLOCATE, tid(t), "carol", "secret", secs, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        })
+    };
+    // Unknown until the store knows her.
+    let req = carol(&h, ft(1), 1, 0);
+    assert_eq!(h.send(ft(1), &req, 0).unwrap().code(), Some(401));
+    let mut view = StoreView {
+        up: true,
+        ..Default::default()
+    };
+    view.users.insert("carol".into(), key("carol", "secret"));
+    view.secrets.push("fleet-secret".into());
+    h.shared().store.store(Arc::new(view));
+    let req = carol(&h, ft(1), 2, 0);
+    assert_eq!(h.send(ft(1), &req, 0).unwrap().class(), Class::Success);
+    // A REST credential from a store secret.
+    let user = auth::rest_username(T0_UNIX + 60, "dave");
+    let pass = auth::rest_password("fleet-secret", &user);
+    let req = h.request(ft(2), method::ALLOCATE, tid(3), &user, &pass, 0, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    assert_eq!(h.send(ft(2), &req, 0).unwrap().class(), Class::Success);
+    // Fleet quota: carol has one here and one elsewhere: a third is refused (486).
+    let mut view = StoreView {
+        up: true,
+        ..Default::default()
+    };
+    view.users.insert("carol".into(), key("carol", "secret"));
+    view.remote_user_counts.insert("carol".into(), 1);
+    h.shared().store.store(Arc::new(view));
+    let req = carol(&h, ft(3), 4, 0);
+    assert_eq!(h.send(ft(3), &req, 0).unwrap().code(), Some(486));
+    // Revoked: no more authentication; killed: allocations end at the next tick.
+    let mut view = StoreView {
+        up: true,
+        ..Default::default()
+    };
+    view.users.insert("carol".into(), key("carol", "secret"));
+    view.revoked.insert("carol".into());
+    h.shared().store.store(Arc::new(view));
+    let req = carol(&h, ft(4), 5, 1);
+    assert_eq!(h.send(ft(4), &req, 1).unwrap().code(), Some(401));
+    assert_eq!(h.server.allocation_count(), 2);
+    h.shared().kill_user("carol");
+    h.shared().kill_user("dave");
+    h.tick(2);
+    assert_eq!(h.server.allocation_count(), 0);
+    // Redirect above 3 active allocations to the least-loaded other node.
+    h.shared().store.store(Arc::new(StoreView {
+        up: true,
+        nodes: vec![
+            NodeLoad {
+                id: "b".into(),
+                addr: "192.0.2.2:3478".parse().unwrap(),
+                allocations: 2,
+            },
+            NodeLoad {
+                id: "c".into(),
+                addr: "192.0.2.3:3478".parse().unwrap(),
+                allocations: 1,
+            },
+        ],
+        ..Default::default()
+    }));
+    for i in 0..2u8 {
+        assert_eq!(
+            h.allocate(ft(10 + u16::from(i)), 20 + i, 3).class(),
+            Class::Success
+        );
+    }
+    let req = h.request(
+        ft(12),
+        method::ALLOCATE,
+        tid(22),
+        "bob",
+        "builder",
+        3,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        },
+    );
+    assert_eq!(h.send(ft(12), &req, 3).unwrap().class(), Class::Success);
+    let req = h.request(
+        ft(20),
+        method::ALLOCATE,
+        tid(30),
+        "bob",
+        "builder",
+        3,
+        |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        },
+    );
+    let r = h.send(ft(20), &req, 3).unwrap();
+    assert_eq!(r.code(), Some(300));
+    assert_eq!(
+        r.msg().address(attr::ALTERNATE_SERVER).unwrap(),
+        Some("192.0.2.3:3478".parse().unwrap())
+    );
 }
