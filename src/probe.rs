@@ -452,9 +452,19 @@ fn relay_steps(
     let (peer_sock, peer) = peer_socket(options, local, relayed)?;
 
     let t = Instant::now();
-    client.request("CreatePermission", method::CREATE_PERMISSION, &|w| {
-        w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-    })?;
+    client
+        .request("CreatePermission", method::CREATE_PERMISSION, &|w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+        .map_err(|mut f| {
+            if f.kind == FailureKind::Forbidden {
+                f.message.push_str(&format!(
+                    " for peer {peer} (the probe's own peer; the server's policy denies it: \
+                     use --peer with an address it allows)"
+                ));
+            }
+            f
+        })?;
     step(
         out,
         "permission",

@@ -9,9 +9,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{
-    run_bounded, Backend, RunOutput, ServerOptions, TestServer, PASSWORD, SECRET, USER,
-};
+use common::{run_bounded, Backend, RunOutput, ServerOptions, TestServer, PASSWORD, SECRET, USER};
 
 /// Runs `turnstone probe ARGS` (bounded to 60 s).
 fn probe(args: &[&str]) -> RunOutput {
@@ -24,9 +22,18 @@ fn probe(args: &[&str]) -> RunOutput {
 fn assert_ok(out: &RunOutput, url: &str) {
     let text = out.combined();
     println!("{text}");
-    assert!(out.status.success(), "probe failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "probe failed ({}):\n{text}",
+        out.status
+    );
     for step in [
-        "binding", "allocate", "permission", "channel", "relay", "refresh",
+        "binding",
+        "allocate",
+        "permission",
+        "channel",
+        "relay",
+        "refresh",
     ] {
         assert!(
             text.lines().any(|l| l.trim_start().starts_with(step)),
@@ -144,15 +151,13 @@ fn probe_nothing_listening_is_unreachable() {
 #[test]
 fn probe_peer_refused_by_policy_is_403() {
     // Without allow_peers, loopback peers (the probe's own peer socket) are refused.
-    let server =
-        TestServer::start_with(Backend::Turnstone, ServerOptions::default().allow_peers(&[]));
+    let server = TestServer::start_with(
+        Backend::Turnstone,
+        ServerOptions::default().allow_peers(&[]),
+    );
     let url = format!("turn:127.0.0.1:{}", server.port());
     let out = probe(&[&url, "-u", USER, "-p", PASSWORD]);
     assert_fail(&out, 7, &["403"]);
     // The allocation was still given back.
-    assert!(
-        out.stdout.contains("allocation deleted"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("allocation deleted"), "{}", out.stdout);
 }

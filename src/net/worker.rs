@@ -453,6 +453,13 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
             };
             core.handle_timeout(now, &mut binder);
             relays.compact();
+            let shared = core.shared().clone();
+            if shared
+                .publish_sessions
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                shared.set_sessions(index, core.sessions(now, clock.unix));
+            }
         }
         if !closed.is_empty() {
             let mut binder = Binder {

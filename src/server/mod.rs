@@ -23,7 +23,9 @@ pub use allocation::{
     Allocation, Relayed, Usage, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_MAX, CHANNEL_MIN,
     PERMISSION_LIFETIME,
 };
-pub use shared::{Limits, QuotaError, RelayAddrs, Runtime, Shared};
+pub use shared::{
+    Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
+};
 pub use tcp::{Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, LookupError, NonceCheck};
@@ -690,6 +692,25 @@ impl Server {
                 k += 1;
             }
         }
+    }
+
+    /// This worker's live allocations for the session registry; `now`/`unix` convert
+    /// start instants to Unix time.
+    pub fn sessions(&self, now: Instant, unix: u64) -> Vec<SessionInfo> {
+        self.allocations
+            .iter()
+            .flatten()
+            .map(|a| SessionInfo {
+                id: a.id,
+                user: a.username.to_string(),
+                transport: a.five_tuple.transport.as_str(),
+                client: a.five_tuple.client,
+                relay: a.advertised,
+                started: unix.saturating_sub(now.saturating_duration_since(a.created).as_secs()),
+                bytes_to_peer: a.usage.bytes_to_peer,
+                bytes_to_client: a.usage.bytes_to_client,
+            })
+            .collect()
     }
 
     /// Gives memory back after a wave of allocations has ended: trailing free slots are

@@ -170,6 +170,20 @@ impl StoreView {
     }
 }
 
+/// One live allocation as the session registry shows it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub user: String,
+    pub transport: &'static str,
+    pub client: SocketAddr,
+    pub relay: SocketAddr,
+    /// Unix seconds when it started.
+    pub started: u64,
+    pub bytes_to_peer: u64,
+    pub bytes_to_client: u64,
+}
+
 /// State shared by every worker of one server process.
 pub struct Shared {
     /// The fleet store's view (empty without `[store]`).
@@ -187,6 +201,9 @@ pub struct Shared {
     draining: AtomicBool,
     /// How many workers share the total bandwidth.
     workers: AtomicUsize,
+    /// With a fleet store: each worker's live allocations, refreshed every second.
+    pub publish_sessions: AtomicBool,
+    sessions: Mutex<HashMap<usize, Vec<SessionInfo>>>,
 }
 
 /// Why a quota refused an allocation.
@@ -211,6 +228,8 @@ impl Shared {
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             workers: AtomicUsize::new(1),
+            publish_sessions: AtomicBool::new(false),
+            sessions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -246,6 +265,18 @@ impl Shared {
     pub fn user_counts(&self) -> Vec<(String, usize)> {
         let per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         per_user.iter().map(|(u, n)| (u.to_string(), *n)).collect()
+    }
+
+    /// A worker's current allocations (for the session registry).
+    pub fn set_sessions(&self, worker: usize, list: Vec<SessionInfo>) {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        s.insert(worker, list);
+    }
+
+    /// Every live allocation of this node, as last published by the workers.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        s.values().flatten().cloned().collect()
     }
 
     pub fn set_draining(&self, on: bool) {
