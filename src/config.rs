@@ -325,6 +325,8 @@ pub struct StoreSection {
 pub struct MetricsSection {
     /// Address of the HTTP endpoint; `None` (the default): no endpoint.
     pub listen: Option<SocketAddr>,
+    /// Also serve the browser self-test page at `/selftest` (default false).
+    pub selftest: bool,
 }
 
 /// One configuration problem: the key it is about (`relay.ports`, `listen[1].address`,
@@ -451,6 +453,7 @@ struct RawStore {
 #[serde(deny_unknown_fields, default)]
 struct RawMetrics {
     listen: Option<String>,
+    selftest: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -1171,6 +1174,7 @@ impl Config {
                     Err(e) => errors.push("metrics.listen", e),
                 }
             }
+            config.metrics.selftest = raw.selftest;
         }
 
         // [store]
@@ -1583,6 +1587,12 @@ impl Config {
                 errors.push("metrics.listen", format!("{a} is not a unicast address"));
             }
         }
+        if self.metrics.selftest && self.metrics.listen.is_none() {
+            errors.push(
+                "metrics.selftest",
+                "the self-test page is served on metrics.listen, which is not set",
+            );
+        }
 
         // log
         if let Err(e) = check_log_level(&self.log.level) {
@@ -1899,6 +1909,7 @@ format = "text"
             "advertise",
             "[metrics]",
             "listen = \"127.0.0.1:9641\"",
+            "selftest",
         ] {
             assert!(
                 example.contains(key),

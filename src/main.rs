@@ -175,6 +175,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         }
     };
     let log_level = init_logging(&config);
+    turnstone::selftest::set_enabled(config.metrics.selftest);
     if let Some((username, password)) = dev_credential {
         let urls: Vec<String> = config
             .listen

@@ -685,7 +685,8 @@ fn handle(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> io::Resu
     }
     let body = method != "HEAD";
     let path = target.split('?').next().unwrap_or(target);
-    let known = matches!(path, "/metrics" | "/health");
+    let selftest = path == crate::selftest::PATH && crate::selftest::enabled();
+    let known = selftest || matches!(path, "/metrics" | "/health");
     if known && !matches!(method, "GET" | "HEAD") {
         return respond(
             &mut stream,
@@ -707,6 +708,13 @@ fn handle(mut stream: TcpStream, metrics: &Metrics, health: &Health) -> io::Resu
                 respond(&mut stream, 503, "text/plain", b"unhealthy\n", body)
             }
         }
+        _ if selftest => respond(
+            &mut stream,
+            200,
+            crate::selftest::CONTENT_TYPE,
+            crate::selftest::PAGE.as_bytes(),
+            body,
+        ),
         _ => respond(&mut stream, 404, "text/plain", b"not found\n", body),
     }
 }

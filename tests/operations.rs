@@ -867,8 +867,11 @@ fn drain_with_alternate_server() {
         "300 carries MESSAGE-INTEGRITY"
     );
 
-    // The live allocation keeps relaying.
+    // The live allocation keeps relaying, and refreshing.
     assert_eq!(echo_stream(&c, 0, 200, 1, || {}), 200);
+    c.ok(method::REFRESH, &|w| {
+        w.u32_attr(attr::LIFETIME, 600);
+    });
     assert!(srv.wait_exit(Duration::ZERO).is_none(), "exited too early");
 
     // Its end ends the drain.

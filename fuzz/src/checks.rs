@@ -1172,7 +1172,10 @@ impl World {
         let nonce = match cred.nonce {
             0 => self.rt.nonces.make(ft.client, unix),
             1 => self.rt.nonces.make(ft.client, unix.saturating_sub(10_000)),
-            2 => self.rt.nonces.make(client_ft(1).client, unix),
+            2 => self
+                .rt
+                .nonces
+                .make(SocketAddr::from(([192, 0, 2, 1], 1)), unix),
             _ => "not-a-nonce".to_string(),
         };
         let (user, pass) = match cred.user % 5 {
