@@ -13,6 +13,6 @@ pub mod net;
 pub mod notify;
 pub mod policy;
 pub mod probe;
-pub mod selftest;
 pub mod proto;
+pub mod selftest;
 pub mod server;

@@ -1237,7 +1237,6 @@ fn text_logs() {
 /// Text logs go to stderr, which under systemd is the journal, not a terminal: they
 /// should carry no ANSI colour codes.
 #[test]
-#[ignore = "server bug: text logs written to a file/journal contain ANSI escapes"]
 fn text_logs_have_no_ansi_escapes_off_a_terminal() {
     let log = allocation_logs("text");
     assert!(!log.contains('\u{1b}'), "ANSI escapes in: {log}");

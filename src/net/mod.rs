@@ -73,6 +73,7 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(launch: Launch) -> anyhow::Result<()> {
     let config = launch.config;
+    let sig = Signals::install()?;
     let nonce_secret: [u8; 32] = rand::random();
     let shared = Shared::new(Runtime::from_config(&config, nonce_secret));
     let tls_config = load_tls(&config)?;
@@ -162,6 +163,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
     }
     signals(
+        sig,
         common,
         launch.path,
         nonce_secret,
@@ -171,21 +173,48 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
 }
 
 /// The main thread waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop.
+/// The signal handlers, installed before any worker starts or systemd hears READY=1, so
+/// an early SIGHUP or SIGTERM is never taken with its default (fatal) action.
+pub(crate) struct Signals {
+    rt: tokio::runtime::Runtime,
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (hup, term, int) = {
+            let _enter = rt.enter();
+            (
+                signal(SignalKind::hangup())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            )
+        };
+        Ok(Signals { rt, hup, term, int })
+    }
+}
+
 fn signals(
+    sig: Signals,
     common: Arc<Common>,
     path: Option<PathBuf>,
     nonce_secret: [u8; 32],
     mut drain_timeout: Duration,
     log_level: Option<LogLevelSetter>,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let Signals {
+        rt,
+        mut hup,
+        mut term,
+        mut int,
+    } = sig;
     rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         // systemd's watchdog: ping at half its interval while every worker is alive.
         let wd = notify::watchdog_interval();
         let mut watchdog =

@@ -750,6 +750,8 @@ fn log_event(worker: usize, ev: &Event) {
             worker,
             allocation = id,
             client = %five_tuple.client,
+            server = %five_tuple.server,
+            transport = five_tuple.transport.as_str(),
             %relay,
             user = %username,
             duration_ms = duration.as_millis() as u64,
@@ -757,7 +759,7 @@ fn log_event(worker: usize, ev: &Event) {
             bytes_to_peer = usage.bytes_to_peer,
             packets_to_client = usage.packets_to_client,
             bytes_to_client = usage.bytes_to_client,
-            reason = ?reason,
+            reason = reason.as_str(),
             "allocation ended"
         ),
         Event::ErrorResponse { method, code } => {

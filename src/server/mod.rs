@@ -167,6 +167,15 @@ pub enum EndReason {
     Expired,
 }
 
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Deleted => "deleted",
+            EndReason::Expired => "expired",
+        }
+    }
+}
+
 /// The per-worker TURN server state machine.
 pub struct Server {
     shared: Arc<Shared>,
@@ -201,7 +210,6 @@ pub struct Server {
     hot: HotLimits,
     /// This worker's share of `[limits] max_total_bandwidth`.
     total_bucket: TokenBucket,
-    unauth: UnauthLimiter,
 }
 
 /// The limits the relay path reads, refreshed from the runtime every tick.
@@ -255,7 +263,7 @@ impl TokenBucket {
 /// Answers to unauthenticated requests, limited per source IP so the server cannot be
 /// used as a reflector: a fixed table (no growth with the number of sources) of token
 /// buckets, one per hash slot.
-struct UnauthLimiter {
+pub(crate) struct UnauthLimiter {
     slots: Box<[(Option<IpAddr>, u32, Instant)]>,
     hasher: RandomState,
 }
@@ -263,7 +271,7 @@ struct UnauthLimiter {
 const UNAUTH_SLOTS: usize = 4096;
 
 impl UnauthLimiter {
-    fn new(now: Instant) -> UnauthLimiter {
+    pub(crate) fn new(now: Instant) -> UnauthLimiter {
         UnauthLimiter {
             slots: vec![(None, 0, now); UNAUTH_SLOTS].into_boxed_slice(),
             hasher: RandomState::default(),
@@ -271,7 +279,7 @@ impl UnauthLimiter {
     }
 
     /// May `ip` get one more unauthenticated answer now, at `rate` per second?
-    fn allow(&mut self, ip: IpAddr, rate: u32, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, ip: IpAddr, rate: u32, now: Instant) -> bool {
         if rate == 0 {
             return true;
         }
@@ -350,7 +358,6 @@ impl Server {
             counters: WorkerCounters::new(),
             hot: HotLimits::default(),
             total_bucket: TokenBucket::new(Instant::now()),
-            unauth: UnauthLimiter::new(Instant::now()),
         }
     }
 
@@ -853,9 +860,11 @@ impl Server {
         // spoofed victim.
         let unauthenticated = m == method::BINDING || !msg.has_message_integrity();
         if unauthenticated
-            && !self
-                .unauth
-                .allow(ft.client.ip(), rt.limits.unauthenticated_rate, clock.now)
+            && !self.shared.unauthenticated_allowed(
+                ft.client.ip(),
+                rt.limits.unauthenticated_rate,
+                clock.now,
+            )
         {
             self.counters.dropped(DropReason::RateLimited);
             return Reply::Drop;

@@ -204,6 +204,9 @@ pub struct Shared {
     /// With a fleet store: each worker's live allocations, refreshed every second.
     pub publish_sessions: AtomicBool,
     sessions: Mutex<HashMap<usize, Vec<SessionInfo>>>,
+    /// Per-source limit on unauthenticated answers, shared by the workers so a source
+    /// cannot multiply it by using several ports.
+    unauth: Mutex<super::UnauthLimiter>,
 }
 
 /// Why a quota refused an allocation.
@@ -230,6 +233,7 @@ impl Shared {
             workers: AtomicUsize::new(1),
             publish_sessions: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
+            unauth: Mutex::new(super::UnauthLimiter::new(std::time::Instant::now())),
         })
     }
 
@@ -277,6 +281,17 @@ impl Shared {
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         s.values().flatten().cloned().collect()
+    }
+
+    /// May `ip` get one more answer to an unauthenticated request now?
+    pub fn unauthenticated_allowed(&self, ip: IpAddr, rate: u32, now: std::time::Instant) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        self.unauth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(ip, rate, now)
     }
 
     pub fn set_draining(&self, on: bool) {
