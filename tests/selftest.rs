@@ -261,6 +261,7 @@ fn selftest_page_relays_in_chromium() {
         for end in ["local", "remote"] {
             assert_eq!(v[pc][end]["candidateType"], "relay", "{v:#}");
         }
+        assert_eq!(v[pc]["local"]["relayProtocol"], "udp", "{v:#}");
     }
     assert!(v["rttMs"].as_f64().is_some_and(|r| r >= 0.0), "{v:#}");
     let png = std::fs::read(&staging).expect("screenshot");

@@ -721,23 +721,37 @@ impl PeerConns {
     }
 }
 
+/// Allocation events are logged inside a span `allocation{id, client, server,
+/// transport, user}`; the end record is the usage record billing consumes.
 fn log_event(worker: usize, ev: &Event) {
+    let span = |id: u64, ft: &FiveTuple, user: &str| {
+        tracing::info_span!(
+            "allocation",
+            id,
+            client = %ft.client,
+            server = %ft.server,
+            transport = ft.transport.as_str(),
+            user = %user
+        )
+    };
     match ev {
         Event::AllocationCreated {
             id,
             five_tuple,
             relay,
             username,
-        } => tracing::info!(
-            worker,
-            allocation = id,
-            client = %five_tuple.client,
-            server = %five_tuple.server,
-            transport = five_tuple.transport.as_str(),
-            %relay,
-            user = %username,
-            "allocation created"
-        ),
+        } => span(*id, five_tuple, username).in_scope(|| {
+            tracing::info!(
+                worker,
+                allocation = id,
+                client = %five_tuple.client,
+                server = %five_tuple.server,
+                transport = five_tuple.transport.as_str(),
+                %relay,
+                user = %username,
+                "allocation created"
+            )
+        }),
         Event::AllocationEnded {
             id,
             five_tuple,
@@ -746,22 +760,24 @@ fn log_event(worker: usize, ev: &Event) {
             duration,
             usage,
             reason,
-        } => tracing::info!(
-            worker,
-            allocation = id,
-            client = %five_tuple.client,
-            server = %five_tuple.server,
-            transport = five_tuple.transport.as_str(),
-            %relay,
-            user = %username,
-            duration_ms = duration.as_millis() as u64,
-            packets_to_peer = usage.packets_to_peer,
-            bytes_to_peer = usage.bytes_to_peer,
-            packets_to_client = usage.packets_to_client,
-            bytes_to_client = usage.bytes_to_client,
-            reason = reason.as_str(),
-            "allocation ended"
-        ),
+        } => span(*id, five_tuple, username).in_scope(|| {
+            tracing::info!(
+                worker,
+                allocation = id,
+                client = %five_tuple.client,
+                server = %five_tuple.server,
+                transport = five_tuple.transport.as_str(),
+                %relay,
+                user = %username,
+                duration_ms = duration.as_millis() as u64,
+                packets_to_peer = usage.packets_to_peer,
+                bytes_to_peer = usage.bytes_to_peer,
+                packets_to_client = usage.packets_to_client,
+                bytes_to_client = usage.bytes_to_client,
+                reason = reason.as_str(),
+                "allocation ended"
+            )
+        }),
         Event::ErrorResponse { method, code } => {
             tracing::debug!(worker, method, code, "error response")
         }
