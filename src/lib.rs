@@ -6,6 +6,7 @@
 //! - [`server`]: the sans-I/O TURN/STUN state machine.
 //! - [`net`]: the tokio shell that moves bytes between sockets and the core.
 //! - [`notify`], [`metrics`]: the systemd notify protocol; Prometheus metrics and their HTTP endpoint.
+//! - [`store`]: the Redis fleet store (users, secrets, revocations, quotas, sessions).
 pub mod auth;
 pub mod config;
 pub mod metrics;
@@ -16,3 +17,4 @@ pub mod probe;
 pub mod proto;
 pub mod selftest;
 pub mod server;
+pub mod store;

@@ -75,6 +75,91 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
     },
+    /// Manage the users of a fleet store (like coturn's turnadmin): stored as long-term
+    /// keys, never passwords; changes reach every node within a second.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+        #[command(flatten)]
+        store: StoreUrl,
+    },
+    /// Manage the TURN REST API secrets of a fleet store.
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+        #[command(flatten)]
+        store: StoreUrl,
+    },
+    /// List every node's live allocations from a fleet store; `sessions kill --user U`
+    /// ends U's allocations on every node.
+    Sessions {
+        #[command(subcommand)]
+        action: Option<SessionsAction>,
+        #[command(flatten)]
+        store: StoreUrl,
+    },
+}
+
+#[derive(clap::Args)]
+struct StoreUrl {
+    /// The fleet store: redis://[:PASSWORD@]HOST[:PORT][/DB] (required).
+    #[arg(long, value_name = "URL", global = true)]
+    store: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Add or replace a user (password from --password or one line of standard input).
+    Add {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+        /// Must be the nodes' `[server] realm`: it is part of the stored key.
+        #[arg(long)]
+        realm: String,
+    },
+    /// Remove a user; every node ends its allocations.
+    Remove { name: String },
+    /// List the users (and revoked names).
+    List,
+    /// Revoke a user name or REST user id; every node ends its allocations.
+    Revoke { id: String },
+    /// Lift a revocation.
+    Unrevoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum SecretsAction {
+    /// Add a REST API shared secret.
+    Add { secret: String },
+    /// Remove a REST API shared secret.
+    Remove { secret: String },
+    /// List the REST API shared secrets.
+    List,
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// End a user's allocations on every node.
+    Kill {
+        #[arg(long)]
+        user: String,
+    },
+}
+
+/// Runs a fleet-store command: exit 0, or print the error and exit 1 (2 without --store).
+fn store_command(store: StoreUrl, f: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+    let Some(url) = store.store else {
+        eprintln!("turnstone: --store URL is required");
+        return ExitCode::from(2);
+    };
+    match f(&url) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("turnstone: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -133,6 +218,28 @@ fn main() -> ExitCode {
             };
             ExitCode::from(probe::main(&options, &mut std::io::stdout().lock()))
         }
+        Some(Command::Users { action, store }) => store_command(store, |url| match action {
+            UsersAction::Add {
+                name,
+                password,
+                realm,
+            } => turnstone::store::users_add(url, &name, &realm, password),
+            UsersAction::Remove { name } => turnstone::store::users_remove(url, &name),
+            UsersAction::List => turnstone::store::users_list(url),
+            UsersAction::Revoke { id } => turnstone::store::users_revoke(url, &id, true),
+            UsersAction::Unrevoke { id } => turnstone::store::users_revoke(url, &id, false),
+        }),
+        Some(Command::Secrets { action, store }) => store_command(store, |url| match action {
+            SecretsAction::Add { secret } => turnstone::store::secrets_change(url, &secret, true),
+            SecretsAction::Remove { secret } => {
+                turnstone::store::secrets_change(url, &secret, false)
+            }
+            SecretsAction::List => turnstone::store::secrets_list(url),
+        }),
+        Some(Command::Sessions { action, store }) => store_command(store, |url| match action {
+            None => turnstone::store::sessions_list(url),
+            Some(SessionsAction::Kill { user }) => turnstone::store::sessions_kill(url, &user),
+        }),
         None => serve(cli.config),
     }
 }

@@ -312,6 +312,7 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 /// - `turnstone_worker_load{worker}` gauge: busy fraction (0..1) over the last flush interval
 /// - `turnstone_worker_packets_total{worker}`
 /// - `turnstone_draining` gauge (1 while draining), `turnstone_reloads_total{result}`
+/// - `turnstone_store_up` gauge (1 while the fleet store is reachable; always 0 without `[store]`)
 pub struct Metrics {
     registry: Registry,
     active: [[Gauge; 2]; 3],
@@ -326,6 +327,7 @@ pub struct Metrics {
     worker_packets: Vec<Counter>,
     draining: Gauge,
     reloads: [Counter; 2],
+    store_up: Gauge,
     /// Per worker: milliseconds since `epoch` of its last flush.
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -462,6 +464,12 @@ impl Metrics {
             reloads.clone(),
         );
         let reloads = counters1(&reloads, "result", ["ok", "refused"]);
+        let store_up = Gauge::default();
+        reg.register(
+            "store_up",
+            "1 while the fleet store (Redis, [store] url) is reachable, else 0 (also without a store)",
+            store_up.clone(),
+        );
 
         Metrics {
             registry: reg,
@@ -477,6 +485,7 @@ impl Metrics {
             worker_packets,
             draining,
             reloads,
+            store_up,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             draining_flag: AtomicBool::new(false),
@@ -552,6 +561,11 @@ impl Metrics {
 
     pub fn is_draining(&self) -> bool {
         self.draining_flag.load(Ordering::Relaxed)
+    }
+
+    /// Whether the fleet store is reachable (gauge `turnstone_store_up`).
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 
     /// Counts a SIGHUP reload: applied (`true`) or refused.

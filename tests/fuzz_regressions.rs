@@ -87,15 +87,3 @@ fn every_target_has_a_check() {
         checks::TARGETS.len()
     );
 }
-
-/// Inputs of server bugs still open (`fuzz/open-bugs/<target>/`), checked in strict mode:
-/// they fail until the bug is fixed; then move the file to `fuzz/regressions/<target>/`.
-/// Run with `cargo test --test fuzz_regressions -- --ignored`.
-#[test]
-#[ignore = "open server bugs: fails until they are fixed"]
-fn open_bugs_are_fixed() {
-    checks::set_strict(true);
-    for t in checks::TARGETS {
-        replay("open-bugs", t);
-    }
-}

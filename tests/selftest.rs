@@ -3,8 +3,9 @@
 //! with `&auto=1`, it gathers relay candidates, runs a relay-only loopback call through
 //! turnstone and POSTs its verdict to `&report=` (a listener of this test). A wrong
 //! credential makes it fail with 401. The successful run's finished page is captured
-//! through the DevTools protocol (a minimal WebSocket client below) and kept as
-//! `docs/selftest.png`, which the README shows.
+//! through the DevTools protocol (a minimal WebSocket client below) and kept under
+//! `target/tmp/selftest.png`; `docs/selftest.png` (shown by the README) is written when it
+//! is missing or `TURNSTONE_UPDATE_SCREENSHOT=1` is set.
 
 mod common;
 
@@ -272,8 +273,15 @@ fn selftest_page_relays_in_chromium() {
         "screenshot is {} bytes",
         png.len()
     );
-    std::fs::create_dir_all(shot.parent().expect("docs")).expect("mkdir docs");
-    std::fs::write(&shot, &png).expect("write docs/selftest.png");
+    // Kept under target/ on every run; docs/selftest.png (committed, shown by the README)
+    // only when missing or with TURNSTONE_UPDATE_SCREENSHOT=1, so runs leave the tree clean.
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("selftest.png");
+    std::fs::write(&kept, &png).expect("write target screenshot");
+    println!("screenshot kept as {}", kept.display());
+    if !shot.exists() || std::env::var_os("TURNSTONE_UPDATE_SCREENSHOT").is_some() {
+        std::fs::create_dir_all(shot.parent().expect("docs")).expect("mkdir docs");
+        std::fs::write(&shot, &png).expect("write docs/selftest.png");
+    }
 }
 
 #[test]

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,19 +31,6 @@ use turnstone::server::{
     Server, Shared, Transport, CHANNEL_COOLDOWN, PEER_HEADROOM, PEER_TAILROOM,
     RESERVATION_LIFETIME,
 };
-
-/// Open server bugs are tolerated by the checks (so the test suite and fuzzing stay useful
-/// until they are fixed) unless strict mode is on: `TURNSTONE_FUZZ_STRICT=1` or
-/// [`set_strict`]. Each open bug has its failing input in `fuzz/open-bugs/<target>/`.
-static STRICT: AtomicBool = AtomicBool::new(false);
-
-pub fn set_strict(on: bool) {
-    STRICT.store(on, Ordering::Relaxed);
-}
-
-fn strict() -> bool {
-    STRICT.load(Ordering::Relaxed) || std::env::var_os("TURNSTONE_FUZZ_STRICT").is_some()
-}
 
 /// The fuzz targets, by directory name under `fuzz/corpus/` and `fuzz/regressions/`.
 pub const TARGETS: &[&str] = &[
@@ -1426,15 +1412,10 @@ impl World {
                 );
                 let allowed =
                     self.rt.policy.is_allowed(peer.ip()) || self.shared.is_live_relay(peer);
-                // OPEN BUG (fuzz/open-bugs/server_sequence/channeldata-to-ended-relay):
-                // ChannelData ignores `relays_only`, so a channel bound to another
-                // allocation's relay keeps sending to that (policy-denied) address after
-                // that allocation ended.
-                let open_bug = !strict()
-                    && proto::is_channel_data(bytes.first().copied().unwrap_or(0))
-                    && a.permission(peer.ip(), now).is_some_and(|p| p.relays_only);
+                // (fuzz/regressions/server_sequence/channeldata-to-ended-relay: a channel
+                // to another allocation's relay once outlived that allocation.)
                 assert!(
-                    allowed || open_bug,
+                    allowed,
                     "relayed to {peer}, which the policy denies and is no live relay \
                      (input {bytes:02x?})"
                 );

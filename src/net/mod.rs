@@ -156,6 +156,15 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
             .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
     }
+    if let Some(url) = &config.store.url {
+        crate::store::start(
+            url,
+            crate::store::node_id(&config),
+            crate::store::advertise(&config),
+            shared.clone(),
+            metrics.clone(),
+        )?;
+    }
     for l in &config.listen {
         tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
     }

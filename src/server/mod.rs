@@ -495,7 +495,13 @@ impl Server {
             self.counters.dropped(DropReason::NoChannel);
             return Output::Nothing;
         };
-        if alloc.permission(peer.ip(), now).is_none() {
+        let Some(perm) = alloc.permission(peer.ip(), now) else {
+            self.counters.dropped(DropReason::NoPermission);
+            return Output::Nothing;
+        };
+        // A channel to another allocation's relay stays usable only while that
+        // allocation lives (its address is otherwise denied by the policy).
+        if perm.relays_only && !self.shared.is_live_relay(peer) {
             self.counters.dropped(DropReason::NoPermission);
             return Output::Nothing;
         }
