@@ -125,6 +125,7 @@ def render_md(results, meta):
     w(f"- date: {meta.get('date', '?')}")
     w(f"- machine: {meta.get('machine', '?')}")
     w(f"- turnstone commit: {meta.get('commit', '?')}")
+    w(f"- turnstone binary: {meta.get('turnstone_binary', '?')}")
     w(f"- coturn: {meta.get('coturn', '?')}")
     w(f"- mode: {meta.get('mode', 'full')}; command: `{meta.get('command', 'bash bench/run')}`")
     w("- client, peer and server share this machine's cores; compare within one run, "

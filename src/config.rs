@@ -1498,13 +1498,15 @@ impl Config {
                 errors.push(&index("auth.secrets", i), "empty secret");
             }
         }
+        // With a fleet store, users and secrets may all live there.
         if self.auth.users.is_empty()
             && self.auth.secrets.is_empty()
+            && self.store.url.is_none()
             && !errors.has_at_or_under("auth")
         {
             errors.push(
                 "auth",
-                "no credentials; set auth.users (static users) and/or auth.secrets (TURN REST API shared secrets)",
+                "no credentials; set auth.users (static users) and/or auth.secrets (TURN REST API shared secrets), or store.url",
             );
         }
 

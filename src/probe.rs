@@ -1172,12 +1172,16 @@ fn peer_socket(
             } else {
                 Ipv4Addr::UNSPECIFIED.into()
             };
-            let sock = UdpSocket::bind((any, port)).map_err(|e| {
-                Failure::new(
-                    FailureKind::Usage,
-                    format!("--peer {p}: cannot listen on UDP port {port}: {e}"),
-                )
-            })?;
+            // On the peer's own address when it is local (so that the echo leaves from
+            // the address the permission is for), else on any address (NAT, port forward).
+            let sock = UdpSocket::bind(peer)
+                .or_else(|_| UdpSocket::bind((any, port)))
+                .map_err(|e| {
+                    Failure::new(
+                        FailureKind::Usage,
+                        format!("--peer {p}: cannot listen on UDP port {port}: {e}"),
+                    )
+                })?;
             Ok((sock, peer))
         }
         None => {

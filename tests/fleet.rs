@@ -19,7 +19,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -74,7 +74,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 struct Redis {
     child: Option<Child>,
     port: u16,
-    dir: PathBuf,
 }
 
 impl Redis {
@@ -100,7 +99,6 @@ impl Redis {
         let mut r = Redis {
             child: Some(child),
             port,
-            dir: dir.to_path_buf(),
         };
         wait_for("redis-server answers PING", Duration::from_secs(10), || {
             if let Some(st) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -616,21 +614,25 @@ fn users_added_and_removed_reach_every_node() {
     }
 
     // The session registry lists bob's allocation on each node.
-    let table = wait_for("sessions of all three nodes", Duration::from_secs(3), || {
-        let t = cli(&["sessions", "--store", &url]);
-        nodes
-            .iter()
-            .zip(&relays)
-            .all(|(n, r)| {
-                t.lines().any(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    cols.first() == Some(&n.id)
-                        && cols.get(2) == Some(&"bob")
-                        && cols.get(5) == Some(&r.to_string().as_str())
+    let table = wait_for(
+        "sessions of all three nodes",
+        Duration::from_secs(3),
+        || {
+            let t = cli(&["sessions", "--store", &url]);
+            nodes
+                .iter()
+                .zip(&relays)
+                .all(|(n, r)| {
+                    t.lines().any(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.first() == Some(&n.id)
+                            && cols.get(2) == Some(&"bob")
+                            && cols.get(5) == Some(&r.to_string().as_str())
+                    })
                 })
-            })
-            .then_some(t)
-    });
+                .then_some(t)
+        },
+    );
     eprintln!("fleet: turnstone sessions:\n{table}");
     assert!(table.contains("3 session(s)"), "{table}");
 
@@ -648,13 +650,20 @@ fn users_added_and_removed_reach_every_node() {
     // Back with the same password: the old allocations are gone (437 on Refresh).
     add_user(&url, "bob", "bob-pw");
     for (c, n) in clients.iter_mut().zip(&nodes) {
-        let code = wait_for("bob authenticates again", Duration::from_secs(2), || {
-            match error_code(&c.refresh(600)) {
+        let code = wait_for(
+            "bob authenticates again",
+            Duration::from_secs(2),
+            || match error_code(&c.refresh(600)) {
                 Some(401) => None,
                 other => Some(other),
-            }
-        });
-        assert_eq!(code, Some(437), "Refresh of a removed allocation on {}", n.id);
+            },
+        );
+        assert_eq!(
+            code,
+            Some(437),
+            "Refresh of a removed allocation on {}",
+            n.id
+        );
     }
 }
 
@@ -679,20 +688,24 @@ fn fleet_quota_and_revocation() {
     let relay_b = on_b.allocate();
     // Both counts in the store, then one more heartbeat for c to read them.
     let mut con = redis.con();
-    wait_for("a and b publish carol's counts", Duration::from_secs(3), || {
-        ["a", "b"]
-            .iter()
-            .all(|id| {
-                redis::cmd("HGET")
-                    .arg(format!("turnstone:usercount:{id}"))
-                    .arg("carol")
-                    .query::<Option<usize>>(&mut con)
-                    .ok()
-                    .flatten()
-                    == Some(1)
-            })
-            .then_some(())
-    });
+    wait_for(
+        "a and b publish carol's counts",
+        Duration::from_secs(3),
+        || {
+            ["a", "b"]
+                .iter()
+                .all(|id| {
+                    redis::cmd("HGET")
+                        .arg(format!("turnstone:usercount:{id}"))
+                        .arg("carol")
+                        .query::<Option<usize>>(&mut con)
+                        .ok()
+                        .flatten()
+                        == Some(1)
+                })
+                .then_some(())
+        },
+    );
     eprintln!(
         "fleet: counts of a and b in the store {:?} after b's allocation",
         t0.elapsed()
@@ -711,9 +724,11 @@ fn fleet_quota_and_revocation() {
         Class::Success
     );
     let t0 = Instant::now();
-    wait_for("c allocates after a's ended", Duration::from_secs(4), || {
-        Client::relayed_address(&on_c.try_allocate())
-    });
+    wait_for(
+        "c allocates after a's ended",
+        Duration::from_secs(4),
+        || Client::relayed_address(&on_c.try_allocate()),
+    );
     eprintln!(
         "fleet: quota slot freed on a usable on c after {:?}",
         t0.elapsed()
@@ -730,9 +745,11 @@ fn fleet_quota_and_revocation() {
     assert_eq!(error_code(&again.try_allocate()), Some(401));
     assert!(cli(&["users", "list", "--store", &url]).contains("carol\t(revoked)"));
     cli(&["users", "unrevoke", "carol", "--store", &url]);
-    wait_for("carol allocates after unrevoke", Duration::from_secs(2), || {
-        Client::relayed_address(&again.try_allocate())
-    });
+    wait_for(
+        "carol allocates after unrevoke",
+        Duration::from_secs(2),
+        || Client::relayed_address(&again.try_allocate()),
+    );
 }
 
 #[test]
@@ -763,7 +780,11 @@ fn redis_outage_keeps_nodes_serving_and_resyncs() {
         (a.metric("turnstone_store_up") == Some(0.0)).then_some(())
     });
     eprintln!("fleet: store_up 0 on a {:?} after redis died", t0.elapsed());
-    assert!(a.stderr().contains("fleet store unreachable"), "{}", a.stderr());
+    assert!(
+        a.stderr().contains("fleet store unreachable"),
+        "{}",
+        a.stderr()
+    );
     assert_eq!(
         a.stderr().matches("fleet store unreachable").count(),
         1,
@@ -812,9 +833,11 @@ fn redis_outage_keeps_nodes_serving_and_resyncs() {
     let t0 = Instant::now();
     for n in [&a, &b] {
         let mut f = Client::new(n.addr, "frank", "frank-pw");
-        wait_for("frank arrives after the restart", Duration::from_secs(10), || {
-            Client::relayed_address(&f.try_allocate())
-        });
+        wait_for(
+            "frank arrives after the restart",
+            Duration::from_secs(10),
+            || Client::relayed_address(&f.try_allocate()),
+        );
     }
     eprintln!(
         "fleet: change made meanwhile usable on a and b {:?} after redis came back",
@@ -871,14 +894,18 @@ fn redirect_names_least_loaded_node_and_kill_ends_sessions() {
     let resp = next.try_allocate();
     assert_eq!(error_code(&resp), Some(300), "a above redirect_above");
     let msg = Message::parse(&resp).unwrap();
-    let alt = proto::decode_address(msg.get(attr::ALTERNATE_SERVER).expect("ALTERNATE-SERVER"))
-        .unwrap();
+    let alt =
+        proto::decode_address(msg.get(attr::ALTERNATE_SERVER).expect("ALTERNATE-SERVER")).unwrap();
     assert_eq!(alt, c.addr, "the least-loaded node is c");
     // b is not redirecting: it allocates.
     relaying(&b, "gina", "gina-pw", &peer);
 
     cli(&["sessions", "kill", "--user", "gina", "--store", &url]);
-    let closed = wait_closed(&peer, &[relay_a, relay_b1, relay_b2], Duration::from_secs(3));
+    let closed = wait_closed(
+        &peer,
+        &[relay_a, relay_b1, relay_b2],
+        Duration::from_secs(3),
+    );
     eprintln!("fleet: sessions kill -> relays closed after {closed:?}");
     let t = wait_for("registry empty", Duration::from_secs(4), || {
         let t = cli(&["sessions", "--store", &url]);

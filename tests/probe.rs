@@ -73,6 +73,15 @@ fn probe_turnstone_udp() {
     let url = format!("turn:127.0.0.1:{}?transport=udp", server.port());
     let out = probe(&[&url, "--user", USER, "--password", PASSWORD]);
     assert_ok(&out, &url);
+    // --peer: the probe listens on that port and the relay sends there.
+    let peer = format!("127.0.0.1:{}", common::free_udp_port());
+    let out = probe(&[&url, "-u", USER, "-p", PASSWORD, "--peer", &peer]);
+    assert_ok(&out, &url);
+    assert!(
+        out.stdout.contains(&format!("bound to {peer}")),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
