@@ -938,6 +938,10 @@ impl Server {
             }
             return None;
         }
+        // Only a Refresh can repeat the Refresh that deleted an allocation.
+        if msg.method() != method::REFRESH {
+            return None;
+        }
         let (_, _, resp) = self
             .recent_deletes
             .iter()
