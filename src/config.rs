@@ -861,6 +861,13 @@ fn check_log_level(level: &str) -> Result<(), String> {
     if level.trim().is_empty() {
         return Err(format!("empty; {hint}"));
     }
+    // tracing-subscriber's directive parser panics on some non-ASCII input (found by the
+    // `config` fuzz target): only module paths, levels and filter punctuation pass.
+    if let Some(c) = level.chars().find(|c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '=' | ',' | '-' | '.' | ' '))
+    }) {
+        return Err(format!("{c:?} is not allowed; {hint}"));
+    }
     for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let lvl = match directive.rsplit_once('=') {
             Some((_target, lvl)) => lvl,
