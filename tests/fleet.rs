@@ -17,6 +17,9 @@
 //! Timings are printed (`cargo test --test fleet -- --nocapture`). The tests run one at a
 //! time (a lock): each starts a Redis and three nodes.
 
+mod common;
+
+use common::{free_tcp_port, free_udp_port};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
@@ -41,16 +44,6 @@ static TID: AtomicU32 = AtomicU32::new(1);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_tcp_port() -> u16 {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("local_addr").port()
-}
-
-fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("local_addr").port()
 }
 
 /// Polls `f` every 10 ms until it gives Some (panics with `what` after `timeout`).

@@ -14,6 +14,9 @@
 //! writes a config file into a temp dir, starts the binary, talks to it on 127.0.0.1
 //! with a minimal raw TURN client, rewrites the file and sends signals with `kill`.
 
+mod common;
+
+use common::{free_tcp_port, free_udp_port};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
@@ -73,16 +76,6 @@ impl Conf {
 
 fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("local_addr").port()
-}
-
-fn free_tcp_port() -> u16 {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("local_addr").port()
 }
 
 /// A turnstone process with its config file and logs in a temp dir. Dropping it kills

@@ -24,7 +24,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::UdpSocket;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -48,9 +47,8 @@ struct Peer {
 
 fn start_peer(ip: &str) -> Peer {
     let bin = require_tool("turnutils_peer", HINT);
-    let sock = UdpSocket::bind((ip, 0)).expect("probe a free UDP port");
-    let port = sock.local_addr().expect("local addr").port();
-    drop(sock);
+    let ipaddr: std::net::IpAddr = ip.parse().expect("peer IP");
+    let port = common::free_port_on(&[ipaddr]);
     let mut cmd = Command::new(bin);
     cmd.args(["-L", ip, "-p", &port.to_string()]);
     let mut guard = ChildGuard::spawn("turnutils_peer", &mut cmd);

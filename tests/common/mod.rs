@@ -236,46 +236,53 @@ fn toml_list(items: &[String]) -> String {
     format!("[{}]", v.join(", "))
 }
 
-/// A free UDP port on 127.0.0.1 (bind port 0, read it, release it).
+/// Listen ports for the servers and tools the tests start: 10000-19999, below the relay
+/// slots and far from the kernel's ephemeral range (32768-60999). A port taken from the
+/// ephemeral range (bind port 0, release, hand it to a server) can be taken meanwhile as
+/// the local port of a concurrent test's client connection, and the server's bind then
+/// fails; ports here are never handed out by the kernel.
+const LISTEN_BASE: u32 = 10_000;
+const LISTEN_SPAN: u32 = 10_000;
+static NEXT_LISTEN: AtomicU32 = AtomicU32::new(0);
+
+/// The next candidate listen port of this process (a pid-seeded walk over the range, so
+/// two test processes rarely probe the same ports).
+fn listen_candidate() -> u16 {
+    let n = NEXT_LISTEN.fetch_add(1, Ordering::Relaxed);
+    let start = std::process::id().wrapping_mul(977) % LISTEN_SPAN;
+    // 7 is coprime with the span, so the walk visits every port before repeating.
+    (LISTEN_BASE + (start + n.wrapping_mul(7)) % LISTEN_SPAN) as u16
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1, outside the ephemeral range.
 pub fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    s.local_addr().expect("local_addr").port()
+    free_port_on(&[IpAddr::V4(Ipv4Addr::LOCALHOST)])
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A port free for both TCP and UDP on 127.0.0.1, outside the ephemeral range.
 pub fn free_tcp_port() -> u16 {
-    let s = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    s.local_addr().expect("local_addr").port()
+    free_udp_port()
 }
 
-/// A port free for both UDP and TCP on every address in `ips` (probed by binding;
-/// released again, so a race with another process is possible but unlikely).
+/// A port free for both UDP and TCP on every address in `ips` (127.0.0.1 when empty),
+/// outside the ephemeral range (probed by binding and released again, so a race with
+/// another process is possible but unlikely).
 pub fn free_port_on(ips: &[IpAddr]) -> u16 {
-    for _ in 0..200 {
-        let Some(first) = ips.first() else {
-            return free_udp_port();
-        };
-        let Ok(s) = UdpSocket::bind((*first, 0)) else {
-            continue;
-        };
-        let Ok(port) = s.local_addr().map(|a| a.port()) else {
-            continue;
-        };
+    let default = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    let ips = if ips.is_empty() { &default[..] } else { ips };
+    for _ in 0..2000 {
+        let port = listen_candidate();
         let ok = ips.iter().all(|ip| {
-            let t = TcpListener::bind((*ip, port)).is_ok();
-            let u = if ip == first {
-                true
-            } else {
-                UdpSocket::bind((*ip, port)).is_ok()
-            };
-            t && u
+            UdpSocket::bind((*ip, port)).is_ok() && TcpListener::bind((*ip, port)).is_ok()
         });
-        drop(s);
         if ok {
             return port;
         }
     }
-    panic!("no port free for UDP and TCP on {ips:?} after 200 tries");
+    panic!(
+        "no port free for UDP and TCP on {ips:?} in {LISTEN_BASE}-{} after 2000 tries",
+        LISTEN_BASE + LISTEN_SPAN - 1
+    );
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1 (rcgen), as PEM files.
