@@ -7,6 +7,8 @@
 //! - [`net`]: the tokio shell that moves bytes between sockets and the core.
 //! - [`notify`], [`metrics`]: the systemd notify protocol; Prometheus metrics and their HTTP endpoint.
 //! - [`store`]: the Redis fleet store (users, secrets, revocations, quotas, sessions).
+//! - [`sys`]: the only `unsafe` code (one allocator call std and nix do not wrap).
+#![deny(unsafe_code)]
 pub mod auth;
 pub mod config;
 pub mod metrics;
@@ -18,3 +20,4 @@ pub mod proto;
 pub mod selftest;
 pub mod server;
 pub mod store;
+pub mod sys;

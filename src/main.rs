@@ -1,6 +1,8 @@
 //! The `turnstone` command: run the server, check a configuration, mint TURN REST
 //! credentials.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -72,6 +72,7 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>
 
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(launch: Launch) -> anyhow::Result<()> {
+    crate::sys::configure_allocator();
     let config = launch.config;
     let sig = Signals::install()?;
     let nonce_secret: [u8; 32] = rand::random();
@@ -228,8 +229,17 @@ fn signals(
         let wd = notify::watchdog_interval();
         let mut watchdog =
             tokio::time::interval(wd.map_or(Duration::from_secs(3600), |d| (d / 2).max(Duration::from_millis(100))));
+        // Memory back to the kernel after a wave of allocations ends.
+        let mut trim = crate::sys::MemoryTrim::default();
+        let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = trim_tick.tick() => {
+                    if trim.check(common.shared.total_allocations()) {
+                        let released = crate::sys::release_free_memory();
+                        tracing::debug!(released, "allocation wave ended: free memory returned to the kernel");
+                    }
+                }
                 _ = hup.recv() => {
                     let _ = notify::reloading();
                     if let Some(t) = reload(&common, path.as_deref(), nonce_secret, log_level.as_ref()) {

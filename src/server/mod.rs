@@ -127,6 +127,19 @@ pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How many recently deleted allocations remember their last answer (retransmitted
 /// Refresh with LIFETIME 0).
 const RECENT_DELETES: usize = 256;
+/// Largest remembered answer (a Refresh success with both integrity attributes, SOFTWARE
+/// and FINGERPRINT is about 120 bytes); a longer one is not remembered.
+const RECENT_DELETE_LEN: usize = 192;
+
+/// The answer to a deleting Refresh, kept inline: the ring of these is allocated once, so
+/// a wave of deletions leaves no small heap objects behind that would pin freed memory
+/// (glibc can return an arena's free pages only below its highest live object).
+struct RecentDelete {
+    ft: FiveTuple,
+    tid: TransactionId,
+    len: u8,
+    bytes: [u8; RECENT_DELETE_LEN],
+}
 /// Protocol numbers in REQUESTED-TRANSPORT (RFC 8656 section 14.7).
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
@@ -189,7 +202,7 @@ pub struct Server {
     /// shell); `NO_SLOT` where none.
     by_relay: Vec<u32>,
     reservations: Vec<Reservation>,
-    recent_deletes: Vec<(FiveTuple, TransactionId, Box<[u8]>)>,
+    recent_deletes: Vec<RecentDelete>,
     recent_next: usize,
     out: Vec<u8>,
     events: Vec<Event>,
@@ -344,7 +357,7 @@ impl Server {
             by_relay_addr: HashMap::default(),
             by_relay: Vec::new(),
             reservations: Vec::new(),
-            recent_deletes: Vec::new(),
+            recent_deletes: Vec::with_capacity(RECENT_DELETES),
             recent_next: 0,
             out: Vec::with_capacity(1500),
             events: Vec::new(),
@@ -942,13 +955,13 @@ impl Server {
         if msg.method() != method::REFRESH {
             return None;
         }
-        let (_, _, resp) = self
+        let d = self
             .recent_deletes
             .iter()
-            .find(|(f, t, _)| *f == ft && *t == tid)?;
-        let resp = resp.clone();
+            .find(|d| d.ft == ft && d.tid == tid)?;
+        let resp = d.bytes.get(..d.len as usize)?;
         self.out.clear();
-        self.out.extend_from_slice(&resp);
+        self.out.extend_from_slice(resp);
         Some(Reply::Done)
     }
 
@@ -1466,17 +1479,23 @@ impl Server {
         finish(&mut w, rt, msg, Some(auth));
         if lifetime.is_zero() {
             self.remove_allocation(slot, clock.now, EndReason::Deleted, binder);
-            let entry = (
-                ft,
-                msg.transaction_id(),
-                self.out.clone().into_boxed_slice(),
-            );
-            if self.recent_deletes.len() < RECENT_DELETES {
-                self.recent_deletes.push(entry);
-            } else {
-                self.recent_deletes[self.recent_next] = entry;
+            if let Ok(len) = u8::try_from(self.out.len()) {
+                let mut entry = RecentDelete {
+                    ft,
+                    tid: msg.transaction_id(),
+                    len,
+                    bytes: [0; RECENT_DELETE_LEN],
+                };
+                if let Some(dst) = entry.bytes.get_mut(..self.out.len()) {
+                    dst.copy_from_slice(&self.out);
+                    if self.recent_deletes.len() < RECENT_DELETES {
+                        self.recent_deletes.push(entry);
+                    } else if let Some(slot) = self.recent_deletes.get_mut(self.recent_next) {
+                        *slot = entry;
+                    }
+                    self.recent_next = (self.recent_next + 1) % RECENT_DELETES;
+                }
             }
-            self.recent_next = (self.recent_next + 1) % RECENT_DELETES;
         } else if let Some(Some(a)) = self.allocations.get_mut(slot) {
             a.expires = clock.now + lifetime;
         }

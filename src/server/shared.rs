@@ -360,10 +360,12 @@ impl Shared {
     }
 
     pub fn remove_relay(&self, addr: SocketAddr) {
-        self.live_relays
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
+        let mut set = self.live_relays.write().unwrap_or_else(|e| e.into_inner());
+        set.remove(&addr);
+        // Give the table of a past wave of allocations back.
+        if set.capacity() > 64 && set.len() < set.capacity() / 4 {
+            set.shrink_to_fit();
+        }
     }
 
     /// Is `addr` the relayed transport address of a live allocation of this server?

@@ -1,0 +1,99 @@
+//! The one module of turnstone with `unsafe` code: operating-system calls that neither
+//! std nor nix wraps. Everything else in the crate is `deny(unsafe_code)`.
+
+/// Asks glibc's allocator to give the free pages of every malloc arena back to the kernel
+/// (`malloc_trim(0)`). glibc returns freed memory on its own only from the top of each
+/// arena, so after a wave of allocations ends, pages freed below a small live object stay
+/// resident. The caller runs it off the relay path, after a wave (it briefly locks each
+/// arena in turn). Returns whether anything was released; elsewhere than glibc, nothing
+/// to do.
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointer and has no precondition; glibc serialises
+        // it with every other allocator call.
+        #[allow(unsafe_code)]
+        let released = unsafe { nix::libc::malloc_trim(0) } == 1;
+        released
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Fixes glibc's trim threshold at its documented default (128 KiB) instead of letting
+/// it grow: glibc raises the threshold each time a large block is freed (up to 64 MiB),
+/// and a worker's arena then keeps that much free memory at its top for good, which
+/// [`release_free_memory`] cannot return (it trims the top of the main arena only).
+/// Called once at start, before the workers exist.
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt takes two integers and has no precondition.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 128 * 1024) };
+    }
+}
+
+/// Decides when a wave of allocations has ended and memory should be given back: after
+/// at least [`MemoryTrim::MIN_WAVE`] allocations ended since the last high-water mark and
+/// at most half of that mark is left, on the second check in a row (so the workers have
+/// compacted their tables first).
+#[derive(Debug, Default)]
+pub struct MemoryTrim {
+    high: usize,
+    pending: bool,
+}
+
+impl MemoryTrim {
+    pub const MIN_WAVE: usize = 1000;
+
+    /// Called about once a second with the number of live allocations; true when
+    /// [`release_free_memory`] should run now.
+    pub fn check(&mut self, live: usize) -> bool {
+        self.high = self.high.max(live);
+        let ended = self.high - live;
+        if ended >= Self::MIN_WAVE && live <= self.high / 2 {
+            if self.pending {
+                self.pending = false;
+                self.high = live;
+                return true;
+            }
+            self.pending = true;
+        } else {
+            self.pending = false;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryTrim;
+
+    #[test]
+    fn trims_once_after_a_wave_ends() {
+        let mut t = MemoryTrim::default();
+        assert!(!t.check(0));
+        assert!(!t.check(5000));
+        assert!(!t.check(4000), "a fifth ended: not a wave's end");
+        assert!(
+            !t.check(100),
+            "first check after the wave: workers compact first"
+        );
+        assert!(t.check(50), "second check: trim");
+        assert!(!t.check(50), "nothing new ended");
+        assert!(!t.check(0));
+        // A small churn never trims.
+        for live in [10, 500, 20, 900, 0, 999, 0] {
+            assert!(!t.check(live));
+        }
+        // The next wave trims again.
+        assert!(!t.check(3000));
+        assert!(!t.check(0));
+        assert!(t.check(0));
+        // The release itself is safe to call at any time.
+        let _ = super::release_free_memory();
+    }
+}
