@@ -95,6 +95,9 @@ pub struct ServerSection {
     pub nonce_lifetime: Duration,
     /// Worker shards; 0 = one per core.
     pub workers: usize,
+    /// Gather the shards on one thread under light load (fewer wake-ups), spread them
+    /// over their own threads under heavy load.
+    pub adaptive_workers: bool,
     /// Servers named in ALTERNATE-SERVER (300 Try Alternate) while draining; empty: 508.
     pub alternate_servers: Vec<SocketAddr>,
     /// How long SIGTERM lets existing allocations run before the process exits.
@@ -109,6 +112,7 @@ impl Default for ServerSection {
             software: Some(DEFAULT_SOFTWARE.to_owned()),
             nonce_lifetime: DEFAULT_NONCE_LIFETIME,
             workers: 0,
+            adaptive_workers: true,
             alternate_servers: Vec::new(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
@@ -385,6 +389,7 @@ struct RawServer {
     software: Option<String>,
     nonce_lifetime: Option<DurationText>,
     workers: Option<usize>,
+    adaptive_workers: Option<bool>,
     alternate_servers: Option<Vec<Value>>,
     drain_timeout: Option<DurationText>,
 }
@@ -970,6 +975,7 @@ impl Config {
                     &mut errors,
                 );
                 config.server.workers = raw.workers.unwrap_or(0);
+                config.server.adaptive_workers = raw.adaptive_workers.unwrap_or(true);
                 let alternates = raw.alternate_servers.unwrap_or_default();
                 for (key, text) in string_elements(
                     &alternates,
@@ -1886,6 +1892,7 @@ format = "text"
             "software",
             "nonce_lifetime",
             "workers",
+            "adaptive_workers",
             "[[listen]]",
             "transport",
             "address",

@@ -1,6 +1,7 @@
 //! 100,000 packets through each relay path of a real turnstone, at a paced rate, with
 //! none lost or reordered: ChannelData, Send/Data indications, and client to client
-//! through two allocations of the same server.
+//! through two allocations of the same server. Then the same while the worker shards
+//! move between threads every 50 ms (adaptive workers, forced by a testing aid).
 
 mod common;
 
@@ -187,12 +188,63 @@ fn run_path(
     assert_eq!(got, PACKETS, "packets received in order");
 }
 
+fn options() -> ServerOptions {
+    ServerOptions::default()
+        .users(&[("alice", "wonderland")])
+        .allow_peers(&["127.0.0.0/8"])
+}
+
 fn server() -> TestServer {
+    TestServer::start(options())
+}
+
+/// Four worker shards that gather on thread 0 and spread back every 50 ms.
+fn moving_server() -> TestServer {
     TestServer::start(
-        ServerOptions::default()
-            .users(&[("alice", "wonderland")])
-            .allow_peers(&["127.0.0.0/8"]),
+        options()
+            .workers(4)
+            .env("TURNSTONE_TEST_SHARD_FLIP_MS", "50")
+            .extra_toml("[log]\nlevel = \"debug\"\n"),
     )
+}
+
+#[test]
+fn paths_while_shards_move_between_threads() {
+    let srv = moving_server();
+    // Several clients, so that allocations land on several shards.
+    let mut clients: Vec<Client> = (0..6).map(|_| Client::new(srv.addr)).collect();
+    let relays: Vec<SocketAddr> = clients.iter_mut().map(|c| c.allocate()).collect();
+    let peer = socket();
+    let peer_addr = peer.local_addr().unwrap();
+    clients[0].bind(0x4000, peer_addr);
+    run_path(
+        &clients[0].sock,
+        srv.addr,
+        |seq| channel_data(0x4000, seq),
+        peer,
+        |b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?)),
+    );
+    // Client to client between allocations of (most likely) different shards.
+    let (a, rest) = clients.split_at_mut(1);
+    let b = &mut rest[4];
+    b.permit(relays[0]);
+    a[0].bind(0x4001, relays[5]);
+    let rx = b.sock.try_clone().unwrap();
+    run_path(
+        &a[0].sock,
+        srv.addr,
+        |seq| channel_data(0x4001, seq),
+        rx,
+        client_seq,
+    );
+    // The shards really moved, many times, both ways.
+    let logs = srv.logs();
+    let gathers = logs.matches("worker shards gather").count();
+    let spreads = logs.matches("worker shards spread").count();
+    assert!(
+        gathers >= 20 && spreads >= 20,
+        "expected the shards to move every 50 ms; saw {gathers} gathers and {spreads} spreads"
+    );
 }
 
 #[test]

@@ -46,6 +46,8 @@ pub(crate) struct Common {
     pub conns: Arc<stream::ConnCounter>,
     pub stream_limits: stream::StreamLimits,
     pub metrics: Arc<Metrics>,
+    /// The worker threads' shard hand-off (adaptive worker count).
+    pub(crate) pool: worker::Pool,
 }
 
 /// One worker's own listener sockets.
@@ -96,6 +98,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         conns: Arc::new(stream::ConnCounter::new()),
         stream_limits: stream::StreamLimits::default(),
         metrics: metrics.clone(),
+        pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
     });
 
     // Bind every worker's sockets before announcing readiness, so a bad address is a

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::batch::{RecvBatch, SendBatch};
 use super::ports::PortPool;
@@ -200,9 +202,23 @@ fn clock() -> Clock {
     }
 }
 
-/// Runs worker `index` until the process exits.
+/// Runs worker thread `index` until the process exits. The thread starts with its own
+/// shard (listener sockets, TURN core, relay sockets); see [`Pool`] for how shards
+/// gather on thread 0 when the load is light.
 pub(crate) fn run(index: usize, common: Arc<Common>, sockets: WorkerSockets) {
-    if let Err(e) = run_loop(index, &common, sockets) {
+    let shard = match Shard::new(index, &common, sockets) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "worker stopped");
+            return;
+        }
+    };
+    let result = if index == 0 {
+        host_loop(&common, shard)
+    } else {
+        home_loop(&common, shard)
+    };
+    if let Err(e) = result {
         tracing::error!(worker = index, error = %e, "worker stopped");
     }
 }
@@ -224,56 +240,205 @@ impl ToClients<'_> {
     }
 }
 
-fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<()> {
-    let ports = &common.ports;
-    let buffer = common.buffer;
-    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    let mut listeners = Vec::with_capacity(sockets.udp.len());
-    for (i, s) in sockets.udp.into_iter().enumerate() {
-        let addr = s.local_addr()?;
-        epoll.add(&s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
-        listeners.push((addr, s));
-    }
-    let stream_listeners = sockets.streams;
-    for (i, (l, _)) in stream_listeners.iter().enumerate() {
-        epoll.add(
-            l,
-            EpollEvent::new(EpollFlags::EPOLLIN, STREAM_LISTENER_BASE + i as u64),
-        )?;
-    }
-    let mut streams = Streams::with_counter(
-        common.stream_limits.clone(),
-        STREAM_BASE,
-        common.conns.clone(),
-    );
-    let mut core = Server::new(common.shared.clone());
-    let mut relays = Relays::default();
-    let mut buf = vec![0u8; BUF_LEN];
-    // Client data bound for a peer, with room to frame it if the peer is local.
-    let mut xbuf = vec![0u8; BUF_LEN];
-    let mut events = vec![EpollEvent::empty(); EVENTS];
-    let mut rbatch = RecvBatch::new();
-    let mut sbatch = SendBatch::new();
-    let mut closed: Vec<FiveTuple> = Vec::new();
-    let mut peers = PeerConns::default();
-    let mut peer_check = Instant::now() + TICK;
-    let mut next_tick = Instant::now() + TICK;
-    // Benchmarks compare the in-worker hand-off between two allocations with the
-    // kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
-    let handoff = std::env::var_os("TURNSTONE_NO_HANDOFF").is_none();
+/// Token of the thread's wake-up eventfd in its home shard's epoll set.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Token of guest shard `k`'s epoll set inside thread 0's home epoll set.
+const GUEST_BASE: u64 = 1 << 56;
 
-    loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
-        let timeout = EpollTimeout::from(wait.as_millis().min(1000) as u16 + 1);
-        let n = match epoll.wait(&mut events, timeout) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => 0,
-            Err(e) => return Err(e.into()),
-        };
-        // One reading of the clocks per batch of events.
-        let clock = clock();
-        core.counters.handled(n as u64);
-        for ev in &events[..n] {
+/// Adaptive worker threads. Every worker thread owns one shard (a `SO_REUSEPORT` listener
+/// socket, its TURN core and its allocations' relay sockets). Below a light load, the
+/// shards of threads 1..N move to thread 0, which polls their epoll sets from its own (a
+/// nested epoll set): one thread wakes up for a burst of packets instead of N, and on a
+/// small machine those wake-ups are most of a relay's cost. When thread 0 gets busy, the
+/// shards go home and every core relays again. Moving a shard moves its sockets and
+/// state whole between threads; packets wait in the socket buffers meanwhile, so nothing
+/// is lost or reordered.
+pub(crate) struct Pool {
+    /// Each thread's wake-up eventfd (blocking: a parked thread sleeps in `read`).
+    wake: Vec<EventFd>,
+    /// Each thread's CPU time in nanoseconds, published four times a second (each on
+    /// its own cache line).
+    busy_ns: Vec<BusyCounter>,
+    /// True while shards 1..N live on thread 0.
+    gathered: AtomicBool,
+    /// Shards on their way to thread 0.
+    to_host: Mutex<Vec<Shard>>,
+    /// Shards on their way home, by thread.
+    home: Vec<Mutex<Option<Shard>>>,
+    /// Whether to gather at all (`[server] adaptive_workers`).
+    pub adaptive: bool,
+    /// Testing aid: flip between gathered and spread this often, whatever the load.
+    flip_every: Option<Duration>,
+}
+
+/// A thread's CPU nanoseconds, alone on its cache line (no false sharing).
+#[derive(Default)]
+#[repr(align(128))]
+struct BusyCounter(AtomicU64);
+
+/// Gather when all worker threads together used less than this fraction of one core's
+/// CPU time, in each of [`GATHER_AFTER`] seconds in a row. Spread shards cost at least as
+/// much CPU as gathered ones for the same traffic, so with `GATHER_BELOW < SPREAD_ABOVE`
+/// the two states cannot chase each other.
+const GATHER_BELOW: f64 = 0.7;
+const GATHER_AFTER: u32 = 3;
+/// Spread again as soon as thread 0, holding every shard, used more than this fraction
+/// of a core's CPU time over the last three [`Balance::CHECK`] intervals, or was busy
+/// (outside `epoll_wait`, by the wall clock) more than [`SATURATED`] of each of them: a
+/// thread that waits for a contended core falls just as far behind.
+const SPREAD_ABOVE: f64 = 0.85;
+const SATURATED: f64 = 0.97;
+
+/// CPU time this thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(0, |t| {
+        (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64)
+    })
+}
+
+impl Pool {
+    pub(crate) fn new(threads: usize, adaptive: bool) -> io::Result<Pool> {
+        let mut wake = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            wake.push(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
+        }
+        let flip_every = std::env::var("TURNSTONE_TEST_SHARD_FLIP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        Ok(Pool {
+            wake,
+            busy_ns: (0..threads).map(|_| BusyCounter::default()).collect(),
+            // Load starts at zero: start gathered.
+            gathered: AtomicBool::new(adaptive && threads > 1),
+            to_host: Mutex::new(Vec::new()),
+            home: (0..threads).map(|_| Mutex::new(None)).collect(),
+            adaptive: adaptive && threads > 1,
+            flip_every,
+        })
+    }
+
+    fn signal(&self, thread: usize) {
+        if let Some(fd) = self.wake.get(thread) {
+            let _ = fd.write(1);
+        }
+    }
+
+    fn gathered(&self) -> bool {
+        self.gathered.load(Ordering::Acquire)
+    }
+}
+
+/// Per-thread scratch: receive and send batches and buffers (not `Send`, so they stay
+/// with their thread while shards move).
+struct Scratch {
+    buf: Vec<u8>,
+    xbuf: Vec<u8>,
+    events: Vec<EpollEvent>,
+    guest_events: Vec<EpollEvent>,
+    rbatch: RecvBatch,
+    sbatch: SendBatch,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            buf: vec![0u8; BUF_LEN],
+            xbuf: vec![0u8; BUF_LEN],
+            events: vec![EpollEvent::empty(); EVENTS],
+            guest_events: vec![EpollEvent::empty(); EVENTS],
+            rbatch: RecvBatch::new(),
+            sbatch: SendBatch::new(),
+        }
+    }
+}
+
+/// One shard: a listener socket per configured UDP address (and, on shard 0, the TCP and
+/// TLS listeners and their connections), the TURN core and its relay sockets, all in one
+/// epoll set.
+pub(crate) struct Shard {
+    index: usize,
+    epoll: Epoll,
+    listeners: Vec<(SocketAddr, UdpSocket)>,
+    stream_listeners: Vec<(TcpListener, Transport)>,
+    streams: Streams,
+    core: Server,
+    relays: Relays,
+    closed: Vec<FiveTuple>,
+    peers: PeerConns,
+    peer_check: Instant,
+    next_tick: Instant,
+    handoff: bool,
+}
+
+impl Shard {
+    fn new(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<Shard> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let mut listeners = Vec::with_capacity(sockets.udp.len());
+        for (i, s) in sockets.udp.into_iter().enumerate() {
+            let addr = s.local_addr()?;
+            epoll.add(&s, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+            listeners.push((addr, s));
+        }
+        let stream_listeners = sockets.streams;
+        for (i, (l, _)) in stream_listeners.iter().enumerate() {
+            epoll.add(
+                l,
+                EpollEvent::new(EpollFlags::EPOLLIN, STREAM_LISTENER_BASE + i as u64),
+            )?;
+        }
+        let streams = Streams::with_counter(
+            common.stream_limits.clone(),
+            STREAM_BASE,
+            common.conns.clone(),
+        );
+        Ok(Shard {
+            index,
+            epoll,
+            listeners,
+            stream_listeners,
+            streams,
+            core: Server::new(common.shared.clone()),
+            relays: Relays::default(),
+            closed: Vec::new(),
+            peers: PeerConns::default(),
+            peer_check: Instant::now() + TICK,
+            next_tick: Instant::now() + TICK,
+            // Benchmarks compare the in-worker hand-off between two allocations with
+            // the kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
+            handoff: std::env::var_os("TURNSTONE_NO_HANDOFF").is_none(),
+        })
+    }
+
+    /// Handles a batch of this shard's epoll events, then its timers and queued work.
+    fn process(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent], clock: Clock) {
+        let ports = &common.ports;
+        let buffer = common.buffer;
+        let Shard {
+            index: _,
+            epoll,
+            listeners,
+            stream_listeners,
+            streams,
+            core,
+            relays,
+            closed,
+            peers,
+            peer_check: _,
+            next_tick: _,
+            handoff,
+        } = self;
+        let Scratch {
+            buf,
+            xbuf,
+            rbatch,
+            sbatch,
+            ..
+        } = s;
+        core.counters.handled(events.len() as u64);
+        for ev in events {
             let token = ev.data();
             if token < STREAM_LISTENER_BASE {
                 // A UDP listener: every queued client datagram.
@@ -293,16 +458,16 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                         server: local,
                     };
                     let mut binder = Binder {
-                        relays: &mut relays,
+                        relays,
                         ports,
-                        epoll: &epoll,
+                        epoll,
                         buffer,
                     };
                     let (relay, peer, len) = match core.handle_client(ft, data, clock, &mut binder)
                     {
                         Output::Nothing => continue,
                         Output::ToClient(d) => {
-                            sbatch.push(&listeners, idx, d, from);
+                            sbatch.push(listeners, idx, d, from);
                             continue;
                         }
                         Output::ToPeer { relay, peer, data } => {
@@ -315,28 +480,19 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                         }
                     };
                     let payload = PEER_HEADROOM..PEER_HEADROOM + len;
-                    let local = if handoff {
+                    let local = if *handoff {
                         core.local_relay(relay, peer)
                     } else {
                         None
                     };
                     if let Some((to, from_addr)) = local {
-                        // Both allocations live in this worker: hand the packet over
+                        // Both allocations live in this shard: hand the packet over
                         // directly; the receiving allocation's permissions apply.
                         if let Some((ft2, range)) =
-                            core.handle_peer(to, from_addr, &mut xbuf, payload, clock.now)
+                            core.handle_peer(to, from_addr, xbuf, payload, clock.now)
                         {
                             if let Some(bytes) = xbuf.get(range) {
-                                ToClients {
-                                    listeners: &listeners,
-                                    sbatch: &mut sbatch,
-                                }
-                                .send(
-                                    &mut streams,
-                                    &epoll,
-                                    &ft2,
-                                    bytes,
-                                );
+                                ToClients { listeners, sbatch }.send(streams, epoll, &ft2, bytes);
                             }
                         }
                     } else if let (Some(s), Some(bytes)) = (
@@ -351,19 +507,13 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                 let i = (token - STREAM_LISTENER_BASE) as usize;
                 if let Some((l, transport)) = stream_listeners.get(i) {
                     let tls = common.tls.load_full();
-                    streams.accept(l, *transport, tls.as_ref(), &epoll, clock.now);
+                    streams.accept(l, *transport, tls.as_ref(), epoll, clock.now);
                 }
+            } else if token >= GUEST_BASE {
+                // Not this shard's (the host loop's own tokens).
             } else if token >= PEER_BASE {
                 // An RFC 6062 peer connection.
-                peers.on_event(
-                    token,
-                    ev.events(),
-                    &epoll,
-                    &mut core,
-                    &mut streams,
-                    &mut buf,
-                    clock.now,
-                );
+                peers.on_event(token, ev.events(), epoll, core, streams, buf, clock.now);
             } else if token < STREAM_BASE {
                 let handle = RelayHandle((token - RELAY_BASE) as u32);
                 let Some(entry) = relays.get(handle) else {
@@ -378,7 +528,7 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                                 break;
                             };
                             match core.tcp_incoming(handle, from, clock.now) {
-                                Some(id) => peers.add(id, stream, None, &epoll),
+                                Some(id) => peers.add(id, stream, None, epoll),
                                 None => drop(stream),
                             }
                         }
@@ -392,15 +542,9 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                     Err(_) => continue,
                 };
                 let payload = PEER_HEADROOM..PEER_HEADROOM + len;
-                if let Some((ft, range)) =
-                    core.handle_peer(handle, from, &mut buf, payload, clock.now)
-                {
+                if let Some((ft, range)) = core.handle_peer(handle, from, buf, payload, clock.now) {
                     if let Some(bytes) = buf.get(range) {
-                        ToClients {
-                            listeners: &listeners,
-                            sbatch: &mut sbatch,
-                        }
-                        .send(&mut streams, &epoll, &ft, bytes);
+                        ToClients { listeners, sbatch }.send(streams, epoll, &ft, bytes);
                     }
                 }
             } else if streams.owns(token) {
@@ -409,17 +553,17 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                 let gone = streams.on_event(
                     token,
                     ev.events(),
-                    &epoll,
+                    epoll,
                     clock.now,
                     &mut |ft, frame, reply| {
                         if let Some(id) = core.data_connection(&ft) {
-                            peers.write(id, frame, &epoll);
+                            peers.write(id, frame, epoll);
                             return true;
                         }
                         let mut binder = Binder {
-                            relays: &mut relays,
+                            relays,
                             ports,
-                            epoll: &epoll,
+                            epoll,
                             buffer,
                         };
                         match core.handle_client(ft, frame, clock, &mut binder) {
@@ -438,75 +582,372 @@ fn run_loop(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result
                 closed.extend(gone);
             }
         }
-        sbatch.flush(&listeners);
+        sbatch.flush(listeners);
+    }
+
+    /// Timers (once a tick), closed streams, the core's commands; `clock` is this
+    /// iteration's reading.
+    fn maintain(&mut self, common: &Common, s: &mut Scratch, clock: Clock) {
+        let ports = &common.ports;
+        let buffer = common.buffer;
+        let index = self.index;
+        let sbatch = &mut s.sbatch;
         let now = Instant::now();
-        core.counters.busy(now.saturating_duration_since(clock.now));
-        if now >= next_tick {
-            next_tick = now + TICK;
-            common.metrics.flush(index, &mut core.counters);
-            closed.extend(streams.tick(now, &epoll));
+        if now >= self.next_tick {
+            self.next_tick = now + TICK;
+            common.metrics.flush(index, &mut self.core.counters);
+            self.closed.extend(self.streams.tick(now, &self.epoll));
             let mut binder = Binder {
-                relays: &mut relays,
+                relays: &mut self.relays,
                 ports,
-                epoll: &epoll,
+                epoll: &self.epoll,
                 buffer,
             };
-            core.handle_timeout(now, &mut binder);
-            relays.compact();
-            let shared = core.shared().clone();
+            self.core.handle_timeout(now, &mut binder);
+            self.relays.compact();
+            let shared = self.core.shared().clone();
             if shared
                 .publish_sessions
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
-                shared.set_sessions(index, core.sessions(now, clock.unix));
+                shared.set_sessions(index, self.core.sessions(now, clock.unix));
             }
         }
-        if !closed.is_empty() {
+        if !self.closed.is_empty() {
             let mut binder = Binder {
-                relays: &mut relays,
+                relays: &mut self.relays,
                 ports,
-                epoll: &epoll,
+                epoll: &self.epoll,
                 buffer,
             };
-            for ft in closed.drain(..) {
-                core.client_closed(&ft, now, &mut binder);
+            for ft in self.closed.drain(..) {
+                self.core.client_closed(&ft, now, &mut binder);
             }
         }
         // What the core asked for outside its answers (RFC 6062 connections).
-        while let Some(cmd) = core.poll_command() {
+        while let Some(cmd) = self.core.poll_command() {
             match cmd {
                 Command::ConnectPeer { id, relay, peer } => {
-                    let started = relays
+                    let started = self
+                        .relays
                         .get(relay)
                         .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
                         .and_then(|e| socket::tcp_connect_from(e.addr, peer));
                     match started {
-                        Ok(stream) => peers.add(id, stream, Some(now), &epoll),
-                        Err(_) => core.tcp_connected(id, false, now),
+                        Ok(stream) => self.peers.add(id, stream, Some(now), &self.epoll),
+                        Err(_) => self.core.tcp_connected(id, false, now),
                     }
                 }
-                Command::Splice { id, data } => peers.splice(id, data, &epoll),
-                Command::ClosePeer { id } => peers.remove(id, &epoll),
+                Command::Splice { id, data } => self.peers.splice(id, data, &self.epoll),
+                Command::ClosePeer { id } => self.peers.remove(id, &self.epoll),
                 Command::CloseClient { ft } => {
-                    streams.close(&ft, &epoll);
+                    self.streams.close(&ft, &self.epoll);
                 }
                 Command::ToClient { ft, bytes } => {
                     ToClients {
-                        listeners: &listeners,
-                        sbatch: &mut sbatch,
+                        listeners: &self.listeners,
+                        sbatch,
                     }
-                    .send(&mut streams, &epoll, &ft, &bytes);
+                    .send(&mut self.streams, &self.epoll, &ft, &bytes);
                 }
             }
         }
-        if now >= peer_check {
-            peer_check = now + TICK;
-            peers.expire_connecting(now, &epoll, &mut core);
+        if now >= self.peer_check {
+            self.peer_check = now + TICK;
+            self.peers
+                .expire_connecting(now, &self.epoll, &mut self.core);
         }
-        sbatch.flush(&listeners);
-        for ev in core.drain_events() {
+        sbatch.flush(&self.listeners);
+        for ev in self.core.drain_events() {
             log_event(index, &ev);
         }
+    }
+
+    /// One pass: handle `events`, then the rest; counts the time as this shard's load.
+    fn run_once(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent]) {
+        let clock = clock();
+        self.process(common, s, events, clock);
+        self.maintain(common, s, clock);
+        self.core
+            .counters
+            .busy(Instant::now().saturating_duration_since(clock.now));
+    }
+}
+
+/// epoll timeout until `deadline` (at least 1 ms, at most about a second).
+fn timeout_until(deadline: Instant) -> EpollTimeout {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    EpollTimeout::from(wait.as_millis().min(1000) as u16 + 1)
+}
+
+fn wait(epoll: &Epoll, events: &mut [EpollEvent], timeout: EpollTimeout) -> io::Result<usize> {
+    match epoll.wait(events, timeout) {
+        Ok(n) => Ok(n),
+        Err(nix::errno::Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Threads 1..N: serve the own shard; hand it to thread 0 when the pool gathers, and
+/// sleep until it comes back.
+fn home_loop(common: &Common, shard: Shard) -> io::Result<()> {
+    let pool = &common.pool;
+    let index = shard.index;
+    let mut s = Scratch::new();
+    let mut shard = Some(shard);
+    let mut publish = Instant::now();
+    loop {
+        let Some(mut sh) = shard.take() else {
+            // Parked: wait for the shard to come home.
+            let _ = pool.wake.get(index).map(EventFd::read);
+            shard = pool
+                .home
+                .get(index)
+                .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
+            continue;
+        };
+        if let Some(fd) = pool.wake.get(index) {
+            sh.epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        }
+        // Serve until the pool gathers.
+        while !pool.gathered() {
+            let n = wait(&sh.epoll, &mut s.events, timeout_until(sh.next_tick))?;
+            let start = Instant::now();
+            let events = std::mem::take(&mut s.events);
+            let woken = events
+                .get(..n)
+                .is_some_and(|e| e.iter().any(|e| e.data() == WAKE_TOKEN));
+            sh.run_once(common, &mut s, events.get(..n).unwrap_or_default());
+            s.events = events;
+            if start >= publish {
+                publish = start + TICK / 4;
+                if let Some(b) = pool.busy_ns.get(index) {
+                    b.0.store(thread_cpu_ns(), Ordering::Relaxed);
+                }
+            }
+            if woken {
+                if let Some(fd) = pool.wake.get(index) {
+                    let _ = fd.read();
+                }
+            }
+        }
+        if let Some(fd) = pool.wake.get(index) {
+            let _ = sh.epoll.delete(fd);
+        }
+        pool.to_host
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sh);
+        pool.signal(0);
+    }
+}
+
+/// Thread 0: serves shard 0 (which never moves: it holds the TCP and TLS connections)
+/// and, while the pool is gathered, the other shards as guests; decides when to gather
+/// and when to spread.
+fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
+    let pool = &common.pool;
+    let mut s = Scratch::new();
+    let mut guests: Vec<Shard> = Vec::new();
+    if let Some(fd) = pool.wake.first() {
+        home.epoll
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+    }
+    let mut balance = Balance::new(pool);
+    loop {
+        let deadline = guests
+            .iter()
+            .map(|g| g.next_tick)
+            .fold(home.next_tick.min(balance.next), Instant::min);
+        let n = wait(&home.epoll, &mut s.events, timeout_until(deadline))?;
+        let start = Instant::now();
+        let events = std::mem::take(&mut s.events);
+        let ready = events.get(..n).unwrap_or_default();
+        let mut woken = false;
+        for ev in ready {
+            let t = ev.data();
+            if t == WAKE_TOKEN {
+                woken = true;
+            } else if t >= GUEST_BASE {
+                let k = (t - GUEST_BASE) as usize;
+                if let Some(g) = guests.iter_mut().find(|g| g.index == k) {
+                    let mut gev = std::mem::take(&mut s.guest_events);
+                    let m = wait(&g.epoll, &mut gev, EpollTimeout::ZERO)?;
+                    g.run_once(common, &mut s, gev.get(..m).unwrap_or_default());
+                    s.guest_events = gev;
+                }
+            }
+        }
+        home.run_once(common, &mut s, ready);
+        s.events = events;
+        // Guests' timers run even when they had no traffic.
+        let now = Instant::now();
+        for g in guests.iter_mut().filter(|g| now >= g.next_tick) {
+            g.run_once(common, &mut s, &[]);
+        }
+        if woken {
+            if let Some(fd) = pool.wake.first() {
+                let _ = fd.read();
+            }
+            let arrived =
+                std::mem::take(&mut *pool.to_host.lock().unwrap_or_else(|e| e.into_inner()));
+            for g in arrived {
+                if pool.gathered() {
+                    home.epoll.add(
+                        &g.epoll.0,
+                        EpollEvent::new(EpollFlags::EPOLLIN, GUEST_BASE + g.index as u64),
+                    )?;
+                    guests.push(g);
+                } else {
+                    send_home(pool, g);
+                }
+            }
+        }
+        let now = Instant::now();
+        balance.busy += now.saturating_duration_since(start);
+        match balance.decide(pool, now) {
+            Move::Stay => {}
+            Move::Gather => {
+                tracing::debug!("worker shards gather on one thread");
+                pool.gathered.store(true, Ordering::Release);
+                for k in 1..pool.wake.len() {
+                    pool.signal(k);
+                }
+            }
+            Move::Spread => {
+                tracing::debug!("worker shards spread over their threads");
+                pool.gathered.store(false, Ordering::Release);
+                for g in guests.drain(..) {
+                    let _ = home.epoll.delete(&g.epoll.0);
+                    send_home(pool, g);
+                }
+            }
+        }
+    }
+}
+
+enum Move {
+    Stay,
+    Gather,
+    Spread,
+}
+
+/// Thread 0's gather / spread decisions. Spreading must be quick (a gathered thread that
+/// falls behind drops packets once the socket buffers fill), so thread 0's wall-clock
+/// busy fraction is checked every [`Balance::CHECK`]: wall clock, not CPU time, because a
+/// thread that is runnable but waiting for a core is just as far behind. Gathering can
+/// wait: the CPU time of all threads is summed once a second.
+struct Balance {
+    adaptive: bool,
+    flip_every: Option<Duration>,
+    next: Instant,
+    /// Thread 0's time outside `epoll_wait` since `check_start`.
+    busy: Duration,
+    check_start: Instant,
+    second_start: Instant,
+    next_second: Instant,
+    cpu_last: Vec<u64>,
+    quiet: u32,
+    /// Thread 0's CPU time at the last check.
+    check_cpu: u64,
+    /// Thread 0's busy fraction (wall clock) and CPU fraction in the last three checks.
+    recent_busy: [f64; 3],
+    recent_cpu: [f64; 3],
+}
+
+impl Balance {
+    const CHECK: Duration = Duration::from_millis(50);
+
+    fn new(pool: &Pool) -> Balance {
+        let now = Instant::now();
+        Balance {
+            adaptive: pool.adaptive,
+            flip_every: pool.flip_every,
+            next: now + pool.flip_every.unwrap_or(Self::CHECK),
+            busy: Duration::ZERO,
+            check_start: now,
+            second_start: now,
+            next_second: now + TICK,
+            cpu_last: vec![0; pool.wake.len()],
+            quiet: 0,
+            check_cpu: thread_cpu_ns(),
+            recent_busy: [0.0; 3],
+            recent_cpu: [0.0; 3],
+        }
+    }
+
+    fn decide(&mut self, pool: &Pool, now: Instant) -> Move {
+        if now < self.next {
+            return Move::Stay;
+        }
+        let gathered = pool.gathered();
+        if let Some(every) = self.flip_every {
+            // Testing aid: alternate whatever the load.
+            self.next = now + every;
+            return if gathered { Move::Spread } else { Move::Gather };
+        }
+        self.next = now + Self::CHECK;
+        if !self.adaptive {
+            return Move::Stay;
+        }
+        let span = now.duration_since(self.check_start).as_secs_f64().max(1e-3);
+        let busy = self.busy.as_secs_f64() / span;
+        let cpu_now = thread_cpu_ns();
+        let cpu = cpu_now.saturating_sub(self.check_cpu) as f64 / 1e9 / span;
+        self.check_cpu = cpu_now;
+        self.busy = Duration::ZERO;
+        self.check_start = now;
+        self.recent_busy = [self.recent_busy[1], self.recent_busy[2], busy];
+        self.recent_cpu = [self.recent_cpu[1], self.recent_cpu[2], cpu];
+        let cpu_average = self.recent_cpu.iter().sum::<f64>() / 3.0;
+        let saturated = self.recent_busy.iter().all(|&b| b > SATURATED);
+        if gathered && (saturated || cpu_average > SPREAD_ABOVE) {
+            tracing::debug!(busy, cpu = cpu_average, "heavy load");
+            self.quiet = 0;
+            self.recent_busy = [0.0; 3];
+            self.recent_cpu = [0.0; 3];
+            return Move::Spread;
+        }
+        if now < self.next_second {
+            return Move::Stay;
+        }
+        let secs = now
+            .duration_since(self.second_start)
+            .as_secs_f64()
+            .max(1e-3);
+        self.second_start = now;
+        self.next_second = now + TICK;
+        let mut total = 0.0;
+        for (k, last) in self.cpu_last.iter_mut().enumerate() {
+            let cpu = if k == 0 {
+                thread_cpu_ns()
+            } else {
+                pool.busy_ns
+                    .get(k)
+                    .map_or(0, |b| b.0.load(Ordering::Relaxed))
+            };
+            total += cpu.saturating_sub(*last) as f64 / 1e9 / secs;
+            *last = cpu;
+        }
+        self.quiet = if total < GATHER_BELOW {
+            self.quiet + 1
+        } else {
+            0
+        };
+        if !gathered && self.quiet >= GATHER_AFTER {
+            tracing::debug!(cpu = total, "light load");
+            return Move::Gather;
+        }
+        Move::Stay
+    }
+}
+
+fn send_home(pool: &Pool, shard: Shard) {
+    let k = shard.index;
+    if let Some(slot) = pool.home.get(k) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(shard);
+        pool.signal(k);
     }
 }
 

@@ -82,6 +82,10 @@ pub struct ServerOptions {
     pub ipv6_listen: bool,
     /// Relay on 127.0.0.1 and ::1 (`[relay] address = ["127.0.0.1", "::1"]`).
     pub ipv6_relay: bool,
+    /// `[server] workers` (turnstone only; default: one per core).
+    pub workers: Option<usize>,
+    /// Environment variables for the server process (turnstone only).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ServerOptions {
@@ -99,6 +103,8 @@ impl Default for ServerOptions {
             tls: false,
             ipv6_listen: false,
             ipv6_relay: false,
+            workers: None,
+            env: Vec::new(),
         }
     }
 }
@@ -137,6 +143,16 @@ impl ServerOptions {
     }
 
     /// Adds a `tcp` listener on the UDP listen address.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     pub fn tcp(mut self) -> Self {
         self.tcp = true;
         self
@@ -165,7 +181,11 @@ impl ServerOptions {
     /// The turnstone configuration file for these listeners.
     pub fn to_toml_with(&self, l: &Listeners, relay_ports: (u16, u16)) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "[server]\nrealm = {}\n", toml_str(&self.realm));
+        let _ = writeln!(t, "[server]\nrealm = {}", toml_str(&self.realm));
+        if let Some(w) = self.workers {
+            let _ = writeln!(t, "workers = {w}");
+        }
+        let _ = writeln!(t);
         let mut listen = |transport: &str, addr: SocketAddr| {
             let _ = writeln!(
                 t,
@@ -479,6 +499,7 @@ impl TestServer {
                     .expect("write config");
                 let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
                 cmd.arg("--config").arg(&config);
+                cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
                 cmd
             }
             Backend::Coturn => coturn_command(dir.path(), &options, &listeners, relay_ports),
