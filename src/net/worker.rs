@@ -283,11 +283,14 @@ struct BusyCounter(AtomicU64);
 const GATHER_BELOW: f64 = 0.7;
 const GATHER_AFTER: u32 = 3;
 /// Spread again as soon as thread 0, holding every shard, used more than this fraction
-/// of a core's CPU time over the last three [`Balance::CHECK`] intervals, or was busy
-/// (outside `epoll_wait`, by the wall clock) more than [`SATURATED`] of each of them: a
-/// thread that waits for a contended core falls just as far behind.
+/// of a core's CPU time over the last three [`Balance::CHECK`] intervals (150 ms), or
+/// was busy (outside `epoll_wait`, by the wall clock) more than [`SATURATED`] of each of
+/// [`SATURATED_CHECKS`] intervals in a row: a thread that waits for a contended core
+/// falls just as far behind, but a busy machine also preempts a thread that keeps up,
+/// for a while, so that takes longer to count.
 const SPREAD_ABOVE: f64 = 0.85;
 const SATURATED: f64 = 0.97;
+const SATURATED_CHECKS: u32 = 10;
 
 /// CPU time this thread has used, in nanoseconds.
 fn thread_cpu_ns() -> u64 {
@@ -851,8 +854,9 @@ struct Balance {
     quiet: u32,
     /// Thread 0's CPU time at the last check.
     check_cpu: u64,
-    /// Thread 0's busy fraction (wall clock) and CPU fraction in the last three checks.
-    recent_busy: [f64; 3],
+    /// Checks in a row in which thread 0 was busy more than [`SATURATED`].
+    saturated_checks: u32,
+    /// Thread 0's CPU fraction in the last three checks.
     recent_cpu: [f64; 3],
 }
 
@@ -872,7 +876,7 @@ impl Balance {
             cpu_last: vec![0; pool.wake.len()],
             quiet: 0,
             check_cpu: thread_cpu_ns(),
-            recent_busy: [0.0; 3],
+            saturated_checks: 0,
             recent_cpu: [0.0; 3],
         }
     }
@@ -898,14 +902,18 @@ impl Balance {
         self.check_cpu = cpu_now;
         self.busy = Duration::ZERO;
         self.check_start = now;
-        self.recent_busy = [self.recent_busy[1], self.recent_busy[2], busy];
+        self.saturated_checks = if busy > SATURATED {
+            self.saturated_checks + 1
+        } else {
+            0
+        };
         self.recent_cpu = [self.recent_cpu[1], self.recent_cpu[2], cpu];
         let cpu_average = self.recent_cpu.iter().sum::<f64>() / 3.0;
-        let saturated = self.recent_busy.iter().all(|&b| b > SATURATED);
+        let saturated = self.saturated_checks >= SATURATED_CHECKS;
         if gathered && (saturated || cpu_average > SPREAD_ABOVE) {
             tracing::debug!(busy, cpu = cpu_average, "heavy load");
             self.quiet = 0;
-            self.recent_busy = [0.0; 3];
+            self.saturated_checks = 0;
             self.recent_cpu = [0.0; 3];
             return Move::Spread;
         }
