@@ -585,7 +585,6 @@ impl Shard {
                 closed.extend(gone);
             }
         }
-        sbatch.flush(listeners);
     }
 
     /// Timers (once a tick), closed streams, the core's commands; `clock` is this
@@ -660,13 +659,16 @@ impl Shard {
             self.peers
                 .expire_connecting(now, &self.epoll, &mut self.core);
         }
-        sbatch.flush(&self.listeners);
         for ev in self.core.drain_events() {
             log_event(index, &ev);
         }
     }
 
     /// One pass: handle `events`, then the rest; counts the time as this shard's load.
+    /// Datagrams for clients stay in the send batch; the caller flushes it. Listener `i`
+    /// of every shard is bound to the same address, so one flush through any shard's
+    /// listeners sends what several shards queued (one `sendmmsg` per wake-up, gathered
+    /// or not).
     fn run_once(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent]) {
         let clock = clock();
         self.process(common, s, events, clock);
@@ -722,6 +724,7 @@ fn home_loop(common: &Common, shard: Shard) -> io::Result<()> {
                 .get(..n)
                 .is_some_and(|e| e.iter().any(|e| e.data() == WAKE_TOKEN));
             sh.run_once(common, &mut s, events.get(..n).unwrap_or_default());
+            s.sbatch.flush(&sh.listeners);
             s.events = events;
             if start >= publish {
                 publish = start + TICK / 4;
@@ -789,6 +792,7 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         for g in guests.iter_mut().filter(|g| now >= g.next_tick) {
             g.run_once(common, &mut s, &[]);
         }
+        s.sbatch.flush(&home.listeners);
         if woken {
             if let Some(fd) = pool.wake.first() {
                 let _ = fd.read();
