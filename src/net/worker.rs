@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::batch::{RecvBatch, SendBatch};
+use super::batch::{RecvBatch, SendBatch, BATCH};
 use super::ports::PortPool;
 use super::socket;
 use super::stream::Streams;
@@ -291,6 +291,10 @@ const GATHER_AFTER: u32 = 3;
 const SPREAD_ABOVE: f64 = 0.85;
 const SATURATED: f64 = 0.97;
 const SATURATED_CHECKS: u32 = 10;
+/// Also spread at once when, within one [`Balance::CHECK`] interval, at least this many
+/// listener reads (and at least half of them) found a full batch of datagrams waiting:
+/// the socket queues are growing faster than one thread drains them.
+const BEHIND_READS: u32 = 8;
 
 /// CPU time this thread has used, in nanoseconds.
 fn thread_cpu_ns() -> u64 {
@@ -343,6 +347,10 @@ struct Scratch {
     guest_events: Vec<EpollEvent>,
     rbatch: RecvBatch,
     sbatch: SendBatch,
+    /// Listener reads since the last balance check, and how many of them filled the
+    /// whole batch (the sign of a thread that has fallen behind).
+    reads: u32,
+    full_reads: u32,
 }
 
 impl Scratch {
@@ -354,6 +362,8 @@ impl Scratch {
             guest_events: vec![EpollEvent::empty(); EVENTS],
             rbatch: RecvBatch::new(),
             sbatch: SendBatch::new(),
+            reads: 0,
+            full_reads: 0,
         }
     }
 }
@@ -438,6 +448,8 @@ impl Shard {
             xbuf,
             rbatch,
             sbatch,
+            reads,
+            full_reads,
             ..
         } = s;
         core.counters.handled(events.len() as u64);
@@ -451,6 +463,10 @@ impl Shard {
                 };
                 let local = *local;
                 let n = rbatch.recv(sock);
+                *reads += 1;
+                if n == BATCH {
+                    *full_reads += 1;
+                }
                 for k in 0..n {
                     let Some((data, from)) = rbatch.get(k) else {
                         continue;
@@ -813,7 +829,7 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         }
         let now = Instant::now();
         balance.busy += now.saturating_duration_since(start);
-        match balance.decide(pool, now) {
+        match balance.decide(pool, now, &mut s) {
             Move::Stay => {}
             Move::Gather => {
                 tracing::debug!("worker shards gather on one thread");
@@ -885,10 +901,13 @@ impl Balance {
         }
     }
 
-    fn decide(&mut self, pool: &Pool, now: Instant) -> Move {
+    fn decide(&mut self, pool: &Pool, now: Instant, s: &mut Scratch) -> Move {
         if now < self.next {
             return Move::Stay;
         }
+        let (reads, full_reads) = (s.reads, s.full_reads);
+        s.reads = 0;
+        s.full_reads = 0;
         let gathered = pool.gathered();
         if let Some(every) = self.flip_every {
             // Testing aid: alternate whatever the load.
@@ -914,8 +933,9 @@ impl Balance {
         self.recent_cpu = [self.recent_cpu[1], self.recent_cpu[2], cpu];
         let cpu_average = self.recent_cpu.iter().sum::<f64>() / 3.0;
         let saturated = self.saturated_checks >= SATURATED_CHECKS;
-        if gathered && (saturated || cpu_average > SPREAD_ABOVE) {
-            tracing::debug!(busy, cpu = cpu_average, "heavy load");
+        let behind = full_reads >= BEHIND_READS && full_reads * 2 >= reads;
+        if gathered && (behind || saturated || cpu_average > SPREAD_ABOVE) {
+            tracing::debug!(busy, cpu = cpu_average, full_reads, reads, "heavy load");
             self.quiet = 0;
             self.saturated_checks = 0;
             self.recent_cpu = [0.0; 3];
