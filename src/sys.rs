@@ -38,26 +38,36 @@ pub fn configure_allocator() {
 
 /// Decides when a wave of allocations has ended and memory should be given back: after
 /// at least [`MemoryTrim::MIN_WAVE`] allocations ended since the last high-water mark and
-/// at most half of that mark is left, on the second check in a row (so the workers have
-/// compacted their tables first).
+/// at most half of that mark is left, on the second check in a row; and once more
+/// [`MemoryTrim::FOLLOW_UP`] checks later, for what the workers freed when they compacted
+/// their tables at their next tick.
 #[derive(Debug, Default)]
 pub struct MemoryTrim {
     high: usize,
     pending: bool,
+    follow_up: Option<u32>,
 }
 
 impl MemoryTrim {
     pub const MIN_WAVE: usize = 1000;
+    pub const FOLLOW_UP: u32 = 3;
 
-    /// Called about once a second with the number of live allocations; true when
+    /// Called about twice a second with the number of live allocations; true when
     /// [`release_free_memory`] should run now.
     pub fn check(&mut self, live: usize) -> bool {
+        if let Some(n) = self.follow_up.take() {
+            if n <= 1 {
+                return true;
+            }
+            self.follow_up = Some(n - 1);
+        }
         self.high = self.high.max(live);
         let ended = self.high - live;
         if ended >= Self::MIN_WAVE && live <= self.high / 2 {
             if self.pending {
                 self.pending = false;
                 self.high = live;
+                self.follow_up = Some(Self::FOLLOW_UP);
                 return true;
             }
             self.pending = true;
@@ -73,20 +83,20 @@ mod tests {
     use super::MemoryTrim;
 
     #[test]
-    fn trims_once_after_a_wave_ends() {
+    fn trims_after_a_wave_ends_and_once_more_later() {
         let mut t = MemoryTrim::default();
         assert!(!t.check(0));
         assert!(!t.check(5000));
         assert!(!t.check(4000), "a fifth ended: not a wave's end");
-        assert!(
-            !t.check(100),
-            "first check after the wave: workers compact first"
-        );
+        assert!(!t.check(100), "first check after the wave");
         assert!(t.check(50), "second check: trim");
+        assert!(!t.check(50));
+        assert!(!t.check(50));
+        assert!(t.check(50), "the follow-up trim");
         assert!(!t.check(50), "nothing new ended");
         assert!(!t.check(0));
         // A small churn never trims.
-        for live in [10, 500, 20, 900, 0, 999, 0] {
+        for live in [10, 500, 20, 900, 0, 999, 0, 0, 0] {
             assert!(!t.check(live));
         }
         // The next wave trims again.

@@ -234,7 +234,7 @@ fn signals(
             tokio::time::interval(wd.map_or(Duration::from_secs(3600), |d| (d / 2).max(Duration::from_millis(100))));
         // Memory back to the kernel after a wave of allocations ends.
         let mut trim = crate::sys::MemoryTrim::default();
-        let mut trim_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut trim_tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = trim_tick.tick() => {
