@@ -266,7 +266,7 @@ pub(crate) struct Pool {
     /// Shards on their way home, by thread.
     home: Vec<Mutex<Option<Shard>>>,
     /// Whether to gather at all (`[server] adaptive_workers`).
-    pub adaptive: bool,
+    adaptive: bool,
     /// Testing aid: flip between gathered and spread this often, whatever the load.
     flip_every: Option<Duration>,
 }
@@ -862,8 +862,6 @@ enum Move {
 /// thread that is runnable but waiting for a core is just as far behind. Gathering can
 /// wait: the CPU time of all threads is summed once a second.
 struct Balance {
-    adaptive: bool,
-    flip_every: Option<Duration>,
     next: Instant,
     /// Thread 0's time outside `epoll_wait` since `check_start`.
     busy: Duration,
@@ -886,8 +884,6 @@ impl Balance {
     fn new(pool: &Pool) -> Balance {
         let now = Instant::now();
         Balance {
-            adaptive: pool.adaptive,
-            flip_every: pool.flip_every,
             next: now + pool.flip_every.unwrap_or(Self::CHECK),
             busy: Duration::ZERO,
             check_start: now,
@@ -909,13 +905,13 @@ impl Balance {
         s.reads = 0;
         s.full_reads = 0;
         let gathered = pool.gathered();
-        if let Some(every) = self.flip_every {
+        if let Some(every) = pool.flip_every {
             // Testing aid: alternate whatever the load.
             self.next = now + every;
             return if gathered { Move::Spread } else { Move::Gather };
         }
         self.next = now + Self::CHECK;
-        if !self.adaptive {
+        if !pool.adaptive {
             return Move::Stay;
         }
         let span = now.duration_since(self.check_start).as_secs_f64().max(1e-3);
