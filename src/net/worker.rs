@@ -98,6 +98,8 @@ struct Binder<'a> {
     relays: &'a mut Relays,
     ports: &'a PortPool,
     epoll: &'a Epoll,
+    /// The shard's token tag (see [`guest_tag`]).
+    tag: u64,
     buffer: usize,
 }
 
@@ -119,7 +121,7 @@ impl Binder<'_> {
                 (self.relays.entries.len() - 1) as u32
             }
         };
-        let token = RELAY_BASE + u64::from(idx);
+        let token = self.tag + RELAY_BASE + u64::from(idx);
         if let Err(e) = self
             .epoll
             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
@@ -242,13 +244,22 @@ impl ToClients<'_> {
 
 /// Token of the thread's wake-up eventfd in its home shard's epoll set.
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Token of guest shard `k`'s epoll set inside thread 0's home epoll set.
-const GUEST_BASE: u64 = 1 << 56;
+/// While shard `k` is thread 0's guest, its sockets sit in thread 0's epoll set with
+/// their tokens tagged `(k + 1) << TAG_SHIFT`; every untagged token is below
+/// `GUEST_BASE` (the largest, `PEER_BASE` + a connection slot, is far below it), and
+/// `MAX_WORKERS` shards fit in the tag bits below `WAKE_TOKEN`'s.
+const TAG_SHIFT: u32 = 50;
+const GUEST_BASE: u64 = 1 << TAG_SHIFT;
+const UNTAG: u64 = GUEST_BASE - 1;
+
+fn guest_tag(index: usize) -> u64 {
+    (index as u64 + 1) << TAG_SHIFT
+}
 
 /// Adaptive worker threads. Every worker thread owns one shard (a `SO_REUSEPORT` listener
 /// socket, its TURN core and its allocations' relay sockets). Below a light load, the
-/// shards of threads 1..N move to thread 0, which polls their epoll sets from its own (a
-/// nested epoll set): one thread wakes up for a burst of packets instead of N, and on a
+/// shards of threads 1..N move to thread 0, whose epoll set then holds their sockets too
+/// (under tagged tokens): one thread wakes up for a burst of packets instead of N, and on a
 /// small machine those wake-ups are most of a relay's cost. When thread 0 gets busy, the
 /// shards go home and every core relays again. Moving a shard moves its sockets and
 /// state whole between threads; packets wait in the socket buffers meanwhile, so nothing
@@ -373,7 +384,13 @@ impl Scratch {
 /// epoll set.
 pub(crate) struct Shard {
     index: usize,
-    epoll: Epoll,
+    /// The epoll set this shard's sockets are registered in: its own, or thread 0's
+    /// while it is a guest there.
+    epoll: Arc<Epoll>,
+    /// The shard's own epoll set, where its home thread waits.
+    own: Arc<Epoll>,
+    /// Added to every token this shard registers: 0 at home, `guest_tag` as a guest.
+    tag: u64,
     listeners: Vec<(SocketAddr, UdpSocket)>,
     stream_listeners: Vec<(TcpListener, Transport)>,
     streams: Streams,
@@ -388,7 +405,7 @@ pub(crate) struct Shard {
 
 impl Shard {
     fn new(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<Shard> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
         let mut listeners = Vec::with_capacity(sockets.udp.len());
         for (i, s) in sockets.udp.into_iter().enumerate() {
             let addr = s.local_addr()?;
@@ -409,7 +426,9 @@ impl Shard {
         );
         Ok(Shard {
             index,
+            own: epoll.clone(),
             epoll,
+            tag: 0,
             listeners,
             stream_listeners,
             streams,
@@ -425,6 +444,42 @@ impl Shard {
         })
     }
 
+    /// Moves this shard's sockets into `to` under token tag `tag` (thread 0's set as a
+    /// guest, or back into its own set with tag 0). A guest holds only UDP sockets: its
+    /// listeners and its allocations' relay sockets (TCP and TLS clients, and so RFC 6062
+    /// allocations, live on shard 0, which never moves). Two `epoll_ctl` calls per socket;
+    /// datagrams that arrive meanwhile wait in the socket buffers.
+    fn register_in(&mut self, to: Arc<Epoll>, tag: u64) {
+        let from = std::mem::replace(&mut self.epoll, to);
+        self.tag = tag;
+        if Arc::ptr_eq(&from, &self.epoll) {
+            return;
+        }
+        debug_assert!(self.stream_listeners.is_empty() && self.peers.slots.is_empty());
+        let epoll = &self.epoll;
+        let moved = |fd: std::os::fd::BorrowedFd<'_>, token: u64| {
+            let _ = from.delete(fd);
+            if let Err(e) = epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, tag + token)) {
+                tracing::error!(error = %e, shard = self.index, "cannot move a socket between epoll sets");
+            }
+        };
+        for (i, (_, sock)) in self.listeners.iter().enumerate() {
+            moved(sock.as_fd(), i as u64);
+        }
+        for (i, (l, _)) in self.stream_listeners.iter().enumerate() {
+            moved(l.as_fd(), STREAM_LISTENER_BASE + i as u64);
+        }
+        for (i, entry) in self.relays.entries.iter().enumerate() {
+            if let Some(e) = entry {
+                let fd = match &e.socket {
+                    RelaySock::Udp(s) => s.as_fd(),
+                    RelaySock::Tcp(l) => l.as_fd(),
+                };
+                moved(fd, RELAY_BASE + i as u64);
+            }
+        }
+    }
+
     /// Handles a batch of this shard's epoll events, then its timers and queued work.
     fn process(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent], clock: Clock) {
         let ports = &common.ports;
@@ -432,6 +487,8 @@ impl Shard {
         let Shard {
             index: _,
             epoll,
+            own: _,
+            tag,
             listeners,
             stream_listeners,
             streams,
@@ -480,6 +537,7 @@ impl Shard {
                         relays,
                         ports,
                         epoll,
+                        tag: *tag,
                         buffer,
                     };
                     let (relay, peer, len) = match core.handle_client(ft, data, clock, &mut binder)
@@ -583,6 +641,7 @@ impl Shard {
                             relays,
                             ports,
                             epoll,
+                            tag: *tag,
                             buffer,
                         };
                         match core.handle_client(ft, frame, clock, &mut binder) {
@@ -619,6 +678,7 @@ impl Shard {
                 relays: &mut self.relays,
                 ports,
                 epoll: &self.epoll,
+                tag: self.tag,
                 buffer,
             };
             self.core.handle_timeout(now, &mut binder);
@@ -636,6 +696,7 @@ impl Shard {
                 relays: &mut self.relays,
                 ports,
                 epoll: &self.epoll,
+                tag: self.tag,
                 buffer,
             };
             for ft in self.closed.drain(..) {
@@ -728,12 +789,12 @@ fn home_loop(common: &Common, shard: Shard) -> io::Result<()> {
             continue;
         };
         if let Some(fd) = pool.wake.get(index) {
-            sh.epoll
+            sh.own
                 .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         }
         // Serve until the pool gathers.
         while !pool.gathered() {
-            let n = wait(&sh.epoll, &mut s.events, timeout_until(sh.next_tick))?;
+            let n = wait(&sh.own, &mut s.events, timeout_until(sh.next_tick))?;
             let start = Instant::now();
             let events = std::mem::take(&mut s.events);
             let woken = events
@@ -755,7 +816,7 @@ fn home_loop(common: &Common, shard: Shard) -> io::Result<()> {
             }
         }
         if let Some(fd) = pool.wake.get(index) {
-            let _ = sh.epoll.delete(fd);
+            let _ = sh.own.delete(fd);
         }
         pool.to_host
             .lock()
@@ -786,20 +847,23 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         let start = Instant::now();
         let events = std::mem::take(&mut s.events);
         let ready = events.get(..n).unwrap_or_default();
-        let mut woken = false;
-        for ev in ready {
-            let t = ev.data();
-            if t == WAKE_TOKEN {
-                woken = true;
-            } else if t >= GUEST_BASE {
-                let k = (t - GUEST_BASE) as usize;
-                if let Some(g) = guests.iter_mut().find(|g| g.index == k) {
-                    let mut gev = std::mem::take(&mut s.guest_events);
-                    let m = wait(&g.epoll, &mut gev, EpollTimeout::ZERO)?;
-                    g.run_once(common, &mut s, gev.get(..m).unwrap_or_default());
-                    s.guest_events = gev;
+        let woken = ready.iter().any(|ev| ev.data() == WAKE_TOKEN);
+        if !guests.is_empty() {
+            // Each guest's events, untagged (tagged tokens are skipped by the home shard).
+            let mut gev = std::mem::take(&mut s.guest_events);
+            for g in guests.iter_mut() {
+                gev.clear();
+                gev.extend(
+                    ready
+                        .iter()
+                        .filter(|ev| ev.data() != WAKE_TOKEN && ev.data() & !UNTAG == g.tag)
+                        .map(|ev| EpollEvent::new(ev.events(), ev.data() & UNTAG)),
+                );
+                if !gev.is_empty() {
+                    g.run_once(common, &mut s, &gev);
                 }
             }
+            s.guest_events = gev;
         }
         home.run_once(common, &mut s, ready);
         s.events = events;
@@ -815,12 +879,10 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
             }
             let arrived =
                 std::mem::take(&mut *pool.to_host.lock().unwrap_or_else(|e| e.into_inner()));
-            for g in arrived {
+            for mut g in arrived {
                 if pool.gathered() {
-                    home.epoll.add(
-                        &g.epoll.0,
-                        EpollEvent::new(EpollFlags::EPOLLIN, GUEST_BASE + g.index as u64),
-                    )?;
+                    let tag = guest_tag(g.index);
+                    g.register_in(home.epoll.clone(), tag);
                     guests.push(g);
                 } else {
                     send_home(pool, g);
@@ -841,8 +903,9 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
             Move::Spread => {
                 tracing::debug!("worker shards spread over their threads");
                 pool.gathered.store(false, Ordering::Release);
-                for g in guests.drain(..) {
-                    let _ = home.epoll.delete(&g.epoll.0);
+                for mut g in guests.drain(..) {
+                    let own = g.own.clone();
+                    g.register_in(own, 0);
                     send_home(pool, g);
                 }
             }
