@@ -109,10 +109,37 @@ def ratio(a, b, digits=2):
 
 
 def find(results, tool, **kw):
-    for r in results:
-        if r["tool"] == tool and all(r.get(k) == v for k, v in kw.items()):
-            return r
-    return None
+    """The matching result; when a step ran several times (--repeat), one result whose
+    every numeric field is the median of the runs', with "runs" (how many) and
+    "all_<field>" (each run's value, in run order)."""
+    rows = [r for r in results if r["tool"] == tool and all(r.get(k) == v for k, v in kw.items())]
+    if not rows:
+        return None
+    if len(rows) == 1:
+        return rows[0]
+    out = dict(rows[0])
+    out["runs"] = str(len(rows))
+    for k in rows[0]:
+        vals = [num(r.get(k)) for r in rows]
+        if all(v is not None for v in vals):
+            med = statistics.median(vals)
+            out[k] = f"{med:g}" if k.endswith("_us") else f"{med:.6g}"
+            out["all_" + k] = vals
+    return out
+
+
+def runs_note(label, c, t, field, digits=2, ratios=True):
+    """A line listing each run's value of `field` for coturn and turnstone (and the
+    per-round ratios) when the step ran more than once; None otherwise."""
+    if not c or not t or "all_" + field not in c or "all_" + field not in t:
+        return None
+    cs, ts = c["all_" + field], t["all_" + field]
+    line = (f"- {label}: median of {len(ts)} runs (servers alternating). coturn "
+            + ", ".join(fmt(v, digits) for v in cs) + "; turnstone "
+            + ", ".join(fmt(v, digits) for v in ts))
+    if ratios:
+        line += "; ratio per round " + ", ".join(f"{b / a:.2f}x" if a else "-" for a, b in zip(cs, ts))
+    return line + "."
 
 
 # ---------------------------------------------------------------- markdown
@@ -154,6 +181,14 @@ def render_md(results, meta):
         w(f"| `{load.replace('_', ' ')}` | {fmt(cr)} | {fmt(num(c.get('loss_pct')), 3)} | {fmt(cc)} "
           f"| {fmt(tr)} | {fmt(num(t.get('loss_pct')), 3)} | {fmt(tc)} | {ratio(tr, cr)} | {ratio(tc, cc)} |")
     w("")
+    for load in loads:
+        c = find(results, "uclient", load=load, server="coturn")
+        t = find(results, "uclient", load=load, server="turnstone")
+        note = runs_note(f"`{load.replace('_', ' ')}` µs/pkt", c, t, "cpu_us_per_pkt")
+        if note:
+            w(note)
+            w(runs_note(f"`{load.replace('_', ' ')}` loss %", c, t, "loss_pct", 3, ratios=False))
+            w("")
 
     # loadgen table
     w("## Paced load generator (`loadgen load`, 50 allocations, ChannelData unless noted)")
@@ -204,6 +239,14 @@ def render_md(results, meta):
         w(f"| {desc} | {c.get('p50_us', '-')} | {c.get('p99_us', '-')} | {t.get('p50_us', '-')} | {t.get('p99_us', '-')} "
           f"| {ratio(num(t.get('p50_us')), num(c.get('p50_us')))} | {ratio(num(t.get('p99_us')), num(c.get('p99_us')))} | {floor_txt} |")
     w("")
+    for cond, desc in (("idle", "idle"), ("m100z1", "under load")):
+        c = find(results, "rtt", server="coturn", cond=cond)
+        t = find(results, "rtt", server="turnstone", cond=cond)
+        for field in ("p50_us", "p99_us"):
+            note = runs_note(f"{desc} {field.split('_')[0]} µs", c, t, field, 0)
+            if note:
+                w(note)
+    w("")
 
     # allocrate
     w("## Allocation rate (`loadgen allocrate`: 401 round trip + authenticated Allocate + Refresh 0)")
@@ -231,7 +274,7 @@ def render_md(results, meta):
     w("")
 
     # targets
-    w("## Issue 3 targets, this run")
+    w("## Issue 3 targets, this run (medians where a row ran more than once)")
     w("")
     w("| target | value | met |")
     w("|---|---|---|")
@@ -315,6 +358,10 @@ def svg_plot(results):
                 y = num(r.get(key))
                 if x is not None and y is not None:
                     series.setdefault((r["server"], "uclient", key), []).append((x, y))
+    # A row that ran several times (--repeat) is plotted at its median.
+    for k, pts in series.items():
+        xs = sorted({x for x, _ in pts})
+        series[k] = [(x, statistics.median([y for xx, y in pts if xx == x])) for x in xs]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>']
