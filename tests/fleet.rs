@@ -674,11 +674,18 @@ fn fleet_quota_and_revocation() {
     let [a, b, c] = three_nodes(&redis, [q("a"), q("b"), q("c")]);
     add_user(&url, "carol", "carol-pw");
 
+    // The new user reaches each node through the store's pub/sub, within milliseconds
+    // but not at once: a 401 before that is expected, so allocate when known.
+    let known = |c: &mut Client| {
+        wait_for("carol known to the node", Duration::from_secs(3), || {
+            Client::relayed_address(&c.try_allocate())
+        })
+    };
     let mut on_a = Client::new(a.addr, "carol", "carol-pw");
-    on_a.allocate();
+    known(&mut on_a);
     let t0 = Instant::now();
     let mut on_b = Client::new(b.addr, "carol", "carol-pw");
-    let relay_b = on_b.allocate();
+    let relay_b = known(&mut on_b);
     // Both counts in the store, then one more heartbeat for c to read them.
     let mut con = redis.con();
     wait_for(
