@@ -142,6 +142,17 @@ def runs_note(label, c, t, field, digits=2, ratios=True):
     return line + "."
 
 
+def drop_pct(r, role):
+    """Datagrams dropped at `role`'s sockets as % of those uclient sent; None if unknown."""
+    d, sent = num(r.get("drops_" + role)), num(r.get("sent"))
+    return 100.0 * d / sent if d is not None and sent else None
+
+
+def drops_cell(r):
+    vals = [drop_pct(r, role) for role in ("server", "peer", "uclient")]
+    return " / ".join(fmt(v, 3) for v in vals) if any(v is not None for v in vals) else "-"
+
+
 # ---------------------------------------------------------------- markdown
 
 def render_md(results, meta):
@@ -181,6 +192,19 @@ def render_md(results, meta):
         w(f"| `{load.replace('_', ' ')}` | {fmt(cr)} | {fmt(num(c.get('loss_pct')), 3)} | {fmt(cc)} "
           f"| {fmt(tr)} | {fmt(num(t.get('loss_pct')), 3)} | {fmt(tc)} | {ratio(tr, cr)} | {ratio(tc, cc)} |")
     w("")
+    if any("drops_server" in r for r in results if r["tool"] == "uclient"):
+        w("Where the lost datagrams were dropped, % of datagrams sent: the kernel's per-socket "
+          "drop counters (`/proc/net/udp`, a datagram arriving at a full receive buffer) of the "
+          "server's sockets, `turnutils_peer`'s and uclient's, sampled every 0.5 s "
+          "(`bench/udpdrops.py`); what no socket counted is in none of them.")
+        w("")
+        w("| load | coturn: server / peer / uclient | turnstone: server / peer / uclient |")
+        w("|---|---:|---:|")
+        for load in loads:
+            c = find(results, "uclient", load=load, server="coturn") or {}
+            t = find(results, "uclient", load=load, server="turnstone") or {}
+            w(f"| `{load.replace('_', ' ')}` | {drops_cell(c)} | {drops_cell(t)} |")
+        w("")
     for load in loads:
         c = find(results, "uclient", load=load, server="coturn")
         t = find(results, "uclient", load=load, server="turnstone")
@@ -293,6 +317,11 @@ def render_md(results, meta):
     t150 = find(results, "uclient", load="-m_150_-z_1", server="turnstone") or {}
     l150 = num(t150.get("loss_pct"))
     target("loss at `-m 150 -z 1` < 0.1%", f"{fmt(l150, 3)} %", (l150 < 0.1) if l150 is not None else None)
+    s150 = drop_pct(t150, "server")
+    if s150 is not None:
+        target("of which dropped at turnstone's own sockets < 0.1% (the rest: at the test tools' sockets)",
+               f"{fmt(s150, 3)} % (peer {fmt(drop_pct(t150, 'peer'), 3)} %, uclient {fmt(drop_pct(t150, 'uclient'), 3)} %)",
+               s150 < 0.1)
     ci, ti = find(results, "rtt", server="coturn", cond="idle") or {}, find(results, "rtt", server="turnstone", cond="idle") or {}
     a, b = num(ti.get("p50_us")), num(ci.get("p50_us"))
     target("idle RTT p50 ≤ coturn's", f"{ti.get('p50_us', '-')} vs {ci.get('p50_us', '-')} µs", (a <= b) if a and b else None)
