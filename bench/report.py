@@ -112,7 +112,11 @@ def find(results, tool, **kw):
     """The matching result; when a step ran several times (--repeat), one result whose
     every numeric field is the median of the runs', with "runs" (how many) and
     "all_<field>" (each run's value, in run order)."""
-    rows = [r for r in results if r["tool"] == tool and all(r.get(k) == v for k, v in kw.items())]
+    return median_of([r for r in results if r["tool"] == tool and all(r.get(k) == v for k, v in kw.items())])
+
+
+def median_of(rows):
+    """None for no rows, the row itself for one, else the medians (see find)."""
     if not rows:
         return None
     if len(rows) == 1:
@@ -151,6 +155,13 @@ def drop_pct(r, role):
 def drops_cell(r):
     vals = [drop_pct(r, role) for role in ("server", "peer", "uclient")]
     return " / ".join(fmt(v, 3) for v in vals) if any(v is not None for v in vals) else "-"
+
+
+def lg_find(rows, server, rate, mode):
+    """The loadgen row (medians when it ran more than once) of `server` at `rate` in
+    `mode` (channel, send or floor)."""
+    return median_of([r for r in rows if r.get("server") == server and r.get("mode") == mode
+                      and int(num(r.get("offered_pps"), 0)) == rate])
 
 
 # ---------------------------------------------------------------- markdown
@@ -231,14 +242,16 @@ def render_md(results, meta):
         if k not in keys:
             keys.append(k)
     keys.sort(key=lambda k: (k[1] != "channel", k[0]))
+    repeated = []
     for rate, mode in keys:
-        fl = next((r for r in rows if r.get("server") == "floor" and int(num(r.get("offered_pps"), 0)) == rate), None)
-        co = next((r for r in rows if r.get("server") == "coturn" and r.get("mode") == mode and int(num(r.get("offered_pps"), 0)) == rate), None)
+        fl = lg_find(rows, "floor", rate, "floor")
+        co = lg_find(rows, "coturn", rate, mode)
         for server in ("floor", "coturn", "turnstone"):
-            r = next((x for x in rows if x.get("server") == server and int(num(x.get("offered_pps"), 0)) == rate
-                      and (x.get("mode") == mode or (server == "floor" and mode == "channel"))), None)
+            r = lg_find(rows, server, rate, "floor" if server == "floor" else mode)
             if r is None:
                 continue
+            if "runs" in r and server == "turnstone":
+                repeated.append((rate, mode, fl, co, r))
             name = server if mode == "channel" or server == "floor" else f"{server} ({mode} ind.)"
             if server == "floor" and mode != "channel":
                 continue
@@ -249,6 +262,19 @@ def render_md(results, meta):
               f"| {fmt(num(r.get('loss_pct')), 3)} | {fmt(num(r.get('server_cpu_pct')), 1)} | {fmt(cpu)} | {vs_floor} | {vs_co} "
               f"| {r.get('rtt_p50_us', '-')} / {r.get('rtt_p99_us', '-')} |")
     w("")
+    for rate, mode, fl, co, t in repeated:
+        parts = []
+        for label, r in (("floor", fl), ("coturn", co), ("turnstone", t)):
+            if r and "all_cpu_us_per_pkt" in r:
+                parts.append(f"{label} " + ", ".join(fmt(v) for v in r["all_cpu_us_per_pkt"]))
+        line = (f"- {fmt(float(rate))} pkt/s µs/pkt: median of {t['runs']} runs (floor, coturn and "
+                f"turnstone alternating). " + "; ".join(parts))
+        if fl and "all_cpu_us_per_pkt" in fl:
+            line += "; turnstone/floor per round " + ", ".join(
+                f"{b / a:.2f}x" if a else "-" for a, b in zip(fl["all_cpu_us_per_pkt"], t["all_cpu_us_per_pkt"]))
+        w(line + ".")
+    if repeated:
+        w("")
 
     # rtt
     w("## Round trip through the relay (`loadgen rtt`: one channel, 100 B every 10 ms)")
@@ -310,8 +336,8 @@ def render_md(results, meta):
     t = find(results, "uclient", load="-m_100_-z_1", server="turnstone") or {}
     cc, tc = num(c.get("cpu_us_per_pkt")), num(t.get("cpu_us_per_pkt"))
     target("CPU/pkt at `-m 100 -z 1` ≤ 0.75x coturn", ratio(tc, cc), (tc / cc <= 0.75) if cc and tc else None)
-    tl = next((r for r in rows if r.get("server") == "turnstone" and r.get("mode") == "channel" and int(num(r.get("offered_pps"), 0)) == 100000), None)
-    fl = next((r for r in rows if r.get("server") == "floor" and int(num(r.get("offered_pps"), 0)) == 100000), None)
+    tl = lg_find(rows, "turnstone", 100000, "channel")
+    fl = lg_find(rows, "floor", 100000, "floor")
     a, b = (num(tl.get("cpu_us_per_pkt")) if tl else None), (num(fl.get("cpu_us_per_pkt")) if fl else None)
     target("loadgen 100k pkt/s: CPU/pkt ≤ 1.15x floor", ratio(a, b), (a / b <= 1.15) if a and b else None)
     t150 = find(results, "uclient", load="-m_150_-z_1", server="turnstone") or {}
