@@ -357,7 +357,8 @@ struct Scratch {
     buf: Vec<u8>,
     xbuf: Vec<u8>,
     events: Vec<EpollEvent>,
-    guest_events: Vec<EpollEvent>,
+    /// Thread 0, gathered: each guest shard's ready events (untagged), by shard index.
+    guest_events: Vec<Vec<EpollEvent>>,
     rbatch: RecvBatch,
     sbatch: SendBatch,
     /// Listener reads since the last balance check, and how many of them filled the
@@ -372,7 +373,7 @@ impl Scratch {
             buf: vec![0u8; BUF_LEN],
             xbuf: vec![0u8; BUF_LEN],
             events: vec![EpollEvent::empty(); EVENTS],
-            guest_events: vec![EpollEvent::empty(); EVENTS],
+            guest_events: Vec::new(),
             rbatch: RecvBatch::new(),
             sbatch: SendBatch::new(),
             reads: 0,
@@ -835,6 +836,9 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
     let pool = &common.pool;
     let mut s = Scratch::new();
     let mut guests: Vec<Shard> = Vec::new();
+    s.guest_events = (0..pool.wake.len())
+        .map(|_| Vec::with_capacity(EVENTS))
+        .collect();
     if let Some(fd) = pool.wake.first() {
         home.epoll
             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
@@ -851,18 +855,25 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         let ready = events.get(..n).unwrap_or_default();
         let woken = ready.iter().any(|ev| ev.data() == WAKE_TOKEN);
         if !guests.is_empty() {
-            // Each guest's events, untagged (tagged tokens are skipped by the home shard).
+            // One pass over the ready list sorts the guests' events (tagged tokens, which
+            // the home shard skips) by shard, untagged; then each guest serves its own.
             let mut gev = std::mem::take(&mut s.guest_events);
+            for ev in ready {
+                let data = ev.data();
+                if data == WAKE_TOKEN || data < GUEST_BASE {
+                    continue;
+                }
+                let k = usize::try_from((data >> TAG_SHIFT) - 1).unwrap_or(usize::MAX);
+                if let Some(list) = gev.get_mut(k) {
+                    list.push(EpollEvent::new(ev.events(), data & UNTAG));
+                }
+            }
             for g in guests.iter_mut() {
-                gev.clear();
-                gev.extend(
-                    ready
-                        .iter()
-                        .filter(|ev| ev.data() != WAKE_TOKEN && ev.data() & !UNTAG == g.tag)
-                        .map(|ev| EpollEvent::new(ev.events(), ev.data() & UNTAG)),
-                );
-                if !gev.is_empty() {
-                    g.run_once(common, &mut s, &gev);
+                if let Some(list) = gev.get_mut(g.index) {
+                    if !list.is_empty() {
+                        g.run_once(common, &mut s, list);
+                        list.clear();
+                    }
                 }
             }
             s.guest_events = gev;
