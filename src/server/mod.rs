@@ -508,34 +508,7 @@ impl Server {
             self.counters.dropped(DropReason::NoChannel);
             return Output::Nothing;
         };
-        let Some(perm) = alloc.permission(peer.ip(), now) else {
-            self.counters.dropped(DropReason::NoPermission);
-            return Output::Nothing;
-        };
-        // A channel to another allocation's relay stays usable only while that
-        // allocation lives (its address is otherwise denied by the policy).
-        if perm.relays_only && !self.shared.is_live_relay(peer) {
-            self.counters.dropped(DropReason::NoPermission);
-            return Output::Nothing;
-        }
-        let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
-            return Output::Nothing;
-        };
-        if !alloc
-            .bucket_out
-            .take(data.len(), self.hot.per_allocation, now)
-            || !self
-                .total_bucket
-                .take(data.len(), self.hot.total_per_worker, now)
-        {
-            self.counters.dropped(DropReason::Bandwidth);
-            return Output::Nothing;
-        }
-        alloc.usage.packets_to_peer += 1;
-        alloc.usage.bytes_to_peer += data.len() as u64;
-        self.counters
-            .relayed(Direction::ToPeer, RelayPath::Channel, data.len());
-        Output::ToPeer { relay, peer, data }
+        self.relay_to_peer(slot, peer, data, RelayPath::Channel, now)
     }
 
     /// Send indication (RFC 8656 section 11.2... 10.2): no authentication, no answer.
@@ -560,6 +533,25 @@ impl Server {
         if alloc.tcp {
             return Output::Nothing;
         }
+        self.relay_to_peer(slot, peer, data, RelayPath::Indication, now)
+    }
+
+    /// What both client → peer paths check and count before `data` goes to `peer` from
+    /// allocation `slot`'s relay socket of `peer`'s family: the permission (and, for a
+    /// peer that is another allocation's relay, that the allocation still lives: its
+    /// address is otherwise denied by the policy), both bandwidth buckets, the usage.
+    #[inline]
+    fn relay_to_peer<'s>(
+        &mut self,
+        slot: usize,
+        peer: SocketAddr,
+        data: &'s [u8],
+        path: RelayPath,
+        now: Instant,
+    ) -> Output<'s> {
+        let Some(Some(alloc)) = self.allocations.get_mut(slot) else {
+            return Output::Nothing;
+        };
         let Some(relay) = alloc.relay_for(peer.is_ipv6()) else {
             return Output::Nothing;
         };
@@ -583,8 +575,7 @@ impl Server {
         }
         alloc.usage.packets_to_peer += 1;
         alloc.usage.bytes_to_peer += data.len() as u64;
-        self.counters
-            .relayed(Direction::ToPeer, RelayPath::Indication, data.len());
+        self.counters.relayed(Direction::ToPeer, path, data.len());
         Output::ToPeer { relay, peer, data }
     }
 
