@@ -1,17 +1,18 @@
-//! Parses every captured message of `shared/corpus` (real clients and coturn 4.6.1, see
+//! Parses every captured message of `tests/corpus` (real clients and coturn 4.6.1, see
 //! its README.md) with our codec and checks it against `index.tsv`: message type,
 //! attribute order, MESSAGE-INTEGRITY with the long-term key of user `bench`, FINGERPRINT,
 //! ChannelData channel/length/padding, and stream framing of the TCP captures.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use md5::{Digest, Md5};
+
+mod common;
+use common::corpus::{corpus_dir, index_rows};
 use turnstone::proto::{attr, next_frame, parse_channel_data, Class, Frame, Message, ParseError};
 
-/// The corpus lives beside the checkout (`<repo>/../shared/corpus`), in CI as here.
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
 const MAX_FRAME: usize = 65_536 + 20;
 
 struct Entry {
@@ -22,24 +23,10 @@ struct Entry {
     notes: BTreeMap<String, String>,
 }
 
-fn corpus_dir() -> PathBuf {
-    let dir = PathBuf::from(CORPUS);
-    assert!(
-        dir.join("index.tsv").is_file(),
-        "STUN corpus not found: expected {}/index.tsv (the shared/ directory must sit beside \
-         the turnstone checkout, i.e. at {}/../shared)",
-        dir.display(),
-        env!("CARGO_MANIFEST_DIR"),
-    );
-    dir
-}
-
-fn load_index(dir: &Path) -> BTreeMap<String, Entry> {
-    let text = fs::read_to_string(dir.join("index.tsv")).expect("read index.tsv");
+fn load_index() -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
-    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split('\t').collect();
-        assert!(f.len() >= 8, "index.tsv: short line {line:?}");
+    for f in index_rows() {
+        assert!(f.len() >= 8, "index.tsv: short line {f:?}");
         let attrs = f[6]
             .split_whitespace()
             .filter(|a| *a != "-")
@@ -57,11 +44,11 @@ fn load_index(dir: &Path) -> BTreeMap<String, Entry> {
             })
             .collect();
         out.insert(
-            f[0].to_string(),
+            f[0].clone(),
             Entry {
-                transport: f[1].to_string(),
-                kind: f[3].to_string(),
-                typ: f[5].to_string(),
+                transport: f[1].clone(),
+                kind: f[3].clone(),
+                typ: f[5].clone(),
                 attrs,
                 notes,
             },
@@ -247,7 +234,7 @@ fn check_stun(name: &str, bytes: &[u8], e: &Entry, key: &[u8]) -> (bool, bool) {
 #[test]
 fn every_corpus_message_parses() {
     let dir = corpus_dir();
-    let index = load_index(&dir);
+    let index = load_index();
     let files = bin_files(&dir);
     assert!(!files.is_empty(), "no .bin files under {}", dir.display());
     let key = bench_key();
@@ -285,7 +272,7 @@ fn every_corpus_message_parses() {
 #[test]
 fn tcp_stream_reframes() {
     let dir = corpus_dir();
-    let index = load_index(&dir);
+    let index = load_index();
     let mut stream = Vec::new();
     let mut sizes = Vec::new();
     for name in bin_files(&dir) {

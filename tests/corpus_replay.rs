@@ -1,4 +1,4 @@
-//! Replays the real client messages of `shared/corpus` (Chromium, Firefox, aioice and
+//! Replays the real client messages of `tests/corpus` (Chromium, Firefox, aioice and
 //! coturn's tools, captured against coturn 4.6.1; see its README.md) through the
 //! sans-I/O core, and checks that every request parses and that our answers are the
 //! ones RFC 8489 / RFC 8656 ask for.
@@ -25,6 +25,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
+
+mod common;
+use common::corpus::{corpus_dir, index_rows};
 use turnstone::auth::{Credentials, NonceMaker};
 use turnstone::policy::PeerPolicy;
 use turnstone::proto::{self, attr, method, Class, Message, MessageWriter};
@@ -33,8 +36,6 @@ use turnstone::server::{
     Runtime, Server, Shared, Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
-/// The corpus lives beside the checkout (`<repo>/../shared/corpus`).
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
 const REALM: &str = "bars.test";
 const USER: &str = "bench";
 const PASSWORD: &str = "bench";
@@ -50,28 +51,11 @@ const RELAY_PORT_MIN: u16 = 50_000;
 // Corpus files
 // ---------------------------------------------------------------------------
 
-fn corpus_dir() -> PathBuf {
-    let dir = PathBuf::from(CORPUS);
-    assert!(
-        dir.join("index.tsv").is_file(),
-        "STUN corpus not found: expected {}/index.tsv (the shared/ directory must sit beside \
-         the turnstone checkout, i.e. at {}/../shared)",
-        dir.display(),
-        env!("CARGO_MANIFEST_DIR"),
-    );
-    dir
-}
-
 /// `index.tsv`: file -> transport ("udp" / "tcp").
-fn load_transports(dir: &Path) -> BTreeMap<String, String> {
-    let text = fs::read_to_string(dir.join("index.tsv")).expect("read index.tsv");
-    text.lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            Some((f.next()?.to_string(), f.next()?.to_string()))
-        })
+fn load_transports() -> BTreeMap<String, String> {
+    index_rows()
+        .into_iter()
+        .filter_map(|f| Some((f.first()?.clone(), f.get(1)?.clone())))
         .collect()
 }
 
@@ -1095,7 +1079,7 @@ fn unknown_attributes(r: &Message<'_>) -> Vec<u16> {
 #[test]
 fn corpus_requests_parse_and_get_rfc_answers() {
     let dir = corpus_dir();
-    let transports = load_transports(&dir);
+    let transports = load_transports();
     let folders = folders(&dir);
     assert!(
         folders.len() >= 8,

@@ -12,6 +12,8 @@
 //! secrets are used only when the user list is empty.
 #![allow(dead_code)]
 
+pub mod corpus;
+
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
