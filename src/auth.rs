@@ -180,6 +180,12 @@ impl Credentials {
         &self.realm
     }
 
+    /// True if `username` is a configured static user (its key comes first in
+    /// [`Credentials::keys_for`]).
+    pub fn is_static_user(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+    }
+
     /// True if at least one REST API shared secret is configured.
     pub fn has_secrets(&self) -> bool {
         !self.secrets.is_empty()

@@ -31,8 +31,12 @@ pub const DEFAULT_PORT_MIN: u16 = 49152;
 pub const DEFAULT_PORT_MAX: u16 = 65535;
 /// Default `limits.max_allocations`.
 pub const DEFAULT_MAX_ALLOCATIONS: usize = 100_000;
-/// Default `limits.max_allocations_per_user`.
-pub const DEFAULT_MAX_ALLOCATIONS_PER_USER: usize = 100;
+/// Default `limits.max_allocations_per_rest_user`: allocations per TURN REST username
+/// (one credential). A page that leaks its credential lets at most this many allocations
+/// be made with it. Static users have no per-user limit unless
+/// `limits.max_allocations_per_user` is set: applications commonly give every client
+/// the same static user (coturn and eturnal have no per-user limit by default).
+pub const DEFAULT_MAX_ALLOCATIONS_PER_REST_USER: usize = 100;
 /// Default `limits.max_permissions_per_allocation`.
 pub const DEFAULT_MAX_PERMISSIONS: usize = 64;
 /// Default `limits.max_channels_per_allocation`.
@@ -244,7 +248,11 @@ pub struct PolicySection {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitsSection {
     pub max_allocations: usize,
-    pub max_allocations_per_user: usize,
+    /// Allocations per USERNAME of any kind; `None` (default): no per-user limit beyond
+    /// `max_allocations_per_rest_user` for TURN REST usernames.
+    pub max_allocations_per_user: Option<usize>,
+    /// Allocations per TURN REST username (`<expiry>:<id>`, one credential).
+    pub max_allocations_per_rest_user: usize,
     pub max_permissions_per_allocation: usize,
     pub max_channels_per_allocation: usize,
     pub max_lifetime: Duration,
@@ -265,7 +273,8 @@ impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_allocations: DEFAULT_MAX_ALLOCATIONS,
-            max_allocations_per_user: DEFAULT_MAX_ALLOCATIONS_PER_USER,
+            max_allocations_per_user: None,
+            max_allocations_per_rest_user: DEFAULT_MAX_ALLOCATIONS_PER_REST_USER,
             max_permissions_per_allocation: DEFAULT_MAX_PERMISSIONS,
             max_channels_per_allocation: DEFAULT_MAX_CHANNELS,
             max_lifetime: DEFAULT_MAX_LIFETIME,
@@ -429,6 +438,7 @@ struct RawPolicy {
 struct RawLimits {
     max_allocations: Option<usize>,
     max_allocations_per_user: Option<usize>,
+    max_allocations_per_rest_user: Option<usize>,
     max_permissions_per_allocation: Option<usize>,
     max_channels_per_allocation: Option<usize>,
     max_lifetime: Option<DurationText>,
@@ -1116,9 +1126,10 @@ impl Config {
             let d = LimitsSection::default();
             let l = &mut config.limits;
             l.max_allocations = raw.max_allocations.unwrap_or(d.max_allocations);
-            l.max_allocations_per_user = raw
-                .max_allocations_per_user
-                .unwrap_or(d.max_allocations_per_user);
+            l.max_allocations_per_user = raw.max_allocations_per_user;
+            l.max_allocations_per_rest_user = raw
+                .max_allocations_per_rest_user
+                .unwrap_or(d.max_allocations_per_rest_user);
             l.max_permissions_per_allocation = raw
                 .max_permissions_per_allocation
                 .unwrap_or(d.max_permissions_per_allocation);
@@ -1529,7 +1540,11 @@ impl Config {
             ("limits.max_allocations", l.max_allocations),
             (
                 "limits.max_allocations_per_user",
-                l.max_allocations_per_user,
+                l.max_allocations_per_user.unwrap_or(1),
+            ),
+            (
+                "limits.max_allocations_per_rest_user",
+                l.max_allocations_per_rest_user,
             ),
             (
                 "limits.max_permissions_per_allocation",
@@ -1651,7 +1666,7 @@ deny_peers = []
 
 [limits]
 max_allocations = 100000
-max_allocations_per_user = 100
+max_allocations_per_rest_user = 100
 
 [log]
 level = "info"
@@ -1791,32 +1806,32 @@ format = "text"
                 "longer than",
             ),
             (
-                "max_allocations_per_user = 100",
-                "max_allocations_per_user = 100\nmax_bandwidth_per_allocation = \"2Mb\"",
+                "max_allocations_per_rest_user = 100",
+                "max_allocations_per_rest_user = 100\nmax_bandwidth_per_allocation = \"2Mb\"",
                 "limits.max_bandwidth_per_allocation",
                 "unknown unit",
             ),
             (
-                "max_allocations_per_user = 100",
-                "max_allocations_per_user = 100\nmax_total_bandwidth = 100",
+                "max_allocations_per_rest_user = 100",
+                "max_allocations_per_rest_user = 100\nmax_total_bandwidth = 100",
                 "limits.max_total_bandwidth",
                 "one full-size packet",
             ),
             (
-                "max_allocations_per_user = 100",
-                "max_allocations_per_user = 100\nmax_total_bandwidth = true",
+                "max_allocations_per_rest_user = 100",
+                "max_allocations_per_rest_user = 100\nmax_total_bandwidth = true",
                 "limits.max_total_bandwidth",
                 "bandwidth",
             ),
             (
-                "max_allocations_per_user = 100",
-                "max_allocations_per_user = 100\nunauthenticated_rate = -1",
+                "max_allocations_per_rest_user = 100",
+                "max_allocations_per_rest_user = 100\nunauthenticated_rate = -1",
                 "limits.unauthenticated_rate",
                 "",
             ),
             (
-                "max_allocations_per_user = 100",
-                "max_allocations_per_user = 100\nunauthenticated_rate = 2000000",
+                "max_allocations_per_rest_user = 100",
+                "max_allocations_per_rest_user = 100\nunauthenticated_rate = 2000000",
                 "limits.unauthenticated_rate",
                 "use 0 for unlimited",
             ),
@@ -1843,8 +1858,8 @@ format = "text"
             );
         }
         let c = Config::from_toml(&GOOD.replacen(
-            "max_allocations_per_user = 100",
-            "max_allocations_per_user = 100\nmax_bandwidth_per_allocation = 250000\nunauthenticated_rate = 10",
+            "max_allocations_per_rest_user = 100",
+            "max_allocations_per_rest_user = 100\nmax_bandwidth_per_allocation = 250000\nunauthenticated_rate = 10",
             1,
         ))
         .unwrap();
@@ -1905,6 +1920,7 @@ format = "text"
             "deny_peers",
             "max_allocations",
             "max_allocations_per_user",
+            "max_allocations_per_rest_user",
             "max_permissions_per_allocation",
             "max_channels_per_allocation",
             "max_lifetime",
@@ -1966,6 +1982,7 @@ deny_peers = ["10.0.0.1"]
 [limits]
 max_allocations = 5
 max_allocations_per_user = 2
+max_allocations_per_rest_user = 3
 max_permissions_per_allocation = 3
 max_channels_per_allocation = 4
 max_lifetime = "2h"
@@ -2016,6 +2033,8 @@ private_key = "/etc/turnstone/key.pem"
             "10.0.0.1/32".parse::<IpNet>().unwrap()
         );
         assert_eq!(c.limits.max_channels_per_allocation, 4);
+        assert_eq!(c.limits.max_allocations_per_user, Some(2));
+        assert_eq!(c.limits.max_allocations_per_rest_user, 3);
         assert_eq!(c.limits.max_lifetime, Duration::from_secs(7200));
         assert_eq!(c.limits.default_lifetime, Duration::from_secs(300));
         assert_eq!(c.log.format, LogFormat::Json);
@@ -2077,7 +2096,8 @@ private_key = "/etc/turnstone/key.pem"
             ("allow_peers = [\"127.0.0.0/8\"]", "allow_peers = [\"127.0.0.0/33\"]", "policy.allow_peers[0]", "is not a CIDR"),
             ("deny_peers = []", "deny_peers = [\"10.0.0.0/8\", 3]", "policy.deny_peers[1]", "expected a CIDR string"),
             ("max_allocations = 100000", "max_allocations = 0", "limits.max_allocations", "at least 1"),
-            ("max_allocations_per_user = 100", "max_allocations_per_user = 0", "limits.max_allocations_per_user", "at least 1"),
+            ("max_allocations_per_rest_user = 100", "max_allocations_per_user = 0", "limits.max_allocations_per_user", "at least 1"),
+            ("max_allocations_per_rest_user = 100", "max_allocations_per_rest_user = 0", "limits.max_allocations_per_rest_user", "at least 1"),
             ("max_allocations = 100000", "max_allocations = 1\nmax_channels_per_allocation = 5000", "limits.max_channels_per_allocation", "channel numbers"),
             ("max_allocations = 100000", "max_allocations = 1\nmax_permissions_per_allocation = 0", "limits.max_permissions_per_allocation", "at least 1"),
             ("max_allocations = 100000", "max_allocations = 1\nmax_lifetime = \"5m\"", "limits.max_lifetime", "shorter than limits.default_lifetime"),

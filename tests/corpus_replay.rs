@@ -203,6 +203,7 @@ fn runtime() -> Runtime {
             unauthenticated_rate: 0,
             max_allocations: 1000,
             max_allocations_per_user: 1000,
+            max_allocations_per_rest_user: 1000,
             max_permissions_per_allocation: 64,
             max_channels_per_allocation: 64,
             default_lifetime: Duration::from_secs(u64::from(DEFAULT_LIFETIME)),

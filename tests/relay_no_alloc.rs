@@ -48,6 +48,7 @@ fn server() -> Server {
             unauthenticated_rate: 0,
             max_allocations: 10,
             max_allocations_per_user: 10,
+            max_allocations_per_rest_user: 10,
             max_permissions_per_allocation: 10,
             max_channels_per_allocation: 10,
             default_lifetime: Duration::from_secs(600),

@@ -998,7 +998,7 @@ impl Setup {
         };
         let l = &mut c.limits;
         l.max_allocations = self.max_allocations;
-        l.max_allocations_per_user = self.max_per_user;
+        l.max_allocations_per_user = Some(self.max_per_user);
         l.max_permissions_per_allocation = self.max_permissions;
         l.max_channels_per_allocation = self.max_channels;
         l.default_lifetime = Duration::from_secs(self.default_lifetime);

@@ -323,6 +323,8 @@ impl UnauthLimiter {
 struct Authed {
     key: Key,
     sha256: bool,
+    /// The key came from a TURN REST shared secret (not a static user).
+    rest: bool,
 }
 
 /// What the request handlers produce before framing.
@@ -1002,11 +1004,12 @@ impl Server {
                 return Err(Reply::Done);
             }
         };
-        for key in keys {
+        for (key, rest) in keys {
             if msg.verify_integrity(&key) {
                 return Ok(Authed {
                     key,
                     sha256: msg.has(attr::MESSAGE_INTEGRITY_SHA256),
+                    rest,
                 });
             }
         }
@@ -1016,19 +1019,31 @@ impl Server {
     }
 
     /// Candidate keys for `username`: the configuration's users and secrets, then the
-    /// fleet store's (cached; never waits on the store). Revoked users have none.
-    fn keys_for(&self, rt: &Runtime, username: &str, unix: u64) -> Result<Vec<Key>, LookupError> {
+    /// fleet store's (cached; never waits on the store), each with `true` when it comes
+    /// from a TURN REST secret. Revoked users have none.
+    fn keys_for(
+        &self,
+        rt: &Runtime,
+        username: &str,
+        unix: u64,
+    ) -> Result<Vec<(Key, bool)>, LookupError> {
         let store = self.shared.store.load();
         if store.is_revoked(username) {
             return Err(LookupError::UnknownUser);
         }
-        let mut keys = match rt.credentials.keys_for(username, unix) {
-            Ok(k) => k,
+        // The configuration's static user (if any) comes first, then its REST keys.
+        let static_first = rt.credentials.is_static_user(username);
+        let mut keys: Vec<(Key, bool)> = match rt.credentials.keys_for(username, unix) {
+            Ok(k) => k
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| (k, !(static_first && i == 0)))
+                .collect(),
             Err(LookupError::Expired) => return Err(LookupError::Expired),
             Err(_) => Vec::new(),
         };
         if let Some(k) = store.users.get(username) {
-            keys.push(*k);
+            keys.push((*k, false));
         }
         if !store.secrets.is_empty() {
             // TURN REST username: "<expiry>[:<id>]".
@@ -1042,7 +1057,8 @@ impl Server {
                 }
                 for secret in &store.secrets {
                     let password = crate::auth::rest_password(secret, username);
-                    keys.push(crate::auth::long_term_key(username, &rt.realm, &password));
+                    let key = crate::auth::long_term_key(username, &rt.realm, &password);
+                    keys.push((key, true));
                 }
             }
         }
@@ -1240,7 +1256,7 @@ impl Server {
         let Ok(requested_lifetime) = msg.lifetime() else {
             return self.fail(rt, msg, 400, auth);
         };
-        if let Err(q) = self.shared.acquire(username, &rt.limits) {
+        if let Err(q) = self.shared.acquire(username, auth.rest, &rt.limits) {
             let code = match q {
                 QuotaError::User => 486,
                 QuotaError::Total => 508,

@@ -25,7 +25,11 @@ pub struct Limits {
     /// Answers per second to unauthenticated requests from one source IP (0: unlimited).
     pub unauthenticated_rate: u32,
     pub max_allocations: usize,
+    /// Allocations per USERNAME, whatever its kind (`usize::MAX`: no such limit).
     pub max_allocations_per_user: usize,
+    /// Allocations per TURN REST username (one credential handed to a page): a leaked
+    /// credential cannot take the whole server. Static users are not bound by it.
+    pub max_allocations_per_rest_user: usize,
     pub max_permissions_per_allocation: usize,
     pub max_channels_per_allocation: usize,
     /// RFC 8656 section 7.2: default 600 s.
@@ -115,7 +119,8 @@ impl Runtime {
                 max_total_bandwidth: l.max_total_bandwidth,
                 unauthenticated_rate: l.unauthenticated_rate,
                 max_allocations: l.max_allocations,
-                max_allocations_per_user: l.max_allocations_per_user,
+                max_allocations_per_user: l.max_allocations_per_user.unwrap_or(usize::MAX),
+                max_allocations_per_rest_user: l.max_allocations_per_rest_user,
                 max_permissions_per_allocation: l.max_permissions_per_allocation,
                 max_channels_per_allocation: l.max_channels_per_allocation,
                 default_lifetime: l.default_lifetime,
@@ -314,8 +319,16 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes one allocation slot for `user`, or says which quota is full.
-    pub fn acquire(&self, user: &str, limits: &Limits) -> Result<(), QuotaError> {
+    /// Takes one allocation slot for `user` (authenticated by a TURN REST secret if
+    /// `rest`), or says which quota is full.
+    pub fn acquire(&self, user: &str, rest: bool, limits: &Limits) -> Result<(), QuotaError> {
+        let cap = if rest {
+            limits
+                .max_allocations_per_user
+                .min(limits.max_allocations_per_rest_user)
+        } else {
+            limits.max_allocations_per_user
+        };
         // Fleet-wide: the other nodes' counts (leased in the store) count too.
         let remote = self
             .store
@@ -326,7 +339,7 @@ impl Shared {
             .unwrap_or(0);
         let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         let n = per_user.get(user).copied().unwrap_or(0);
-        if n + remote >= limits.max_allocations_per_user {
+        if n.saturating_add(remote) >= cap {
             return Err(QuotaError::User);
         }
         if self.total.load(Ordering::Relaxed) >= limits.max_allocations {

@@ -81,6 +81,7 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
             unauthenticated_rate: 0,
             max_allocations: max_total,
             max_allocations_per_user: max_per_user,
+            max_allocations_per_rest_user: max_per_user,
             max_permissions_per_allocation: 8,
             max_channels_per_allocation: 8,
             default_lifetime: Duration::from_secs(600),
@@ -656,6 +657,39 @@ fn quotas_486_508_and_recovery() {
     assert_eq!(h.send(ft(5), &req, 0).unwrap().code(), Some(508));
     h.refresh(ft(1), 0, 6, 1);
     assert_eq!(h.allocate(ft(3), 7, 1).class(), Class::Success);
+}
+
+/// The defaults' split: a static user has no per-user limit of its own (many clients
+/// share one), while each TURN REST username stops at `max_allocations_per_rest_user`
+/// with 486; `max_allocations_per_user`, when set, binds REST usernames too.
+#[test]
+fn rest_limit_binds_rest_usernames_not_static_users() {
+    let mut rt = runtime(&["127.0.0.0/8"], usize::MAX, 1000);
+    rt.limits.max_allocations_per_rest_user = 2;
+    let mut h = Harness::new(rt);
+    for i in 0..50u16 {
+        let r = h.allocate(ft(100 + i), (i % 200) as u8, 0);
+        assert_eq!(r.class(), Class::Success, "static allocation {i}");
+    }
+    let user = auth::rest_username(T0_UNIX + 60, "carol");
+    let pass = auth::rest_password("s3cret", &user);
+    let rest_allocate = |h: &mut Harness, port: u16, t: u8| {
+        let req = h.request(ft(port), method::ALLOCATE, tid(t), &user, &pass, 0, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        });
+        h.send(ft(port), &req, 0).expect("allocate answered")
+    };
+    assert_eq!(rest_allocate(&mut h, 200, 1).class(), Class::Success);
+    assert_eq!(rest_allocate(&mut h, 201, 2).class(), Class::Success);
+    assert_eq!(rest_allocate(&mut h, 202, 3).code(), Some(486));
+    // A per-user limit below the REST one binds REST usernames too.
+    let mut rt = runtime(&["127.0.0.0/8"], 1, 1000);
+    rt.limits.max_allocations_per_rest_user = 100;
+    let mut h = Harness::new(rt);
+    assert_eq!(rest_allocate(&mut h, 200, 1).class(), Class::Success);
+    assert_eq!(rest_allocate(&mut h, 201, 2).code(), Some(486));
+    assert_eq!(h.allocate(ft(300), 3, 0).class(), Class::Success);
+    assert_eq!(h.allocate(ft(301), 4, 0).code(), Some(486));
 }
 
 #[test]
