@@ -5,12 +5,15 @@
 //! - [`auth`], [`policy`], [`config`]: credentials and nonces, peer-address policy, TOML config.
 //! - [`server`]: the sans-I/O TURN/STUN state machine.
 //! - [`net`]: the tokio shell that moves bytes between sockets and the core.
+//! - [`counters`]: what the core and the shell count, and the words for it (below both
+//!   `server` and `metrics`).
 //! - [`notify`], [`metrics`]: the systemd notify protocol; Prometheus metrics and their HTTP endpoint.
 //! - [`store`]: the Redis fleet store (users, secrets, revocations, quotas, sessions).
 //! - [`sys`]: the only `unsafe` code (one allocator call std and nix do not wrap).
 #![deny(unsafe_code)]
 pub mod auth;
 pub mod config;
+pub mod counters;
 pub mod metrics;
 pub mod net;
 pub mod notify;

@@ -1,5 +1,5 @@
-//! Prometheus metrics: the metric families (with the `prometheus-client` crate), the
-//! per-worker plain counters the relay path increments, and a tiny blocking HTTP/1.1
+//! Prometheus metrics: the metric families (with the `prometheus-client` crate) that the
+//! per-worker counters of [`crate::counters`] are folded into, and a tiny blocking HTTP/1.1
 //! endpoint (`/metrics`, `/health`) for `[metrics] listen`.
 //!
 //! The relay hot path never touches a shared atomic: each worker owns a
@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::counters::{
+    WorkerCounters, AUTH_FAILURES, DIRECTIONS, DROP_REASONS, END_REASONS, FAMILIES, PATHS,
+    RESPONSE_LABELS, TRANSPORTS,
+};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,264 +36,6 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest HTTP request head accepted (431 beyond it).
 pub const MAX_REQUEST: usize = 8 * 1024;
-
-// ---------------------------------------------------------------------------------------------
-// Label values
-// ---------------------------------------------------------------------------------------------
-
-/// Client-side transport of an allocation (`transport` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientTransport {
-    Udp = 0,
-    Tcp = 1,
-    Tls = 2,
-}
-const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
-
-impl From<crate::server::Transport> for ClientTransport {
-    fn from(t: crate::server::Transport) -> Self {
-        match t {
-            crate::server::Transport::Udp => ClientTransport::Udp,
-            crate::server::Transport::Tcp => ClientTransport::Tcp,
-            crate::server::Transport::Tls => ClientTransport::Tls,
-        }
-    }
-}
-
-/// Relayed address family of an allocation (`family` label): index 0 "ipv4", 1 "ipv6".
-const FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
-
-/// Why an allocation ended (`reason` label of `turnstone_allocations_ended_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EndReason {
-    /// Refresh with LIFETIME 0.
-    Deleted = 0,
-    /// Its lifetime ran out.
-    Expired = 1,
-    /// Its TCP/TLS connection closed.
-    ConnectionClosed = 2,
-    /// The server shut down (drain timeout) with it still open.
-    Shutdown = 3,
-}
-const END_REASONS: [&str; 4] = ["deleted", "expired", "connection_closed", "shutdown"];
-
-impl From<crate::server::EndReason> for EndReason {
-    fn from(r: crate::server::EndReason) -> Self {
-        match r {
-            crate::server::EndReason::Deleted => EndReason::Deleted,
-            crate::server::EndReason::Expired => EndReason::Expired,
-        }
-    }
-}
-
-/// Which way relayed data went (`direction` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    ToPeer = 0,
-    ToClient = 1,
-}
-const DIRECTIONS: [&str; 2] = ["to_peer", "to_client"];
-
-/// How relayed data was framed on the client side (`path` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayPath {
-    /// ChannelData.
-    Channel = 0,
-    /// Send / Data indications.
-    Indication = 1,
-}
-const PATHS: [&str; 2] = ["channel", "indication"];
-
-/// Why authentication failed (`reason` label of `turnstone_auth_failures_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuthFailure {
-    /// No MESSAGE-INTEGRITY (the first, challenged request of every client counts here).
-    Missing = 0,
-    /// MESSAGE-INTEGRITY did not verify.
-    BadCredentials = 1,
-    /// The nonce had expired (438).
-    StaleNonce = 2,
-    /// No such static user and not a REST API username.
-    UnknownUser = 3,
-    /// A REST API username whose expiry time has passed.
-    Expired = 4,
-}
-const AUTH_FAILURES: [&str; 5] = [
-    "missing",
-    "bad_credentials",
-    "stale_nonce",
-    "unknown_user",
-    "expired",
-];
-
-/// Why a packet was dropped (`reason` label of `turnstone_dropped_packets_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// From or to a peer without a permission.
-    NoPermission = 0,
-    /// Data for a 5-tuple or relay without an allocation.
-    NoAllocation = 1,
-    /// ChannelData on an unbound channel.
-    NoChannel = 2,
-    /// Over `max_bandwidth_per_allocation` or `max_total_bandwidth`.
-    Bandwidth = 3,
-    /// The socket's send buffer was full (EAGAIN / ENOBUFS) or a stream's queue was full.
-    SendBuffer = 4,
-    /// Over `unauthenticated_rate` for its source address.
-    RateLimited = 5,
-    /// Not STUN or ChannelData, or failed to parse.
-    Malformed = 6,
-}
-const DROP_REASONS: [&str; 7] = [
-    "no_permission",
-    "no_allocation",
-    "no_channel",
-    "bandwidth",
-    "send_buffer",
-    "rate_limited",
-    "malformed",
-];
-
-/// Error codes counted by `turnstone_responses_total{code}`; anything else is "other".
-pub const RESPONSE_CODES: [u16; 16] = [
-    300, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 446, 447, 486, 500, 508,
-];
-const RESPONSE_LABELS: [&str; 17] = [
-    "300", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "446", "447",
-    "486", "500", "508", "other",
-];
-
-fn response_slot(code: u16) -> usize {
-    RESPONSE_CODES
-        .iter()
-        .position(|&c| c == code)
-        .unwrap_or(RESPONSE_CODES.len())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Per-worker counters
-// ---------------------------------------------------------------------------------------------
-
-/// One worker's counts since its last [`Metrics::flush`]: plain integers, owned by the
-/// worker (or its core), incremented on the relay path without any synchronisation.
-#[derive(Clone, Debug)]
-pub struct WorkerCounters {
-    created: [[u64; 2]; 3],
-    ended: [[u64; 2]; 3],
-    ended_by_reason: [u64; 4],
-    relayed_packets: [[u64; 2]; 2],
-    relayed_bytes: [[u64; 2]; 2],
-    auth_failures: [u64; 5],
-    responses: [u64; 17],
-    dropped: [u64; 7],
-    packets: u64,
-    busy: Duration,
-    last_flush: Instant,
-}
-
-impl Default for WorkerCounters {
-    fn default() -> Self {
-        WorkerCounters::new()
-    }
-}
-
-impl WorkerCounters {
-    pub fn new() -> WorkerCounters {
-        WorkerCounters {
-            created: [[0; 2]; 3],
-            ended: [[0; 2]; 3],
-            ended_by_reason: [0; 4],
-            relayed_packets: [[0; 2]; 2],
-            relayed_bytes: [[0; 2]; 2],
-            auth_failures: [0; 5],
-            responses: [0; 17],
-            dropped: [0; 7],
-            packets: 0,
-            busy: Duration::ZERO,
-            last_flush: Instant::now(),
-        }
-    }
-
-    /// An allocation was created; `ipv6`: its relayed address is IPv6.
-    #[inline]
-    pub fn allocation_created(&mut self, transport: impl Into<ClientTransport>, ipv6: bool) {
-        let t = transport.into() as usize;
-        self.created[t][usize::from(ipv6)] += 1;
-    }
-
-    /// An allocation ended (every created allocation must end exactly once, or the
-    /// active gauge drifts).
-    #[inline]
-    pub fn allocation_ended(
-        &mut self,
-        transport: impl Into<ClientTransport>,
-        ipv6: bool,
-        reason: impl Into<EndReason>,
-    ) {
-        let t = transport.into() as usize;
-        self.ended[t][usize::from(ipv6)] += 1;
-        self.ended_by_reason[reason.into() as usize] += 1;
-    }
-
-    /// One packet of `bytes` application data relayed.
-    #[inline]
-    pub fn relayed(&mut self, direction: Direction, path: RelayPath, bytes: usize) {
-        let (d, p) = (direction as usize, path as usize);
-        self.relayed_packets[d][p] += 1;
-        self.relayed_bytes[d][p] += bytes as u64;
-    }
-
-    /// `packets` packets of `bytes` bytes in total relayed (for callers that batch).
-    #[inline]
-    pub fn relayed_many(
-        &mut self,
-        direction: Direction,
-        path: RelayPath,
-        packets: u64,
-        bytes: u64,
-    ) {
-        let (d, p) = (direction as usize, path as usize);
-        self.relayed_packets[d][p] += packets;
-        self.relayed_bytes[d][p] += bytes;
-    }
-
-    #[inline]
-    pub fn auth_failure(&mut self, reason: AuthFailure) {
-        self.auth_failures[reason as usize] += 1;
-    }
-
-    /// An error response with this code was sent.
-    #[inline]
-    pub fn response(&mut self, code: u16) {
-        if let Some(n) = self.responses.get_mut(response_slot(code)) {
-            *n += 1;
-        }
-    }
-
-    #[inline]
-    pub fn dropped(&mut self, reason: DropReason) {
-        self.dropped[reason as usize] += 1;
-    }
-
-    /// `n` packets (of any kind, in or out) handled: `turnstone_worker_packets_total`.
-    #[inline]
-    pub fn handled(&mut self, n: u64) {
-        self.packets += n;
-    }
-
-    /// Time spent working (outside `epoll_wait`): `turnstone_worker_load`.
-    #[inline]
-    pub fn busy(&mut self, d: Duration) {
-        self.busy += d;
-    }
-
-    fn reset(&mut self, now: Instant) {
-        *self = WorkerCounters {
-            last_flush: now,
-            ..WorkerCounters::new()
-        };
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The shared metrics
@@ -790,7 +536,7 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::Transport;
+    use crate::counters::{AuthFailure, Direction, DropReason, EndReason, RelayPath, Transport};
 
     fn get(addr: SocketAddr, request: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -843,7 +589,7 @@ mod tests {
         c.allocation_created(Transport::Udp, false);
         c.allocation_created(Transport::Udp, false);
         c.allocation_created(Transport::Tcp, true);
-        c.allocation_ended(Transport::Udp, false, crate::server::EndReason::Expired);
+        c.allocation_ended(Transport::Udp, false, EndReason::Expired);
         c.relayed(Direction::ToPeer, RelayPath::Channel, 100);
         c.relayed(Direction::ToPeer, RelayPath::Channel, 50);
         c.relayed_many(Direction::ToClient, RelayPath::Indication, 3, 30);

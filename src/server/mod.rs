@@ -29,30 +29,10 @@ pub use shared::{
 pub use tcp::{Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, LookupError, NonceCheck};
-use crate::metrics::{AuthFailure, Direction, DropReason, RelayPath, WorkerCounters};
+use crate::counters::{AuthFailure, Direction, DropReason, RelayPath, WorkerCounters};
+pub use crate::counters::{EndReason, Transport};
 use crate::proto::{self, attr, method, Class, Message, MessageWriter, TransactionId};
 use allocation::BindCheck;
-
-/// Transport of the client side of a 5-tuple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    Udp,
-    Tcp,
-    Tls,
-}
-
-impl Transport {
-    pub fn is_stream(self) -> bool {
-        !matches!(self, Transport::Udp)
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-        }
-    }
-}
 
 /// The client side of an allocation: transport, client address, server address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -172,21 +152,6 @@ pub enum Event {
     },
     /// A request was answered with an error code.
     ErrorResponse { method: u16, code: u16 },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    Deleted,
-    Expired,
-}
-
-impl EndReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Deleted => "deleted",
-            EndReason::Expired => "expired",
-        }
-    }
 }
 
 /// The per-worker TURN server state machine.
