@@ -1,6 +1,6 @@
 //! Real calls in headless Chromium (Debian package `chromium`) through turnstone.
 //!
-//! The page `tests/browser/call.html` (served by this test's own tiny HTTP server)
+//! The page `tests/browser/call.html` (opened by the runner, `tests/common/browser.rs`)
 //! takes Chromium's fake camera and microphone (`--use-fake-device-for-media-stream`,
 //! 320x240 @ 15 fps) and calls between RTCPeerConnections in the same page, relay-only
 //! (`iceTransportPolicy: 'relay'`) through the test server, with a data channel on
@@ -20,122 +20,27 @@
 
 mod common;
 
-use common::{
-    parse_credentials, require_tool, run_turnstone, ChildGuard, ServerOptions, TestServer,
-    PASSWORD, USER,
-};
+use common::browser::{self, percent_encode, PageResult};
+use common::{parse_credentials, run_turnstone, ServerOptions, TestServer, PASSWORD, USER};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-const PAGE: &str = include_str!("browser/call.html");
 const MESSAGES: usize = 20;
+
+/// Chromium flags of every call: fake camera and microphone, no permission prompt, and
+/// timers and rendering kept going in a page nobody looks at.
+const CALL_FLAGS: &[&str] = &[
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+];
 
 /// One Chromium call at a time in this process.
 static BROWSER: Mutex<()> = Mutex::new(());
-
-enum Posted {
-    Log(String),
-    Result(String),
-}
-
-/// Serves GET / (the page) and accepts POST /log and POST /result, forwarding the
-/// bodies, until `stop` is set.
-fn serve(listener: TcpListener, tx: mpsc::Sender<Posted>, stop: Arc<AtomicBool>) {
-    listener.set_nonblocking(true).expect("nonblocking");
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let _ = handle(stream, &tx);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(_) => return,
-        }
-    }
-}
-
-fn handle(stream: TcpStream, tx: &mpsc::Sender<Posted>) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                content_length = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; content_length.min(4 << 20)];
-    reader.read_exact(&mut body)?;
-    let body = String::from_utf8_lossy(&body).into_owned();
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("");
-    let (status, content_type, payload) = match (method, path) {
-        ("GET", p) if p == "/" || p.starts_with("/?") => {
-            ("200 OK", "text/html; charset=utf-8", PAGE.as_bytes())
-        }
-        ("POST", "/log") => {
-            let _ = tx.send(Posted::Log(body));
-            ("200 OK", "text/plain", &b"ok"[..])
-        }
-        ("POST", "/result") => {
-            let _ = tx.send(Posted::Result(body));
-            ("200 OK", "text/plain", &b"ok"[..])
-        }
-        _ => ("404 Not Found", "text/plain", &b"not found"[..]),
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        payload.len()
-    )?;
-    out.write_all(payload)?;
-    out.flush()
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// The page's result for one run, with the page log for messages.
-struct PageResult {
-    v: Value,
-    raw: String,
-    log: String,
-}
-
-impl PageResult {
-    fn context(&self) -> String {
-        let mut raw = self.raw.clone();
-        if raw.len() > 8000 {
-            raw.truncate(8000);
-            raw.push_str("...");
-        }
-        format!("result: {raw}\npage log:\n{}", self.log)
-    }
-}
 
 /// What the page should do (query parameters of call.html).
 struct PageRun {
@@ -158,7 +63,7 @@ impl PageRun {
             warmup_ms: 1000,
             interval_ms: 3000,
             samples: 2,
-            chromium_args: Vec::new(),
+            chromium_args: CALL_FLAGS.to_vec(),
         }
     }
 
@@ -174,9 +79,10 @@ impl PageRun {
         )
     }
 
-    fn query(&self) -> String {
+    /// The page with its query.
+    fn page(&self) -> String {
         format!(
-            "ice={}&mode={}&peers={}&messages={MESSAGES}&warmup={}&interval={}&samples={}",
+            "/call.html?ice={}&mode={}&peers={}&messages={MESSAGES}&warmup={}&interval={}&samples={}",
             percent_encode(&self.ice.to_string()),
             self.mode,
             self.peers,
@@ -187,101 +93,17 @@ impl PageRun {
     }
 }
 
-/// Opens the page in headless Chromium and returns what it reports.
+/// Opens the page in headless Chromium (one at a time) and returns what it reports,
+/// which must be `ok`.
 fn run_page(run: &PageRun) -> PageResult {
-    let chromium = require_tool("chromium", "apt-get install -y chromium");
     let _one_at_a_time = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind http");
-    let http = listener.local_addr().expect("http addr");
-    let (tx, rx) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let http_thread = {
-        let stop = stop.clone();
-        std::thread::spawn(move || serve(listener, tx, stop))
-    };
-
-    let url = format!("http://{http}/?{}", run.query());
-    let profile = tempfile::Builder::new()
-        .prefix("turnstone-chromium-")
-        .tempdir()
-        .expect("profile dir");
-    let mut cmd = Command::new(chromium);
-    cmd.args([
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-        "--remote-debugging-port=0",
-        "--use-fake-device-for-media-stream",
-        "--use-fake-ui-for-media-stream",
-        "--autoplay-policy=no-user-gesture-required",
-        // Keep timers and rendering going in a page nobody looks at.
-        "--disable-background-timer-throttling",
-        "--disable-renderer-backgrounding",
-        "--disable-backgrounding-occluded-windows",
-    ])
-    .args(&run.chromium_args)
-    .arg(format!("--user-data-dir={}", profile.path().display()))
-    .arg(&url);
-    let started = Instant::now();
-    let mut browser = ChildGuard::spawn("chromium", &mut cmd);
-
-    let timeout = run.timeout();
-    let deadline = started + timeout;
-    let mut page_log = Vec::new();
-    let result = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break None;
-        }
-        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(Posted::Result(r)) => break Some(r),
-            Ok(Posted::Log(l)) => page_log.push(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-        }
-        if let Some(st) = browser.try_wait() {
-            panic!(
-                "chromium exited early ({st})\npage log:\n{}",
-                page_log.join("\n")
-            );
-        }
-    };
-    // Ends Chromium's whole process group (renderer, GPU and utility helpers).
-    browser.kill();
-    stop.store(true, Ordering::Relaxed);
-    let _ = http_thread.join();
-    // Late log lines (the page logs before it reports).
-    while let Ok(p) = rx.try_recv() {
-        if let Posted::Log(l) = p {
-            page_log.push(l);
-        }
-    }
-
-    let page_log = page_log.join("\n");
-    let Some(result) = result else {
-        // Chromium's and the server's output are printed by their Drop impls.
-        panic!("no result from the page within {timeout:?}\npage log:\n{page_log}");
-    };
+    let r = browser::run_page(&run.page(), &run.chromium_args, run.timeout());
     println!(
         "page ({} mode, {} peers) reported after {:.1} s",
         run.mode,
         run.peers,
-        started.elapsed().as_secs_f64()
+        r.elapsed.as_secs_f64()
     );
-    let v: Value = serde_json::from_str(&result)
-        .unwrap_or_else(|e| panic!("bad result JSON ({e}): {result}\npage log:\n{page_log}"));
-    let r = PageResult {
-        v,
-        raw: result,
-        log: page_log,
-    };
     assert_eq!(
         r.v["ok"].as_bool(),
         Some(true),

@@ -12,6 +12,7 @@
 //! secrets are used only when the user list is empty.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod corpus;
 
 use std::fmt::Write as _;
