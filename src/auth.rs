@@ -19,14 +19,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use md5::{Digest as _, Md5};
-use sha1::Sha1;
-use sha2::Sha256;
+use ring::hmac;
 use subtle::ConstantTimeEq;
 
-type HmacSha1 = Hmac<Sha1>;
-type HmacSha256 = Hmac<Sha256>;
+/// A TURN REST shared secret as an HMAC-SHA1 key (its inner and outer pads computed once).
+type HmacSha1 = hmac::Key;
 
 /// A long-term credential key: `MD5(username ":" realm ":" password)` (RFC 8489 9.2.2).
 pub type Key = [u8; 16];
@@ -71,25 +69,18 @@ pub fn rest_username(expiry_unix: u64, user_id: &str) -> String {
 }
 
 fn rest_hmac(secret: &str) -> HmacSha1 {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for HMAC.
-    match HmacSha1::new_from_slice(secret.as_bytes()) {
-        Ok(mac) => mac,
-        Err(_) => unreachable_hmac(),
-    }
-}
-
-#[cold]
-fn unreachable_hmac() -> HmacSha1 {
-    // Hmac::new_from_slice is infallible (InvalidLength is never returned for HMAC). Should
-    // that ever change, fall back to a fixed key rather than panic: such a secret will
-    // simply never verify.
-    <HmacSha1 as hmac::digest::KeyInit>::new(&Default::default())
+    // The REST API is defined with HMAC-SHA1 (coturn, eturnal); ring keeps it for such
+    // legacy protocols.
+    hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes())
 }
 
 fn rest_mac(keyed: &HmacSha1, username: &str) -> [u8; 20] {
-    let mut mac = keyed.clone();
-    mac.update(username.as_bytes());
-    mac.finalize().into_bytes().into()
+    let tag = hmac::sign(keyed, username.as_bytes());
+    let mut out = [0u8; 20];
+    for (o, b) in out.iter_mut().zip(tag.as_ref()) {
+        *o = *b;
+    }
+    out
 }
 
 /// Why no key could be found for a username.
@@ -257,7 +248,8 @@ pub const NONCE_LEN: usize = 24;
 /// Makes and checks stateless nonces bound to the client's transport address and issue time.
 #[derive(Clone)]
 pub struct NonceMaker {
-    secret: [u8; 32],
+    /// HMAC-SHA256 keyed with the process's nonce secret (pads computed once).
+    key: hmac::Key,
     lifetime_secs: u64,
 }
 
@@ -275,7 +267,7 @@ impl NonceMaker {
     /// valid for `lifetime_secs` seconds after it was made (inclusive).
     pub fn new(secret: [u8; 32], lifetime_secs: u64) -> Self {
         NonceMaker {
-            secret,
+            key: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             lifetime_secs,
         }
     }
@@ -292,10 +284,7 @@ impl NonceMaker {
     }
 
     fn mac(&self, time: u32, client: SocketAddr) -> [u8; 8] {
-        let mut mac = match HmacSha256::new_from_slice(&self.secret) {
-            Ok(mac) => mac,
-            Err(_) => <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()),
-        };
+        let mut mac = hmac::Context::with_key(&self.key);
         mac.update(b"turnstone nonce v2");
         mac.update(&time.to_be_bytes());
         match client.ip() {
@@ -310,9 +299,9 @@ impl NonceMaker {
         }
         // Bound to the address only: RFC 6062 data connections reuse the control
         // connection's nonce from new ports.
-        let full = mac.finalize().into_bytes();
+        let full = mac.sign();
         let mut out = [0u8; 8];
-        for (o, b) in out.iter_mut().zip(full.iter()) {
+        for (o, b) in out.iter_mut().zip(full.as_ref()) {
             *o = *b;
         }
         out

@@ -3,6 +3,7 @@
 //! Layers, from the wire up:
 //! - [`proto`]: wire formats only (zero-copy STUN codec, ChannelData, stream framing).
 //! - [`auth`], [`policy`], [`config`]: credentials and nonces, peer-address policy, TOML config.
+//! - [`cli`]: the command line's definition (the binary in `main.rs` runs it).
 //! - [`server`]: the sans-I/O TURN/STUN state machine.
 //! - [`net`]: the tokio shell that moves bytes between sockets and the core.
 //! - [`counters`]: what the core and the shell count, and the words for it (below both
@@ -12,6 +13,7 @@
 //! - [`sys`]: the only `unsafe` code (one allocator call std and nix do not wrap).
 #![deny(unsafe_code)]
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod counters;
 pub mod metrics;

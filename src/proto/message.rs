@@ -4,9 +4,8 @@
 
 use std::net::SocketAddr;
 
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
-use sha2::Sha256;
+use ring::hmac;
+use subtle::ConstantTimeEq;
 
 use super::addr::{decode_address, decode_xor_address};
 use super::{
@@ -491,15 +490,14 @@ impl<'a> Message<'a> {
         if at == 0 {
             return false;
         }
-        let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(key) else {
-            return false;
-        };
+        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+        let mut mac = hmac::Context::with_key(&key);
         let v = at + ATTR_HEADER_LEN;
         match (
             self.mac_input(at, MESSAGE_INTEGRITY_LEN, |b| mac.update(b)),
             self.buf.get(v..v + MESSAGE_INTEGRITY_LEN),
         ) {
-            (Some(()), Some(tag)) => mac.verify_slice(tag).is_ok(),
+            (Some(()), Some(tag)) => bool::from(mac.sign().as_ref().ct_eq(tag)),
             _ => false,
         }
     }
@@ -511,9 +509,8 @@ impl<'a> Message<'a> {
         if at == 0 {
             return false;
         }
-        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
-            return false;
-        };
+        let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+        let mut mac = hmac::Context::with_key(&key);
         let Some(vlen) = be16(self.buf, at + 2).map(usize::from) else {
             return false;
         };
@@ -522,7 +519,12 @@ impl<'a> Message<'a> {
             self.mac_input(at, vlen, |b| mac.update(b)),
             self.buf.get(v..v + vlen),
         ) {
-            (Some(()), Some(tag)) => mac.verify_truncated_left(tag).is_ok(),
+            // A truncated tag keeps the leftmost bytes; the parser allows 16..=32 of them.
+            (Some(()), Some(tag)) => mac
+                .sign()
+                .as_ref()
+                .get(..tag.len())
+                .is_some_and(|full| bool::from(full.ct_eq(tag))),
             _ => false,
         }
     }

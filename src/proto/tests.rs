@@ -3,9 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
-use sha2::Sha256;
 
 use super::*;
 
@@ -476,11 +474,13 @@ fn message_integrity_sha256() {
     let mut v = with_attrs(&[(attr::USERNAME, b"user")]);
     let at = v.len();
     v.extend_from_slice(&[0x00, 0x1C, 0x00, 0x10]);
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).unwrap();
     let mut covered = v[..at].to_vec();
     covered[2..4].copy_from_slice(&u16::try_from(at + 4 + 16 - 20).unwrap().to_be_bytes());
-    mac.update(&covered);
-    v.extend_from_slice(&mac.finalize().into_bytes()[..16]);
+    let mac = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+        &covered,
+    );
+    v.extend_from_slice(&mac.as_ref()[..16]);
     fix_len(&mut v);
     let m = Message::parse(&v).unwrap();
     assert!(m.verify_integrity(&key));

@@ -4,9 +4,7 @@
 
 use std::net::SocketAddr;
 
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
-use sha2::Sha256;
+use ring::hmac;
 
 use super::addr::{encode_address, encode_xor_address};
 use super::{
@@ -200,14 +198,11 @@ impl<'b> MessageWriter<'b> {
         if self.room().is_none_or(|r| r < MESSAGE_INTEGRITY_LEN) {
             return self;
         }
-        let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(key) else {
-            return self;
-        };
+        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
         self.write_len(self.body_len() + ATTR_HEADER_LEN + MESSAGE_INTEGRITY_LEN);
-        mac.update(self.buf);
-        let tag = mac.finalize().into_bytes();
+        let tag = hmac::sign(&key, self.buf);
         self.header(attr::MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_LEN);
-        self.buf.extend_from_slice(&tag);
+        self.buf.extend_from_slice(tag.as_ref());
         self.sync_len();
         self
     }
@@ -217,14 +212,11 @@ impl<'b> MessageWriter<'b> {
         if self.room().is_none_or(|r| r < MESSAGE_INTEGRITY_SHA256_LEN) {
             return self;
         }
-        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
-            return self;
-        };
+        let key = hmac::Key::new(hmac::HMAC_SHA256, key);
         self.write_len(self.body_len() + ATTR_HEADER_LEN + MESSAGE_INTEGRITY_SHA256_LEN);
-        mac.update(self.buf);
-        let tag = mac.finalize().into_bytes();
+        let tag = hmac::sign(&key, self.buf);
         self.header(attr::MESSAGE_INTEGRITY_SHA256, MESSAGE_INTEGRITY_SHA256_LEN);
-        self.buf.extend_from_slice(&tag);
+        self.buf.extend_from_slice(tag.as_ref());
         self.sync_len();
         self
     }
