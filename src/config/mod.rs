@@ -1247,7 +1247,7 @@ impl Config {
 
     /// The annotated example configuration shipped as `conf/turnstone.toml`.
     pub fn example_toml() -> &'static str {
-        include_str!("../conf/turnstone.toml")
+        include_str!("../../conf/turnstone.toml")
     }
 
     /// The development configuration used when `turnstone` runs without `--config`: realm
