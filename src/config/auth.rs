@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use super::errors::{index, join, section, shape, Errors};
+use super::errors::{index, join, read_section, Errors};
 use super::units::string_elements;
 
 /// USERNAME: at most 513 bytes (RFC 8489 14.3).
@@ -44,24 +44,22 @@ impl AuthSection {
     /// Reads `[auth]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut auth = AuthSection::default();
-        let Some(t) = section(top, "auth", errors) else {
-            return auth;
-        };
-        let raw: RawAuth = shape(t, "auth", errors);
-        for (user, value) in raw.users.unwrap_or_default() {
-            match value {
-                Value::String(pass) => {
-                    auth.users.insert(user, pass);
+        if let Some(raw) = read_section::<RawAuth>(top, "auth", errors) {
+            for (user, value) in raw.users.unwrap_or_default() {
+                match value {
+                    Value::String(pass) => {
+                        auth.users.insert(user, pass);
+                    }
+                    other => errors.push(
+                        &join("auth.users", &user),
+                        format!("expected a password string, found {}", other.type_str()),
+                    ),
                 }
-                other => errors.push(
-                    &join("auth.users", &user),
-                    format!("expected a password string, found {}", other.type_str()),
-                ),
             }
-        }
-        let secrets = raw.secrets.unwrap_or_default();
-        for (_, s) in string_elements(&secrets, "auth.secrets", "a secret", errors) {
-            auth.secrets.push(s.to_owned());
+            let secrets = raw.secrets.unwrap_or_default();
+            for (_, s) in string_elements(&secrets, "auth.secrets", "a secret", errors) {
+                auth.secrets.push(s.to_owned());
+            }
         }
         auth
     }

@@ -166,6 +166,17 @@ pub(super) fn section<'a>(top: &'a Table, key: &str, errors: &mut Errors) -> Opt
     }
 }
 
+/// The table at `key` of the top level with each of its keys checked against `T` (see
+/// [`shape`]), or None (absent or reported as not a table).
+pub(super) fn read_section<T: DeserializeOwned + Default>(
+    top: &Table,
+    key: &str,
+    errors: &mut Errors,
+) -> Option<T> {
+    let table = section(top, key, errors)?;
+    Some(shape(table, key, errors))
+}
+
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
 fn line_col(text: &str, at: usize) -> (usize, usize) {
     let at = at.min(text.len());

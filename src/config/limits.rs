@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 use super::units::{duration_or, parse_bandwidth, BandwidthText, DurationText};
 
 /// Default `limits.max_allocations`.
@@ -96,55 +96,53 @@ impl LimitsSection {
     /// Reads `[limits]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut l = LimitsSection::default();
-        let Some(t) = section(top, "limits", errors) else {
-            return l;
-        };
-        let raw: RawLimits = shape(t, "limits", errors);
-        let d = LimitsSection::default();
-        l.max_allocations = raw.max_allocations.unwrap_or(d.max_allocations);
-        l.max_allocations_per_user = raw.max_allocations_per_user;
-        l.max_allocations_per_rest_user = raw
-            .max_allocations_per_rest_user
-            .unwrap_or(d.max_allocations_per_rest_user);
-        l.max_permissions_per_allocation = raw
-            .max_permissions_per_allocation
-            .unwrap_or(d.max_permissions_per_allocation);
-        l.max_channels_per_allocation = raw
-            .max_channels_per_allocation
-            .unwrap_or(d.max_channels_per_allocation);
-        l.max_lifetime = duration_or(
-            raw.max_lifetime,
-            d.max_lifetime,
-            "limits.max_lifetime",
-            errors,
-        );
-        l.default_lifetime = duration_or(
-            raw.default_lifetime,
-            d.default_lifetime,
-            "limits.default_lifetime",
-            errors,
-        );
-        for (raw, key, field) in [
-            (
-                raw.max_bandwidth_per_allocation,
-                "limits.max_bandwidth_per_allocation",
-                &mut l.max_bandwidth_per_allocation,
-            ),
-            (
-                raw.max_total_bandwidth,
-                "limits.max_total_bandwidth",
-                &mut l.max_total_bandwidth,
-            ),
-        ] {
-            if let Some(BandwidthText(text)) = raw {
-                match parse_bandwidth(&text) {
-                    Ok(n) => *field = n,
-                    Err(e) => errors.push(key, e),
+        if let Some(raw) = read_section::<RawLimits>(top, "limits", errors) {
+            let d = LimitsSection::default();
+            l.max_allocations = raw.max_allocations.unwrap_or(d.max_allocations);
+            l.max_allocations_per_user = raw.max_allocations_per_user;
+            l.max_allocations_per_rest_user = raw
+                .max_allocations_per_rest_user
+                .unwrap_or(d.max_allocations_per_rest_user);
+            l.max_permissions_per_allocation = raw
+                .max_permissions_per_allocation
+                .unwrap_or(d.max_permissions_per_allocation);
+            l.max_channels_per_allocation = raw
+                .max_channels_per_allocation
+                .unwrap_or(d.max_channels_per_allocation);
+            l.max_lifetime = duration_or(
+                raw.max_lifetime,
+                d.max_lifetime,
+                "limits.max_lifetime",
+                errors,
+            );
+            l.default_lifetime = duration_or(
+                raw.default_lifetime,
+                d.default_lifetime,
+                "limits.default_lifetime",
+                errors,
+            );
+            for (raw, key, field) in [
+                (
+                    raw.max_bandwidth_per_allocation,
+                    "limits.max_bandwidth_per_allocation",
+                    &mut l.max_bandwidth_per_allocation,
+                ),
+                (
+                    raw.max_total_bandwidth,
+                    "limits.max_total_bandwidth",
+                    &mut l.max_total_bandwidth,
+                ),
+            ] {
+                if let Some(BandwidthText(text)) = raw {
+                    match parse_bandwidth(&text) {
+                        Ok(n) => *field = n,
+                        Err(e) => errors.push(key, e),
+                    }
                 }
             }
+            l.unauthenticated_rate = raw.unauthenticated_rate.unwrap_or(d.unauthenticated_rate);
+            l.redirect_above = raw.redirect_above.unwrap_or(d.redirect_above);
         }
-        l.unauthenticated_rate = raw.unauthenticated_rate.unwrap_or(d.unauthenticated_rate);
-        l.redirect_above = raw.redirect_above.unwrap_or(d.redirect_above);
         l
     }
 

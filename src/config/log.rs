@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -42,15 +42,13 @@ impl LogSection {
     /// Reads `[log]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut log = LogSection::default();
-        let Some(t) = section(top, "log", errors) else {
-            return log;
-        };
-        let raw: RawLog = shape(t, "log", errors);
-        if let Some(level) = raw.level {
-            log.level = level;
-        }
-        if let Some(format) = raw.format {
-            log.format = format;
+        if let Some(raw) = read_section::<RawLog>(top, "log", errors) {
+            if let Some(level) = raw.level {
+                log.level = level;
+            }
+            if let Some(format) = raw.format {
+                log.format = format;
+            }
         }
         log
     }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 use super::units::parse_socket_addr;
 
 /// Default `[metrics] listen` suggested in the example (the metrics endpoint is off by default).
@@ -31,17 +31,15 @@ impl MetricsSection {
     /// Reads `[metrics]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut metrics = MetricsSection::default();
-        let Some(t) = section(top, "metrics", errors) else {
-            return metrics;
-        };
-        let raw: RawMetrics = shape(t, "metrics", errors);
-        if let Some(listen) = raw.listen {
-            match parse_socket_addr(&listen) {
-                Ok(a) => metrics.listen = Some(a),
-                Err(e) => errors.push("metrics.listen", e),
+        if let Some(raw) = read_section::<RawMetrics>(top, "metrics", errors) {
+            if let Some(listen) = raw.listen {
+                match parse_socket_addr(&listen) {
+                    Ok(a) => metrics.listen = Some(a),
+                    Err(e) => errors.push("metrics.listen", e),
+                }
             }
+            metrics.selftest = raw.selftest;
         }
-        metrics.selftest = raw.selftest;
         metrics
     }
 

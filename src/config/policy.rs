@@ -4,7 +4,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 use super::units::net_list;
 
 /// `[policy]`.
@@ -27,12 +27,10 @@ impl PolicySection {
     /// Reads `[policy]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut policy = PolicySection::default();
-        let Some(t) = section(top, "policy", errors) else {
-            return policy;
-        };
-        let raw: RawPolicy = shape(t, "policy", errors);
-        policy.allow_peers = net_list(raw.allow_peers, "policy.allow_peers", errors);
-        policy.deny_peers = net_list(raw.deny_peers, "policy.deny_peers", errors);
+        if let Some(raw) = read_section::<RawPolicy>(top, "policy", errors) {
+            policy.allow_peers = net_list(raw.allow_peers, "policy.allow_peers", errors);
+            policy.deny_peers = net_list(raw.deny_peers, "policy.deny_peers", errors);
+        }
         policy
     }
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 use super::units::{ip_list, parse_port_range, parse_size, StringOrList};
 
 /// Default relay port range (RFC 8656 3.: the range 49152-65535 is recommended).
@@ -76,14 +76,13 @@ impl RelaySection {
     /// Reads `[relay]` (required) from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut relay = RelaySection::default();
-        let Some(t) = section(top, "relay", errors) else {
+        let Some(raw) = read_section::<RawRelay>(top, "relay", errors) else {
             errors.push(
                 "relay",
                 "missing section [relay] (it needs at least address)",
             );
             return relay;
         };
-        let raw: RawRelay = shape(t, "relay", errors);
         relay.addresses = ip_list(raw.address, "relay.address", errors);
         relay.external_addresses = ip_list(raw.external_address, "relay.external_address", errors);
         if let Some(ports) = raw.ports {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 use super::units::parse_socket_addr;
 
 /// `[store]`: a Redis server shared by a fleet of nodes (users, secrets, revocations,
@@ -33,28 +33,26 @@ impl StoreSection {
     /// Reads `[store]` from the top-level table (its values are checked as they are read).
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut store = StoreSection::default();
-        let Some(t) = section(top, "store", errors) else {
-            return store;
-        };
-        let raw: RawStore = shape(t, "store", errors);
-        if let Some(url) = raw.url {
-            if url.starts_with("redis://") || url.starts_with("rediss://") {
-                store.url = Some(url);
-            } else {
-                errors.push("store.url", "must start with redis:// (or rediss://)");
+        if let Some(raw) = read_section::<RawStore>(top, "store", errors) {
+            if let Some(url) = raw.url {
+                if url.starts_with("redis://") || url.starts_with("rediss://") {
+                    store.url = Some(url);
+                } else {
+                    errors.push("store.url", "must start with redis:// (or rediss://)");
+                }
             }
-        }
-        if let Some(id) = raw.node_id {
-            if id.is_empty() || id.len() > 64 || id.contains(char::is_whitespace) {
-                errors.push("store.node_id", "1 to 64 characters, no spaces");
-            } else {
-                store.node_id = Some(id);
+            if let Some(id) = raw.node_id {
+                if id.is_empty() || id.len() > 64 || id.contains(char::is_whitespace) {
+                    errors.push("store.node_id", "1 to 64 characters, no spaces");
+                } else {
+                    store.node_id = Some(id);
+                }
             }
-        }
-        if let Some(a) = raw.advertise {
-            match parse_socket_addr(&a) {
-                Ok(a) => store.advertise = Some(a),
-                Err(e) => errors.push("store.advertise", e),
+            if let Some(a) = raw.advertise {
+                match parse_socket_addr(&a) {
+                    Ok(a) => store.advertise = Some(a),
+                    Err(e) => errors.push("store.advertise", e),
+                }
             }
         }
         store

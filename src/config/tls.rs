@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{section, shape, Errors};
+use super::errors::{read_section, Errors};
 
 /// `[tls]`: certificate chain and private key (PEM) for `tls` listeners.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,12 +25,10 @@ impl TlsSection {
     /// Reads `[tls]` from the top-level table.
     pub(super) fn load(top: &Table, errors: &mut Errors) -> Self {
         let mut tls = TlsSection::default();
-        let Some(t) = section(top, "tls", errors) else {
-            return tls;
-        };
-        let raw: RawTls = shape(t, "tls", errors);
-        tls.cert_file = raw.certificate;
-        tls.key_file = raw.private_key;
+        if let Some(raw) = read_section::<RawTls>(top, "tls", errors) {
+            tls.cert_file = raw.certificate;
+            tls.key_file = raw.private_key;
+        }
         tls
     }
 
