@@ -1,5 +1,7 @@
-//! Configuration: the TOML schema, its defaults, and validation whose every message names the
-//! key it is about (`relay.ports: "9-5" is not a range LOW-HIGH with LOW <= HIGH`).
+//! Configuration: `Config`, loaded from TOML and validated, every problem naming its key.
+//!
+//! Every message names the key it is about
+//! (`relay.ports: "9-5" is not a range LOW-HIGH with LOW <= HIGH`).
 //!
 //! Loading happens in three steps, and all problems of all steps are reported together:
 //! 1. TOML syntax (one error with line and column; nothing else can be checked after it);
@@ -9,6 +11,11 @@
 //!    checks the whole (required keys, duplicates, families, limits, log level).
 //!
 //! Every key and its default is documented in `conf/turnstone.toml` ([`Config::example_toml`]).
+//!
+//! Each section has its own file (`server`, `listen`, `relay`, `auth`, `policy`, `limits`,
+//! `log`, `tls`, `metrics`, `store`) with its struct, defaults, raw serde shape, reading and
+//! checks; they share `errors` (problems at key paths) and `units` (values written as text).
+//! This file reads and checks the sections in order, which is the order of the errors.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
