@@ -1,0 +1,141 @@
+//! `[[listen]]`: the transports and addresses the server listens on.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use super::errors::{index, join, shape, Errors};
+use super::units::parse_socket_addr;
+
+/// Transport of a `[[listen]]` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl ListenTransport {
+    /// The configuration spelling: "udp", "tcp", "tls".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenTransport::Udp => "udp",
+            ListenTransport::Tcp => "tcp",
+            ListenTransport::Tls => "tls",
+        }
+    }
+
+    /// TCP and TLS listeners both use a TCP socket.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, ListenTransport::Udp)
+    }
+}
+
+impl fmt::Display for ListenTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `[[listen]]` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Listen {
+    pub transport: ListenTransport,
+    pub address: SocketAddr,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    transport: Option<ListenTransport>,
+    address: Option<String>,
+}
+
+/// Reads the `[[listen]]` entries from the top-level table; an entry with a problem is left out.
+pub(super) fn load(top: &Table, errors: &mut Errors) -> Vec<Listen> {
+    let mut listen = Vec::new();
+    match top.get("listen") {
+        None => {}
+        Some(Value::Array(entries)) => {
+            for (i, entry) in entries.iter().enumerate() {
+                let path = index("listen", i);
+                let Some(t) = entry.as_table() else {
+                    errors.push(
+                        &path,
+                        format!("expected a table, found {}", entry.type_str()),
+                    );
+                    continue;
+                };
+                let raw: RawListen = shape(t, &path, errors);
+                let transport = match raw.transport {
+                    Some(tr) => Some(tr),
+                    None => {
+                        errors.push(
+                            &join(&path, "transport"),
+                            "missing; one of \"udp\", \"tcp\", \"tls\"",
+                        );
+                        None
+                    }
+                };
+                let address = match raw.address {
+                    Some(a) => match parse_socket_addr(&a) {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            errors.push(&join(&path, "address"), e);
+                            None
+                        }
+                    },
+                    None => {
+                        errors.push(&join(&path, "address"), "missing; such as \"0.0.0.0:3478\"");
+                        None
+                    }
+                };
+                if let (Some(transport), Some(address)) = (transport, address) {
+                    listen.push(Listen { transport, address });
+                }
+            }
+        }
+        Some(other) => errors.push(
+            "listen",
+            format!(
+                "expected an array of tables written [[listen]], found {}",
+                other.type_str()
+            ),
+        ),
+    }
+    listen
+}
+
+/// At least one listener, and no two on the same address and socket type.
+pub(super) fn check(listen: &[Listen], errors: &mut Errors) {
+    if listen.is_empty() && !errors.has_at_or_under("listen") {
+        errors.push(
+            "listen",
+            "no listener; add at least one [[listen]] with transport and address",
+        );
+    }
+    let mut seen: HashMap<(bool, SocketAddr), (usize, ListenTransport)> = HashMap::new();
+    for (i, l) in listen.iter().enumerate() {
+        let key = (l.transport.is_stream(), l.address);
+        if let Some((j, other)) = seen.get(&key) {
+            let what = if *other == l.transport {
+                "duplicate of".to_owned()
+            } else {
+                format!(
+                    "{} and {} cannot share a TCP port; conflicts with",
+                    l.transport, other
+                )
+            };
+            errors.push(
+                &format!("listen[{i}].address"),
+                format!("{} ({}) {what} listen[{j}]", l.address, l.transport),
+            );
+        } else {
+            seen.insert(key, (i, l.transport));
+        }
+    }
+}
