@@ -76,6 +76,18 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>
 pub fn run(launch: Launch) -> anyhow::Result<()> {
     crate::sys::configure_allocator();
     let config = launch.config;
+    match socket::raise_open_file_limit() {
+        // Listeners, stream connections and a few files besides the relay sockets.
+        Ok(n) if n < config.limits.max_allocations as u64 + 1024 => tracing::warn!(
+            open_files = n,
+            max_allocations = config.limits.max_allocations,
+            "the open-file limit (RLIMIT_NOFILE) holds fewer relay sockets than \
+             limits.max_allocations; raise it (LimitNOFILE= in the systemd unit, ulimit -n) \
+             or lower limits.max_allocations"
+        ),
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let sig = Signals::install()?;
     let nonce_secret: [u8; 32] = rand::random();
     let shared = Shared::new(Runtime::from_config(&config, nonce_secret));

@@ -99,3 +99,16 @@ pub fn tcp_connect_from(local: SocketAddr, peer: SocketAddr) -> io::Result<std::
     }
     Ok(s.into())
 }
+
+/// Raises the soft limit on open files to the hard limit and returns the limit now in
+/// force. Every allocation holds a relay socket (two while an EVEN-PORT reservation
+/// waits), so the usual soft default of 1,024 would stop a server near 1,000 allocations
+/// whatever `limits.max_allocations` says; coturn raises it the same way.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(soft.max(hard))
+}
