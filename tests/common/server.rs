@@ -122,6 +122,10 @@ impl Default for ServerOptions {
 }
 
 impl ServerOptions {
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = realm.to_string();
+        self
+    }
     pub fn users(mut self, users: &[(&str, &str)]) -> Self {
         self.users = users
             .iter()

@@ -288,6 +288,15 @@ impl TurnClient {
         .expect("local address")
     }
 
+    /// The server's address.
+    pub fn server(&self) -> SocketAddr {
+        match &self.link {
+            Link::Udp { server, .. } => Ok(*server),
+            Link::Stream { stream, .. } => stream.tcp().peer_addr(),
+        }
+        .expect("server address")
+    }
+
     /// The UDP socket (panics on a stream client), e.g. for paced traffic.
     pub fn udp_socket(&self) -> &UdpSocket {
         match &self.link {
