@@ -369,8 +369,19 @@ impl TurnClient {
 
     /// An authenticated request with the current nonce.
     pub fn signed(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
+        self.signed_with(m, attrs, &|_| {})
+    }
+
+    /// An authenticated request with the current nonce and `after` (attributes after
+    /// MESSAGE-INTEGRITY).
+    pub fn signed_with(
+        &self,
+        m: u16,
+        attrs: &dyn Fn(&mut MessageWriter<'_>),
+        after: &dyn Fn(&mut MessageWriter<'_>),
+    ) -> Vec<u8> {
         let nonce = self.nonce.as_deref().expect("a nonce (fetch_nonce first)");
-        self.build(m, Some(nonce), attrs, &|_| {})
+        self.build(m, Some(nonce), attrs, after)
     }
 
     /// Sends `req` (on UDP again every `rto`, `attempts` times) until the success or
