@@ -36,19 +36,33 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 pub struct ChildGuard {
     pub name: String,
     child: Option<Child>,
-    dir: tempfile::TempDir,
+    /// Where `stdout.log` and `stderr.log` are.
+    logs: PathBuf,
+    /// The temporary directory made by [`ChildGuard::spawn`].
+    _dir: Option<tempfile::TempDir>,
+    /// Print the output when dropped while panicking ([`ChildGuard::spawn`]).
+    report: bool,
 }
 
 impl ChildGuard {
     /// Spawns `cmd` in its own process group with output captured to files.
     pub fn spawn(name: &str, cmd: &mut Command) -> ChildGuard {
-        use std::os::unix::process::CommandExt;
         let dir = tempfile::Builder::new()
             .prefix("turnstone-child-")
             .tempdir()
             .expect("temp dir");
-        let out = File::create(dir.path().join("stdout.log")).expect("stdout.log");
-        let err = File::create(dir.path().join("stderr.log")).expect("stderr.log");
+        let mut g = ChildGuard::spawn_in(name, cmd, dir.path());
+        g._dir = Some(dir);
+        g.report = true;
+        g
+    }
+
+    /// Like [`ChildGuard::spawn`], with the output in `logs/stdout.log` and
+    /// `logs/stderr.log`; the owner of `logs` prints them.
+    pub fn spawn_in(name: &str, cmd: &mut Command, logs: &Path) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
+        let out = File::create(logs.join("stdout.log")).expect("stdout.log");
+        let err = File::create(logs.join("stderr.log")).expect("stderr.log");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -59,7 +73,9 @@ impl ChildGuard {
         ChildGuard {
             name: name.to_string(),
             child: Some(child),
-            dir,
+            logs: logs.to_path_buf(),
+            _dir: None,
+            report: false,
         }
     }
 
@@ -74,26 +90,36 @@ impl ChildGuard {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Waits until the process exits or `timeout` passes; on timeout it is killed
-    /// and `None` is returned.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Waits until the process exits (`Some(status)`) or `timeout` passes (`None`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        loop {
             if let Some(st) = self.try_wait() {
                 return Some(st);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        self.kill();
-        None
+    }
+
+    /// Waits until the process exits or `timeout` passes; on timeout it is killed
+    /// and `None` is returned.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let st = self.wait_exit(timeout);
+        if st.is_none() {
+            self.kill();
+        }
+        st
     }
 
     pub fn stdout(&self) -> String {
-        read_lossy(&self.dir.path().join("stdout.log"))
+        read_lossy(&self.logs.join("stdout.log"))
     }
 
     pub fn stderr(&self) -> String {
-        read_lossy(&self.dir.path().join("stderr.log"))
+        read_lossy(&self.logs.join("stderr.log"))
     }
 
     pub fn output(&self) -> String {
@@ -125,7 +151,7 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
+        if self.report && std::thread::panicking() {
             eprintln!("{}", self.output());
         }
     }

@@ -1,15 +1,14 @@
 //! The server under test: its options, ports, certificate and process (turnstone, or coturn).
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::coturn::coturn_command;
-use super::process::{signal, wait_for};
+use super::process::{signal, wait_for, ChildGuard};
 use super::stun::{binding_request, parse_binding_success, random_tid, stun_binding};
 
 /// How long the server may take to answer its first Binding request.
@@ -495,7 +494,7 @@ pub struct TestServer {
     /// The server's certificate, when `options.tls`.
     pub cert: Option<TestCert>,
     pub listeners: Listeners,
-    child: Option<Child>,
+    process: ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -559,9 +558,6 @@ impl TestServer {
         if let Some(n) = options.relay_port_count {
             relay_ports.1 = relay_ports.0 + n - 1;
         }
-        let stdout = File::create(dir.path().join("stdout.log")).expect("stdout.log");
-        let stderr = File::create(dir.path().join("stderr.log")).expect("stderr.log");
-
         let mut cmd = match backend {
             Backend::Turnstone => {
                 let config = dir.path().join(CONFIG);
@@ -580,12 +576,7 @@ impl TestServer {
             }
             Backend::Coturn => coturn_command(dir.path(), &options, &listeners, relay_ports),
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(stderr));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {backend:?} server {cmd:?}: {e}"));
+        let process = ChildGuard::spawn_in(&format!("{backend:?} server"), &mut cmd, dir.path());
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
         TestServer {
             backend,
@@ -601,7 +592,7 @@ impl TestServer {
             cert,
             listeners,
             options,
-            child: Some(child),
+            process,
             dir,
         }
     }
@@ -617,14 +608,12 @@ impl TestServer {
 
     /// The server process id (while it runs).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.process.id()
     }
 
     /// Has the server process exited? (`Some(status)` if so.)
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.process.try_wait()
     }
 
     /// How many file descriptors the server process has open (Linux /proc), if known.
@@ -677,16 +666,7 @@ impl TestServer {
 
     /// Waits for the process to exit; `None` if it still runs after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.wait_exit(timeout)
     }
 
     /// Sends signal `sig` ("HUP", "TERM") to the server, once turnstone has installed its
@@ -755,14 +735,12 @@ impl TestServer {
         sock.set_read_timeout(Some(READY_POLL)).expect("timeout");
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    // Drop prints the server's output while unwinding.
-                    panic!(
-                        "{:?} server exited before it was ready ({status})",
-                        self.backend
-                    );
-                }
+            if let Some(status) = self.try_wait() {
+                // Drop prints the server's output while unwinding.
+                panic!(
+                    "{:?} server exited before it was ready ({status})",
+                    self.backend
+                );
             }
             let tid = random_tid();
             let _ = sock.send_to(&binding_request(&tid), self.addr);
@@ -826,10 +804,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
