@@ -12,8 +12,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    assert_serves, channel_data, tid, unknown_attributes, Answer, Backend, ServerOptions,
-    TestServer, TurnClient, PASSWORD, PROTO_UDP, REALM, SECRET, USER,
+    assert_peers_refused, assert_serves, channel_data, tid, unknown_attributes, Answer, Backend,
+    ServerOptions, TestServer, TurnClient, PASSWORD, PROTO_UDP, REALM, SECRET, USER,
 };
 use turnstone::auth::rest_password;
 use turnstone::proto::{attr, method, Class, MessageWriter};
@@ -462,28 +462,7 @@ fn forbidden_peers_get_403_with_default_policy() {
         "224.0.0.1:9",
         "127.0.0.1:9",
     ];
-    let mut failures = Vec::new();
-    for (i, p) in forbidden.iter().enumerate() {
-        let peer: SocketAddr = p.parse().unwrap();
-        let r = c.create_permission(peer);
-        if r.code() != Some(403) {
-            failures.push(format!("CreatePermission {peer}: {}", r.describe()));
-        } else if !r.msg().verify_integrity(&c.key) {
-            failures.push(format!("CreatePermission {peer}: 403 not signed"));
-        }
-        let r = c.channel_bind(0x4000 + i as u16, peer);
-        if r.code() != Some(403) {
-            failures.push(format!("ChannelBind {peer}: {}", r.describe()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "default policy must refuse these peers with 403 (RFC 8656 9.1/11.1):\n{}",
-        failures.join("\n")
-    );
-    // Control: a public address is fine (no packet is sent by CreatePermission).
-    let r = c.create_permission("8.8.8.8:53".parse().unwrap());
-    assert_eq!(r.class(), Class::Success, "public peer: {}", r.describe());
+    assert_peers_refused(&mut c, &forbidden, "the default policy (RFC 8656 9.1/11.1)");
     assert_serves(server.addr, "forbidden peers");
 }
 

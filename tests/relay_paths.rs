@@ -101,35 +101,47 @@ fn moving_server() -> TestServer {
     )
 }
 
+/// ChannelData from `c` on channel 0x4000 to a peer socket.
+fn channel_data_to_peer(c: &mut TurnClient) {
+    let peer = socket();
+    c.bind(0x4000, peer.local_addr().unwrap());
+    run_path(
+        c.udp_socket(),
+        c.server(),
+        |seq| channel_data(0x4000, &seq_payload(seq, LEN)),
+        peer,
+        peer_seq,
+    );
+}
+
+/// ChannelData from `a` on channel 0x4001 to `b`'s relay, arriving at `b`.
+fn client_to_client(
+    a: &mut TurnClient,
+    relay_a: SocketAddr,
+    b: &mut TurnClient,
+    relay_b: SocketAddr,
+) {
+    b.permit(relay_a);
+    a.bind(0x4001, relay_b);
+    run_path(
+        a.udp_socket(),
+        a.server(),
+        |seq| channel_data(0x4001, &seq_payload(seq, LEN)),
+        rx_of(b),
+        client_seq,
+    );
+}
+
 #[test]
 fn paths_while_shards_move_between_threads() {
     let srv = moving_server();
     // Several clients, so that allocations land on several shards.
     let mut clients: Vec<TurnClient> = (0..6).map(|_| client(srv.addr)).collect();
     let relays: Vec<SocketAddr> = clients.iter_mut().map(|c| c.must_allocate()).collect();
-    let peer = socket();
-    let peer_addr = peer.local_addr().unwrap();
-    clients[0].bind(0x4000, peer_addr);
-    run_path(
-        clients[0].udp_socket(),
-        srv.addr,
-        |seq| channel_data(0x4000, &seq_payload(seq, LEN)),
-        peer,
-        peer_seq,
-    );
+    channel_data_to_peer(&mut clients[0]);
     // Client to client between allocations of (most likely) different shards.
     let (a, rest) = clients.split_at_mut(1);
-    let b = &mut rest[4];
-    b.permit(relays[0]);
-    a[0].bind(0x4001, relays[5]);
-    let rx = rx_of(b);
-    run_path(
-        a[0].udp_socket(),
-        srv.addr,
-        |seq| channel_data(0x4001, &seq_payload(seq, LEN)),
-        rx,
-        client_seq,
-    );
+    client_to_client(&mut a[0], relays[0], &mut rest[4], relays[5]);
     // The shards really moved, many times, both ways.
     let logs = srv.logs();
     let gathers = logs.matches("worker shards gather").count();
@@ -145,16 +157,7 @@ fn channel_data_path() {
     let srv = server();
     let mut c = client(srv.addr);
     c.must_allocate();
-    let peer = socket();
-    let peer_addr = peer.local_addr().unwrap();
-    c.bind(0x4000, peer_addr);
-    run_path(
-        c.udp_socket(),
-        srv.addr,
-        |seq| channel_data(0x4000, &seq_payload(seq, LEN)),
-        peer,
-        peer_seq,
-    );
+    channel_data_to_peer(&mut c);
 }
 
 #[test]
@@ -186,14 +189,5 @@ fn client_to_client_path() {
     let mut b = client(srv.addr);
     let relay_a = a.must_allocate();
     let relay_b = b.must_allocate();
-    b.permit(relay_a);
-    a.bind(0x4001, relay_b);
-    let rx = rx_of(&b);
-    run_path(
-        a.udp_socket(),
-        srv.addr,
-        |seq| channel_data(0x4001, &seq_payload(seq, LEN)),
-        rx,
-        client_seq,
-    );
+    client_to_client(&mut a, relay_a, &mut b, relay_b);
 }

@@ -43,61 +43,37 @@ fn run_uclient(args: &[&str], server_ip: &str, clients: u64) {
     coturn::run_uclient(args, server_ip, clients, MESSAGES, UCLIENT_TIMEOUT);
 }
 
+/// uclient over a stream (`flags`: `-t`, or `-t -S` for TLS) to `port`, relaying to a
+/// `turnutils_peer` echo peer on 127.0.0.1.
+fn run_uclient_stream_to_peer(flags: &[&str], port: u16) {
+    let peer = EchoPeer::start("127.0.0.1");
+    let port = port.to_string();
+    let peer_port = peer.port.to_string();
+    let mut args = flags.to_vec();
+    args.extend([
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+    ]);
+    args.extend(["-c", "-X", "-g", "-p", &port]);
+    run_uclient(&args, "127.0.0.1", CLIENTS);
+}
+
 #[test]
 fn uclient_over_tcp() {
     let server = TestServer::start(ServerOptions::default().tcp());
-    let peer = EchoPeer::start("127.0.0.1");
-    let port = server.port().to_string();
-    let peer_port = peer.port.to_string();
-    run_uclient(
-        &[
-            "-t",
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port,
-            "-c",
-            "-X",
-            "-g",
-            "-p",
-            &port,
-        ],
-        "127.0.0.1",
-        CLIENTS,
-    );
+    run_uclient_stream_to_peer(&["-t"], server.port());
 }
 
 #[test]
 fn uclient_over_tls() {
     let server = TestServer::start(ServerOptions::default().tls());
-    let peer = EchoPeer::start("127.0.0.1");
-    let port = server.tls_port().to_string();
-    let peer_port = peer.port.to_string();
-    run_uclient(
-        &[
-            "-t",
-            "-S",
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port,
-            "-c",
-            "-X",
-            "-g",
-            "-p",
-            &port,
-        ],
-        "127.0.0.1",
-        CLIENTS,
-    );
+    run_uclient_stream_to_peer(&["-t", "-S"], server.tls_port());
 }
 
 #[test]

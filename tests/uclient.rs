@@ -26,41 +26,26 @@ fn run_uclient(server: &TestServer, args: &[&str], clients: u64, messages: u64) 
     coturn::run_uclient(&all, "127.0.0.1", clients, messages, UCLIENT_TIMEOUT);
 }
 
+/// uclient with `args` relaying to a `turnutils_peer` echo peer on 127.0.0.1.
+fn run_uclient_to_peer(server: &TestServer, args: &[&str], clients: u64, messages: u64) {
+    let peer = EchoPeer::start("127.0.0.1");
+    let peer_port = peer.port.to_string();
+    let mut all = args.to_vec();
+    all.extend(["-e", "127.0.0.1", "-r", &peer_port]);
+    run_uclient(server, &all, clients, messages);
+}
+
 #[test]
 fn uclient_channels_to_echo_peer() {
     let server = TestServer::start_default();
-    let peer = EchoPeer::start("127.0.0.1");
-    let peer_port = peer.port.to_string();
-    let args = [
-        "-u",
-        "alice",
-        "-w",
-        "wonderland",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-    ];
-    run_uclient(&server, &args, 10, 1000);
+    run_uclient_to_peer(&server, &["-u", "alice", "-w", "wonderland"], 10, 1000);
 }
 
 #[test]
 fn uclient_send_indications_to_echo_peer() {
     let server = TestServer::start_default();
-    let peer = EchoPeer::start("127.0.0.1");
-    let peer_port = peer.port.to_string();
-    let args = [
-        "-s",
-        "-u",
-        "alice",
-        "-w",
-        "wonderland",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-    ];
-    run_uclient(&server, &args, 5, 500);
+    let args = ["-s", "-u", "alice", "-w", "wonderland"];
+    run_uclient_to_peer(&server, &args, 5, 500);
 }
 
 #[test]
@@ -75,19 +60,7 @@ fn uclient_rest_secret() {
     // -W: uclient makes the TURN REST username "<expiry>:<-u value>" and the password
     // base64(HMAC-SHA1(secret, username)) itself.
     let server = TestServer::start(ServerOptions::default().users(&[]).secrets(&["s3cret"]));
-    let peer = EchoPeer::start("127.0.0.1");
-    let peer_port = peer.port.to_string();
-    let args = [
-        "-W",
-        "s3cret",
-        "-u",
-        "bob",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-    ];
-    run_uclient(&server, &args, 2, 200);
+    run_uclient_to_peer(&server, &["-W", "s3cret", "-u", "bob"], 2, 200);
 }
 
 #[test]

@@ -616,6 +616,45 @@ impl TurnClient {
     }
 }
 
+/// Each of `peers` is refused with a signed 403: a permission, a channel (0x4000 +
+/// index), and a permission to 8.8.8.8 and the peer in one request (nothing installed);
+/// then, as the control, a permission to the public 8.8.8.8 alone succeeds.
+pub fn assert_peers_refused(c: &mut TurnClient, peers: &[&str], why: &str) {
+    let mut failures = Vec::new();
+    let public: SocketAddr = "8.8.8.8:53".parse().unwrap();
+    for (i, p) in peers.iter().enumerate() {
+        let peer: SocketAddr = p.parse().unwrap();
+        let r = c.create_permission(peer);
+        if r.code() != Some(403) {
+            failures.push(format!("CreatePermission {peer}: {}", r.describe()));
+        } else if !r.msg().verify_integrity(&c.key) {
+            failures.push(format!("CreatePermission {peer}: 403 not signed"));
+        }
+        let r = c.channel_bind(0x4000 + i as u16, peer);
+        if r.code() != Some(403) {
+            failures.push(format!("ChannelBind {peer}: {}", r.describe()));
+        }
+        let r = c.request(method::CREATE_PERMISSION, &|w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, public);
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        });
+        if r.code() != Some(403) {
+            failures.push(format!(
+                "CreatePermission {public} + {peer}: {}",
+                r.describe()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{why}: these peers must be refused with 403:\n{}",
+        failures.join("\n")
+    );
+    // Control: a public address is fine (no packet is sent by CreatePermission).
+    let r = c.create_permission(public);
+    assert!(r.is_success(), "public peer: {}", r.describe());
+}
+
 /// The server still serves: a new UDP client gets the 401 challenge, then a signed
 /// Allocate success with XOR-RELAYED-ADDRESS, and gives the allocation back.
 pub fn assert_serves(server: SocketAddr, after: &str) {
