@@ -246,14 +246,13 @@ fn duplicate_and_out_of_order_attributes() {
     assert_eq!(r.class(), Class::Success, "{}", r.describe());
 
     // Two USERNAMEs: the first counts (alice); the second (mallory) cannot swap identity.
-    let req = c.signed_with(
-        method::ALLOCATE,
-        &|w| {
+    let second_username = |c: &TurnClient, name: &'static [u8]| {
+        c.signed(method::ALLOCATE, &|w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-            w.attr(attr::USERNAME, b"alice");
-        },
-        &|_| {},
-    );
+            w.attr(attr::USERNAME, name);
+        })
+    };
+    let req = second_username(&c, b"alice");
     let r = c.try_transact(&req).expect("answer");
     assert!(
         r.class() == Class::Success || r.code() == Some(400),
@@ -263,14 +262,7 @@ fn duplicate_and_out_of_order_attributes() {
     if r.class() == Class::Success {
         assert_eq!(c.refresh(0).class(), Class::Success);
     }
-    let mallory = c.signed_with(
-        method::ALLOCATE,
-        &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-            w.attr(attr::USERNAME, b"mallory");
-        },
-        &|_| {},
-    );
+    let mallory = second_username(&c, b"mallory");
     let r = c.try_transact(&mallory).expect("answer");
     assert_ne!(
         r.class(),

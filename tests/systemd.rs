@@ -252,6 +252,13 @@ impl NotifySocket {
     }
 }
 
+impl NotifySocket {
+    /// Messages until one says `KEY=1` (see [`NotifySocket::wait_for`]).
+    fn wait_set(&self, timeout: Duration, seen: &mut Vec<String>, key: &str) -> Option<String> {
+        self.wait_for(timeout, seen, |m| assignments(m).get(key) == Some(&"1"))
+    }
+}
+
 fn assignments(msg: &str) -> HashMap<&str, &str> {
     msg.lines().filter_map(|l| l.split_once('=')).collect()
 }
@@ -272,9 +279,7 @@ fn notify_protocol_end_to_end() {
         "is notify::ready()/reloading()/stopping()/watchdog() wired into src/net (issue 5)?";
 
     // READY=1 once the listeners are bound: the server answers right after.
-    let ready = notify.wait_for(NOTIFY_TIMEOUT, &mut seen, |m| {
-        assignments(m).get("READY") == Some(&"1")
-    });
+    let ready = notify.wait_set(NOTIFY_TIMEOUT, &mut seen, "READY");
     assert!(
         ready.is_some(),
         "no READY=1 within {NOTIFY_TIMEOUT:?}; {wiring}\nreceived: {seen:?}\n{}",
@@ -285,9 +290,7 @@ fn notify_protocol_end_to_end() {
 
     // WATCHDOG=1 at half of WATCHDOG_USEC (allow slack on a loaded machine).
     seen.clear();
-    let dog = notify.wait_for(Duration::from_secs(3), &mut seen, |m| {
-        assignments(m).get("WATCHDOG") == Some(&"1")
-    });
+    let dog = notify.wait_set(Duration::from_secs(3), &mut seen, "WATCHDOG");
     assert!(
         dog.is_some(),
         "no WATCHDOG=1 within 3 s with WATCHDOG_USEC=1000000; {wiring}\nreceived: {seen:?}"
@@ -298,9 +301,7 @@ fn notify_protocol_end_to_end() {
     server.signal("HUP");
     seen.clear();
     let reloading = notify
-        .wait_for(Duration::from_secs(5), &mut seen, |m| {
-            assignments(m).get("RELOADING") == Some(&"1")
-        })
+        .wait_set(Duration::from_secs(5), &mut seen, "RELOADING")
         .unwrap_or_else(|| panic!("no RELOADING=1 after SIGHUP; {wiring}\nreceived: {seen:?}"));
     let usec: u64 = assignments(&reloading)
         .get("MONOTONIC_USEC")
@@ -314,9 +315,7 @@ fn notify_protocol_end_to_end() {
     seen.clear();
     assert!(
         notify
-            .wait_for(Duration::from_secs(5), &mut seen, |m| {
-                assignments(m).get("READY") == Some(&"1")
-            })
+            .wait_set(Duration::from_secs(5), &mut seen, "READY")
             .is_some(),
         "no READY=1 after the reload; received: {seen:?}"
     );
@@ -328,9 +327,7 @@ fn notify_protocol_end_to_end() {
     seen.clear();
     assert!(
         notify
-            .wait_for(Duration::from_secs(5), &mut seen, |m| {
-                assignments(m).get("STOPPING") == Some(&"1")
-            })
+            .wait_set(Duration::from_secs(5), &mut seen, "STOPPING")
             .is_some(),
         "no STOPPING=1 after SIGTERM; {wiring}\nreceived: {seen:?}"
     );
