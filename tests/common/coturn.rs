@@ -1,5 +1,4 @@
-//! coturn's programs: `turnserver` as the alternative backend, the `turnutils_peer` echo
-//! peer and `turnutils_uclient` with its loss summary.
+//! coturn's programs: `turnserver` as a backend, `turnutils_peer`, `turnutils_uclient`.
 
 use std::net::IpAddr;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! External processes (tools, the turnstone CLI) with bounded lifetimes and captured output.
+//! External processes (tools, the turnstone CLI): bounded lifetimes, output, waiting.
 
 use std::fs::File;
 use std::io::Read;
