@@ -10,232 +10,29 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{ChildGuard, ServerOptions, TestServer, PASSWORD, REALM, USER};
-use turnstone::auth::long_term_key;
-use turnstone::proto::{attr, method, Class, Message, MessageWriter, TransactionId};
+use common::{
+    assert_peers_refused, assert_serves, tid, ServerOptions, TestServer, TurnClient, PASSWORD,
+    PROTO_UDP, REALM, USER,
+};
+use turnstone::proto::{attr, method, Class, Message, MessageWriter};
 
-const PROTO_UDP: u8 = 17;
-const RTO: Duration = Duration::from_millis(400);
-const ATTEMPTS: usize = 6;
-
-fn tid() -> TransactionId {
-    TransactionId(common::random_tid())
-}
-
-fn turnstone_only(test: &str) -> bool {
+/// A turnstone server with `options`; `None` (the test has nothing to check) when the
+/// tests run against coturn.
+fn turnstone_only(test: &str, options: ServerOptions) -> Option<TestServer> {
     if common::Backend::from_env() != common::Backend::Turnstone {
         eprintln!("{test} inspects or configures the turnstone process: skipped");
-        return false;
+        return None;
     }
-    true
+    Some(TestServer::start(options))
 }
 
-// ---------------------------------------------------------------------------
-// A small client
-// ---------------------------------------------------------------------------
-
-struct Resp(Vec<u8>);
-
-impl Resp {
-    fn msg(&self) -> Message<'_> {
-        Message::parse(&self.0).expect("response parses")
-    }
-    fn class(&self) -> Class {
-        self.msg().class()
-    }
-    fn code(&self) -> Option<u16> {
-        self.msg().error_code().ok().flatten().map(|(c, _)| c)
-    }
-    fn describe(&self) -> String {
-        let m = self.msg();
-        format!(
-            "{:?} method {:#05x} error {:?}",
-            m.class(),
-            m.method(),
-            m.error_code().ok().flatten()
-        )
-    }
-}
-
-struct Client {
-    sock: UdpSocket,
-    server: SocketAddr,
-    key: [u8; 16],
-    nonce: String,
-}
-
-impl Client {
-    fn new(server: SocketAddr) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
-        sock.set_read_timeout(Some(RTO)).expect("read timeout");
-        let mut c = Client {
-            sock,
-            server,
-            key: long_term_key(USER, REALM, PASSWORD),
-            nonce: String::new(),
-        };
-        let req = c.plain(method::ALLOCATE, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        });
-        let r = c.transact(&req).expect("answer to the first Allocate");
-        assert_eq!(r.code(), Some(401), "first Allocate: {}", r.describe());
-        c.nonce = r.msg().nonce().unwrap().expect("401 NONCE").to_string();
-        c
-    }
-
-    fn send(&self, bytes: &[u8]) {
-        let _ = self.sock.send_to(bytes, self.server);
-    }
-
-    fn transact(&self, req: &[u8]) -> Option<Resp> {
-        let want = Message::parse(req).ok().map(|m| m.transaction_id());
-        let mut buf = vec![0u8; 65_536];
-        for _ in 0..ATTEMPTS {
-            self.send(req);
-            let until = Instant::now() + RTO;
-            while Instant::now() < until {
-                match self.sock.recv_from(&mut buf) {
-                    Ok((n, from)) if from == self.server => {
-                        if let Ok(m) = Message::parse(&buf[..n]) {
-                            if Some(m.transaction_id()) == want
-                                && matches!(m.class(), Class::Success | Class::Error)
-                            {
-                                return Some(Resp(buf[..n].to_vec()));
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        }
-        None
-    }
-
-    /// No answer to `req` within a second (sent twice).
-    fn assert_no_answer(&self, req: &[u8], what: &str) {
-        let mut buf = vec![0u8; 65_536];
-        for _ in 0..2 {
-            self.send(req);
-            let until = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < until {
-                if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
-                    panic!("{what}: expected no answer, got {n} bytes");
-                }
-            }
-        }
-    }
-
-    fn plain(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
-        attrs(&mut w);
-        w.finish();
-        buf
-    }
-
-    /// `attrs`, USERNAME, REALM, NONCE, MESSAGE-INTEGRITY, then `after` (attributes after
-    /// MESSAGE-INTEGRITY).
-    fn signed_with(
-        &self,
-        m: u16,
-        attrs: &dyn Fn(&mut MessageWriter<'_>),
-        after: &dyn Fn(&mut MessageWriter<'_>),
-    ) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
-        attrs(&mut w);
-        w.attr(attr::USERNAME, USER.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, self.nonce.as_bytes())
-            .message_integrity(&self.key);
-        after(&mut w);
-        w.finish();
-        buf
-    }
-
-    fn signed(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
-        self.signed_with(m, attrs, &|_| {})
-    }
-
-    fn request(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Resp {
-        self.transact(&self.signed(m, attrs))
-            .unwrap_or_else(|| panic!("no answer from {} to method {m:#x}", self.server))
-    }
-
-    fn allocate(&self) -> Resp {
-        self.request(method::ALLOCATE, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        })
-    }
-
-    fn refresh(&self, lifetime: u32) -> Resp {
-        self.request(method::REFRESH, &|w| {
-            w.u32_attr(attr::LIFETIME, lifetime);
-        })
-    }
-
-    fn create_permission(&self, peer: SocketAddr) -> Resp {
-        self.request(method::CREATE_PERMISSION, &|w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    fn channel_bind(&self, number: u16, peer: SocketAddr) -> Resp {
-        self.request(method::CHANNEL_BIND, &|w| {
-            let [a, b] = number.to_be_bytes();
-            w.attr(attr::CHANNEL_NUMBER, &[a, b, 0, 0]);
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    fn must_allocate(&self) -> SocketAddr {
-        let r = self.allocate();
-        assert_eq!(r.class(), Class::Success, "Allocate: {}", r.describe());
-        r.msg()
-            .xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .expect("XOR-RELAYED-ADDRESS")
-    }
-}
-
-/// A good client still gets a full authenticated Allocate (and releases it).
-fn assert_serves(server: SocketAddr, after: &str) {
-    let c = Client::new(server);
-    let r = c.allocate();
-    assert_eq!(
-        r.class(),
-        Class::Success,
-        "after {after}: a good client's Allocate failed: {}",
-        r.describe()
-    );
-    assert!(
-        r.msg().verify_integrity(&c.key),
-        "after {after}: unsigned Allocate success"
-    );
-    let r = c.refresh(0);
-    assert_eq!(r.class(), Class::Success, "after {after}: {}", r.describe());
-}
-
-/// The pid of the turnstone process whose command line names a config in `dir`.
-fn server_pid(dir: &Path) -> u32 {
-    let needle = dir.to_string_lossy().into_owned();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmd).contains(&needle) {
-            return pid;
-        }
-    }
-    panic!("no process with {needle} on its command line");
+/// alice over UDP, with a nonce from a first (401) Allocate.
+fn client(server: SocketAddr) -> TurnClient {
+    let mut c = TurnClient::udp(server, USER, PASSWORD);
+    c.fetch_nonce();
+    c
 }
 
 /// VmRSS of `pid`, in KiB.
@@ -259,7 +56,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn peer_address_bypass_forms_get_403() {
     let server = TestServer::start(ServerOptions::default().allow_peers(&[]));
-    let c = Client::new(server.addr);
+    let mut c = client(server.addr);
     c.must_allocate();
     let forbidden = [
         "[::ffff:127.0.0.1]:9",                     // IPv4-mapped loopback
@@ -283,35 +80,8 @@ fn peer_address_bypass_forms_get_403() {
         "100.64.0.1:9",
         "[fe80::1]:9",
     ];
-    let mut failures = Vec::new();
-    for (i, p) in forbidden.iter().enumerate() {
-        let peer: SocketAddr = p.parse().unwrap();
-        let r = c.create_permission(peer);
-        if r.code() != Some(403) {
-            failures.push(format!("CreatePermission {peer}: {}", r.describe()));
-        }
-        let r = c.channel_bind(0x4000 + i as u16, peer);
-        if r.code() != Some(403) {
-            failures.push(format!("ChannelBind {peer}: {}", r.describe()));
-        }
-        // A permitted and a forbidden peer in one request: 403, nothing installed.
-        let r = c.request(method::CREATE_PERMISSION, &|w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, "8.8.8.8:53".parse().unwrap());
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        });
-        if r.code() != Some(403) {
-            failures.push(format!(
-                "CreatePermission 8.8.8.8 + {peer}: {}",
-                r.describe()
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "the default policy must refuse these with 403:\n{}",
-        failures.join("\n")
-    );
-    // Controls: an allowed IPv6 address on an IPv4 relay is 443, a public IPv4 is fine.
+    assert_peers_refused(&mut c, &forbidden, "the default policy");
+    // Control: an allowed IPv6 address on an IPv4 relay is 443.
     let r = c.create_permission("[2001:4860:4860::8888]:53".parse().unwrap());
     assert_eq!(
         r.code(),
@@ -319,8 +89,6 @@ fn peer_address_bypass_forms_get_403() {
         "allowed IPv6 peer on IPv4 relay: {}",
         r.describe()
     );
-    let r = c.create_permission("8.8.8.8:53".parse().unwrap());
-    assert_eq!(r.class(), Class::Success, "public peer: {}", r.describe());
     assert_serves(server.addr, "peer-address bypass attempts");
 }
 
@@ -331,7 +99,7 @@ fn peer_address_bypass_forms_get_403() {
 #[test]
 fn malformed_and_oversized_messages() {
     let server = TestServer::start_default();
-    let c = Client::new(server.addr);
+    let mut c = client(server.addr);
     c.must_allocate();
     let good = c.signed(method::REFRESH, &|w| {
         w.u32_attr(attr::LIFETIME, 600);
@@ -366,7 +134,7 @@ fn malformed_and_oversized_messages() {
     // A huge USERNAME / REALM / NONCE, signed.
     let long = vec![b'a'; 4000];
     let r = c
-        .transact(&{
+        .try_transact(&{
             let mut buf = Vec::new();
             let mut w = MessageWriter::new(&mut buf, method::ALLOCATE, Class::Request, tid());
             w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
@@ -386,7 +154,7 @@ fn malformed_and_oversized_messages() {
     );
     // 1000 unknown comprehension-optional attributes in a Binding request.
     let r = c
-        .transact(&c.plain(method::BINDING, &|w| {
+        .try_transact(&c.plain(method::BINDING, &|w| {
             for i in 0..1000u16 {
                 w.attr(0x8100 + i, &[1, 2, 3]);
             }
@@ -395,7 +163,7 @@ fn malformed_and_oversized_messages() {
     assert_eq!(r.class(), Class::Success, "{}", r.describe());
     // 1000 unknown comprehension-required ones: 420 with a bounded UNKNOWN-ATTRIBUTES.
     let r = c
-        .transact(&c.plain(method::BINDING, &|w| {
+        .try_transact(&c.plain(method::BINDING, &|w| {
             for i in 0..1000u16 {
                 w.attr(0x4100 + i, &[1]);
             }
@@ -403,9 +171,9 @@ fn malformed_and_oversized_messages() {
         .expect("an answer to a Binding with 1000 required attributes");
     assert_eq!(r.code(), Some(420), "{}", r.describe());
     assert!(
-        r.0.len() < 1500,
+        r.raw.len() < 1500,
         "420 answer of {} bytes (amplification)",
-        r.0.len()
+        r.raw.len()
     );
     for (what, bytes) in &cases {
         c.assert_no_answer(bytes, what);
@@ -419,7 +187,8 @@ fn malformed_and_oversized_messages() {
 #[test]
 fn duplicate_and_out_of_order_attributes() {
     let server = TestServer::start_default();
-    let c = Client::new(server.addr);
+    let mut c = client(server.addr);
+    let nonce = c.nonce.clone().expect("nonce");
     let rt = |w: &mut MessageWriter<'_>| {
         w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
     };
@@ -427,7 +196,7 @@ fn duplicate_and_out_of_order_attributes() {
     // Attributes after MESSAGE-INTEGRITY are ignored (RFC 8489 14.5): REQUESTED-TRANSPORT
     // there is missing -> 400.
     let req = c.signed_with(method::ALLOCATE, &|_| {}, &rt);
-    let r = c.transact(&req).expect("answer");
+    let r = c.try_transact(&req).expect("answer");
     assert_eq!(
         r.code(),
         Some(400),
@@ -441,7 +210,7 @@ fn duplicate_and_out_of_order_attributes() {
     w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
         .attr(attr::USERNAME, USER.as_bytes())
         .attr(attr::REALM, REALM.as_bytes())
-        .attr(attr::NONCE, c.nonce.as_bytes())
+        .attr(attr::NONCE, nonce.as_bytes())
         .fingerprint()
         .message_integrity(&c.key);
     w.finish();
@@ -467,25 +236,24 @@ fn duplicate_and_out_of_order_attributes() {
     w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
         .attr(attr::USERNAME, USER.as_bytes())
         .attr(attr::REALM, REALM.as_bytes())
-        .attr(attr::NONCE, c.nonce.as_bytes())
+        .attr(attr::NONCE, nonce.as_bytes())
         .message_integrity(&c.key)
         .message_integrity(b"garbage");
     w.finish();
-    let r = c.transact(&buf).expect("answer");
+    let r = c.try_transact(&buf).expect("answer");
     assert_eq!(r.class(), Class::Success, "two MIs: {}", r.describe());
     let r = c.refresh(0);
     assert_eq!(r.class(), Class::Success, "{}", r.describe());
 
     // Two USERNAMEs: the first counts (alice); the second (mallory) cannot swap identity.
-    let req = c.signed_with(
-        method::ALLOCATE,
-        &|w| {
+    let second_username = |c: &TurnClient, name: &'static [u8]| {
+        c.signed(method::ALLOCATE, &|w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-            w.attr(attr::USERNAME, b"alice");
-        },
-        &|_| {},
-    );
-    let r = c.transact(&req).expect("answer");
+            w.attr(attr::USERNAME, name);
+        })
+    };
+    let req = second_username(&c, b"alice");
+    let r = c.try_transact(&req).expect("answer");
     assert!(
         r.class() == Class::Success || r.code() == Some(400),
         "two USERNAMEs: {}",
@@ -494,15 +262,8 @@ fn duplicate_and_out_of_order_attributes() {
     if r.class() == Class::Success {
         assert_eq!(c.refresh(0).class(), Class::Success);
     }
-    let mallory = c.signed_with(
-        method::ALLOCATE,
-        &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-            w.attr(attr::USERNAME, b"mallory");
-        },
-        &|_| {},
-    );
-    let r = c.transact(&mallory).expect("answer");
+    let mallory = second_username(&c, b"mallory");
+    let r = c.try_transact(&mallory).expect("answer");
     assert_ne!(
         r.class(),
         Class::Success,
@@ -562,11 +323,12 @@ fn duplicate_and_out_of_order_attributes() {
 /// client still gets it).
 #[test]
 fn unauthenticated_allocate_spray_keeps_memory_flat() {
-    if !turnstone_only("unauthenticated_allocate_spray_keeps_memory_flat") {
+    let options = ServerOptions::default().max_allocations(1);
+    let Some(server) = turnstone_only("unauthenticated_allocate_spray_keeps_memory_flat", options)
+    else {
         return;
-    }
-    let server = TestServer::start(ServerOptions::default().max_allocations(1));
-    let pid = server_pid(server.dir());
+    };
+    let pid = server.pid().expect("server running");
     // 200 sockets on 100 source addresses (127.0.1.1 .. 127.0.1.100), two ports each:
     // whatever the server keeps per unauthenticated source must stay bounded.
     let socks: Vec<UdpSocket> = (0..200u8)
@@ -577,9 +339,19 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
             s
         })
         .collect();
-    let mut buf = vec![0u8; 2048];
+    // Counts the error answers queued on the sockets.
+    let drain = |answered: &mut usize| {
+        let mut buf = vec![0u8; 2048];
+        for s in &socks {
+            while let Ok((n, _)) = s.recv_from(&mut buf) {
+                if Message::parse(&buf[..n]).is_ok_and(|m| m.class() == Class::Error) {
+                    *answered += 1;
+                }
+            }
+        }
+    };
     let mut answered = 0usize;
-    let mut spray = |rounds: usize, answered: &mut usize| {
+    let spray = |rounds: usize, answered: &mut usize| {
         for round in 0..rounds {
             for s in &socks {
                 let mut req = Vec::new();
@@ -597,13 +369,7 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
             }
             // Pace: drain the answers so the kernel buffers don't just drop everything.
             std::thread::sleep(Duration::from_micros(500));
-            for s in &socks {
-                while let Ok((n, _)) = s.recv_from(&mut buf) {
-                    if Message::parse(&buf[..n]).is_ok_and(|m| m.class() == Class::Error) {
-                        *answered += 1;
-                    }
-                }
-            }
+            drain(answered);
         }
     };
     // Warm-up (allocator arenas, hash tables), then measure.
@@ -613,13 +379,7 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
     let mut answered = 0usize;
     spray(100, &mut answered);
     std::thread::sleep(Duration::from_millis(300));
-    for s in &socks {
-        while let Ok((n, _)) = s.recv_from(&mut buf) {
-            if Message::parse(&buf[..n]).is_ok_and(|m| m.class() == Class::Error) {
-                answered += 1;
-            }
-        }
-    }
+    drain(&mut answered);
     let after = rss_kib(pid);
     eprintln!(
         "spray: 20000 unauthenticated Allocates, {answered} error answers, VmRSS {before} -> {after} KiB"
@@ -639,33 +399,14 @@ fn unauthenticated_allocate_spray_keeps_memory_flat() {
 /// Insufficient Capacity (RFC 8656 7.2), freeing one makes room again.
 #[test]
 fn relay_port_range_exhaustion_then_recovery() {
-    if !turnstone_only("relay_port_range_exhaustion_then_recovery") {
+    let options = ServerOptions::default().relay_port_count(10);
+    let Some(server) = turnstone_only("relay_port_range_exhaustion_then_recovery", options) else {
         return;
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("turnstone-attack-")
-        .tempdir()
-        .expect("temp dir");
-    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_udp_port())
-        .parse()
-        .unwrap();
-    let (low, _) = common::relay_port_range();
-    let toml = ServerOptions::default().to_toml(addr, (low, low + 9));
-    let path = dir.path().join("turnstone.toml");
-    std::fs::write(&path, &toml).expect("write config");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
-    cmd.arg("--config").arg(&path);
-    let mut child = ChildGuard::spawn("turnstone", &mut cmd);
-    if let Err(e) = common::stun_binding(addr, common::READY_TIMEOUT) {
-        let status = child.try_wait();
-        panic!(
-            "turnstone did not come up ({e}; {status:?})\n{}",
-            child.output()
-        );
-    }
-    let clients: Vec<Client> = (0..10).map(|_| Client::new(addr)).collect();
+    };
+    let (addr, low) = (server.addr, server.relay_ports.0);
+    let mut clients: Vec<TurnClient> = (0..10).map(|_| client(addr)).collect();
     let mut relays = Vec::new();
-    for c in &clients {
+    for c in &mut clients {
         let relayed = c.must_allocate();
         assert!(
             (low..=low + 9).contains(&relayed.port()),
@@ -678,7 +419,7 @@ fn relay_port_range_exhaustion_then_recovery() {
     relays.sort();
     relays.dedup();
     assert_eq!(relays.len(), 10, "ten distinct relay ports");
-    let extra = Client::new(addr);
+    let mut extra = client(addr);
     for _ in 0..3 {
         let r = extra.allocate();
         assert_eq!(
@@ -693,7 +434,6 @@ fn relay_port_range_exhaustion_then_recovery() {
     assert!((low..=low + 9).contains(&relayed.port()));
     assert_eq!(clients[4].refresh(0).class(), Class::Success);
     assert_serves(addr, "relay port-range exhaustion");
-    drop(child);
 }
 
 /// Thousands of ChannelBinds with distinct numbers (and peers): the first
@@ -701,10 +441,9 @@ fn relay_port_range_exhaustion_then_recovery() {
 /// refresh, and the server still serves.
 #[test]
 fn channel_number_flood() {
-    let server = TestServer::start(
-        ServerOptions::default().extra_toml("max_channels_per_allocation = 64\n"),
-    );
-    let c = Client::new(server.addr);
+    let server =
+        TestServer::start(ServerOptions::default().limits_toml("max_channels_per_allocation = 64"));
+    let mut c = client(server.addr);
     c.must_allocate();
     let mut ok = 0;
     let mut codes = std::collections::BTreeMap::new();

@@ -9,276 +9,22 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{ChildGuard, ServerOptions, TestServer, PASSWORD, REALM, SECRET, USER};
-use turnstone::auth::{long_term_key, rest_password};
-use turnstone::proto::{attr, method, Class, Message, MessageWriter, TransactionId};
+use common::{
+    assert_peers_refused, assert_serves, channel_data, tid, unknown_attributes, Answer, Backend,
+    ServerOptions, TestServer, TurnClient, PASSWORD, PROTO_UDP, REALM, SECRET, USER,
+};
+use turnstone::auth::rest_password;
+use turnstone::proto::{attr, method, Class, MessageWriter};
 
-const PROTO_UDP: u8 = 17;
-/// How long to wait for an answer before retransmitting (UDP, RFC 8489 6.2.1 style).
-const RTO: Duration = Duration::from_millis(400);
-const ATTEMPTS: usize = 8;
 /// How long "no answer" is waited for.
 const SILENCE: Duration = Duration::from_millis(400);
+/// How often a packet is sent before a test gives up on it.
+const ATTEMPTS: usize = 8;
 
-// ---------------------------------------------------------------------------
-// A small STUN/TURN client
-// ---------------------------------------------------------------------------
-
-fn tid() -> TransactionId {
-    TransactionId(common::random_tid())
-}
-
-struct Client {
-    sock: UdpSocket,
-    server: SocketAddr,
-    user: String,
-    key: [u8; 16],
-    realm: String,
-    nonce: Option<String>,
-}
-
-/// A response: owned bytes, parsed on demand.
-struct Resp(Vec<u8>);
-
-impl Resp {
-    fn msg(&self) -> Message<'_> {
-        Message::parse(&self.0).expect("response parses")
-    }
-    fn class(&self) -> Class {
-        self.msg().class()
-    }
-    fn code(&self) -> Option<u16> {
-        self.msg()
-            .error_code()
-            .expect("ERROR-CODE decodes")
-            .map(|(c, _)| c)
-    }
-    fn describe(&self) -> String {
-        let m = self.msg();
-        format!(
-            "{:?} method {:#05x} error {:?}",
-            m.class(),
-            m.method(),
-            m.error_code().ok().flatten()
-        )
-    }
-}
-
-impl Client {
-    fn new(server: SocketAddr, user: &str, password: &str) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
-        sock.set_read_timeout(Some(RTO)).expect("read timeout");
-        Client {
-            sock,
-            server,
-            user: user.to_string(),
-            key: long_term_key(user, REALM, password),
-            realm: REALM.to_string(),
-            nonce: None,
-        }
-    }
-
-    fn local(&self) -> SocketAddr {
-        self.sock.local_addr().expect("local addr")
-    }
-
-    /// Sends `req` (retransmitting) until a response with its transaction ID arrives.
-    fn transact(&self, req: &[u8]) -> Resp {
-        self.try_transact(req)
-            .unwrap_or_else(|| panic!("no answer from {} to a request", self.server))
-    }
-
-    fn try_transact(&self, req: &[u8]) -> Option<Resp> {
-        let want = Message::parse(req)
-            .expect("our request parses")
-            .transaction_id();
-        let mut buf = vec![0u8; 65_536];
-        for _ in 0..ATTEMPTS {
-            self.sock.send_to(req, self.server).expect("send");
-            let until = Instant::now() + RTO;
-            while Instant::now() < until {
-                match self.sock.recv_from(&mut buf) {
-                    Ok((n, from)) if from == self.server => {
-                        if let Ok(m) = Message::parse(&buf[..n]) {
-                            if m.transaction_id() == want
-                                && matches!(m.class(), Class::Success | Class::Error)
-                            {
-                                return Some(Resp(buf[..n].to_vec()));
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        }
-        None
-    }
-
-    /// An unauthenticated request with `attrs`.
-    fn plain(&self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
-        attrs(&mut w);
-        w.finish();
-        buf
-    }
-
-    /// An authenticated request with `attrs`, USERNAME, REALM, `nonce`, MESSAGE-INTEGRITY.
-    fn signed(&self, m: u16, nonce: &str, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid());
-        attrs(&mut w);
-        w.attr(attr::USERNAME, self.user.as_bytes())
-            .attr(attr::REALM, self.realm.as_bytes())
-            .attr(attr::NONCE, nonce.as_bytes())
-            .message_integrity(&self.key);
-        w.finish();
-        buf
-    }
-
-    /// Takes REALM and NONCE from a 401/438 challenge.
-    fn learn(&mut self, r: &Resp) {
-        let m = r.msg();
-        if let Ok(Some(n)) = m.nonce() {
-            self.nonce = Some(n.to_string());
-        }
-        if let Ok(Some(realm)) = m.realm() {
-            self.realm = realm.to_string();
-        }
-    }
-
-    /// Gets a nonce the usual way: an unauthenticated request answered with 401.
-    fn fetch_nonce(&mut self) -> String {
-        let req = self.plain(method::ALLOCATE, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        });
-        let r = self.transact(&req);
-        assert_eq!(r.code(), Some(401), "first Allocate: {}", r.describe());
-        assert_eq!(r.msg().realm().unwrap(), Some(REALM), "401 REALM");
-        self.learn(&r);
-        self.nonce.clone().expect("401 carries a NONCE")
-    }
-
-    /// The 401 -> nonce -> authenticated flow (one more round on 438). Returns the last
-    /// answer, whatever it is.
-    fn request(&mut self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Resp {
-        if self.nonce.is_none() {
-            self.fetch_nonce();
-        }
-        let mut last = None;
-        for _ in 0..2 {
-            let nonce = self.nonce.clone().unwrap_or_default();
-            let r = self.transact(&self.signed(m, &nonce, attrs));
-            if r.code() == Some(438) {
-                self.learn(&r);
-                last = Some(r);
-                continue;
-            }
-            return r;
-        }
-        last.expect("at least one answer")
-    }
-
-    fn allocate(&mut self) -> Resp {
-        self.request(method::ALLOCATE, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        })
-    }
-
-    fn refresh(&mut self, lifetime: u32) -> Resp {
-        self.request(method::REFRESH, &|w| {
-            w.u32_attr(attr::LIFETIME, lifetime);
-        })
-    }
-
-    fn create_permission(&mut self, peer: SocketAddr) -> Resp {
-        self.request(method::CREATE_PERMISSION, &|w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    fn channel_bind(&mut self, number: u16, peer: SocketAddr) -> Resp {
-        self.request(method::CHANNEL_BIND, &|w| {
-            w.attr(
-                attr::CHANNEL_NUMBER,
-                &[(number >> 8) as u8, number as u8, 0, 0],
-            );
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        })
-    }
-
-    /// An Allocate that must succeed; returns the relayed address.
-    fn must_allocate(&mut self) -> SocketAddr {
-        let r = self.allocate();
-        assert_eq!(
-            r.class(),
-            Class::Success,
-            "Allocate failed: {}",
-            r.describe()
-        );
-        let m = r.msg();
-        assert!(
-            m.verify_integrity(&self.key),
-            "Allocate success without a valid MESSAGE-INTEGRITY"
-        );
-        assert_eq!(
-            m.xor_address(attr::XOR_MAPPED_ADDRESS).unwrap(),
-            Some(self.local()),
-            "XOR-MAPPED-ADDRESS"
-        );
-        m.xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .expect("XOR-RELAYED-ADDRESS")
-    }
-
-    /// Nothing from the server for `SILENCE` (answers to other transactions included).
-    fn assert_silent(&self, what: &str) {
-        let mut buf = vec![0u8; 65_536];
-        let until = Instant::now() + SILENCE;
-        while Instant::now() < until {
-            if let Ok((n, from)) = self.sock.recv_from(&mut buf) {
-                panic!("{what}: expected no answer, got {n} bytes from {from}");
-            }
-        }
-    }
-
-    /// Throws away whatever is queued on the socket.
-    fn drain(&self) {
-        let mut buf = vec![0u8; 65_536];
-        let _ = self.sock.set_nonblocking(true);
-        while self.sock.recv_from(&mut buf).is_ok() {}
-        let _ = self.sock.set_nonblocking(false);
-        let _ = self.sock.set_read_timeout(Some(RTO));
-    }
-}
-
-/// The server still serves: a new client completes 401 -> authenticated Allocate and
-/// releases it again.
-fn assert_serves(server: SocketAddr, after: &str) {
-    let mut c = Client::new(server, USER, PASSWORD);
-    let r = c.allocate();
-    assert_eq!(
-        r.class(),
-        Class::Success,
-        "after {after}: a good client's Allocate failed: {}",
-        r.describe()
-    );
-    let relayed = r.msg().xor_address(attr::XOR_RELAYED_ADDRESS).unwrap();
-    assert!(
-        relayed.is_some(),
-        "after {after}: Allocate success without XOR-RELAYED-ADDRESS"
-    );
-    let r = c.refresh(0);
-    assert_eq!(
-        r.class(),
-        Class::Success,
-        "after {after}: Refresh 0: {}",
-        r.describe()
-    );
+fn client(server: SocketAddr, user: &str, password: &str) -> TurnClient {
+    TurnClient::udp(server, user, password)
 }
 
 /// A server with default options except those from `f`.
@@ -305,14 +51,6 @@ impl Rng {
     }
 }
 
-fn unknown_attributes(m: &Message<'_>) -> Vec<u16> {
-    m.get(attr::UNKNOWN_ATTRIBUTES)
-        .unwrap_or_default()
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect()
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -329,15 +67,15 @@ fn unix_now() -> u64 {
 #[test]
 fn truncated_datagrams() {
     let server = TestServer::start_default();
-    let mut c = Client::new(server.addr, USER, PASSWORD);
-    let nonce = c.fetch_nonce();
+    let mut c = client(server.addr, USER, PASSWORD);
+    c.fetch_nonce();
     let peer = SocketAddr::from(([127, 0, 0, 1], 9));
     let samples: Vec<Vec<u8>> = vec![
-        c.signed(method::ALLOCATE, &nonce, &|w| {
+        c.signed(method::ALLOCATE, &|w| {
             w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
             w.u32_attr(attr::LIFETIME, 600);
         }),
-        c.signed(method::CHANNEL_BIND, &nonce, &|w| {
+        c.signed(method::CHANNEL_BIND, &|w| {
             w.attr(attr::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
             w.xor_address(attr::XOR_PEER_ADDRESS, peer);
         }),
@@ -365,14 +103,14 @@ fn truncated_datagrams() {
             }
         }
     };
-    send_prefixes(&c.sock);
+    send_prefixes(c.udp_socket());
     assert_serves(server.addr, "truncated datagrams (no allocation)");
 
     // The same from a client that has an allocation and a channel.
-    let mut a = Client::new(server.addr, USER, PASSWORD);
+    let mut a = client(server.addr, USER, PASSWORD);
     a.must_allocate();
     assert_eq!(a.channel_bind(0x4000, peer).class(), Class::Success);
-    send_prefixes(&a.sock);
+    send_prefixes(a.udp_socket());
     assert_serves(server.addr, "truncated datagrams (with an allocation)");
     // The allocation still works too.
     a.drain();
@@ -390,19 +128,18 @@ fn random_datagrams() {
     let server = TestServer::start_default();
     let mut rng = Rng(0x7475_726e_7374_6f6e);
     let noise = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
     c.must_allocate();
     let peer = SocketAddr::from(([127, 0, 0, 1], 9));
     assert_eq!(c.create_permission(peer).class(), Class::Success);
-    let nonce = c.nonce.clone().unwrap();
     let valid: Vec<Vec<u8>> = vec![
-        c.signed(method::REFRESH, &nonce, &|w| {
+        c.signed(method::REFRESH, &|w| {
             w.u32_attr(attr::LIFETIME, 600);
         }),
-        c.signed(method::CREATE_PERMISSION, &nonce, &|w| {
+        c.signed(method::CREATE_PERMISSION, &|w| {
             w.xor_address(attr::XOR_PEER_ADDRESS, peer);
         }),
-        c.signed(method::CHANNEL_BIND, &nonce, &|w| {
+        c.signed(method::CHANNEL_BIND, &|w| {
             w.attr(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0]);
             w.xor_address(attr::XOR_PEER_ADDRESS, peer);
         }),
@@ -450,7 +187,7 @@ fn random_datagrams() {
                     let bit = rng.below(v.len() * 8);
                     v[bit / 8] ^= 1 << (bit % 8);
                 }
-                c.sock.send_to(&v, server.addr).expect("send");
+                c.udp_socket().send_to(&v, server.addr).expect("send");
                 sent += 1;
                 continue;
             }
@@ -505,13 +242,13 @@ fn oversized_datagrams() {
         s.send_to(v, server.addr).expect("send 65507-byte datagram");
     }
     // From a client with an allocation and a channel as well.
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
     c.must_allocate();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let peer_addr = peer.local_addr().unwrap();
     assert_eq!(c.channel_bind(0x4000, peer_addr).class(), Class::Success);
     for v in &variants {
-        c.sock.send_to(v, server.addr).expect("send");
+        c.udp_socket().send_to(v, server.addr).expect("send");
     }
     assert_serves(server.addr, "65507-byte datagrams");
     c.drain();
@@ -522,7 +259,7 @@ fn oversized_datagrams() {
 #[test]
 fn lying_lengths() {
     let server = TestServer::start_default();
-    let c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
 
     // Header says 100 bytes of attributes, none present: RFC 8489 6.3 -> discard.
     let t = tid();
@@ -531,17 +268,20 @@ fn lying_lengths() {
     m.extend_from_slice(&100u16.to_be_bytes());
     m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
     m.extend_from_slice(&t.0);
-    c.sock.send_to(&m, server.addr).unwrap();
+    c.udp_socket().send_to(&m, server.addr).unwrap();
     // Header says 8, 4 present.
     let mut m2 = m.clone();
     m2[2..4].copy_from_slice(&8u16.to_be_bytes());
     m2.extend_from_slice(&[0x80, 0x22, 0x00, 0x04]);
-    c.sock.send_to(&m2, server.addr).unwrap();
+    c.udp_socket().send_to(&m2, server.addr).unwrap();
     // Header says 8 and 12 are there (trailing bytes).
     let mut m3 = m2.clone();
     m3.extend_from_slice(&[0x61; 8]);
-    c.sock.send_to(&m3, server.addr).unwrap();
-    c.assert_silent("STUN header length larger/smaller than the datagram");
+    c.udp_socket().send_to(&m3, server.addr).unwrap();
+    c.assert_silent(
+        "STUN header length larger/smaller than the datagram",
+        SILENCE,
+    );
 
     // Attribute overflowing the message: length field consistent, SOFTWARE claims 200.
     let mut ov = Vec::new();
@@ -569,22 +309,19 @@ fn lying_lengths() {
     ov3.extend_from_slice(&8u16.to_be_bytes());
     ov3.extend_from_slice(&[0u8; 8]);
     for m in [&ov, &ov2, &ov3] {
-        c.sock.send_to(m, server.addr).unwrap();
+        c.udp_socket().send_to(m, server.addr).unwrap();
     }
     // Malformed attributes may be dropped or answered with 400 (RFC 8489 6.3.1.1);
     // anything else is wrong.
-    let mut buf = vec![0u8; 2048];
     let until = Instant::now() + SILENCE;
-    while Instant::now() < until {
-        if let Ok((n, _)) = c.sock.recv_from(&mut buf) {
-            let r = Resp(buf[..n].to_vec());
-            assert_eq!(
-                (r.class(), r.code()),
-                (Class::Error, Some(400)),
-                "answer to a malformed attribute list: {}",
-                r.describe()
-            );
-        }
+    while let Some(raw) = c.recv(until.saturating_duration_since(Instant::now())) {
+        let r = Answer { raw };
+        assert_eq!(
+            (r.class(), r.code()),
+            (Class::Error, Some(400)),
+            "answer to a malformed attribute list: {}",
+            r.describe()
+        );
     }
     assert_serves(server.addr, "lying lengths");
 }
@@ -597,36 +334,30 @@ fn channel_data_for_unbound_channel() {
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(SILENCE)).unwrap();
     let peer_addr = peer.local_addr().unwrap();
-    let frame = |n: u16, payload: &[u8]| {
-        let mut f = n.to_be_bytes().to_vec();
-        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
     let mut buf = [0u8; 2048];
 
     // No allocation at all.
-    let stranger = Client::new(server.addr, USER, PASSWORD);
+    let mut stranger = client(server.addr, USER, PASSWORD);
     stranger
-        .sock
-        .send_to(&frame(0x4000, b"no allocation"), server.addr)
+        .udp_socket()
+        .send_to(&channel_data(0x4000, b"no allocation"), server.addr)
         .unwrap();
-    stranger.assert_silent("ChannelData without an allocation");
+    stranger.assert_silent("ChannelData without an allocation", SILENCE);
 
     // An allocation with a permission for the peer, but no channel.
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
     c.must_allocate();
     assert_eq!(c.create_permission(peer_addr).class(), Class::Success);
     for n in [0x4000u16, 0x4001, 0x4FFF, 0x7FFF, 0x8000, 0xFFFF] {
-        c.sock
-            .send_to(&frame(n, b"unbound channel"), server.addr)
+        c.udp_socket()
+            .send_to(&channel_data(n, b"unbound channel"), server.addr)
             .unwrap();
     }
     // Length field larger than the payload.
-    c.sock
+    c.udp_socket()
         .send_to(&[0x40, 0x01, 0x01, 0x00, 1, 2, 3], server.addr)
         .unwrap();
-    c.assert_silent("ChannelData on an unbound channel");
+    c.assert_silent("ChannelData on an unbound channel", SILENCE);
     if let Ok((n, from)) = peer.recv_from(&mut buf) {
         panic!("peer got {n} bytes from {from} for an unbound channel");
     }
@@ -637,8 +368,8 @@ fn channel_data_for_unbound_channel() {
     let payload = b"bound channel".to_vec();
     let mut got = None;
     for _ in 0..ATTEMPTS {
-        c.sock
-            .send_to(&frame(0x4001, &payload), server.addr)
+        c.udp_socket()
+            .send_to(&channel_data(0x4001, &payload), server.addr)
             .unwrap();
         if let Ok((n, _)) = peer.recv_from(&mut buf) {
             got = Some(buf[..n].to_vec());
@@ -660,7 +391,7 @@ fn channel_data_for_unbound_channel() {
 #[test]
 fn wrong_password_gets_401() {
     let server = TestServer::start_default();
-    let mut c = Client::new(server.addr, USER, "not-wonderland");
+    let mut c = client(server.addr, USER, "not-wonderland");
     let r = c.allocate();
     assert_eq!(r.code(), Some(401), "wrong password: {}", r.describe());
     let m = r.msg();
@@ -671,60 +402,22 @@ fn wrong_password_gets_401() {
         "a 401 to a request that failed authentication cannot be signed"
     );
     // Unknown user too.
-    let mut u = Client::new(server.addr, "mallory", PASSWORD);
+    let mut u = client(server.addr, "mallory", PASSWORD);
     assert_eq!(u.allocate().code(), Some(401), "unknown user");
     assert_serves(server.addr, "a wrong password");
 }
 
-/// A local helper the shared harness lacks: a turnstone process whose `[server]` section
-/// gets extra keys (the harness's `extra_toml` is appended after `[limits]`, and TOML
-/// cannot reopen `[server]`).
-struct OwnServer {
-    addr: SocketAddr,
-    _child: ChildGuard,
-    _dir: tempfile::TempDir,
-}
-
-fn start_with_server_keys(keys: &str) -> OwnServer {
-    let dir = tempfile::Builder::new()
-        .prefix("turnstone-bad-input-")
-        .tempdir()
-        .expect("temp dir");
-    let port = common::free_udp_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let toml = ServerOptions::default().to_toml(addr, common::relay_port_range());
-    assert!(toml.contains("[server]\n"), "generated config: {toml}");
-    let toml = toml.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1);
-    let path = dir.path().join("turnstone.toml");
-    std::fs::write(&path, &toml).expect("write config");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
-    cmd.arg("--config").arg(&path);
-    let mut child = ChildGuard::spawn("turnstone", &mut cmd);
-    if let Err(e) = common::stun_binding(addr, common::READY_TIMEOUT) {
-        let status = child.try_wait();
-        panic!(
-            "turnstone did not come up ({e}; exit status {status:?})\nconfig:\n{toml}\n{}",
-            child.output()
-        );
-    }
-    OwnServer {
-        addr,
-        _child: child,
-        _dir: dir,
-    }
-}
-
 #[test]
 fn expired_nonce_gets_438() {
-    if common::Backend::from_env() != common::Backend::Turnstone {
+    if Backend::from_env() != Backend::Turnstone {
         eprintln!("expired_nonce_gets_438 configures turnstone's nonce_lifetime: skipped");
         return;
     }
-    let server = start_with_server_keys("nonce_lifetime = \"2s\"");
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let server = start(|o| o.server_toml("nonce_lifetime = \"2s\""));
+    let mut c = client(server.addr, USER, PASSWORD);
     let old = c.fetch_nonce();
     std::thread::sleep(Duration::from_millis(3200));
-    let req = c.signed(method::ALLOCATE, &old, &|w| {
+    let req = c.signed(method::ALLOCATE, &|w| {
         w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
     });
     let r = c.transact(&req);
@@ -744,7 +437,8 @@ fn expired_nonce_gets_438() {
     assert_eq!(m.realm().unwrap(), Some(REALM), "438 carries REALM");
     assert!(!m.has_message_integrity(), "438 is not signed");
     // The client retries with the new nonce and succeeds.
-    let req = c.signed(method::ALLOCATE, &new, &|w| {
+    c.learn(&r).unwrap();
+    let req = c.signed(method::ALLOCATE, &|w| {
         w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
     });
     let r = c.transact(&req);
@@ -756,7 +450,7 @@ fn expired_nonce_gets_438() {
 fn forbidden_peers_get_403_with_default_policy() {
     // The default policy: no allow_peers at all.
     let server = start(|o| o.allow_peers(&[]));
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
     c.must_allocate();
     let forbidden = [
         "0.0.0.0:9",
@@ -768,28 +462,7 @@ fn forbidden_peers_get_403_with_default_policy() {
         "224.0.0.1:9",
         "127.0.0.1:9",
     ];
-    let mut failures = Vec::new();
-    for (i, p) in forbidden.iter().enumerate() {
-        let peer: SocketAddr = p.parse().unwrap();
-        let r = c.create_permission(peer);
-        if r.code() != Some(403) {
-            failures.push(format!("CreatePermission {peer}: {}", r.describe()));
-        } else if !r.msg().verify_integrity(&c.key) {
-            failures.push(format!("CreatePermission {peer}: 403 not signed"));
-        }
-        let r = c.channel_bind(0x4000 + i as u16, peer);
-        if r.code() != Some(403) {
-            failures.push(format!("ChannelBind {peer}: {}", r.describe()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "default policy must refuse these peers with 403 (RFC 8656 9.1/11.1):\n{}",
-        failures.join("\n")
-    );
-    // Control: a public address is fine (no packet is sent by CreatePermission).
-    let r = c.create_permission("8.8.8.8:53".parse().unwrap());
-    assert_eq!(r.class(), Class::Success, "public peer: {}", r.describe());
+    assert_peers_refused(&mut c, &forbidden, "the default policy (RFC 8656 9.1/11.1)");
     assert_serves(server.addr, "forbidden peers");
 }
 
@@ -797,7 +470,7 @@ fn forbidden_peers_get_403_with_default_policy() {
 fn expired_rest_username_gets_401() {
     let server = TestServer::start_default();
     let past = format!("{}:bob", unix_now() - 3600);
-    let mut c = Client::new(server.addr, &past, &rest_password(SECRET, &past));
+    let mut c = client(server.addr, &past, &rest_password(SECRET, &past));
     let r = c.allocate();
     assert_eq!(
         r.code(),
@@ -808,7 +481,7 @@ fn expired_rest_username_gets_401() {
     assert!(!r.msg().has_message_integrity());
     // Control: the same user with an expiry in the future is accepted.
     let future = format!("{}:bob", unix_now() + 3600);
-    let mut ok = Client::new(server.addr, &future, &rest_password(SECRET, &future));
+    let mut ok = client(server.addr, &future, &rest_password(SECRET, &future));
     let r = ok.allocate();
     assert_eq!(
         r.class(),
@@ -827,7 +500,7 @@ const UNKNOWN_OPTIONAL: u16 = 0xC0DE;
 #[test]
 fn unknown_comprehension_required_attribute_gets_420() {
     let server = TestServer::start_default();
-    let mut c = Client::new(server.addr, USER, PASSWORD);
+    let mut c = client(server.addr, USER, PASSWORD);
 
     // Binding (no authentication on Binding).
     let r = c.transact(&c.plain(method::BINDING, &|w| {
@@ -846,8 +519,8 @@ fn unknown_comprehension_required_attribute_gets_420() {
     assert_eq!(r.class(), Class::Success, "optional: {}", r.describe());
 
     // An authenticated Allocate carrying one.
-    let nonce = c.fetch_nonce();
-    let r = c.transact(&c.signed(method::ALLOCATE, &nonce, &|w| {
+    c.fetch_nonce();
+    let r = c.transact(&c.signed(method::ALLOCATE, &|w| {
         w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
         w.attr(UNKNOWN_REQUIRED, &[0; 4]);
         w.attr(UNKNOWN_OPTIONAL, &[0; 4]);
@@ -867,9 +540,9 @@ fn unknown_comprehension_required_attribute_gets_420() {
 #[test]
 fn unknown_attribute_checked_after_authentication() {
     let server = TestServer::start_default();
-    let mut c = Client::new(server.addr, USER, PASSWORD);
-    let nonce = c.fetch_nonce();
-    let r = c.transact(&c.signed(method::ALLOCATE, &nonce, &|w| {
+    let mut c = client(server.addr, USER, PASSWORD);
+    c.fetch_nonce();
+    let r = c.transact(&c.signed(method::ALLOCATE, &|w| {
         w.attr(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
         w.attr(UNKNOWN_REQUIRED, &[0; 4]);
     }));

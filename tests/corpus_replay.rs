@@ -28,6 +28,7 @@ use md5::{Digest, Md5};
 
 mod common;
 use common::corpus::{corpus_dir, index_rows};
+use common::unknown_attributes;
 use turnstone::auth::{Credentials, NonceMaker};
 use turnstone::policy::PeerPolicy;
 use turnstone::proto::{self, attr, method, Class, Message, MessageWriter};
@@ -1063,14 +1064,6 @@ fn assert_challenge(r: &Message<'_>, code: u16, what: &str) -> String {
     assert!(!r.has(attr::USERNAME), "{what}: USERNAME in a challenge");
     assert_no_integrity(r, what);
     nonce.to_string()
-}
-
-fn unknown_attributes(r: &Message<'_>) -> Vec<u16> {
-    r.get(attr::UNKNOWN_ATTRIBUTES)
-        .unwrap_or_default()
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------

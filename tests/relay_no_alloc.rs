@@ -3,6 +3,8 @@
 //! a counting global allocator (the
 //! `allocation-counter` crate).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -117,18 +119,8 @@ fn relay_path_does_not_allocate() {
     });
     assert!(ok(s.handle_client(client, &req, clock, &mut binder)));
 
-    let mut channel_data = vec![0x40, 0x00, 0x00, 170];
-    channel_data.extend_from_slice(&[0xAB; 170]);
-    let mut send = Vec::new();
-    let mut w = MessageWriter::new(
-        &mut send,
-        method::SEND,
-        Class::Indication,
-        TransactionId([9; 12]),
-    );
-    w.xor_address(attr::XOR_PEER_ADDRESS, peer_ind);
-    w.attr(attr::DATA, &[0xCD; 170]);
-    w.finish();
+    let channel_data = common::channel_data(0x4000, &[0xAB; 170]);
+    let send = common::send_indication(peer_ind, &[0xCD; 170]);
     let mut peer_buf = vec![0u8; PEER_HEADROOM + 170 + PEER_TAILROOM];
     let payload = PEER_HEADROOM..PEER_HEADROOM + 170;
 

@@ -8,134 +8,41 @@ mod common;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{ServerOptions, TestServer};
-use turnstone::auth::long_term_key;
-use turnstone::proto::{self, attr, method, Class, Message, MessageWriter, TransactionId};
+use common::traffic::{pace, seq_of, seq_payload, udp_socket};
+use common::{
+    channel_data, relayed_payload, send_indication, ServerOptions, TestServer, TurnClient,
+    PASSWORD, USER,
+};
 
 const PACKETS: u32 = 100_000;
 /// Packets sent per millisecond tick: 20,000 packets/s.
 const PER_TICK: u32 = 20;
-const REALM: &str = "turnstone.test";
+/// Payload bytes of every packet.
+const LEN: usize = 100;
 
 fn socket() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let s2 = socket2::SockRef::from(&s);
-    let _ = s2.set_recv_buffer_size(4 << 20);
-    let _ = s2.set_send_buffer_size(4 << 20);
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s
+    udp_socket(Duration::from_secs(2))
 }
 
-/// A minimal TURN client over UDP (long-term credentials, alice/wonderland).
-struct Client {
-    sock: UdpSocket,
-    server: SocketAddr,
-    nonce: String,
-    key: [u8; 16],
-    next: u8,
+fn client(server: SocketAddr) -> TurnClient {
+    TurnClient::udp(server, USER, PASSWORD)
 }
 
-impl Client {
-    fn new(server: SocketAddr) -> Client {
-        Client {
-            sock: socket(),
-            server,
-            nonce: String::new(),
-            key: long_term_key("alice", REALM, "wonderland"),
-            next: 0,
-        }
-    }
-
-    fn transact(&mut self, m: u16, attrs: &dyn Fn(&mut MessageWriter<'_>)) -> Vec<u8> {
-        for _ in 0..3 {
-            self.next = self.next.wrapping_add(1);
-            let tid = TransactionId([self.next; 12]);
-            let mut buf = Vec::new();
-            let mut w = MessageWriter::new(&mut buf, m, Class::Request, tid);
-            attrs(&mut w);
-            if !self.nonce.is_empty() {
-                w.attr(attr::USERNAME, b"alice");
-                w.attr(attr::REALM, REALM.as_bytes());
-                w.attr(attr::NONCE, self.nonce.as_bytes());
-                w.message_integrity(&self.key);
-            }
-            w.finish();
-            self.sock.send_to(&buf, self.server).unwrap();
-            let mut rbuf = vec![0u8; 2048];
-            let (n, _) = self.sock.recv_from(&mut rbuf).expect("server answers");
-            rbuf.truncate(n);
-            let msg = Message::parse(&rbuf).unwrap();
-            if let Ok(Some((401 | 438, _))) = msg.error_code() {
-                self.nonce = msg.nonce().unwrap().unwrap().to_string();
-                continue;
-            }
-            assert_eq!(msg.class(), Class::Success, "{:?}", msg.error_code());
-            return rbuf;
-        }
-        panic!("no success after three tries");
-    }
-
-    fn allocate(&mut self) -> SocketAddr {
-        let resp = self.transact(method::ALLOCATE, &|w| {
-            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
-        });
-        Message::parse(&resp)
-            .unwrap()
-            .xor_address(attr::XOR_RELAYED_ADDRESS)
-            .unwrap()
-            .unwrap()
-    }
-
-    fn permit(&mut self, peer: SocketAddr) {
-        self.transact(method::CREATE_PERMISSION, &|w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        });
-    }
-
-    fn bind(&mut self, channel: u16, peer: SocketAddr) {
-        self.transact(method::CHANNEL_BIND, &|w| {
-            w.attr(
-                attr::CHANNEL_NUMBER,
-                &[(channel >> 8) as u8, channel as u8, 0, 0],
-            );
-            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        });
-    }
+/// The client's socket, for paced traffic and for a receiver thread (2 s timeout).
+fn rx_of(c: &TurnClient) -> UdpSocket {
+    let rx = c.udp_socket().try_clone().unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    rx
 }
 
-fn channel_data(channel: u16, seq: u32) -> Vec<u8> {
-    let mut v = vec![(channel >> 8) as u8, channel as u8, 0, 100];
-    v.extend_from_slice(&seq.to_be_bytes());
-    v.resize(104, 0x5A);
-    v
-}
-
-fn send_indication(peer: SocketAddr, seq: u32) -> Vec<u8> {
-    let mut payload = seq.to_be_bytes().to_vec();
-    payload.resize(100, 0x5A);
-    let mut buf = Vec::new();
-    let mut tid = [0u8; 12];
-    tid[..4].copy_from_slice(&seq.to_be_bytes());
-    let mut w = MessageWriter::new(
-        &mut buf,
-        method::SEND,
-        Class::Indication,
-        TransactionId(tid),
-    );
-    w.xor_address(attr::XOR_PEER_ADDRESS, peer);
-    w.attr(attr::DATA, &payload);
-    w.finish();
-    buf
+/// The sequence number in what a peer receives (the bare payload).
+fn peer_seq(buf: &[u8]) -> Option<u32> {
+    seq_of(buf)
 }
 
 /// The sequence number in what a client receives (ChannelData or Data indication).
 fn client_seq(buf: &[u8]) -> Option<u32> {
-    let payload = if proto::is_channel_data(*buf.first()?) {
-        proto::parse_channel_data(buf)?.1
-    } else {
-        Message::parse(buf).ok()?.data()?
-    };
-    Some(u32::from_be_bytes(payload.get(..4)?.try_into().ok()?))
+    seq_of(relayed_payload(buf)?)
 }
 
 /// Sends `PACKETS` packets made by `make` from `tx` to `to` at a paced rate on this
@@ -167,30 +74,16 @@ fn run_path(
         }
         expected
     });
-    let start = Instant::now();
-    let mut seq = 0u32;
-    let mut tick = 0u64;
-    while seq < PACKETS {
-        for _ in 0..PER_TICK {
-            if seq == PACKETS {
-                break;
-            }
-            tx.send_to(&make(seq), to).unwrap();
-            seq += 1;
-        }
-        tick += 1;
-        let due = start + Duration::from_millis(tick);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-    }
+    pace(0, PACKETS, PER_TICK, |seq| {
+        tx.send_to(&make(seq), to).unwrap();
+    });
     let got = receiver.join().unwrap();
     assert_eq!(got, PACKETS, "packets received in order");
 }
 
 fn options() -> ServerOptions {
     ServerOptions::default()
-        .users(&[("alice", "wonderland")])
+        .users(&[(USER, PASSWORD)])
         .allow_peers(&["127.0.0.0/8"])
 }
 
@@ -208,35 +101,47 @@ fn moving_server() -> TestServer {
     )
 }
 
+/// ChannelData from `c` on channel 0x4000 to a peer socket.
+fn channel_data_to_peer(c: &mut TurnClient) {
+    let peer = socket();
+    c.bind(0x4000, peer.local_addr().unwrap());
+    run_path(
+        c.udp_socket(),
+        c.server(),
+        |seq| channel_data(0x4000, &seq_payload(seq, LEN)),
+        peer,
+        peer_seq,
+    );
+}
+
+/// ChannelData from `a` on channel 0x4001 to `b`'s relay, arriving at `b`.
+fn client_to_client(
+    a: &mut TurnClient,
+    relay_a: SocketAddr,
+    b: &mut TurnClient,
+    relay_b: SocketAddr,
+) {
+    b.permit(relay_a);
+    a.bind(0x4001, relay_b);
+    run_path(
+        a.udp_socket(),
+        a.server(),
+        |seq| channel_data(0x4001, &seq_payload(seq, LEN)),
+        rx_of(b),
+        client_seq,
+    );
+}
+
 #[test]
 fn paths_while_shards_move_between_threads() {
     let srv = moving_server();
     // Several clients, so that allocations land on several shards.
-    let mut clients: Vec<Client> = (0..6).map(|_| Client::new(srv.addr)).collect();
-    let relays: Vec<SocketAddr> = clients.iter_mut().map(|c| c.allocate()).collect();
-    let peer = socket();
-    let peer_addr = peer.local_addr().unwrap();
-    clients[0].bind(0x4000, peer_addr);
-    run_path(
-        &clients[0].sock,
-        srv.addr,
-        |seq| channel_data(0x4000, seq),
-        peer,
-        |b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?)),
-    );
+    let mut clients: Vec<TurnClient> = (0..6).map(|_| client(srv.addr)).collect();
+    let relays: Vec<SocketAddr> = clients.iter_mut().map(|c| c.must_allocate()).collect();
+    channel_data_to_peer(&mut clients[0]);
     // Client to client between allocations of (most likely) different shards.
     let (a, rest) = clients.split_at_mut(1);
-    let b = &mut rest[4];
-    b.permit(relays[0]);
-    a[0].bind(0x4001, relays[5]);
-    let rx = b.sock.try_clone().unwrap();
-    run_path(
-        &a[0].sock,
-        srv.addr,
-        |seq| channel_data(0x4001, seq),
-        rx,
-        client_seq,
-    );
+    client_to_client(&mut a[0], relays[0], &mut rest[4], relays[5]);
     // The shards really moved, many times, both ways.
     let logs = srv.logs();
     let gathers = logs.matches("worker shards gather").count();
@@ -250,67 +155,39 @@ fn paths_while_shards_move_between_threads() {
 #[test]
 fn channel_data_path() {
     let srv = server();
-    let mut c = Client::new(srv.addr);
-    c.allocate();
-    let peer = socket();
-    let peer_addr = peer.local_addr().unwrap();
-    c.bind(0x4000, peer_addr);
-    run_path(
-        &c.sock,
-        srv.addr,
-        |seq| channel_data(0x4000, seq),
-        peer,
-        |b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?)),
-    );
+    let mut c = client(srv.addr);
+    c.must_allocate();
+    channel_data_to_peer(&mut c);
 }
 
 #[test]
 fn send_indication_path() {
     let srv = server();
-    let mut c = Client::new(srv.addr);
-    let relay = c.allocate();
+    let mut c = client(srv.addr);
+    let relay = c.must_allocate();
     let peer = socket();
     let peer_addr = peer.local_addr().unwrap();
     c.permit(peer_addr);
     // Peer to client: Data indications (no channel bound).
-    let rx = c.sock.try_clone().unwrap();
-    run_path(
-        &peer,
-        relay,
-        |seq| {
-            let mut v = seq.to_be_bytes().to_vec();
-            v.resize(100, 0x5A);
-            v
-        },
-        rx,
-        client_seq,
-    );
+    let rx = rx_of(&c);
+    run_path(&peer, relay, |seq| seq_payload(seq, LEN), rx, client_seq);
     // Client to peer: Send indications.
     let peer_rx = peer.try_clone().unwrap();
     run_path(
-        &c.sock,
+        c.udp_socket(),
         srv.addr,
-        |seq| send_indication(peer_addr, seq),
+        |seq| send_indication(peer_addr, &seq_payload(seq, LEN)),
         peer_rx,
-        |b| Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?)),
+        peer_seq,
     );
 }
 
 #[test]
 fn client_to_client_path() {
     let srv = server();
-    let mut a = Client::new(srv.addr);
-    let mut b = Client::new(srv.addr);
-    let relay_a = a.allocate();
-    let relay_b = b.allocate();
-    b.permit(relay_a);
-    a.bind(0x4001, relay_b);
-    let rx = b.sock.try_clone().unwrap();
-    run_path(
-        &a.sock,
-        srv.addr,
-        |seq| channel_data(0x4001, seq),
-        rx,
-        client_seq,
-    );
+    let mut a = client(srv.addr);
+    let mut b = client(srv.addr);
+    let relay_a = a.must_allocate();
+    let relay_b = b.must_allocate();
+    client_to_client(&mut a, relay_a, &mut b, relay_b);
 }

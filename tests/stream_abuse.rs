@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_tcp_allocates, read_frame, tcp_connect_from, tls_client_config, tls_connect,
-    ServerOptions, Stream, StreamClient, TestServer, PASSWORD, USER,
+    ServerOptions, Stream, TestServer, TurnClient, PASSWORD, USER,
 };
 use turnstone::proto::{method, Class, Message, MessageWriter, TransactionId};
 
@@ -54,17 +54,17 @@ fn tls_addr(server: &TestServer) -> SocketAddr {
 
 /// A good client holding an allocation on one TCP connection through a whole case.
 struct Witness {
-    client: StreamClient,
+    client: TurnClient,
     server: SocketAddr,
 }
 
 impl Witness {
     fn start(server: &TestServer) -> Witness {
         let addr = tcp_addr(server);
-        let mut client = StreamClient::tcp(Some(GOOD_SOURCE), addr)
+        let mut client = TurnClient::tcp(Some(GOOD_SOURCE), addr)
             .unwrap_or_else(|e| panic!("witness connect: {e}"));
         client
-            .allocate()
+            .try_allocate()
             .unwrap_or_else(|e| panic!("witness Allocate before the abuse: {e}"));
         Witness {
             client,
@@ -78,7 +78,7 @@ impl Witness {
             .binding()
             .unwrap_or_else(|e| panic!("witness Binding failed {what}: {e}"));
         self.client
-            .refresh(600)
+            .try_refresh(600)
             .unwrap_or_else(|e| panic!("witness Refresh failed {what}: {e}"));
         assert_tcp_allocates(self.server, Some(GOOD_SOURCE), what);
     }
@@ -250,8 +250,8 @@ fn tls_garbage_instead_of_a_handshake_is_closed_quickly() {
     let cert = server.cert.clone().expect("cert");
     let cfg = tls_client_config(&cert, &[&rustls::version::TLS13], &[b"stun.turn"]);
     let tls = tls_connect(addr, "localhost", cfg).expect("TLS client after garbage");
-    let mut c = StreamClient::new(Stream::Tls(Box::new(tls)), USER, PASSWORD);
-    c.allocate().expect("Allocate over TLS after garbage");
+    let mut c = TurnClient::stream(Stream::Tls(Box::new(tls)), USER, PASSWORD);
+    c.try_allocate().expect("Allocate over TLS after garbage");
 }
 
 #[test]
@@ -301,7 +301,7 @@ fn streams_that_stop_mid_message_are_closed_after_the_deadline() {
     let t0 = Instant::now();
 
     // Control: an idle connection between whole messages is not incomplete: it stays.
-    let mut idle = StreamClient::tcp(None, tcp).expect("idle client");
+    let mut idle = TurnClient::tcp(None, tcp).expect("idle client");
     idle.binding().expect("idle client's first Binding");
 
     let mut closed_at: Vec<Option<Duration>> = vec![None; stalled.len()];
@@ -467,7 +467,7 @@ fn a_thousand_idle_connections_from_one_address_keep_64() {
     // The kept ones are idle but served.
     for &i in [open[0], open[CAP / 2], open[CAP - 1]].iter() {
         let s = conns[i].try_clone().expect("clone");
-        let mut c = StreamClient::new(Stream::Tcp(s), USER, PASSWORD);
+        let mut c = TurnClient::stream(Stream::Tcp(s), USER, PASSWORD);
         c.binding()
             .unwrap_or_else(|e| panic!("kept connection #{i} not served: {e}"));
     }
@@ -483,7 +483,7 @@ fn a_thousand_idle_connections_from_one_address_keep_64() {
     drop(conns);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = StreamClient::tcp(None, tcp).and_then(|mut c| c.allocate());
+        let r = TurnClient::tcp(None, tcp).and_then(|mut c| c.try_allocate());
         match r {
             Ok(_) => break,
             Err(e) if Instant::now() >= deadline => {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ChildGuard, ServerOptions};
+use common::{Backend, ServerOptions, TestServer};
 
 const UNIT: &str = include_str!("../systemd/turnstone.service");
 const INSTALLED_BINARY: &str = "/usr/local/bin/turnstone";
@@ -252,63 +252,45 @@ impl NotifySocket {
     }
 }
 
-fn assignments(msg: &str) -> HashMap<&str, &str> {
-    msg.lines().filter_map(|l| l.split_once('=')).collect()
+impl NotifySocket {
+    /// Messages until one says `KEY=1` (see [`NotifySocket::wait_for`]).
+    fn wait_set(&self, timeout: Duration, seen: &mut Vec<String>, key: &str) -> Option<String> {
+        self.wait_for(timeout, seen, |m| assignments(m).get(key) == Some(&"1"))
+    }
 }
 
-fn signal(server: &ChildGuard, sig: &str) {
-    let pid = server.id().expect("server running").to_string();
-    let st = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill {sig} {pid}");
+fn assignments(msg: &str) -> HashMap<&str, &str> {
+    msg.lines().filter_map(|l| l.split_once('=')).collect()
 }
 
 #[test]
 fn notify_protocol_end_to_end() {
     let notify = NotifySocket::new();
-    let dir = tempfile::Builder::new()
-        .prefix("turnstone-notify-cfg-")
-        .tempdir()
-        .expect("temp dir");
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_udp_port()));
-    let config = dir.path().join("turnstone.toml");
-    std::fs::write(
-        &config,
-        ServerOptions::default().to_toml(addr, common::relay_port_range()),
-    )
-    .expect("write config");
-
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
-    cmd.arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify.path)
+    let options = ServerOptions::default()
+        .env("NOTIFY_SOCKET", &notify.path.display().to_string())
         // 1 s: WATCHDOG=1 should come every 0.5 s.
         .env("WATCHDOG_USEC", "1000000")
         .env_remove("WATCHDOG_PID");
-    let mut server = ChildGuard::spawn("turnstone", &mut cmd);
+    // Not waiting for it: READY=1 comes first.
+    let mut server = TestServer::launch(Backend::Turnstone, options);
+    let addr = server.addr;
     let mut seen = Vec::new();
     let wiring =
         "is notify::ready()/reloading()/stopping()/watchdog() wired into src/net (issue 5)?";
 
     // READY=1 once the listeners are bound: the server answers right after.
-    let ready = notify.wait_for(NOTIFY_TIMEOUT, &mut seen, |m| {
-        assignments(m).get("READY") == Some(&"1")
-    });
+    let ready = notify.wait_set(NOTIFY_TIMEOUT, &mut seen, "READY");
     assert!(
         ready.is_some(),
         "no READY=1 within {NOTIFY_TIMEOUT:?}; {wiring}\nreceived: {seen:?}\n{}",
-        server.output()
+        server.logs()
     );
     common::stun_binding(addr, Duration::from_secs(2))
-        .unwrap_or_else(|e| panic!("not answering after READY=1: {e}\n{}", server.output()));
+        .unwrap_or_else(|e| panic!("not answering after READY=1: {e}\n{}", server.logs()));
 
     // WATCHDOG=1 at half of WATCHDOG_USEC (allow slack on a loaded machine).
     seen.clear();
-    let dog = notify.wait_for(Duration::from_secs(3), &mut seen, |m| {
-        assignments(m).get("WATCHDOG") == Some(&"1")
-    });
+    let dog = notify.wait_set(Duration::from_secs(3), &mut seen, "WATCHDOG");
     assert!(
         dog.is_some(),
         "no WATCHDOG=1 within 3 s with WATCHDOG_USEC=1000000; {wiring}\nreceived: {seen:?}"
@@ -316,12 +298,10 @@ fn notify_protocol_end_to_end() {
 
     // SIGHUP: RELOADING=1 with MONOTONIC_USEC (CLOCK_MONOTONIC, microseconds), then READY=1.
     let before = turnstone::notify::monotonic_usec().expect("clock");
-    signal(&server, "-HUP");
+    server.signal("HUP");
     seen.clear();
     let reloading = notify
-        .wait_for(Duration::from_secs(5), &mut seen, |m| {
-            assignments(m).get("RELOADING") == Some(&"1")
-        })
+        .wait_set(Duration::from_secs(5), &mut seen, "RELOADING")
         .unwrap_or_else(|| panic!("no RELOADING=1 after SIGHUP; {wiring}\nreceived: {seen:?}"));
     let usec: u64 = assignments(&reloading)
         .get("MONOTONIC_USEC")
@@ -335,31 +315,27 @@ fn notify_protocol_end_to_end() {
     seen.clear();
     assert!(
         notify
-            .wait_for(Duration::from_secs(5), &mut seen, |m| {
-                assignments(m).get("READY") == Some(&"1")
-            })
+            .wait_set(Duration::from_secs(5), &mut seen, "READY")
             .is_some(),
         "no READY=1 after the reload; received: {seen:?}"
     );
     common::stun_binding(addr, Duration::from_secs(2))
-        .unwrap_or_else(|e| panic!("not answering after the reload: {e}\n{}", server.output()));
+        .unwrap_or_else(|e| panic!("not answering after the reload: {e}\n{}", server.logs()));
 
     // SIGTERM: STOPPING=1, then (no allocations to drain) exit 0.
-    signal(&server, "-TERM");
+    server.signal("TERM");
     seen.clear();
     assert!(
         notify
-            .wait_for(Duration::from_secs(5), &mut seen, |m| {
-                assignments(m).get("STOPPING") == Some(&"1")
-            })
+            .wait_set(Duration::from_secs(5), &mut seen, "STOPPING")
             .is_some(),
         "no STOPPING=1 after SIGTERM; {wiring}\nreceived: {seen:?}"
     );
-    let status = server.wait_timeout(Duration::from_secs(10));
+    let status = server.wait_exit(Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "after SIGTERM with nothing to drain the server should exit 0: {status:?}\n{}",
-        server.output()
+        server.logs()
     );
 }
 
@@ -368,22 +344,13 @@ fn without_notify_socket_nothing_changes() {
     // The server must start normally when not run by systemd (the common test harness
     // never sets NOTIFY_SOCKET; this checks an unusable one is not fatal either).
     let dir = tempfile::tempdir().expect("temp dir");
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_udp_port()));
-    let config = dir.path().join("turnstone.toml");
-    std::fs::write(
-        &config,
-        ServerOptions::default().to_toml(addr, common::relay_port_range()),
-    )
-    .expect("write config");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
-    cmd.arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", dir.path().join("nobody-listens.sock"));
-    let server = ChildGuard::spawn("turnstone", &mut cmd);
-    common::stun_binding(addr, Duration::from_secs(10)).unwrap_or_else(|e| {
+    let dead = dir.path().join("nobody-listens.sock");
+    let options = ServerOptions::default().env("NOTIFY_SOCKET", &dead.display().to_string());
+    let server = TestServer::launch(Backend::Turnstone, options);
+    common::stun_binding(server.addr, Duration::from_secs(10)).unwrap_or_else(|e| {
         panic!(
             "server with a dead NOTIFY_SOCKET does not answer: {e}\n{}",
-            server.output()
+            server.logs()
         )
     });
 }

@@ -27,174 +27,53 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::coturn::{self, EchoPeer};
 use common::{
-    require_tool, run_bounded, tls_client_config, tls_connect, ChildGuard, ServerOptions, Stream,
-    StreamClient, TestServer, PASSWORD, USER,
+    require_tool, run_bounded, tls_client_config, tls_connect, ServerOptions, Stream, TestServer,
+    TurnClient, PASSWORD, USER,
 };
 
-const HINT: &str = "apt-get install -y coturn";
 const UCLIENT_TIMEOUT: Duration = Duration::from_secs(90);
 const CLIENTS: u64 = 5;
 const MESSAGES: u64 = 200;
 /// Client-to-client runs (`-T` implies `-y`) need an even number of clients.
 const CLIENTS_PAIRED: u64 = 4;
 
-/// A `turnutils_peer` UDP echo peer on `ip`, killed on drop.
-struct Peer {
-    port: u16,
-    _guard: ChildGuard,
+fn run_uclient(args: &[&str], server_ip: &str, clients: u64) {
+    coturn::run_uclient(args, server_ip, clients, MESSAGES, UCLIENT_TIMEOUT);
 }
 
-fn start_peer(ip: &str) -> Peer {
-    let bin = require_tool("turnutils_peer", HINT);
-    let ipaddr: std::net::IpAddr = ip.parse().expect("peer IP");
-    let port = common::free_port_on(&[ipaddr]);
-    let mut cmd = Command::new(bin);
-    cmd.args(["-L", ip, "-p", &port.to_string()]);
-    let mut guard = ChildGuard::spawn("turnutils_peer", &mut cmd);
-    std::thread::sleep(Duration::from_millis(200));
-    if let Some(st) = guard.try_wait() {
-        panic!("turnutils_peer exited at once ({st})"); // Drop prints its output
-    }
-    Peer {
-        port,
-        _guard: guard,
-    }
-}
-
-#[derive(Debug)]
-struct Summary {
-    sent: u64,
-    received: u64,
-    lost: u64,
-    send_dropped: u64,
-}
-
-fn number_after(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
-/// uclient's final `start_mclient: tot_send_msgs=S, tot_recv_msgs=R` line and its
-/// `Total lost packets L (...), total send dropped D` line (coturn 4.6).
-fn parse_summary(out: &str) -> Option<Summary> {
-    let totals = out
-        .lines()
-        .rfind(|l| l.contains("start_mclient: tot_send_msgs=") && !l.contains("msz="))?;
-    let lost = out.lines().rfind(|l| l.contains("Total lost packets"))?;
-    Some(Summary {
-        sent: number_after(totals, "tot_send_msgs=")?,
-        received: number_after(totals, "tot_recv_msgs=")?,
-        lost: number_after(lost, "Total lost packets")?,
-        send_dropped: number_after(lost, "total send dropped")?,
-    })
-}
-
-/// Runs uclient with `args` + `-m clients -n MESSAGES -l 170` + `server_ip` and asserts
-/// every message came back. (With `-y`/`-T` uclient pairs its clients, so `clients`
-/// must be even there: uclient rounds an odd count up.)
-fn run_uclient(args: &[String], server_ip: &str, clients: u64) {
-    let bin = require_tool("turnutils_uclient", HINT);
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .args(["-m", &clients.to_string(), "-n", &MESSAGES.to_string()])
-        .args(["-l", "170"])
-        .arg(server_ip);
-    let run = run_bounded("turnutils_uclient", &mut cmd, UCLIENT_TIMEOUT);
-    let out = run.combined();
-    let context = || format!("uclient {args:?} {server_ip}\n{out}");
-    assert!(
-        run.status.success(),
-        "uclient failed ({})\n{}",
-        run.status,
-        context()
-    );
-    // uclient waits up to ~35 s for all its connections (with -T: control connections,
-    // Connect / ConnectionBind data connections), then carries on with those it has and
-    // prints this warning; coturn completes them all at once.
-    assert!(
-        !out.contains("not enough"),
-        "uclient could not complete all its connections (`connections are completed, not \
-         enough`; look for `connection bind error` / `connect error` lines)\n{}",
-        context()
-    );
-    let s = parse_summary(&out)
-        .unwrap_or_else(|| panic!("no final summary in uclient output\n{}", context()));
-    assert_eq!(s.sent, clients * MESSAGES, "sent: {s:?}\n{}", context());
-    assert_eq!(s.received, s.sent, "messages lost: {s:?}\n{}", context());
-    assert_eq!(s.lost, 0, "lost packets: {s:?}\n{}", context());
-    assert_eq!(s.send_dropped, 0, "send dropped: {s:?}\n{}", context());
-    assert!(
-        out.contains("Total lost packets 0 (0.000000%)"),
-        "summary line missing\n{}",
-        context()
-    );
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// uclient over a stream (`flags`: `-t`, or `-t -S` for TLS) to `port`, relaying to a
+/// `turnutils_peer` echo peer on 127.0.0.1.
+fn run_uclient_stream_to_peer(flags: &[&str], port: u16) {
+    let peer = EchoPeer::start("127.0.0.1");
+    let port = port.to_string();
+    let peer_port = peer.port.to_string();
+    let mut args = flags.to_vec();
+    args.extend([
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+    ]);
+    args.extend(["-c", "-X", "-g", "-p", &port]);
+    run_uclient(&args, "127.0.0.1", CLIENTS);
 }
 
 #[test]
 fn uclient_over_tcp() {
     let server = TestServer::start(ServerOptions::default().tcp());
-    let peer = start_peer("127.0.0.1");
-    let port = server.port().to_string();
-    let peer_port = peer.port.to_string();
-    run_uclient(
-        &args(&[
-            "-t",
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port,
-            "-c",
-            "-X",
-            "-g",
-            "-p",
-            &port,
-        ]),
-        "127.0.0.1",
-        CLIENTS,
-    );
+    run_uclient_stream_to_peer(&["-t"], server.port());
 }
 
 #[test]
 fn uclient_over_tls() {
     let server = TestServer::start(ServerOptions::default().tls());
-    let peer = start_peer("127.0.0.1");
-    let port = server.tls_port().to_string();
-    let peer_port = peer.port.to_string();
-    run_uclient(
-        &args(&[
-            "-t",
-            "-S",
-            "-u",
-            USER,
-            "-w",
-            PASSWORD,
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port,
-            "-c",
-            "-X",
-            "-g",
-            "-p",
-            &port,
-        ]),
-        "127.0.0.1",
-        CLIENTS,
-    );
+    run_uclient_stream_to_peer(&["-t", "-S"], server.tls_port());
 }
 
 #[test]
@@ -202,7 +81,7 @@ fn uclient_rfc6062_tcp_relay() {
     let server = TestServer::start(ServerOptions::default().tcp());
     let port = server.port().to_string();
     run_uclient(
-        &args(&["-T", "-u", USER, "-w", PASSWORD, "-p", &port]),
+        &["-T", "-u", USER, "-w", PASSWORD, "-p", &port],
         "127.0.0.1",
         CLIENTS_PAIRED,
     );
@@ -211,14 +90,14 @@ fn uclient_rfc6062_tcp_relay() {
 #[test]
 fn uclient_ipv6_relay() {
     let server = TestServer::start(ServerOptions::default().dual_stack());
-    let peer = start_peer("::1");
+    let peer = EchoPeer::start("::1");
     let port = server.port().to_string();
     let peer_port = peer.port.to_string();
     run_uclient(
-        &args(&[
+        &[
             "-x", "-u", USER, "-w", PASSWORD, "-e", "::1", "-r", &peer_port, "-c", "-g", "-p",
             &port,
-        ]),
+        ],
         "::1",
         CLIENTS,
     );
@@ -280,15 +159,15 @@ fn tls_negotiates_alpn_and_serves_turn() {
             rustls::ProtocolVersion::TLSv1_3
         };
         assert_eq!(version, Some(want_version), "{what}");
-        let mut c = StreamClient::new(Stream::Tls(Box::new(tls)), USER, PASSWORD);
+        let mut c = TurnClient::stream(Stream::Tls(Box::new(tls)), USER, PASSWORD);
         let mapped = c.binding().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(mapped.ip().to_string(), "127.0.0.1", "{what}");
-        let relayed = c.allocate().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let relayed = c.try_allocate().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(
             server.is_relay_port(relayed.port()),
             "{what}: relayed {relayed}"
         );
-        c.refresh(0).unwrap_or_else(|e| panic!("{what}: {e}"));
+        c.try_refresh(0).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 
     // The name in the certificate is checked by the client: 127.0.0.1 is in it too.
@@ -453,6 +332,6 @@ fn tls_1_0_and_1_1_are_refused() {
     let cert = server.cert.clone().expect("cert");
     let cfg = tls_client_config(&cert, &[&rustls::version::TLS12], &[b"stun.turn"]);
     let tls = tls_connect(addr, "localhost", cfg).expect("TLS 1.2 after refusals");
-    let mut c = StreamClient::new(Stream::Tls(Box::new(tls)), USER, PASSWORD);
-    c.allocate().expect("allocate over TLS 1.2");
+    let mut c = TurnClient::stream(Stream::Tls(Box::new(tls)), USER, PASSWORD);
+    c.try_allocate().expect("allocate over TLS 1.2");
 }

@@ -10,153 +10,48 @@
 
 mod common;
 
-use common::{free_udp_port, require_tool, run_bounded, ChildGuard, ServerOptions, TestServer};
+use common::coturn::{self, EchoPeer, COTURN_HINT};
+use common::{require_tool, run_bounded, ServerOptions, TestServer};
 use std::process::Command;
 use std::time::Duration;
 
-const HINT: &str = "apt-get install -y coturn";
 const UCLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A `turnutils_peer` UDP echo peer on 127.0.0.1, killed on drop.
-struct Peer {
-    port: u16,
-    _guard: ChildGuard,
+/// Runs uclient with `args`, `-p PORT -c -X -g` and the server address and asserts
+/// every message came back (see [`coturn::run_uclient`]).
+fn run_uclient(server: &TestServer, args: &[&str], clients: u64, messages: u64) {
+    let port = server.port().to_string();
+    let mut all = args.to_vec();
+    all.extend(["-p", &port, "-c", "-X", "-g"]);
+    coturn::run_uclient(&all, "127.0.0.1", clients, messages, UCLIENT_TIMEOUT);
 }
 
-fn start_peer() -> Peer {
-    let bin = require_tool("turnutils_peer", HINT);
-    let port = free_udp_port();
-    let mut cmd = Command::new(bin);
-    cmd.args(["-L", "127.0.0.1", "-p", &port.to_string()]);
-    let mut guard = ChildGuard::spawn("turnutils_peer", &mut cmd);
-    // Let it bind; fail early if it died (e.g. port taken).
-    std::thread::sleep(Duration::from_millis(200));
-    if let Some(st) = guard.try_wait() {
-        panic!("turnutils_peer exited at once ({st})"); // Drop prints its output
-    }
-    Peer {
-        port,
-        _guard: guard,
-    }
-}
-
-/// The counters of uclient's final summary.
-#[derive(Debug)]
-struct Summary {
-    sent: u64,
-    received: u64,
-    lost: u64,
-    send_dropped: u64,
-}
-
-fn number_after(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
-/// Parses the last `start_mclient: tot_send_msgs=S, tot_recv_msgs=R` line (the
-/// final one has no `msz=`) and the `Total lost packets L (...), total send dropped D`
-/// line.
-fn parse_summary(out: &str) -> Option<Summary> {
-    let totals = out
-        .lines()
-        .rfind(|l| l.contains("start_mclient: tot_send_msgs=") && !l.contains("msz="))?;
-    let lost = out.lines().rfind(|l| l.contains("Total lost packets"))?;
-    Some(Summary {
-        sent: number_after(totals, "tot_send_msgs=")?,
-        received: number_after(totals, "tot_recv_msgs=")?,
-        lost: number_after(lost, "Total lost packets")?,
-        send_dropped: number_after(lost, "total send dropped")?,
-    })
-}
-
-/// Runs uclient with `args` (plus the server address) and asserts every message
-/// came back: exit 0, `clients * messages` sent, as many received, 0 lost.
-fn run_uclient(server: &TestServer, args: &[String], clients: u64, messages: u64) {
-    let bin = require_tool("turnutils_uclient", HINT);
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .args(["-p", &server.port().to_string()])
-        .args(["-m", &clients.to_string(), "-n", &messages.to_string()])
-        .args(["-l", "170", "-c", "-X", "-g"])
-        .arg("127.0.0.1");
-    let run = run_bounded("turnutils_uclient", &mut cmd, UCLIENT_TIMEOUT);
-    let out = run.combined();
-    // The server's own output is printed by TestServer's Drop on failure.
-    let context = || format!("uclient {args:?}\n{out}");
-    assert!(
-        run.status.success(),
-        "uclient failed ({})\n{}",
-        run.status,
-        context()
-    );
-    let s = parse_summary(&out)
-        .unwrap_or_else(|| panic!("no final summary in uclient output\n{}", context()));
-    assert_eq!(
-        s.sent,
-        clients * messages,
-        "messages sent: {s:?}\n{}",
-        context()
-    );
-    assert!(s.received > 0, "nothing received: {s:?}\n{}", context());
-    assert_eq!(s.received, s.sent, "messages lost: {s:?}\n{}", context());
-    assert_eq!(s.lost, 0, "lost packets: {s:?}\n{}", context());
-    assert_eq!(s.send_dropped, 0, "send dropped: {s:?}\n{}", context());
-    assert!(
-        out.contains("Total lost packets 0 (0.000000%)"),
-        "summary line missing\n{}",
-        context()
-    );
-}
-
-fn s(v: &str) -> String {
-    v.to_string()
+/// uclient with `args` relaying to a `turnutils_peer` echo peer on 127.0.0.1.
+fn run_uclient_to_peer(server: &TestServer, args: &[&str], clients: u64, messages: u64) {
+    let peer = EchoPeer::start("127.0.0.1");
+    let peer_port = peer.port.to_string();
+    let mut all = args.to_vec();
+    all.extend(["-e", "127.0.0.1", "-r", &peer_port]);
+    run_uclient(server, &all, clients, messages);
 }
 
 #[test]
 fn uclient_channels_to_echo_peer() {
     let server = TestServer::start_default();
-    let peer = start_peer();
-    let args = vec![
-        s("-u"),
-        s("alice"),
-        s("-w"),
-        s("wonderland"),
-        s("-e"),
-        s("127.0.0.1"),
-        s("-r"),
-        peer.port.to_string(),
-    ];
-    run_uclient(&server, &args, 10, 1000);
+    run_uclient_to_peer(&server, &["-u", "alice", "-w", "wonderland"], 10, 1000);
 }
 
 #[test]
 fn uclient_send_indications_to_echo_peer() {
     let server = TestServer::start_default();
-    let peer = start_peer();
-    let args = vec![
-        s("-s"),
-        s("-u"),
-        s("alice"),
-        s("-w"),
-        s("wonderland"),
-        s("-e"),
-        s("127.0.0.1"),
-        s("-r"),
-        peer.port.to_string(),
-    ];
-    run_uclient(&server, &args, 5, 500);
+    let args = ["-s", "-u", "alice", "-w", "wonderland"];
+    run_uclient_to_peer(&server, &args, 5, 500);
 }
 
 #[test]
 fn uclient_client_to_client() {
     let server = TestServer::start_default();
-    let args = vec![s("-y"), s("-u"), s("alice"), s("-w"), s("wonderland")];
+    let args = ["-y", "-u", "alice", "-w", "wonderland"];
     run_uclient(&server, &args, 4, 500);
 }
 
@@ -165,25 +60,14 @@ fn uclient_rest_secret() {
     // -W: uclient makes the TURN REST username "<expiry>:<-u value>" and the password
     // base64(HMAC-SHA1(secret, username)) itself.
     let server = TestServer::start(ServerOptions::default().users(&[]).secrets(&["s3cret"]));
-    let peer = start_peer();
-    let args = vec![
-        s("-W"),
-        s("s3cret"),
-        s("-u"),
-        s("bob"),
-        s("-e"),
-        s("127.0.0.1"),
-        s("-r"),
-        peer.port.to_string(),
-    ];
-    run_uclient(&server, &args, 2, 200);
+    run_uclient_to_peer(&server, &["-W", "s3cret", "-u", "bob"], 2, 200);
 }
 
 #[test]
 fn uclient_wrong_password_cannot_allocate() {
     let server = TestServer::start(ServerOptions::default().secrets(&[]));
-    let peer = start_peer();
-    let bin = require_tool("turnutils_uclient", HINT);
+    let peer = EchoPeer::start("127.0.0.1");
+    let bin = require_tool("turnutils_uclient", COTURN_HINT);
     let mut cmd = Command::new(bin);
     cmd.args(["-u", "alice", "-w", "not-the-password"])
         .args(["-e", "127.0.0.1", "-r", &peer.port.to_string()])
@@ -212,7 +96,7 @@ fn uclient_wrong_password_cannot_allocate() {
 #[test]
 fn stunclient_reflexive_address() {
     let server = TestServer::start_default();
-    let bin = require_tool("turnutils_stunclient", HINT);
+    let bin = require_tool("turnutils_stunclient", COTURN_HINT);
     let mut cmd = Command::new(bin);
     cmd.args(["-p", &server.port().to_string(), "127.0.0.1"]);
     let run = run_bounded("turnutils_stunclient", &mut cmd, Duration::from_secs(30));

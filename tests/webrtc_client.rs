@@ -289,30 +289,25 @@ fn turn_client_send_indication_then_channel() {
         }
 
         let d = log.dump();
-        assert!(
-            log.c2s(Kind::Stun(SEND_INDICATION)) >= 1,
-            "no Send indication\n{d}"
-        );
-        assert!(
-            log.s2c(Kind::Stun(CREATE_PERMISSION_SUCCESS)) >= 1,
-            "no CreatePermission success\n{d}"
-        );
-        assert!(
-            log.c2s(Kind::Stun(CHANNEL_BIND_REQUEST)) >= 1,
-            "no ChannelBind request\n{d}"
-        );
-        assert!(
-            log.s2c(Kind::Stun(CHANNEL_BIND_SUCCESS)) >= 1,
-            "no ChannelBind success\n{d}"
-        );
-        assert!(
-            log.c2s(Kind::ChannelData) >= 1,
-            "no ChannelData client->server\n{d}"
-        );
-        assert!(
-            log.s2c(Kind::ChannelData) >= 1,
-            "no ChannelData server->client\n{d}"
-        );
+        for (what, seen) in [
+            ("Send indication", log.c2s(Kind::Stun(SEND_INDICATION))),
+            (
+                "CreatePermission success",
+                log.s2c(Kind::Stun(CREATE_PERMISSION_SUCCESS)),
+            ),
+            (
+                "ChannelBind request",
+                log.c2s(Kind::Stun(CHANNEL_BIND_REQUEST)),
+            ),
+            (
+                "ChannelBind success",
+                log.s2c(Kind::Stun(CHANNEL_BIND_SUCCESS)),
+            ),
+            ("ChannelData client->server", log.c2s(Kind::ChannelData)),
+            ("ChannelData server->client", log.s2c(Kind::ChannelData)),
+        ] {
+            assert!(seen >= 1, "no {what}\n{d}");
+        }
 
         // Close: Refresh with LIFETIME 0 (the client does not wait for the answer).
         relay.close().await.expect("close relay");
