@@ -55,6 +55,15 @@ fn uclient_client_to_client() {
     run_uclient(&server, &args, 4, 500);
 }
 
+/// Many clients of one static user, as a web page that hands every visitor the same
+/// username and credential: `-m 100` makes more than 100 allocations (two per client),
+/// which the defaults must serve (no per-user limit for static users; coturn has none).
+#[test]
+fn uclient_many_clients_share_one_static_user() {
+    let server = TestServer::start_default();
+    run_uclient_to_peer(&server, &["-u", "alice", "-w", "wonderland"], 100, 10);
+}
+
 #[test]
 fn uclient_rest_secret() {
     // -W: uclient makes the TURN REST username "<expiry>:<-u value>" and the password

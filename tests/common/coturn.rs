@@ -55,9 +55,13 @@ pub fn coturn_command(
             "--pidfile={}",
             dir.join("turnserver.pid").display()
         ))
-        .arg(format!("--userdb={}", dir.join("turnserver.db").display()))
-        .arg(format!("--total-quota={}", options.max_allocations))
-        .arg(format!("--user-quota={}", options.max_allocations_per_user));
+        .arg(format!("--userdb={}", dir.join("turnserver.db").display()));
+    if let Some(n) = options.max_allocations {
+        cmd.arg(format!("--total-quota={n}"));
+    }
+    if let Some(n) = options.max_allocations_per_user {
+        cmd.arg(format!("--user-quota={n}"));
+    }
     if !options.users.is_empty() || options.secrets.is_empty() {
         for (u, p) in &options.users {
             cmd.arg(format!("--user={u}:{p}"));

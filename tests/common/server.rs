@@ -58,8 +58,10 @@ pub struct ServerOptions {
     pub secrets: Vec<String>,
     pub allow_peers: Vec<String>,
     pub deny_peers: Vec<String>,
-    pub max_allocations: usize,
-    pub max_allocations_per_user: usize,
+    /// `[limits] max_allocations`; `None`: the server's default.
+    pub max_allocations: Option<usize>,
+    /// `[limits] max_allocations_per_user`; `None`: the server's default (none).
+    pub max_allocations_per_user: Option<usize>,
     /// Appended verbatim to the generated TOML (turnstone only): whole sections, e.g.
     /// `[log]`.
     pub extra_toml: String,
@@ -101,8 +103,8 @@ impl Default for ServerOptions {
             secrets: vec![SECRET.to_string()],
             allow_peers: vec!["127.0.0.0/8".to_string()],
             deny_peers: Vec::new(),
-            max_allocations: 100_000,
-            max_allocations_per_user: 100,
+            max_allocations: None,
+            max_allocations_per_user: None,
             extra_toml: String::new(),
             server_toml: String::new(),
             limits_toml: String::new(),
@@ -145,11 +147,11 @@ impl ServerOptions {
         self
     }
     pub fn max_allocations(mut self, n: usize) -> Self {
-        self.max_allocations = n;
+        self.max_allocations = Some(n);
         self
     }
     pub fn max_allocations_per_user(mut self, n: usize) -> Self {
-        self.max_allocations_per_user = n;
+        self.max_allocations_per_user = Some(n);
         self
     }
     /// Appends whole TOML sections (see [`Self::extra_toml`]).
@@ -289,11 +291,14 @@ impl ServerOptions {
             toml_list(&self.allow_peers),
             toml_list(&self.deny_peers)
         );
-        let _ = writeln!(
-            t,
-            "[limits]\nmax_allocations = {}\nmax_allocations_per_user = {}\n{}",
-            self.max_allocations, self.max_allocations_per_user, self.limits_toml
-        );
+        let _ = writeln!(t, "[limits]");
+        if let Some(n) = self.max_allocations {
+            let _ = writeln!(t, "max_allocations = {n}");
+        }
+        if let Some(n) = self.max_allocations_per_user {
+            let _ = writeln!(t, "max_allocations_per_user = {n}");
+        }
+        let _ = writeln!(t, "{}", self.limits_toml);
         if let Some(m) = l.metrics {
             let _ = writeln!(t, "[metrics]\nlisten = \"{m}\"\n");
         }
@@ -556,7 +561,11 @@ impl TestServer {
         };
         let mut relay_ports = relay_port_range();
         if let Some(n) = options.relay_port_count {
-            relay_ports.1 = relay_ports.0 + n - 1;
+            // Wider than a slot: it spills into the next slots (a port another server
+            // holds is skipped by the server's bind retries), never past the block.
+            let end = RELAY_BASE + RELAY_SLOTS * RELAY_WIDTH - 1;
+            let low = u32::from(relay_ports.0).min(end + 1 - u32::from(n));
+            relay_ports = (low as u16, (low + u32::from(n) - 1) as u16);
         }
         let mut cmd = match backend {
             Backend::Turnstone => {
