@@ -1,9 +1,11 @@
-# How fuzz/corpus/ was made (one-off; run from anywhere, paths are absolute).
-# /tmp/seeds/webrtc/ comes from webrtc_seeds.rs (a throwaway crate: stun 0.17 + turn 0.17).
+# How fuzz/corpus/ was made (one-off; run from anywhere, paths are relative to this
+# repository). /tmp/seeds/webrtc/ comes from webrtc_seeds.rs (a throwaway crate: stun 0.17 +
+# turn 0.17); without it those seeds are left out.
 import re, os, glob, struct, shutil
-root = '/work/main/fuzz/corpus'
-shared = '/work/shared/corpus'
-src = open('/work/main/src/proto/tests.rs').read()
+repo = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+root = os.path.join(repo, 'fuzz', 'corpus')
+shared = os.path.join(repo, 'tests', 'corpus')
+src = open(os.path.join(repo, 'src', 'proto', 'tests.rs')).read()
 rfc = {}
 for name, body in re.findall(r'const (RFC5769_\w+): \[u8; \d+\] = \[(.*?)\];', src, re.S):
     rfc[name.lower().replace('_', '-')] = bytes(int(x, 16) for x in re.findall(r'0x[0-9a-fA-F]{2}', body))
@@ -53,7 +55,7 @@ put('stream_framing', 'seed-partial', bytes([3]) + rfc['rfc5769-request'][:50])
 
 # config
 shutil.rmtree(os.path.join(root, 'config'), ignore_errors=True)
-put('config', 'seed-conf-turnstone.toml', open('/work/main/conf/turnstone.toml', 'rb').read())
+put('config', 'seed-conf-turnstone.toml', open(os.path.join(repo, 'conf', 'turnstone.toml'), 'rb').read())
 put('config', 'seed-minimal.toml', b'[server]\nrealm = "example.org"\n[auth]\nsecrets = ["x"]\n')
 put('config', 'seed-full.toml', b'''[server]
 realm = "turn.example.com"
