@@ -12,7 +12,7 @@
 //!
 //! | key | type | contents |
 //! | --- | --- | --- |
-//! | `turnstone:version` | STRING | `"1"`; written by every `turnstone users/secrets` change. A store without it is *uninitialised*: nodes keep their cached users rather than dropping them (a Redis restarted without persistence) |
+//! | `turnstone:version` | STRING | `"1"`; written by every `turnstone users` and `turnstone secrets` change. A store without it is *uninitialised*: nodes keep their cached users rather than dropping them (a Redis restarted without persistence) |
 //! | `turnstone:users` | HASH | user name → hex MD5 long-term key `MD5(user:realm:password)` (RFC 8489 9.2.2); never the password |
 //! | `turnstone:secrets` | SET | TURN REST API shared secrets |
 //! | `turnstone:revoked` | SET | revoked user names and REST user ids (the part after `:` of `<expiry>:<id>`) |

@@ -1,8 +1,8 @@
 //! Every `turnstone …` command that the README, the example configuration, the systemd
-//! unit and the Kubernetes manifests quote parses with the real command line (so the
-//! documentation cannot name a command or flag that does not exist).
+//! unit, the Kubernetes manifests and the source comments quote parses with the real
+//! command line (so the documentation cannot name a command or flag that does not exist).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::error::ErrorKind;
 use clap::Parser;
@@ -15,6 +15,7 @@ const DOCUMENTS: &[&str] = &[
     "conf/turnstone.toml",
     "systemd/turnstone.service",
     "deploy/kubernetes",
+    "src",
 ];
 
 /// Shell-like words of `text`: whitespace separates, single and double quotes group,
@@ -62,7 +63,7 @@ fn commands_in(line: &str, code_line: bool) -> Vec<String> {
         found.push(trimmed.to_string());
     } else {
         for (i, span) in line.split('`').enumerate() {
-            if i % 2 == 1 && span.starts_with("turnstone") {
+            if i % 2 == 1 && (span == "turnstone" || span.starts_with("turnstone ")) {
                 found.push(span.to_string());
             }
         }
@@ -150,22 +151,24 @@ fn check(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// `path` itself, or every file below it (sorted).
+fn files_below(path: &Path) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_path_buf()];
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    entries.iter().flat_map(|p| files_below(p)).collect()
+}
+
 fn documents() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut out = Vec::new();
     for doc in DOCUMENTS {
-        let path = root.join(doc);
-        let files: Vec<std::path::PathBuf> = if path.is_dir() {
-            let mut v: Vec<_> = std::fs::read_dir(&path)
-                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-                .map(|e| e.unwrap().path())
-                .collect();
-            v.sort();
-            v
-        } else {
-            vec![path]
-        };
-        for f in files {
+        for f in files_below(&root.join(doc)) {
             let text =
                 std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("read {}: {e}", f.display()));
             out.push((f.strip_prefix(root).unwrap().display().to_string(), text));
@@ -186,8 +189,15 @@ fn every_quoted_turnstone_command_parses() {
                 fenced = !fenced;
                 continue;
             }
-            let code_line = !markdown || fenced || line.starts_with("    ");
-            for cmd in commands_in(line, code_line) {
+            let code_line = markdown && (fenced || line.starts_with("    "));
+            let mut cmds = commands_in(line, code_line);
+            // A systemd unit's ExecStart= runs the binary by its path.
+            if let Some(exec) = line.strip_prefix("ExecStart=") {
+                if let Some((_, args)) = exec.split_once("/turnstone ") {
+                    cmds.push(format!("turnstone {args}"));
+                }
+            }
+            for cmd in cmds {
                 for args in variants(&words(&cmd)) {
                     checked += 1;
                     if let Err(e) = check(&args) {
