@@ -114,7 +114,10 @@ fn main() -> ExitCode {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
-        Ok(_) => {
+        Ok(config) => {
+            for w in config.warnings() {
+                eprintln!("{}: warning: {w}", file.display());
+            }
             println!("{}: OK", file.display());
             ExitCode::SUCCESS
         }

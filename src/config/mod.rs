@@ -49,7 +49,10 @@ pub use listen::{Listen, ListenTransport};
 pub use log::{LogFormat, LogSection};
 pub use metrics::{MetricsSection, EXAMPLE_METRICS_LISTEN};
 pub use policy::PolicySection;
-pub use relay::{RelaySection, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN, DEFAULT_SOCKET_BUFFER};
+pub use relay::{
+    unreachable_from_outside, RelaySection, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN,
+    DEFAULT_SOCKET_BUFFER,
+};
 pub use server::{ServerSection, DEFAULT_DRAIN_TIMEOUT, DEFAULT_NONCE_LIFETIME, DEFAULT_SOFTWARE};
 pub use store::StoreSection;
 pub use tls::TlsSection;
@@ -182,6 +185,14 @@ impl Config {
         let mut errors = Errors::default();
         self.check(&mut errors);
         errors.into_result()
+    }
+
+    /// Problems that do not stop the server but that the operator should hear of (at
+    /// start, on reload and in `turnstone check-config`), each naming its key.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        self.relay.warnings(&mut out);
+        out
     }
 
     /// Every section's checks, in the order of their errors.

@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::Deserialize;
 use toml::Table;
 
-use super::errors::{read_section, Errors};
-use super::units::{ip_list, parse_port_range, parse_size, StringOrList};
+use super::errors::{read_section, ConfigError, Errors};
+use super::units::{ip_list, parse_port_range, parse_size, string_elements, StringOrList};
+use toml::Value;
 
 /// Default relay port range (RFC 8656 3.: the range 49152-65535 is recommended).
 pub const DEFAULT_PORT_MIN: u16 = 49152;
@@ -23,6 +24,12 @@ pub struct RelaySection {
     /// Addresses advertised in XOR-RELAYED-ADDRESS instead, at most one per family, each of a
     /// family that `addresses` has (`external_address`, for 1:1 NAT such as cloud instances).
     pub external_addresses: Vec<IpAddr>,
+    /// `external_address = "auto"`: the server asks the STUN servers of `discover_with`
+    /// for its public address at start and on reload, and advertises what they report.
+    pub external_auto: bool,
+    /// STUN servers asked when `external_auto` (`discover_with`, `stun:HOST[:PORT]`), as
+    /// (host, port).
+    pub discover_with: Vec<(String, u16)>,
     pub port_min: u16,
     pub port_max: u16,
     /// Receive and send buffer asked for on every UDP socket (`socket_buffer`, e.g.
@@ -36,6 +43,8 @@ impl Default for RelaySection {
         RelaySection {
             addresses: Vec::new(),
             external_addresses: Vec::new(),
+            external_auto: false,
+            discover_with: Vec::new(),
             port_min: DEFAULT_PORT_MIN,
             port_max: DEFAULT_PORT_MAX,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
@@ -48,6 +57,7 @@ impl Default for RelaySection {
 struct RawRelay {
     address: Option<StringOrList>,
     external_address: Option<StringOrList>,
+    discover_with: Option<Vec<Value>>,
     ports: Option<String>,
     socket_buffer: Option<String>,
 }
@@ -84,7 +94,19 @@ impl RelaySection {
             return relay;
         };
         relay.addresses = ip_list(raw.address, "relay.address", errors);
-        relay.external_addresses = ip_list(raw.external_address, "relay.external_address", errors);
+        match raw.external_address {
+            Some(StringOrList::One(s)) if s == "auto" => relay.external_auto = true,
+            other => {
+                relay.external_addresses = ip_list(other, "relay.external_address", errors);
+            }
+        }
+        let servers = raw.discover_with.unwrap_or_default();
+        for (key, text) in string_elements(&servers, "relay.discover_with", "a STUN URL", errors) {
+            match parse_stun_url(text) {
+                Ok(server) => relay.discover_with.push(server),
+                Err(e) => errors.push(&key, e),
+            }
+        }
         if let Some(ports) = raw.ports {
             match parse_port_range(&ports) {
                 Ok((lo, hi)) => {
@@ -167,6 +189,18 @@ impl RelaySection {
                 );
             }
         }
+        if self.external_auto && self.discover_with.is_empty() && !errors.has_at_or_under("relay") {
+            errors.push(
+                "relay.discover_with",
+                "external_address = \"auto\" needs STUN servers to ask, such as [\"stun:stun.example.net:3478\"] (there is no default: choose servers you trust to report your address)",
+            );
+        }
+        if !self.external_auto && !self.discover_with.is_empty() {
+            errors.push(
+                "relay.discover_with",
+                "is used only with external_address = \"auto\"",
+            );
+        }
         if self.port_min == 0 || self.port_min > self.port_max {
             errors.push(
                 "relay.ports",
@@ -177,4 +211,85 @@ impl RelaySection {
             );
         }
     }
+
+    /// Problems that do not stop the server: a relay address that clients outside this
+    /// network cannot reach (private, CGNAT or link-local) with no `external_address` of
+    /// its family to advertise instead.
+    pub(super) fn warnings(&self, out: &mut Vec<ConfigError>) {
+        if self.external_auto {
+            return;
+        }
+        for a in &self.addresses {
+            let advertised = self.advertised(*a);
+            if let Some(range) = unreachable_from_outside(advertised) {
+                out.push(ConfigError::new(
+                    "relay.address",
+                    format!(
+                        "{a} is a {range} address and no relay.external_address of its family is set: clients outside this network would be told a relay address they cannot reach; set external_address to the public address (or \"auto\" with discover_with), unless every client is on this network"
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// The kind of address `ip` is, if clients on the Internet cannot reach it: private
+/// (RFC 1918, IPv6 unique local), shared (CGNAT, RFC 6598) or link-local.
+pub fn unreachable_from_outside(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            if v4.is_private() {
+                Some("private")
+            } else if a == 100 && (64..128).contains(&b) {
+                Some("CGNAT (100.64.0.0/10)")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if first & 0xfe00 == 0xfc00 {
+                Some("unique local (private)")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else {
+                v6.to_ipv4_mapped()
+                    .and_then(|v4| unreachable_from_outside(IpAddr::V4(v4)))
+            }
+        }
+    }
+}
+
+/// `stun:HOST[:PORT]` (RFC 7064; port 3478 by default; an IPv6 host in brackets) as
+/// (host, port).
+fn parse_stun_url(text: &str) -> Result<(String, u16), String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a STUN URL stun:HOST[:PORT], such as \"stun:stun.example.net:3478\""
+        )
+    };
+    let rest = text.strip_prefix("stun:").ok_or_else(bad)?;
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(bad)?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':').ok_or_else(bad)?)),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() || host.contains(['/', '?', '@', ' ']) {
+        return Err(bad());
+    }
+    let port = match port {
+        None => 3478,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+    };
+    Ok((host.to_string(), port))
 }

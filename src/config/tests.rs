@@ -727,3 +727,96 @@ fn no_panic_on_odd_input() {
     let e = errs("[auth]\nusers = { \"\" = \"x\" }");
     assert!(keys(&e).contains(&"auth.users.\"\""), "{e:#?}");
 }
+
+#[test]
+fn external_address_auto_and_discover_with() {
+    let with = |relay: &str| GOOD.replacen("[relay]\naddress = \"127.0.0.1\"", relay, 1);
+    let c = Config::from_toml(&with(
+        "[relay]\naddress = \"10.0.0.5\"\nexternal_address = \"auto\"\ndiscover_with = [\"stun:stun.example.net\", \"stun:192.0.2.1:3479\", \"stun:[2001:db8::1]:5349\"]",
+    ))
+    .unwrap();
+    assert!(c.relay.external_auto);
+    assert!(c.relay.external_addresses.is_empty());
+    assert_eq!(
+        c.relay.discover_with,
+        vec![
+            ("stun.example.net".to_string(), 3478),
+            ("192.0.2.1".to_string(), 3479),
+            ("2001:db8::1".to_string(), 5349),
+        ]
+    );
+    assert!(c.warnings().is_empty(), "auto: no private-address warning");
+
+    let e = one(
+        &errs(&with(
+            "[relay]\naddress = \"10.0.0.5\"\nexternal_address = \"auto\"",
+        )),
+        "relay.discover_with",
+    );
+    assert!(e.message.contains("needs STUN servers"), "{e}");
+    let e = one(
+        &errs(&with(
+            "[relay]\naddress = \"10.0.0.5\"\ndiscover_with = [\"stun:a.example\"]",
+        )),
+        "relay.discover_with",
+    );
+    assert!(e.message.contains("only with external_address"), "{e}");
+    for bad in [
+        "turn:a.example",
+        "stun:",
+        "stun:a.example:0",
+        "stun:[::1",
+        "stun:a b",
+    ] {
+        let text = with(&format!(
+            "[relay]\naddress = \"10.0.0.5\"\nexternal_address = \"auto\"\ndiscover_with = [\"stun:ok.example\", {bad:?}]"
+        ));
+        let e = one(&errs(&text), "relay.discover_with[1]");
+        assert!(e.message.contains("not a STUN URL"), "{bad}: {e}");
+    }
+    // "auto" is a value of its own, not an address among others.
+    let e = one(
+        &errs(&with(
+            "[relay]\naddress = \"10.0.0.5\"\nexternal_address = [\"auto\"]",
+        )),
+        "relay.external_address[0]",
+    );
+    assert!(e.message.contains("auto"), "{e}");
+}
+
+#[test]
+fn private_relay_address_without_external_address_warns() {
+    let with = |relay: &str| {
+        Config::from_toml(&GOOD.replacen("[relay]\naddress = \"127.0.0.1\"", relay, 1)).unwrap()
+    };
+    for (address, kind) in [
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.10", "private"),
+        ("100.64.0.7", "CGNAT"),
+        ("169.254.10.1", "link-local"),
+        ("fd00::5", "unique local"),
+        ("fe80::1", "link-local"),
+    ] {
+        let w = with(&format!("[relay]\naddress = \"{address}\""));
+        let w = w.warnings();
+        assert_eq!(keys(&w), ["relay.address"], "{address}");
+        assert!(w[0].message.contains(kind), "{address}: {}", w[0]);
+        assert!(w[0].message.contains("external_address"), "{}", w[0]);
+    }
+    // Public, loopback (a development server) and NATed-with-external: no warning.
+    for relay in [
+        "[relay]\naddress = \"203.0.113.5\"",
+        "[relay]\naddress = \"127.0.0.1\"",
+        "[relay]\naddress = \"100.128.0.1\"",
+        "[relay]\naddress = \"10.0.0.5\"\nexternal_address = \"198.51.100.7\"",
+    ] {
+        assert!(with(relay).warnings().is_empty(), "{relay}");
+    }
+    // A dual-stack relay with an external address for IPv4 only still warns for IPv6.
+    let c =
+        with("[relay]\naddress = [\"10.0.0.5\", \"fd00::5\"]\nexternal_address = \"198.51.100.7\"");
+    let w = c.warnings();
+    assert_eq!(w.len(), 1);
+    assert!(w[0].message.starts_with("fd00::5"), "{}", w[0]);
+}

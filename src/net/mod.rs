@@ -7,6 +7,7 @@
 //! workers on the relay path.
 
 mod batch;
+pub mod discover;
 mod ports;
 mod socket;
 pub mod stream;
@@ -75,7 +76,11 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>
 /// Runs the server until SIGTERM or SIGINT.
 pub fn run(launch: Launch) -> anyhow::Result<()> {
     crate::sys::configure_allocator();
-    let config = launch.config;
+    let mut config = launch.config;
+    for w in config.warnings() {
+        tracing::warn!(problem = %w, "configuration");
+    }
+    discover::resolve_external_addresses(&mut config).map_err(anyhow::Error::msg)?;
     match socket::raise_open_file_limit() {
         // Listeners, stream connections and a few files besides the relay sockets.
         Ok(n) if n < config.limits.max_allocations as u64 + 1024 => tracing::warn!(
@@ -323,9 +328,18 @@ fn reload(
         return None;
     };
     match Config::load(path) {
-        Ok(cfg) => {
-            // Certificates first: a reload whose certificate cannot be loaded changes
+        Ok(mut cfg) => {
+            for w in cfg.warnings() {
+                tracing::warn!(problem = %w, "configuration");
+            }
+            // The public address next ("auto"), then certificates: a reload whose
+            // address cannot be found or whose certificate cannot be loaded changes
             // nothing.
+            if let Err(e) = discover::resolve_external_addresses(&mut cfg) {
+                tracing::error!(problem = %e, "reload refused; keeping the running configuration");
+                common.metrics.reload(false);
+                return None;
+            }
             let tls = match load_tls(&cfg) {
                 Ok(t) => t,
                 Err(e) => {
