@@ -1,5 +1,6 @@
-//! The command line: `check-config` accepts the shipped example and names every bad
-//! key; `credentials` mints a TURN REST username and password.
+//! The command line: `check-config` accepts the shipped example, names every bad key and
+//! warns about a relay address clients outside could not reach; `credentials` mints a
+//! TURN REST username and password.
 
 use std::process::Command;
 
@@ -19,6 +20,48 @@ fn check_config_accepts_the_example() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The example advertises a public external_address: nothing to warn about.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_warns_about_a_private_relay_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("private.toml");
+    let text =
+        "[server]\nrealm = \"x\"\n[[listen]]\ntransport = \"udp\"\naddress = \"0.0.0.0:3478\"\n\
+                [relay]\naddress = \"192.168.1.20\"\n[auth]\nusers = { a = \"b\" }\n";
+    std::fs::write(&path, text).unwrap();
+    let out = turnstone()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error: {stderr}");
+    assert!(
+        stderr.contains("warning: relay.address: 192.168.1.20 is a private address")
+            && stderr.contains("external_address"),
+        "{stderr}"
+    );
+    // With the public address given, no warning.
+    std::fs::write(
+        &path,
+        text.replace(
+            "address = \"192.168.1.20\"\n",
+            "address = \"192.168.1.20\"\nexternal_address = \"198.51.100.4\"\n",
+        ),
+    )
+    .unwrap();
+    let out = turnstone()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
 
 #[test]
