@@ -58,6 +58,7 @@ fn server() -> Server {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
+        kernel_fast_path: false,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()

@@ -39,6 +39,8 @@ pub struct Channel {
     /// Data flows while `now < expires`; the binding is kept (blocking rebinding to
     /// another number or peer) until `expires + CHANNEL_COOLDOWN`.
     pub expires: Instant,
+    /// A kernel fast-path entry was queued for it and not yet removed.
+    pub in_kernel: bool,
 }
 
 /// Per-allocation traffic counters (for usage records and metrics).
@@ -208,6 +210,7 @@ impl Allocation {
                 number,
                 peer,
                 expires,
+                in_kernel: false,
             });
         }
     }

@@ -6,6 +6,7 @@
 //! bound through the [`RelayBinder`] the shell passes in, and time comes in as a [`Clock`].
 
 mod allocation;
+mod fastpath;
 mod shared;
 mod tcp;
 #[cfg(test)]
@@ -22,6 +23,10 @@ use foldhash::fast::RandomState;
 pub use allocation::{
     Allocation, Relayed, Usage, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_MAX, CHANNEL_MIN,
     PERMISSION_LIFETIME,
+};
+pub use fastpath::{
+    ChannelEntry, ClientChannelKey, ClientPermissionKey, FastPathCommand, PermissionEntry,
+    RelayPeerKey, RelayPermissionKey,
 };
 pub use shared::{
     Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
@@ -124,6 +129,9 @@ struct RecentDelete {
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
 const NO_SLOT: u32 = u32::MAX;
+/// Room for this many fast-path commands is made once when the fast path is on, so a
+/// tick's worth of commands is usually queued without growing the queue.
+const FAST_PATH_CAPACITY: usize = 256;
 
 struct Reservation {
     token: [u8; 8],
@@ -178,6 +186,11 @@ pub struct Server {
     /// Client data connections spliced to a peer connection.
     data_conns: HashMap<FiveTuple, u32, RandomState>,
     commands: Vec<Command>,
+    /// Kernel fast-path commands for the shell ([`Server::drain_fast_path`]); only ever
+    /// pushed to while `fast_path_on`.
+    fast_path: Vec<FastPathCommand>,
+    /// The fast path as of the last tick (or creation): [`Server::fast_path_wanted`].
+    fast_path_on: bool,
     /// The time of the message being handled.
     last_now: Instant,
     /// The last kill entry this worker acted on.
@@ -304,7 +317,56 @@ impl Server {
     pub fn new(shared: Arc<Shared>) -> Server {
         let mut s = Server::new_inner(shared);
         s.refresh_hot_limits();
+        s.fast_path_on = s.fast_path_wanted();
+        if s.fast_path_on {
+            s.fast_path.reserve(FAST_PATH_CAPACITY);
+            // A previous run's entries go before this run installs any.
+            s.fast_path.push(FastPathCommand::Clear);
+        }
         s
+    }
+
+    /// Should this server's UDP allocations have kernel fast-path entries? Only when the
+    /// shell asked for them (`Runtime::kernel_fast_path`) and no bandwidth limit is set:
+    /// the token buckets (`max_bandwidth_per_allocation`, `max_total_bandwidth`) live
+    /// on the userspace relay path only, so while either is non-zero every allocation
+    /// stays there, and a reload that sets one removes every entry at the next tick.
+    fn fast_path_wanted(&self) -> bool {
+        let rt = self.shared.runtime.load();
+        rt.kernel_fast_path
+            && rt.limits.max_bandwidth_per_allocation == 0
+            && rt.limits.max_total_bandwidth == 0
+    }
+
+    /// Kernel fast-path commands queued since the last call, in the order to apply them.
+    /// Empty unless `Runtime::kernel_fast_path` is on.
+    pub fn drain_fast_path(&mut self) -> std::vec::Drain<'_, FastPathCommand> {
+        self.fast_path.drain(..)
+    }
+
+    /// Is the kernel fast path on (as of the last tick)?
+    pub fn fast_path_on(&self) -> bool {
+        self.fast_path_on
+    }
+
+    /// The fast path was switched on or off (a reload changed the switch or a bandwidth
+    /// limit): install every live entry of the eligible allocations, or remove them all.
+    fn sync_fast_path(&mut self, now: Instant) {
+        let want = self.fast_path_wanted();
+        if want == self.fast_path_on {
+            return;
+        }
+        self.fast_path_on = want;
+        for a in self.allocations.iter_mut().flatten() {
+            if !fastpath::eligible(a) {
+                continue;
+            }
+            if want {
+                fastpath::install_all(a, now, &mut self.fast_path);
+            } else {
+                fastpath::remove_all(a, None, &mut self.fast_path);
+            }
+        }
     }
 
     fn refresh_hot_limits(&mut self) {
@@ -333,6 +395,8 @@ impl Server {
             next_conn_id: rand::random(),
             data_conns: HashMap::default(),
             commands: Vec::new(),
+            fast_path: Vec::new(),
+            fast_path_on: false,
             last_now: Instant::now(),
             kill_seen: 0,
             counters: WorkerCounters::new(),
@@ -659,6 +723,9 @@ impl Server {
                 if now >= a.expires {
                     expired.push(i);
                 } else {
+                    if self.fast_path_on && fastpath::eligible(a) {
+                        fastpath::expire(a, now, &mut self.fast_path);
+                    }
                     a.prune(now);
                 }
             }
@@ -666,6 +733,7 @@ impl Server {
         for i in expired {
             self.remove_allocation(i, now, EndReason::Expired, binder);
         }
+        self.sync_fast_path(now);
         self.expire_tcp(now);
         let mut k = 0;
         while k < self.reservations.len() {
@@ -771,9 +839,12 @@ impl Server {
         reason: EndReason,
         binder: &mut B,
     ) {
-        let Some(a) = self.allocations.get_mut(slot).and_then(Option::take) else {
+        let Some(mut a) = self.allocations.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        if self.fast_path_on && fastpath::eligible(&a) {
+            fastpath::remove_all(&mut a, None, &mut self.fast_path);
+        }
         self.free_slots.push(slot);
         self.by_five_tuple.remove(&a.five_tuple);
         for r in a.relayed() {
@@ -1527,8 +1598,12 @@ impl Server {
             return self.fail(rt, msg, 508, auth);
         }
         if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
+            let fast_path = self.fast_path_on && fastpath::eligible(alloc);
             for (ip, relays_only) in grants {
                 alloc.install_permission(ip, relays_only, clock.now);
+                if fast_path {
+                    fastpath::install_permission(alloc, ip, &mut self.fast_path);
+                }
             }
         }
         self.success(rt, msg, auth)
@@ -1577,6 +1652,12 @@ impl Server {
         if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
             alloc.bind_channel(number, peer, clock.now);
             alloc.install_permission(peer.ip(), relays_only, clock.now);
+            // A new binding, a refresh, or a binding revived within its cool-down (whose
+            // entry went at its expiry): all (re)install, permission first.
+            if self.fast_path_on && fastpath::eligible(alloc) {
+                fastpath::install_permission(alloc, peer.ip(), &mut self.fast_path);
+                fastpath::install_channel(alloc, number, &mut self.fast_path);
+            }
         }
         self.success(rt, msg, auth)
     }
@@ -1604,6 +1685,13 @@ impl Server {
         let Some(Some(a)) = self.allocations.get_mut(slot) else {
             return;
         };
+        if a.second.is_none() {
+            return;
+        }
+        // The family's entries go while its relay is still the allocation's.
+        if self.fast_path_on && fastpath::eligible(a) {
+            fastpath::remove_all(a, Some(v6), &mut self.fast_path);
+        }
         let Some(second) = a.second.take() else {
             return;
         };

@@ -82,6 +82,11 @@ pub struct Runtime {
     /// Above this many active allocations on this node, new Allocates are redirected to
     /// the least-loaded node of the fleet (0: never).
     pub redirect_above: usize,
+    /// Queue kernel fast-path commands ([`super::Server::drain_fast_path`]) for the UDP
+    /// allocations. Not a configuration key: the shell sets it on every `Runtime` it
+    /// stores (at start and on reload) once it has a kernel data plane to apply the
+    /// commands to; [`Runtime::from_config`] leaves it off, so nothing is queued.
+    pub kernel_fast_path: bool,
 }
 
 impl Runtime {
@@ -129,6 +134,7 @@ impl Runtime {
             relay,
             alternate_servers: config.server.alternate_servers.clone(),
             redirect_above: config.limits.redirect_above,
+            kernel_fast_path: false,
         }
     }
 }

@@ -89,6 +89,7 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
+        kernel_fast_path: false,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()
