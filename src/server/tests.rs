@@ -1102,3 +1102,771 @@ fn fleet_store_users_revocation_kills_quota_and_redirect() {
         Some("192.0.2.3:3478".parse().unwrap())
     );
 }
+
+/// The kernel fast-path command queue: exact sequences per scenario, and a replay check
+/// that the installed entries are exactly the live permissions and bindings.
+mod fast_path {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn on(mut rt: Runtime) -> Runtime {
+        rt.kernel_fast_path = true;
+        rt
+    }
+
+    /// A command reduced to what the scenarios compare; expiries in seconds after t0.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum C {
+        Clear,
+        InsCh(u16, SocketAddr, u64),
+        RmCh(u16, SocketAddr),
+        InsPerm(IpAddr, u64),
+        RmPerm(IpAddr),
+    }
+    use C::*;
+
+    impl Harness {
+        fn secs(&self, t: Instant) -> u64 {
+            t.duration_since(self.t0).as_secs()
+        }
+        fn fp_raw(&mut self) -> Vec<FastPathCommand> {
+            self.server.drain_fast_path().collect()
+        }
+        fn fp(&mut self) -> Vec<C> {
+            self.fp_raw()
+                .into_iter()
+                .map(|c| match c {
+                    FastPathCommand::Clear => Clear,
+                    FastPathCommand::InstallChannel(e) => {
+                        InsCh(e.number, e.peer, self.secs(e.expires))
+                    }
+                    FastPathCommand::RemoveChannel(e) => RmCh(e.number, e.peer),
+                    FastPathCommand::InstallPermission(e) => {
+                        InsPerm(e.peer_ip, self.secs(e.expires))
+                    }
+                    FastPathCommand::RemovePermission(e) => RmPerm(e.peer_ip),
+                })
+                .collect()
+        }
+        fn long_refresh(&mut self, f: FiveTuple, t: u8, secs: u64) {
+            assert_eq!(self.refresh(f, 3600, t, secs).class(), Class::Success);
+        }
+    }
+
+    fn ip() -> IpAddr {
+        peer().ip()
+    }
+
+    fn peer2() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 2], 7002))
+    }
+
+    #[test]
+    fn clear_at_start_then_bind_installs_with_every_field() {
+        let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+        assert!(h.server.fast_path_on());
+        assert_eq!(h.fp(), vec![Clear]);
+        let f = ft(40000);
+        let r = h.allocate(f, 1, 0);
+        let relay = h.relayed(&r);
+        assert_eq!(h.fp(), vec![], "an allocation alone relays nothing");
+        assert_eq!(h.channel(f, 0x4000, peer(), 2, 1).class(), Class::Success);
+        let id = h.server.allocations().next().unwrap().id;
+        let t0 = h.t0;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            h.fp_raw(),
+            vec![
+                FastPathCommand::InstallPermission(PermissionEntry {
+                    allocation: id,
+                    client: f.client,
+                    server: f.server,
+                    relay,
+                    relay_advertised: relay,
+                    peer_ip: ip(),
+                    relays_only: false,
+                    expires: at(1 + 300),
+                }),
+                FastPathCommand::InstallChannel(ChannelEntry {
+                    allocation: id,
+                    client: f.client,
+                    server: f.server,
+                    relay,
+                    relay_advertised: relay,
+                    peer: peer(),
+                    number: 0x4000,
+                    expires: at(1 + 600),
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn advertised_relay_address_behind_nat() {
+        let mut rt = on(runtime(&["127.0.0.0/8"], 10, 100));
+        rt.relay.external_v4 = Some("203.0.113.7".parse().unwrap());
+        let mut h = Harness::new(rt);
+        h.fp();
+        let f = ft(40000);
+        let r = h.allocate(f, 1, 0);
+        let advertised = h.relayed(&r);
+        h.permission(f, peer(), 2, 0);
+        let cmds = h.fp_raw();
+        let [FastPathCommand::InstallPermission(e)] = cmds.as_slice() else {
+            panic!("{cmds:?}");
+        };
+        assert_eq!(e.relay_advertised, advertised);
+        assert_eq!(
+            e.relay,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), advertised.port())
+        );
+    }
+
+    /// The scenario table: each runs on a fresh harness and compares the exact commands
+    /// queued by each step.
+    #[test]
+    fn scenarios() {
+        type Step = (&'static str, fn(&mut Harness), Vec<C>);
+        let table: Vec<(&str, Runtime, Vec<Step>)> = vec![
+            (
+                "bind, refresh, permission refresh",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "bind",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 2, 0)),
+                        vec![InsPerm(ip(), 300), InsCh(0x4000, peer(), 600)],
+                    ),
+                    (
+                        "bind again: reinstall with later expiry",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 3, 100)),
+                        vec![InsPerm(ip(), 400), InsCh(0x4000, peer(), 700)],
+                    ),
+                    (
+                        "CreatePermission refreshes only the permission",
+                        |h| drop(h.permission(ft(40000), peer(), 4, 200)),
+                        vec![InsPerm(ip(), 500)],
+                    ),
+                    (
+                        "two peers in one CreatePermission",
+                        |h| {
+                            let req = h.request(
+                                ft(40000),
+                                method::CREATE_PERMISSION,
+                                tid(5),
+                                "alice",
+                                "wonderland",
+                                210,
+                                |w| {
+                                    w.xor_address(attr::XOR_PEER_ADDRESS, peer2());
+                                    w.xor_address(attr::XOR_PEER_ADDRESS, peer());
+                                },
+                            );
+                            assert_eq!(
+                                h.send(ft(40000), &req, 210).unwrap().class(),
+                                Class::Success
+                            );
+                        },
+                        vec![InsPerm(peer2().ip(), 510), InsPerm(ip(), 510)],
+                    ),
+                    (
+                        "a conflicting bind: 400, nothing",
+                        |h| drop(h.channel(ft(40000), 0x4001, peer(), 6, 220)),
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "expiries: first tick at or after each",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    (
+                        "allocate",
+                        |h| {
+                            drop(h.allocate(ft(40000), 1, 0));
+                            h.long_refresh(ft(40000), 2, 0);
+                        },
+                        vec![],
+                    ),
+                    (
+                        "bind at 0",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 3, 0)),
+                        vec![InsPerm(ip(), 300), InsCh(0x4000, peer(), 600)],
+                    ),
+                    (
+                        "permission at 10",
+                        |h| drop(h.permission(ft(40000), peer2(), 4, 10)),
+                        vec![InsPerm(peer2().ip(), 310)],
+                    ),
+                    ("tick 299", |h| h.tick(299), vec![]),
+                    (
+                        "tick 300: the bound peer's permission",
+                        |h| h.tick(300),
+                        vec![RmPerm(ip())],
+                    ),
+                    ("tick 309", |h| h.tick(309), vec![]),
+                    (
+                        "tick 312: late tick still removes",
+                        |h| h.tick(312),
+                        vec![RmPerm(peer2().ip())],
+                    ),
+                    ("tick 599", |h| h.tick(599), vec![]),
+                    (
+                        "tick 600: the binding",
+                        |h| h.tick(600),
+                        vec![RmCh(0x4000, peer())],
+                    ),
+                    ("tick 601: removed once", |h| h.tick(601), vec![]),
+                    (
+                        "rebind within the cool-down reinstalls",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 5, 700)),
+                        vec![InsPerm(ip(), 1000), InsCh(0x4000, peer(), 1300)],
+                    ),
+                    (
+                        "tick 1300",
+                        |h| h.tick(1300),
+                        vec![RmCh(0x4000, peer()), RmPerm(ip())],
+                    ),
+                    (
+                        "cool-down ends: nothing reinstalls",
+                        |h| {
+                            h.tick(1600);
+                            h.tick(1700);
+                        },
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "Refresh 0 removes every entry",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "bind",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 2, 0)),
+                        vec![InsPerm(ip(), 300), InsCh(0x4000, peer(), 600)],
+                    ),
+                    (
+                        "permission",
+                        |h| drop(h.permission(ft(40000), peer2(), 3, 0)),
+                        vec![InsPerm(peer2().ip(), 300)],
+                    ),
+                    (
+                        "refresh 0",
+                        |h| drop(h.refresh(ft(40000), 0, 4, 1)),
+                        vec![RmCh(0x4000, peer()), RmPerm(ip()), RmPerm(peer2().ip())],
+                    ),
+                    (
+                        "its retransmission",
+                        |h| drop(h.refresh(ft(40000), 0, 4, 1)),
+                        vec![],
+                    ),
+                    (
+                        "ticks",
+                        |h| {
+                            h.tick(2);
+                            h.tick(700);
+                        },
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "a binding in its cool-down is not removed twice",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    (
+                        "allocate",
+                        |h| {
+                            drop(h.allocate(ft(40000), 1, 0));
+                            h.long_refresh(ft(40000), 2, 0);
+                        },
+                        vec![],
+                    ),
+                    (
+                        "bind",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 3, 0)),
+                        vec![InsPerm(ip(), 300), InsCh(0x4000, peer(), 600)],
+                    ),
+                    (
+                        "expire",
+                        |h| h.tick(600),
+                        vec![RmCh(0x4000, peer()), RmPerm(ip())],
+                    ),
+                    (
+                        "refresh 0 during the cool-down",
+                        |h| drop(h.refresh(ft(40000), 0, 4, 650)),
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "allocation expiry removes",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "bind at 500",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 2, 500)),
+                        vec![InsPerm(ip(), 800), InsCh(0x4000, peer(), 1100)],
+                    ),
+                    ("tick 599", |h| h.tick(599), vec![]),
+                    (
+                        "allocation ends at 600",
+                        |h| h.tick(600),
+                        vec![RmCh(0x4000, peer()), RmPerm(ip())],
+                    ),
+                ],
+            ),
+            (
+                "a user killed by the fleet store",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "permission",
+                        |h| drop(h.permission(ft(40000), peer(), 2, 0)),
+                        vec![InsPerm(ip(), 300)],
+                    ),
+                    (
+                        "kill",
+                        |h| {
+                            h.shared().kill_user("alice");
+                            h.tick(1);
+                        },
+                        vec![RmPerm(ip())],
+                    ),
+                ],
+            ),
+            (
+                "a revoked user is refused: nothing installs",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "revoke, then bind",
+                        |h| {
+                            let mut v = shared::StoreView::default();
+                            v.revoked.insert("alice".into());
+                            h.shared().store.store(Arc::new(v));
+                            assert_eq!(
+                                h.channel(ft(40000), 0x4000, peer(), 2, 0).code(),
+                                Some(401)
+                            );
+                        },
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "close_all (drain end) removes",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "bind",
+                        |h| drop(h.channel(ft(40000), 0x4000, peer(), 2, 0)),
+                        vec![InsPerm(ip(), 300), InsCh(0x4000, peer(), 600)],
+                    ),
+                    (
+                        "close_all",
+                        |h| {
+                            let now = h.t0;
+                            h.server.close_all(now, &mut h.binder);
+                        },
+                        vec![RmCh(0x4000, peer()), RmPerm(ip())],
+                    ),
+                ],
+            ),
+            (
+                "peer refused by policy: nothing",
+                on(runtime(&[], 10, 100)),
+                vec![
+                    ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
+                    (
+                        "403s",
+                        |h| {
+                            let p: SocketAddr = "10.0.0.1:9".parse().unwrap();
+                            assert_eq!(h.permission(ft(40000), p, 2, 0).code(), Some(403));
+                            assert_eq!(h.channel(ft(40000), 0x4000, p, 3, 0).code(), Some(403));
+                            // One denied peer among allowed ones refuses them all.
+                            let req = h.request(
+                                ft(40000),
+                                method::CREATE_PERMISSION,
+                                tid(4),
+                                "alice",
+                                "wonderland",
+                                0,
+                                |w| {
+                                    w.xor_address(
+                                        attr::XOR_PEER_ADDRESS,
+                                        "8.8.8.8:53".parse().unwrap(),
+                                    );
+                                    w.xor_address(attr::XOR_PEER_ADDRESS, p);
+                                },
+                            );
+                            assert_eq!(h.send(ft(40000), &req, 0).unwrap().code(), Some(403));
+                        },
+                        vec![],
+                    ),
+                ],
+            ),
+        ];
+        for (name, rt, steps) in table {
+            let mut h = Harness::new(rt);
+            assert_eq!(h.fp(), vec![Clear], "{name}: start");
+            for (step, run, want) in steps {
+                run(&mut h);
+                assert_eq!(h.fp(), want, "{name}: {step}");
+            }
+        }
+    }
+
+    /// Whatever happens, these never queue a command.
+    #[test]
+    fn nothing_for_tcp_tls_bandwidth_limits_or_switch_off() {
+        let tcp = FiveTuple {
+            transport: Transport::Tcp,
+            ..ft(40001)
+        };
+        let tls = FiveTuple {
+            transport: Transport::Tls,
+            ..ft(40002)
+        };
+        let mut per_alloc = on(runtime(&["127.0.0.0/8"], 10, 100));
+        per_alloc.limits.max_bandwidth_per_allocation = 1500;
+        let mut total = on(runtime(&["127.0.0.0/8"], 10, 100));
+        total.limits.max_total_bandwidth = 1_000_000;
+        let cases: Vec<(&str, Runtime, Vec<FiveTuple>, bool)> = vec![
+            (
+                "switch off",
+                runtime(&["127.0.0.0/8"], 10, 100),
+                vec![ft(40000), tcp],
+                false,
+            ),
+            (
+                "TCP and TLS clients",
+                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                vec![tcp, tls],
+                true,
+            ),
+            (
+                "per-allocation bandwidth limit",
+                per_alloc,
+                vec![ft(40000)],
+                false,
+            ),
+            ("total bandwidth limit", total, vec![ft(40000)], false),
+        ];
+        for (name, rt, clients, clear) in cases {
+            let mut h = Harness::new(rt);
+            let start = if clear { vec![Clear] } else { vec![] };
+            assert_eq!(h.fp(), start, "{name}");
+            for (i, &c) in clients.iter().enumerate() {
+                let t = 10 * i as u8;
+                assert_eq!(h.allocate(c, t + 1, 0).class(), Class::Success, "{name}");
+                assert_eq!(
+                    h.channel(c, 0x4000, peer(), t + 2, 1).class(),
+                    Class::Success
+                );
+                assert_eq!(h.permission(c, peer2(), t + 3, 2).class(), Class::Success);
+                assert!(
+                    h.channel_data(c, 0x4000, b"x", 3).is_some(),
+                    "{name}: userspace relays"
+                );
+            }
+            h.tick(300);
+            h.tick(600);
+            assert_eq!(h.fp(), vec![], "{name}");
+        }
+    }
+
+    /// Client to client through two allocations: relays-only permissions carry the flag.
+    #[test]
+    fn relay_to_relay_entries_are_relays_only() {
+        let mut h = Harness::new(on(runtime(&[], 10, 100)));
+        h.fp();
+        let (a, b) = (ft(40000), ft(40001));
+        let r = h.allocate(a, 1, 0);
+        let ra = h.relayed(&r);
+        let r = h.allocate(b, 2, 0);
+        let rb = h.relayed(&r);
+        h.channel(a, 0x4000, rb, 3, 0);
+        h.channel(b, 0x4000, ra, 4, 0);
+        let cmds = h.fp_raw();
+        assert_eq!(cmds.len(), 4, "{cmds:?}");
+        let perms: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                FastPathCommand::InstallPermission(e) => Some((e.relay, e.peer_ip, e.relays_only)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(perms, vec![(ra, rb.ip(), true), (rb, ra.ip(), true)]);
+    }
+
+    /// Dropping one family of a dual allocation removes that family's entries only.
+    #[test]
+    fn dual_allocation_family_drop() {
+        let mut rt = on(runtime(&["127.0.0.0/8", "::1/128"], 10, 100));
+        rt.relay.v6 = Some("::1".parse().unwrap());
+        let mut h = Harness::new(rt);
+        h.fp();
+        let f = ft(40000);
+        let req = h.request(f, method::ALLOCATE, tid(1), "alice", "wonderland", 0, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            w.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        });
+        assert_eq!(h.send(f, &req, 0).unwrap().class(), Class::Success);
+        let p6: SocketAddr = "[::1]:7000".parse().unwrap();
+        h.channel(f, 0x4000, peer(), 2, 0);
+        h.channel(f, 0x4001, p6, 3, 0);
+        let cmds = h.fp_raw();
+        let relays: Vec<SocketAddr> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                FastPathCommand::InstallChannel(e) => Some(e.relay),
+                _ => None,
+            })
+            .collect();
+        assert!(relays[0].is_ipv4() && relays[1].is_ipv6(), "{relays:?}");
+        let req = h.request(f, method::REFRESH, tid(4), "alice", "wonderland", 1, |w| {
+            w.u32_attr(attr::LIFETIME, 0);
+            w.attr(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+        });
+        assert_eq!(h.send(f, &req, 1).unwrap().class(), Class::Success);
+        assert_eq!(h.fp(), vec![RmCh(0x4001, p6), RmPerm(p6.ip())]);
+        h.refresh(f, 0, 5, 2);
+        assert_eq!(h.fp(), vec![RmCh(0x4000, peer()), RmPerm(ip())]);
+    }
+
+    /// A reload that sets a bandwidth limit (or turns the switch off) removes every entry
+    /// at the next tick; undoing it installs the live ones again.
+    #[test]
+    fn reload_switches_the_fast_path() {
+        let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+        h.fp();
+        let f = ft(40000);
+        h.allocate(f, 1, 0);
+        h.long_refresh(f, 2, 0);
+        h.channel(f, 0x4000, peer(), 3, 0);
+        h.permission(f, peer2(), 4, 200);
+        h.fp();
+        let mut limited = on(runtime(&["127.0.0.0/8"], 10, 100));
+        limited.limits.max_bandwidth_per_allocation = 1000;
+        h.shared().runtime.store(Arc::new(limited));
+        h.tick(10);
+        assert!(!h.server.fast_path_on());
+        assert_eq!(
+            h.fp(),
+            vec![RmCh(0x4000, peer()), RmPerm(ip()), RmPerm(peer2().ip())]
+        );
+        h.permission(f, peer2(), 5, 20);
+        h.tick(300);
+        assert_eq!(h.fp(), vec![], "off: nothing, expiries included");
+        // Back on at 310: the binding (to 600) and the second peer (to 320) are live;
+        // the bound peer's permission expired at 300.
+        h.shared()
+            .runtime
+            .store(Arc::new(on(runtime(&["127.0.0.0/8"], 10, 100))));
+        h.tick(310);
+        assert_eq!(
+            h.fp(),
+            vec![InsPerm(peer2().ip(), 320), InsCh(0x4000, peer(), 600)]
+        );
+        h.tick(320);
+        assert_eq!(h.fp(), vec![RmPerm(peer2().ip())]);
+        h.shared()
+            .runtime
+            .store(Arc::new(runtime(&["127.0.0.0/8"], 10, 100)));
+        h.tick(330);
+        assert_eq!(h.fp(), vec![RmCh(0x4000, peer())]);
+    }
+
+    /// Replays commands into maps keyed as the kernel's would be (both directions).
+    #[derive(Default)]
+    struct Kernel {
+        ch_client: HashMap<ClientChannelKey, ChannelEntry>,
+        ch_relay: HashMap<RelayPeerKey, ChannelEntry>,
+        perm_client: HashMap<ClientPermissionKey, PermissionEntry>,
+        perm_relay: HashMap<RelayPermissionKey, PermissionEntry>,
+    }
+
+    impl Kernel {
+        fn apply(&mut self, cmds: Vec<FastPathCommand>) {
+            for c in cmds {
+                match c {
+                    FastPathCommand::Clear => *self = Kernel::default(),
+                    FastPathCommand::InstallChannel(e) => {
+                        self.ch_client.insert(e.client_key(), e);
+                        self.ch_relay.insert(e.relay_key(), e);
+                    }
+                    FastPathCommand::RemoveChannel(e) => {
+                        assert!(self.ch_client.remove(&e.client_key()).is_some(), "{e:?}");
+                        assert!(self.ch_relay.remove(&e.relay_key()).is_some(), "{e:?}");
+                    }
+                    FastPathCommand::InstallPermission(e) => {
+                        self.perm_client.insert(e.client_key(), e);
+                        self.perm_relay.insert(e.relay_key(), e);
+                    }
+                    FastPathCommand::RemovePermission(e) => {
+                        assert!(self.perm_client.remove(&e.client_key()).is_some(), "{e:?}");
+                        assert!(self.perm_relay.remove(&e.relay_key()).is_some(), "{e:?}");
+                    }
+                }
+            }
+            // The paired maps agree.
+            assert_eq!(self.ch_client.len(), self.ch_relay.len());
+            assert_eq!(self.perm_client.len(), self.perm_relay.len());
+            for e in self.ch_client.values() {
+                assert_eq!(self.ch_relay.get(&e.relay_key()), Some(e));
+            }
+            for e in self.perm_client.values() {
+                assert_eq!(self.perm_relay.get(&e.relay_key()), Some(e));
+            }
+        }
+    }
+
+    /// What the kernel should hold: `strict` (right after a tick) every permission and
+    /// every unexpired binding of the UDP allocations; otherwise (between ticks) the
+    /// unexpired ones must be there and nothing that the core no longer has.
+    fn check(h: &Harness, k: &Kernel, now: Instant, strict: bool) {
+        let mut perms = HashMap::new();
+        let mut chans = HashMap::new();
+        let mut maybe_perms = HashMap::new();
+        let mut maybe_chans = HashMap::new();
+        for a in h.server.allocations() {
+            if !fastpath::eligible(a) {
+                continue;
+            }
+            for p in &a.permissions {
+                let e = fastpath::permission_entry(a, p).unwrap();
+                maybe_perms.insert(e.client_key(), e);
+                if now < p.expires || strict {
+                    perms.insert(e.client_key(), e);
+                }
+            }
+            for c in &a.channels {
+                let e = fastpath::channel_entry(a, c).unwrap();
+                if now < c.expires {
+                    chans.insert(e.client_key(), e);
+                }
+                if c.in_kernel {
+                    maybe_chans.insert(e.client_key(), e);
+                }
+            }
+        }
+        if strict {
+            assert_eq!(k.perm_client, perms);
+            assert_eq!(k.ch_client, chans);
+        } else {
+            for (key, e) in &perms {
+                assert_eq!(k.perm_client.get(key), Some(e));
+            }
+            for (key, e) in &chans {
+                assert_eq!(k.ch_client.get(key), Some(e));
+            }
+            for key in k.perm_client.keys() {
+                assert!(maybe_perms.contains_key(key));
+            }
+            assert_eq!(k.ch_client, maybe_chans);
+        }
+    }
+
+    /// Random sequences of allocations (UDP and TCP clients), permissions, bindings,
+    /// refreshes, deletions, kills and ticks: replaying the queued commands always gives
+    /// exactly the live permissions and bindings of the UDP allocations.
+    #[test]
+    fn replayed_entries_match_live_state() {
+        let clients = [
+            ft(40000),
+            ft(40001),
+            FiveTuple {
+                transport: Transport::Tcp,
+                ..ft(40002)
+            },
+        ];
+        let peers: [SocketAddr; 4] = [
+            peer(),
+            peer2(),
+            "127.0.0.3:7003".parse().unwrap(),
+            "127.0.0.1:7004".parse().unwrap(),
+        ];
+        let (mut installs, mut removes) = (0, 0);
+        for seed in 1..=200u64 {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+            let mut k = Kernel::default();
+            let mut secs = 0u64;
+            let mut t = 0u8;
+            for c in clients {
+                t += 1;
+                h.allocate(c, t, 0);
+            }
+            for _ in 0..80 {
+                let r = next();
+                let c = clients[(r % 3) as usize];
+                let p = peers[((r >> 8) % 4) as usize];
+                let number = 0x4000 + ((r >> 16) % 3) as u16;
+                t = t.wrapping_add(1);
+                let strict = match (r >> 24) % 9 {
+                    0 => {
+                        h.allocate(c, t, secs);
+                        false
+                    }
+                    1 => {
+                        h.permission(c, p, t, secs);
+                        false
+                    }
+                    2 | 3 => {
+                        h.channel(c, number, p, t, secs);
+                        false
+                    }
+                    4 => {
+                        let lifetime = [0, 600, 3600][((r >> 32) % 3) as usize];
+                        h.refresh(c, lifetime, t, secs);
+                        false
+                    }
+                    5 if (r >> 32) % 8 == 0 => {
+                        h.shared().kill_user("alice");
+                        h.tick(secs);
+                        true
+                    }
+                    _ => {
+                        secs += [1, 30, 120, 299, 300, 301][((r >> 32) % 6) as usize];
+                        h.tick(secs);
+                        true
+                    }
+                };
+                let cmds = h.fp_raw();
+                installs += cmds
+                    .iter()
+                    .filter(|c| matches!(c, FastPathCommand::InstallChannel(_)))
+                    .count();
+                removes += cmds
+                    .iter()
+                    .filter(|c| matches!(c, FastPathCommand::RemoveChannel(_)))
+                    .count();
+                k.apply(cmds);
+                check(&h, &k, h.t0 + Duration::from_secs(secs), strict);
+            }
+            let now = h.t0 + Duration::from_secs(secs);
+            h.server.close_all(now, &mut h.binder);
+            k.apply(h.fp_raw());
+            assert!(
+                k.ch_client.is_empty() && k.perm_client.is_empty(),
+                "seed {seed}"
+            );
+        }
+        // The sequences do exercise bindings coming and going.
+        assert!(installs > 400 && removes > 300, "{installs} {removes}");
+    }
+}
