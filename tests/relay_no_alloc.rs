@@ -35,7 +35,7 @@ impl RelayBinder for Binder {
 
 const REALM: &str = "turnstone.test";
 
-fn server() -> Server {
+fn server(kernel_fast_path: bool) -> Server {
     let mut users = BTreeMap::new();
     users.insert("alice".to_string(), "wonderland".to_string());
     let rt = Runtime {
@@ -58,7 +58,7 @@ fn server() -> Server {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
-        kernel_fast_path: false,
+        kernel_fast_path,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             ..Default::default()
@@ -83,7 +83,18 @@ fn request(m: u16, t: u8, nonce: &str, attrs: impl FnOnce(&mut MessageWriter<'_>
 
 #[test]
 fn relay_path_does_not_allocate() {
-    let mut s = server();
+    relay_path(false);
+}
+
+/// With the kernel fast path's commands queued (the shell would move these flows to the
+/// kernel), the userspace relay path still allocates nothing.
+#[test]
+fn relay_path_does_not_allocate_with_fast_path_commands() {
+    relay_path(true);
+}
+
+fn relay_path(kernel_fast_path: bool) {
+    let mut s = server(kernel_fast_path);
     let mut binder = Binder(0);
     let client = FiveTuple {
         transport: Transport::Udp,
@@ -119,6 +130,9 @@ fn relay_path_does_not_allocate() {
         w.xor_address(attr::XOR_PEER_ADDRESS, peer_ind);
     });
     assert!(ok(s.handle_client(client, &req, clock, &mut binder)));
+    // Clear, then the channel's permission and binding, then the second permission.
+    let queued = s.drain_fast_path().count();
+    assert_eq!(queued, if kernel_fast_path { 4 } else { 0 });
 
     let channel_data = common::channel_data(0x4000, &[0xAB; 170]);
     let send = common::send_indication(peer_ind, &[0xCD; 170]);
