@@ -18,7 +18,13 @@
 // cool-down keeps the number reserved in the core but relays nothing, so the entry goes
 // at expiry and only a new ChannelBind installs it again), and every entry of an
 // allocation goes when the allocation ends, whatever the reason (Refresh 0, expiry, a
-// user killed by the fleet store, a closed client stream, `close_all`).
+// user removed or revoked in the fleet store and killed at the next tick, `close_all`,
+// which the shell calls at drain end or applies as its own teardown). A revoked user's
+// requests are refused, so nothing new installs for it. A user removed from the
+// configuration by a reload is not ended by the core today (its requests fail
+// authentication from then on, and the userspace path relays for its allocations until
+// they expire): its entries go as its permissions expire, at most
+// `PERMISSION_LIFETIME` later, and no entry ever relays without a live permission.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;

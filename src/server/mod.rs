@@ -339,7 +339,8 @@ impl Server {
     }
 
     /// Kernel fast-path commands queued since the last call, in the order to apply them.
-    /// Empty unless `Runtime::kernel_fast_path` is on.
+    /// Empty unless `Runtime::kernel_fast_path` is on; then the shell drains it after
+    /// every call that may queue (requests, `handle_timeout`, `close_all`).
     pub fn drain_fast_path(&mut self) -> std::vec::Drain<'_, FastPathCommand> {
         self.fast_path.drain(..)
     }
