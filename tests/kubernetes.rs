@@ -184,3 +184,46 @@ fn rendered_config_is_valid_and_drain_fits_grace_period() {
     assert!(ds.contains("path: /health"));
     assert!(ds.contains("hostNetwork: true") && ds.contains("ClusterFirstWithHostNet"));
 }
+
+#[test]
+fn daemonset_runs_the_image_the_containerfile_builds() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let version = env!("CARGO_PKG_VERSION");
+    let ds = read("daemonset.yaml");
+    // Both containers (the init container uses the image's /bin/sh and sed).
+    let images: Vec<&str> = ds
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image:"))
+        .map(str::trim)
+        .collect();
+    let tag = format!("turnstone:{version}");
+    assert_eq!(
+        images,
+        [tag.as_str(), tag.as_str()],
+        "images of daemonset.yaml"
+    );
+    // As the image's user.
+    let containerfile = std::fs::read_to_string(repo.join("Containerfile")).unwrap();
+    let user = containerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("USER in the Containerfile");
+    let uid = user.split(':').next().unwrap().trim();
+    let run_as: Vec<&str> = ds
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runAsUser:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(run_as, [uid, uid], "runAsUser of daemonset.yaml");
+    // kustomize points the name at one's own registry; the README builds that tag.
+    let k = read("kustomization.yaml");
+    assert!(
+        k.contains("images:\n  - name: turnstone\n    newName: "),
+        "kustomization.yaml: images"
+    );
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("podman build --format docker -t {tag} .")),
+        "README does not build {tag}"
+    );
+}

@@ -17,6 +17,7 @@ pub mod browser;
 pub mod corpus;
 
 pub mod coturn;
+pub mod debian;
 pub mod metrics;
 pub mod process;
 pub mod server;
