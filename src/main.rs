@@ -152,6 +152,18 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             (c, Some((username, password)))
         }
     };
+    // The container image sets TURNSTONE_LOG_FORMAT=json: JSON lines whatever the mounted
+    // configuration says.
+    let mut config = config;
+    match std::env::var("TURNSTONE_LOG_FORMAT").as_deref() {
+        Ok("json") => config.log.format = LogFormat::Json,
+        Ok("text") => config.log.format = LogFormat::Text,
+        Ok(other) => {
+            eprintln!("turnstone: TURNSTONE_LOG_FORMAT={other:?} is neither \"json\" nor \"text\"");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {}
+    }
     let log_level = init_logging(&config);
     turnstone::selftest::set_enabled(config.metrics.selftest);
     if let Some((username, password)) = dev_credential {

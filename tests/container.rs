@@ -134,7 +134,8 @@ fn image_relays_read_only_without_capabilities() {
     // No compiler; what deploy/kubernetes/daemonset.yaml's shell commands use.
     assert_eq!(tools.stdout.trim(), "", "compilers, or tools missing");
 
-    // The configuration: UDP and TCP on a loopback port, /health, JSON logs, a short drain.
+    // The configuration: UDP and TCP on a loopback port, /health, text logs (the image makes
+    // them JSON), a short drain.
     let dir = tempfile::tempdir().expect("temp dir");
     let ip = "127.0.0.1".parse().unwrap();
     let port = free_port_on(&[ip]);
@@ -152,7 +153,7 @@ fn image_relays_read_only_without_capabilities() {
     listeners.metrics = Some(metrics);
     let config = ServerOptions::default()
         .server_toml("drain_timeout = \"2s\"")
-        .log("info", "json")
+        .log("info", "text")
         .to_toml_with(&listeners, relay_port_range());
     let config_path = dir.path().join("turnstone.toml");
     std::fs::write(&config_path, config).expect("write config");
