@@ -407,6 +407,112 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	return XDP_TX;
 }
 
+#define STUN_COOKIE 0x2112a442
+#define ATTR_XOR_PEER_ADDRESS 0x0012
+#define ATTR_DATA 0x0013
+
+/* Path C: UDP from a permitted peer to the relay, no channel -> Data indication (RFC 8656
+ * section 11.3: XOR-PEER-ADDRESS, DATA) from the server to the client. */
+static __always_inline int data_indication(struct xdp_md *ctx, struct pkt *p)
+{
+	struct perm_relay_key k = {};
+	struct perm_val *v;
+	__u32 client[4], server[4];
+	__be16 client_port, server_port;
+	__u16 dlen = p->udp_len - UDP_LEN;
+	__u16 pad = (4 - (dlen & 3)) & 3;
+	__u32 hlen = p->v6 ? 48 : 36; /* STUN header, XOR-PEER-ADDRESS, DATA's header */
+	__u16 new_len, csum = 0;
+	__u32 entry, mtu = 0, off, i;
+	__u8 ind[48] = {};
+	__u8 zero[4] = {};
+
+	__builtin_memcpy(k.relay, p->dst, 16);
+	__builtin_memcpy(k.peer, p->src, 16);
+	k.relay_port = p->dport;
+	v = bpf_map_lookup_elem(&perm_by_relay, &k);
+	if (!v)
+		return NOT_MINE;
+	if (v->flags & PERM_RELAYS_ONLY)
+		return XDP_PASS;
+	if (!same_family(v->client, p->v6) || !same_family(v->server, p->v6))
+		return XDP_PASS;
+	__builtin_memcpy(client, v->client, 16);
+	__builtin_memcpy(server, v->server, 16);
+	client_port = v->client_port;
+	server_port = v->server_port;
+	entry = v->entry;
+
+	if (p->udp_len > 0xffff - IP4_LEN - 48 - 3)
+		return XDP_PASS;
+	new_len = p->udp_len + hlen + pad;
+	if (bpf_check_mtu(ctx, 0, &mtu, hlen + pad, 0))
+		return XDP_PASS;
+
+	/* The message: header, XOR-PEER-ADDRESS, DATA's type and length. */
+	*(__be16 *)&ind[0] = bpf_htons(0x0017);
+	*(__be16 *)&ind[2] = bpf_htons(hlen - 20 + dlen + pad);
+	*(__be32 *)&ind[4] = bpf_htonl(STUN_COOKIE);
+	*(__u32 *)&ind[8] = bpf_get_prandom_u32();
+	*(__u32 *)&ind[12] = bpf_get_prandom_u32();
+	*(__u32 *)&ind[16] = bpf_get_prandom_u32();
+	*(__be16 *)&ind[20] = bpf_htons(ATTR_XOR_PEER_ADDRESS);
+	*(__be16 *)&ind[22] = bpf_htons(p->v6 ? 20 : 8);
+	ind[25] = p->v6 ? 2 : 1;
+	*(__be16 *)&ind[26] = p->sport ^ bpf_htons(STUN_COOKIE >> 16);
+	if (p->v6) {
+		/* XORed with the cookie and the transaction id: ind[4..20). */
+#pragma unroll
+		for (i = 0; i < 4; i++)
+			*(__u32 *)&ind[28 + 4 * i] = p->src[i] ^ *(__u32 *)&ind[4 + 4 * i];
+		*(__be16 *)&ind[44] = bpf_htons(ATTR_DATA);
+		*(__be16 *)&ind[46] = bpf_htons(dlen);
+	} else {
+		*(__u32 *)&ind[28] = p->src[3] ^ bpf_htonl(STUN_COOKIE);
+		*(__be16 *)&ind[32] = bpf_htons(ATTR_DATA);
+		*(__be16 *)&ind[34] = bpf_htons(dlen);
+	}
+
+	if (p->csum) {
+		__u32 s = neg(p->csum);
+		__u32 old_len = bpf_htons(p->udp_len);
+		__u32 nl = bpf_htons(new_len);
+
+		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
+		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
+		s += sum_addr(server, p->v6) + sum_addr(client, p->v6);
+		s += nl + nl + server_port + client_port;
+		/* The message before the data (zero past hlen); the padding is zeros. */
+#pragma unroll
+		for (i = 0; i < 48; i += 2)
+			s += *(__u16 *)&ind[i];
+		csum = ~fold(fold(s)) & 0xffff;
+		if (csum == 0)
+			csum = 0xffff;
+	}
+
+	off = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
+	if (pad) {
+		if (bpf_xdp_adjust_tail(ctx, pad))
+			return XDP_PASS;
+		if (pad > 3 || bpf_xdp_store_bytes(ctx, off + dlen, zero, pad))
+			return XDP_ABORTED;
+	}
+	if (bpf_xdp_adjust_head(ctx, -(int)hlen))
+		return XDP_ABORTED;
+	if (write_headers(ctx, p, server, client, server_port, client_port, new_len, csum))
+		return XDP_ABORTED;
+	if (p->v6) {
+		if (bpf_xdp_store_bytes(ctx, ETH_LEN + IP6_LEN + UDP_LEN, ind, 48))
+			return XDP_ABORTED;
+	} else {
+		if (bpf_xdp_store_bytes(ctx, ETH_LEN + IP4_LEN + UDP_LEN, ind, 36))
+			return XDP_ABORTED;
+	}
+	count(entry, dlen);
+	return XDP_TX;
+}
+
 /* Path B: UDP from a peer to the relay, channel bound -> ChannelData to the client. */
 static __always_inline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 {
@@ -425,7 +531,7 @@ static __always_inline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 	k.peer_port = p->sport;
 	v = bpf_map_lookup_elem(&chan_by_relay, &k);
 	if (!v)
-		return NOT_MINE; /* no channel: Data indication, done in userspace for now */
+		return data_indication(ctx, p); /* no channel */
 	if (!same_family(v->client, p->v6) || !same_family(v->server, p->v6))
 		return XDP_PASS;
 	__builtin_memcpy(client, v->client, 16);

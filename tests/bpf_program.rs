@@ -159,6 +159,34 @@ fn channel_data(number: u16, data: &[u8], padding: &[u8]) -> Vec<u8> {
     v
 }
 
+/// XOR-PEER-ADDRESS's value (RFC 8489 section 14.2).
+fn xor_address(a: SocketAddr, tid: &[u8; 12]) -> Vec<u8> {
+    let mut key = 0x2112_a442u32.to_be_bytes().to_vec();
+    key.extend(tid);
+    let mut v = vec![0, if a.is_ipv4() { 1 } else { 2 }];
+    v.extend((a.port() ^ 0x2112).to_be_bytes());
+    v.extend(ip_bytes(a.ip()).iter().zip(&key).map(|(x, k)| x ^ k));
+    v
+}
+
+/// A STUN indication of `msg_type` with XOR-PEER-ADDRESS and DATA (zero padding).
+fn indication(msg_type: u16, tid: [u8; 12], peer: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut body = 0x0012u16.to_be_bytes().to_vec();
+    let addr = xor_address(peer, &tid);
+    body.extend((addr.len() as u16).to_be_bytes());
+    body.extend(addr);
+    body.extend(0x0013u16.to_be_bytes());
+    body.extend((data.len() as u16).to_be_bytes());
+    body.extend(data);
+    body.resize((body.len() + 3) & !3, 0);
+    let mut v = msg_type.to_be_bytes().to_vec();
+    v.extend((body.len() as u16).to_be_bytes());
+    v.extend(0x2112_a442u32.to_be_bytes());
+    v.extend(tid);
+    v.extend(body);
+    v
+}
+
 /// A STUN Binding request (no attributes).
 fn binding_request() -> Vec<u8> {
     let mut v = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
@@ -405,12 +433,19 @@ impl Loaded {
 // ---------------------------------------------------------------------------------------
 // The table
 
+enum Expect {
+    /// The input, unchanged.
+    Unchanged,
+    Bytes(Vec<u8>),
+    /// A frame made with the transaction id (random) found at this offset of the output.
+    WithTid(usize, Box<dyn Fn([u8; 12]) -> Vec<u8>>),
+}
+
 struct Case {
     name: &'static str,
     input: Vec<u8>,
     action: u32,
-    /// None: the input, unchanged.
-    output: Option<Vec<u8>>,
+    output: Expect,
     /// The counter entry a relayed packet counts on, with its data bytes.
     counts: Option<(u32, u64)>,
 }
@@ -420,7 +455,7 @@ fn pass(name: &'static str, input: Vec<u8>) -> Case {
         name,
         input,
         action: XDP_PASS,
-        output: None,
+        output: Expect::Unchanged,
         counts: None,
     }
 }
@@ -435,8 +470,17 @@ struct Family {
     unpermitted: SocketAddr,
     /// A peer whose permission is relays-only.
     relays_only: SocketAddr,
+    /// A peer with neither.
+    stranger: SocketAddr,
     /// Entry ids: channel client->peer, channel peer->client, permission.
     entries: [u32; 3],
+}
+
+impl Family {
+    /// The permitted peer's IP on a port without a channel.
+    fn peer_other_port(&self) -> SocketAddr {
+        SocketAddr::new(self.peer.ip(), self.peer.port() + 1)
+    }
 }
 
 const CHANNEL: u16 = 0x4001;
@@ -452,6 +496,7 @@ fn v4() -> Family {
         peer: sa("198.51.100.7:40000"),
         unpermitted: sa("198.51.100.8:40000"),
         relays_only: sa("198.51.100.9:40000"),
+        stranger: sa("198.51.100.99:40000"),
         entries: [1, 2, 3],
     }
 }
@@ -464,6 +509,7 @@ fn v6() -> Family {
         peer: sa("[2001:db8:1::7]:40001"),
         unpermitted: sa("[2001:db8:1::8]:40001"),
         relays_only: sa("[2001:db8:1::9]:40001"),
+        stranger: sa("[2001:db8:1::99]:40001"),
         entries: [4, 5, 6],
     }
 }
@@ -517,6 +563,32 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             &written(),
         )
     };
+    let data_ind = |peer: SocketAddr, data: &[u8], what: &str| {
+        let data = data.to_vec();
+        let (server, client) = (f.server, f.client);
+        let at = 14 + if f.client.is_ipv4() { 20 } else { 40 } + 8 + 8;
+        Case {
+            name: leak(format!(
+                "{tag} UDP peer->client without a channel -> Data indication, {what}"
+            )),
+            input: from_peer(peer, &data),
+            action: XDP_TX,
+            counts: Some((f.entries[2], data.len() as u64)),
+            output: Expect::WithTid(
+                at,
+                Box::new(move |tid| {
+                    frame(
+                        SERVER_MAC,
+                        PEER_MAC,
+                        server,
+                        client,
+                        &indication(0x0017, tid, peer, &data),
+                        &written(),
+                    )
+                }),
+            ),
+        }
+    };
     let data5 = b"hello";
     let data8 = b"8 bytes!";
     let data6 = [0u8, 1, 2, 3, 0xfe, 0xff];
@@ -528,7 +600,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             )),
             input: from_client(&channel_data(CHANNEL, data5, &[]), &sent()),
             action: XDP_TX,
-            output: Some(to_peer(data5, &written())),
+            output: Expect::Bytes(to_peer(data5, &written())),
             counts: Some((e_out, 5)),
         },
         Case {
@@ -537,42 +609,42 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             )),
             input: from_client(&channel_data(CHANNEL, data5, &[0xaa, 0xbb, 0xcc]), &sent()),
             action: XDP_TX,
-            output: Some(to_peer(data5, &written())),
+            output: Expect::Bytes(to_peer(data5, &written())),
             counts: Some((e_out, 5)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, length 6 padded")),
             input: from_client(&channel_data(CHANNEL, &data6, &[0x55, 0x66]), &sent()),
             action: XDP_TX,
-            output: Some(to_peer(&data6, &written())),
+            output: Expect::Bytes(to_peer(&data6, &written())),
             counts: Some((e_out, 6)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, aligned length")),
             input: from_client(&channel_data(CHANNEL, data8, &[]), &sent()),
             action: XDP_TX,
-            output: Some(to_peer(data8, &written())),
+            output: Expect::Bytes(to_peer(data8, &written())),
             counts: Some((e_out, 8)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, empty")),
             input: from_client(&channel_data(CHANNEL, &[], &[]), &sent()),
             action: XDP_TX,
-            output: Some(to_peer(&[], &written())),
+            output: Expect::Bytes(to_peer(&[], &written())),
             counts: Some((e_out, 0)),
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, odd length")),
             input: from_peer(f.peer, data5),
             action: XDP_TX,
-            output: Some(to_client(&channel_data(CHANNEL, data5, &[]))),
+            output: Expect::Bytes(to_client(&channel_data(CHANNEL, data5, &[]))),
             counts: Some((e_in, 5)),
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, 1200 bytes")),
             input: from_peer(f.peer, &[0x5a; 1200]),
             action: XDP_TX,
-            output: Some(to_client(&channel_data(CHANNEL, &[0x5a; 1200], &[]))),
+            output: Expect::Bytes(to_client(&channel_data(CHANNEL, &[0x5a; 1200], &[]))),
             counts: Some((e_in, 1200)),
         },
         pass(
@@ -626,11 +698,19 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             leak(format!("{tag} relays-only permission, peer->client")),
             from_peer(f.relays_only, data5),
         ),
+        data_ind(f.peer_other_port(), data5, "odd length"),
+        data_ind(f.peer_other_port(), data8, "aligned length"),
+        data_ind(f.peer_other_port(), &[], "empty"),
+        data_ind(f.peer_other_port(), &[0x33; 1201], "1201 bytes"),
         pass(
             leak(format!(
-                "{tag} permitted peer without a channel (Data indication: userspace)"
+                "{tag} relays-only permission without a channel, peer->client"
             )),
-            from_peer(SocketAddr::new(f.peer.ip(), f.peer.port() + 1), data5),
+            from_peer(SocketAddr::new(f.relays_only.ip(), 9), data5),
+        ),
+        pass(
+            leak(format!("{tag} peer without a permission or channel")),
+            from_peer(f.stranger, data5),
         ),
         pass(
             leak(format!("{tag} STUN Binding request")),
@@ -688,7 +768,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 },
             ),
             action: XDP_TX,
-            output: Some(to_peer(
+            output: Expect::Bytes(to_peer(
                 data5,
                 &Ip {
                     no_csum: true,
@@ -817,14 +897,24 @@ fn xdp_relay_program_table() {
     let mut expected_counts = std::collections::BTreeMap::<u32, (u64, u64)>::new();
     for case in &cases {
         let (action, output, _) = bpf.run(&case.input, 1);
-        let want = case.output.as_ref().unwrap_or(&case.input);
-        if action != case.action || &output != want {
+        let want = match &case.output {
+            Expect::Unchanged => case.input.clone(),
+            Expect::Bytes(b) => b.clone(),
+            Expect::WithTid(at, make) => {
+                let tid = output
+                    .get(*at..*at + 12)
+                    .map(|t| t.try_into().unwrap())
+                    .unwrap_or([0; 12]);
+                make(tid)
+            }
+        };
+        if action != case.action || output != want {
             failures.push(format!(
                 "{}: action {action} (want {}),\n  output {}\n  want   {}",
                 case.name,
                 case.action,
                 hex(&output),
-                hex(want)
+                hex(&want)
             ));
         }
         if let Some((entry, bytes)) = case.counts {
@@ -845,6 +935,19 @@ fn xdp_relay_program_table() {
         assert_eq!(bpf.counter(entry), want, "counters of entry {entry}");
     }
     eprintln!("{} cases as expected", cases.len());
+
+    // Data indications get a fresh transaction id each.
+    let input = frame(
+        PEER_MAC,
+        SERVER_MAC,
+        f4.peer_other_port(),
+        f4.relay,
+        b"hello",
+        &sent(),
+    );
+    let tid = |out: Vec<u8>| out[14 + 20 + 8 + 8..14 + 20 + 8 + 20].to_vec();
+    let tids: std::collections::BTreeSet<_> = (0..4).map(|_| tid(bpf.run(&input, 1).1)).collect();
+    assert_eq!(tids.len(), 4, "transaction ids repeat: {tids:?}");
 
     // Time per path. BPF_PROG_TEST_RUN repeats on the same buffer, so a rewriting path
     // would see its own output from the second run on. A loop of entries makes each
