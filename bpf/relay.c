@@ -12,6 +12,10 @@
 /* perm_val.flags: the peer policy denies this IP; userspace must check each packet. */
 #define PERM_RELAYS_ONLY 1
 
+#define STUN_COOKIE 0x2112a442
+#define ATTR_XOR_PEER_ADDRESS 0x0012
+#define ATTR_DATA 0x0013
+
 /* Addresses are 16 bytes in network order: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
  * Ports and channel numbers are in network order. Padding fields must be zero. */
 
@@ -65,6 +69,22 @@ struct perm_val {
 	__u32 flags;
 };
 
+/* perm_by_client: Send indications from client on server to the peer's IP -> UDP from relay. */
+struct perm_client_key {
+	__u32 client[4];
+	__u32 server[4];
+	__u32 peer[4];
+	__be16 client_port;
+	__be16 server_port;
+};
+struct perm_client_val {
+	__u32 relay[4];
+	__be16 relay_port;
+	__u16 pad;
+	__u32 entry;
+	__u32 flags;
+};
+
 struct counter {
 	__u64 packets;
 	__u64 bytes; /* application data bytes relayed */
@@ -90,6 +110,13 @@ struct {
 	__type(key, struct perm_relay_key);
 	__type(value, struct perm_val);
 } perm_by_relay SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENTRIES);
+	__type(key, struct perm_client_key);
+	__type(value, struct perm_client_val);
+} perm_by_client SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -159,6 +186,29 @@ static __always_inline __u32 sum_addr(const __u32 *a, int v6)
 static __always_inline __u32 neg(__u32 x)
 {
 	return ~fold(x) & 0xffff;
+}
+
+/* The ones' complement of the sum of `pad` (at most 3) bytes at frame offset `off`, the
+ * first of which is at an even UDP offset when `odd` is 0. */
+static __always_inline int neg_padding(struct xdp_md *ctx, __u32 off, __u32 odd, __u16 pad,
+				       __u32 *out)
+{
+	__u8 b[4] = {};
+	__u32 s = 0;
+	int i;
+
+	if (pad == 0)
+		return 0;
+	if (pad > 3 || bpf_xdp_load_bytes(ctx, off, b, pad))
+		return -1;
+#pragma unroll
+	for (i = 0; i < 3; i++) {
+		__u32 w = ((odd + i) & 1) ? bpf_htons(b[i]) : bpf_htons((__u16)b[i] << 8);
+
+		s += neg(w); /* zero past pad: removes nothing */
+	}
+	*out += s;
+	return 0;
 }
 
 static __always_inline int parse(struct xdp_md *ctx, struct pkt *p, void **payload)
@@ -321,6 +371,103 @@ static __always_inline int permitted(const __u32 *relay, __be16 relay_port, cons
 	return v && !(v->flags & PERM_RELAYS_ONLY);
 }
 
+/* Path D: a Send indication from a client (RFC 8656 section 11.2) with exactly
+ * XOR-PEER-ADDRESS then DATA, to a permitted peer -> UDP from the relay to the peer.
+ * Any other STUN message, or other attributes (FINGERPRINT, DONT-FRAGMENT...): up. */
+static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, void *payload)
+{
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *m = payload;
+	__u16 plen = p->udp_len - UDP_LEN;
+	__u32 hlen = p->v6 ? 48 : 36;
+	__u32 base = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
+	struct perm_client_key k = {};
+	struct perm_client_val *v;
+	__u8 h[48] = {};
+	__u32 peer[4], relay[4];
+	__be16 peer_port, relay_port;
+	__u16 len, pad, new_len, csum = 0;
+	__u32 entry, i;
+
+	if ((void *)(m + 20) > end || plen < hlen)
+		return XDP_PASS;
+	if (p->v6) {
+		if (bpf_xdp_load_bytes(ctx, base, h, 48))
+			return XDP_PASS;
+	} else {
+		if (bpf_xdp_load_bytes(ctx, base, h, 36))
+			return XDP_PASS;
+	}
+	if (*(__be16 *)&h[0] != bpf_htons(0x0016) || *(__be32 *)&h[4] != bpf_htonl(STUN_COOKIE))
+		return XDP_PASS;
+	if (bpf_ntohs(*(__be16 *)&h[2]) != plen - 20)
+		return XDP_PASS;
+	/* XOR-PEER-ADDRESS of the packet's family (the relay's must be the same). */
+	if (*(__be16 *)&h[20] != bpf_htons(ATTR_XOR_PEER_ADDRESS) ||
+	    *(__be16 *)&h[22] != bpf_htons(p->v6 ? 20 : 8) || h[24] != 0 ||
+	    h[25] != (p->v6 ? 2 : 1))
+		return XDP_PASS;
+	peer_port = *(__be16 *)&h[26] ^ bpf_htons(STUN_COOKIE >> 16);
+	if (p->v6) {
+#pragma unroll
+		for (i = 0; i < 4; i++)
+			peer[i] = *(__u32 *)&h[28 + 4 * i] ^ *(__u32 *)&h[4 + 4 * i];
+		if (*(__be16 *)&h[44] != bpf_htons(ATTR_DATA))
+			return XDP_PASS;
+		len = bpf_ntohs(*(__be16 *)&h[46]);
+	} else {
+		map4(peer, *(__u32 *)&h[28] ^ bpf_htonl(STUN_COOKIE));
+		if (*(__be16 *)&h[32] != bpf_htons(ATTR_DATA))
+			return XDP_PASS;
+		len = bpf_ntohs(*(__be16 *)&h[34]);
+	}
+	/* DATA is last, padded to 4 exactly. */
+	pad = (4 - (len & 3)) & 3;
+	if ((__u32)plen != hlen + len + pad)
+		return XDP_PASS;
+
+	__builtin_memcpy(k.client, p->src, 16);
+	__builtin_memcpy(k.server, p->dst, 16);
+	__builtin_memcpy(k.peer, peer, 16);
+	k.client_port = p->sport;
+	k.server_port = p->dport;
+	v = bpf_map_lookup_elem(&perm_by_client, &k);
+	if (!v || (v->flags & PERM_RELAYS_ONLY) || !same_family(v->relay, p->v6))
+		return XDP_PASS;
+	__builtin_memcpy(relay, v->relay, 16);
+	relay_port = v->relay_port;
+	entry = v->entry;
+
+	new_len = len + UDP_LEN;
+	if (p->csum) {
+		__u32 s = neg(p->csum);
+		__u32 old_len = bpf_htons(p->udp_len);
+		__u32 nl = bpf_htons(new_len);
+
+		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
+		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
+#pragma unroll
+		for (i = 0; i < 48; i += 2) /* the message before the data (zero past hlen) */
+			s += neg(*(__u16 *)&h[i]);
+		if (neg_padding(ctx, base + hlen + len, len, pad, &s))
+			return XDP_PASS;
+		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
+		s += nl + nl + relay_port + peer_port;
+		csum = ~fold(fold(s)) & 0xffff;
+		if (csum == 0)
+			csum = 0xffff;
+	}
+
+	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
+		return XDP_PASS;
+	if (bpf_xdp_adjust_head(ctx, (int)hlen))
+		return XDP_ABORTED;
+	if (write_headers(ctx, p, relay, peer, relay_port, peer_port, new_len, csum))
+		return XDP_ABORTED;
+	count(entry, len);
+	return XDP_TX;
+}
+
 /* Path A: ChannelData from a client -> UDP from the relay to the peer. */
 static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
@@ -334,11 +481,12 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	__u32 relay[4], peer[4];
 	__be16 relay_port, peer_port;
 	__u32 entry;
-	int i;
 
 	if ((void *)(cd + 4) > end || plen < 4)
 		return XDP_PASS;
-	if ((cd[0] & 0xc0) != 0x40) /* not ChannelData (STUN, Send indications: up) */
+	if ((cd[0] & 0xc0) == 0)
+		return send_indication(ctx, p, payload);
+	if ((cd[0] & 0xc0) != 0x40) /* neither STUN nor ChannelData */
 		return XDP_PASS;
 	number = *(__be16 *)cd;
 	len_be = *(__be16 *)(cd + 2);
@@ -377,19 +525,9 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
 		s += neg(number) + neg(len_be);
 		/* Padding bytes, each at UDP offset 12 + len + i. */
-		if (pad) {
-			__u8 b[4] = {};
-			__u32 off = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN + 4 + len;
-
-			if (pad > 3 || bpf_xdp_load_bytes(ctx, off, b, pad))
-				return XDP_PASS;
-#pragma unroll
-			for (i = 0; i < 3; i++) {
-				__u32 w = ((len + i) & 1) ? bpf_htons(b[i]) : bpf_htons((__u16)b[i] << 8);
-
-				s += neg(w); /* zero past pad: removes nothing */
-			}
-		}
+		if (neg_padding(ctx, ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN + 4 + len,
+				len, pad, &s))
+			return XDP_PASS;
 		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
 		s += nl + nl + relay_port + peer_port;
 		csum = ~fold(fold(s)) & 0xffff;
@@ -406,10 +544,6 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	count(entry, len);
 	return XDP_TX;
 }
-
-#define STUN_COOKIE 0x2112a442
-#define ATTR_XOR_PEER_ADDRESS 0x0012
-#define ATTR_DATA 0x0013
 
 /* Path C: UDP from a permitted peer to the relay, no channel -> Data indication (RFC 8656
  * section 11.3: XOR-PEER-ADDRESS, DATA) from the server to the client. */

@@ -261,6 +261,24 @@ fn perm_val(client: SocketAddr, server: SocketAddr, entry: u32, relays_only: boo
     v
 }
 
+fn perm_client_key(client: SocketAddr, server: SocketAddr, peer: IpAddr) -> Vec<u8> {
+    let mut k = addr16(client.ip()).to_vec();
+    k.extend(addr16(server.ip()));
+    k.extend(addr16(peer));
+    k.extend(client.port().to_be_bytes());
+    k.extend(server.port().to_be_bytes());
+    k
+}
+
+fn perm_client_val(relay: SocketAddr, entry: u32, relays_only: bool) -> Vec<u8> {
+    let mut v = addr16(relay.ip()).to_vec();
+    v.extend(relay.port().to_be_bytes());
+    v.extend([0, 0]);
+    v.extend(entry.to_ne_bytes());
+    v.extend(u32::from(relays_only).to_ne_bytes());
+    v
+}
+
 // ---------------------------------------------------------------------------------------
 // The program, loaded
 
@@ -542,6 +560,13 @@ fn install(bpf: &Loaded, f: &Family) {
         &perm_key(f.relay, f.relays_only.ip()),
         &perm_val(f.client, f.server, e_perm, true),
     );
+    for (peer, relays_only) in [(f.peer, false), (f.relays_only, true)] {
+        bpf.update(
+            "perm_by_client",
+            &perm_client_key(f.client, f.server, peer.ip()),
+            &perm_client_val(f.relay, e_perm, relays_only),
+        );
+    }
 }
 
 fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
@@ -587,6 +612,29 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                     )
                 }),
             ),
+        }
+    };
+    const TID: [u8; 12] = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0xff, 0x80];
+    let send = |peer: SocketAddr, data: &[u8]| indication(0x0016, TID, peer, data);
+    let send_case = |data: &[u8], padding: Option<u8>, what: &str| {
+        let mut m = send(f.peer_other_port(), data);
+        if let Some(b) = padding {
+            let n = m.len();
+            m[n - (4 - data.len() % 4) % 4..].fill(b);
+        }
+        Case {
+            name: leak(format!("{tag} Send indication client->peer, {what}")),
+            input: from_client(&m, &sent()),
+            action: XDP_TX,
+            output: Expect::Bytes(frame(
+                SERVER_MAC,
+                CLIENT_MAC,
+                f.relay,
+                f.peer_other_port(),
+                data,
+                &written(),
+            )),
+            counts: Some((f.entries[2], data.len() as u64)),
         }
     };
     let data5 = b"hello";
@@ -717,7 +765,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             from_client(&binding_request(), &sent()),
         ),
         pass(
-            leak(format!("{tag} Send indication (userspace for now)")),
+            leak(format!("{tag} Send indication without attributes")),
             from_client(
                 &{
                     let mut v = binding_request();
@@ -727,6 +775,74 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 &sent(),
             ),
         ),
+        send_case(b"hello", None, "odd length, zero padding"),
+        send_case(b"hello", Some(0xee), "odd length, non-zero padding"),
+        send_case(b"8 bytes!", None, "aligned length"),
+        send_case(&[], None, "empty"),
+        send_case(&[0x77; 1199], None, "1199 bytes"),
+        pass(
+            leak(format!(
+                "{tag} Send indication to a peer without a permission"
+            )),
+            from_client(&send(f.stranger, b"hello"), &sent()),
+        ),
+        pass(
+            leak(format!("{tag} Send indication to a relays-only peer")),
+            from_client(&send(f.relays_only, b"hello"), &sent()),
+        ),
+        pass(leak(format!("{tag} Send indication with FINGERPRINT")), {
+            let mut m = send(f.peer, b"hello");
+            m.extend([0x80, 0x28, 0, 4, 1, 2, 3, 4]);
+            let len = (m.len() - 20) as u16;
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+            from_client(&m, &sent())
+        }),
+        pass(
+            leak(format!(
+                "{tag} Send indication, DATA longer than the message"
+            )),
+            {
+                let mut m = send(f.peer, b"hello");
+                let d = m.len() - 8 - 4;
+                m[d + 2..d + 4].copy_from_slice(&9u16.to_be_bytes());
+                from_client(&m, &sent())
+            },
+        ),
+        pass(
+            leak(format!("{tag} Send indication, message length mismatch")),
+            {
+                let mut m = send(f.peer, b"hello");
+                m[2..4].copy_from_slice(&100u16.to_be_bytes());
+                from_client(&m, &sent())
+            },
+        ),
+        pass(leak(format!("{tag} Send indication without padding")), {
+            let mut m = send(f.peer, b"hello");
+            m.truncate(m.len() - 3);
+            let len = (m.len() - 20) as u16;
+            m[2..4].copy_from_slice(&len.to_be_bytes());
+            from_client(&m, &sent())
+        }),
+        pass(
+            leak(format!(
+                "{tag} Send indication, DATA before XOR-PEER-ADDRESS"
+            )),
+            {
+                let mut m = vec![0x00, 0x16, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+                m.extend(TID);
+                m.extend([0x00, 0x13, 0, 4, 1, 2, 3, 4]);
+                m.extend(&send(f.peer, b"")[20..]);
+                m.truncate(m.len() - 4); // its empty DATA
+                let len = (m.len() - 20) as u16;
+                m[2..4].copy_from_slice(&len.to_be_bytes());
+                from_client(&m, &sent())
+            },
+        ),
+        pass(leak(format!("{tag} Send request (class request)")), {
+            let mut m = send(f.peer, b"hello");
+            m[1] = 0x06;
+            from_client(&m, &sent())
+        }),
         pass(
             leak(format!("{tag} not UDP")),
             from_client(
@@ -876,6 +992,17 @@ fn xdp_relay_program_table() {
             sa("[2001:db8:1::a]:40001"),
             f6.relay,
             b"hello",
+            &sent(),
+        ),
+    ));
+    cases.push(pass(
+        "cross-family Send indication (IPv4 client, IPv6 peer)",
+        frame(
+            CLIENT_MAC,
+            SERVER_MAC,
+            f4.client,
+            f4.server,
+            &indication(0x0016, [1; 12], f6.peer, b"hello"),
             &sent(),
         ),
     ));
