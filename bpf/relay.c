@@ -1,4 +1,4 @@
-/* turnstone's XDP fast path: ChannelData <-> UDP for entries userspace installed; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
+/* turnstone's XDP fast path: ChannelData and Send/Data indications <-> UDP for entries userspace installed; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -139,7 +139,7 @@ struct pkt {
 	int v6;
 };
 
-/* peer_to_client found no entry (and changed nothing). */
+/* A path found nothing to do (and changed nothing): the next path, or XDP_PASS. */
 #define NOT_MINE -1
 
 #define ETH_LEN 14
@@ -374,7 +374,7 @@ static __always_inline int permitted(const __u32 *relay, __be16 relay_port, cons
 /* Path D: a Send indication from a client (RFC 8656 section 11.2) with exactly
  * XOR-PEER-ADDRESS then DATA, to a permitted peer -> UDP from the relay to the peer.
  * Any other STUN message, or other attributes (FINGERPRINT, DONT-FRAGMENT...): up. */
-static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, void *payload)
+static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
 	void *end = (void *)(long)ctx->data_end;
 	__u8 *m = payload;
@@ -390,41 +390,43 @@ static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, vo
 	__u32 entry, i;
 
 	if ((void *)(m + 20) > end || plen < hlen)
-		return XDP_PASS;
+		return NOT_MINE;
+	if (m[0] != 0x00 || m[1] != 0x16) /* not a Send indication: no need to look further */
+		return NOT_MINE;
 	if (p->v6) {
 		if (bpf_xdp_load_bytes(ctx, base, h, 48))
-			return XDP_PASS;
+			return NOT_MINE;
 	} else {
 		if (bpf_xdp_load_bytes(ctx, base, h, 36))
-			return XDP_PASS;
+			return NOT_MINE;
 	}
 	if (*(__be16 *)&h[0] != bpf_htons(0x0016) || *(__be32 *)&h[4] != bpf_htonl(STUN_COOKIE))
-		return XDP_PASS;
+		return NOT_MINE;
 	if (bpf_ntohs(*(__be16 *)&h[2]) != plen - 20)
-		return XDP_PASS;
+		return NOT_MINE;
 	/* XOR-PEER-ADDRESS of the packet's family (the relay's must be the same). */
 	if (*(__be16 *)&h[20] != bpf_htons(ATTR_XOR_PEER_ADDRESS) ||
 	    *(__be16 *)&h[22] != bpf_htons(p->v6 ? 20 : 8) || h[24] != 0 ||
 	    h[25] != (p->v6 ? 2 : 1))
-		return XDP_PASS;
+		return NOT_MINE;
 	peer_port = *(__be16 *)&h[26] ^ bpf_htons(STUN_COOKIE >> 16);
 	if (p->v6) {
 #pragma unroll
 		for (i = 0; i < 4; i++)
 			peer[i] = *(__u32 *)&h[28 + 4 * i] ^ *(__u32 *)&h[4 + 4 * i];
 		if (*(__be16 *)&h[44] != bpf_htons(ATTR_DATA))
-			return XDP_PASS;
+			return NOT_MINE;
 		len = bpf_ntohs(*(__be16 *)&h[46]);
 	} else {
 		map4(peer, *(__u32 *)&h[28] ^ bpf_htonl(STUN_COOKIE));
 		if (*(__be16 *)&h[32] != bpf_htons(ATTR_DATA))
-			return XDP_PASS;
+			return NOT_MINE;
 		len = bpf_ntohs(*(__be16 *)&h[34]);
 	}
 	/* DATA is last, padded to 4 exactly. */
 	pad = (4 - (len & 3)) & 3;
 	if ((__u32)plen != hlen + len + pad)
-		return XDP_PASS;
+		return NOT_MINE;
 
 	__builtin_memcpy(k.client, p->src, 16);
 	__builtin_memcpy(k.server, p->dst, 16);
@@ -433,7 +435,7 @@ static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, vo
 	k.server_port = p->dport;
 	v = bpf_map_lookup_elem(&perm_by_client, &k);
 	if (!v || (v->flags & PERM_RELAYS_ONLY) || !same_family(v->relay, p->v6))
-		return XDP_PASS;
+		return NOT_MINE;
 	__builtin_memcpy(relay, v->relay, 16);
 	relay_port = v->relay_port;
 	entry = v->entry;
@@ -450,7 +452,7 @@ static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, vo
 		for (i = 0; i < 48; i += 2) /* the message before the data (zero past hlen) */
 			s += neg(*(__u16 *)&h[i]);
 		if (neg_padding(ctx, base + hlen + len, len, pad, &s))
-			return XDP_PASS;
+			return NOT_MINE;
 		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
 		s += nl + nl + relay_port + peer_port;
 		csum = ~fold(fold(s)) & 0xffff;
@@ -459,7 +461,7 @@ static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, vo
 	}
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
-		return XDP_PASS;
+		return NOT_MINE;
 	if (bpf_xdp_adjust_head(ctx, (int)hlen))
 		return XDP_ABORTED;
 	if (write_headers(ctx, p, relay, peer, relay_port, peer_port, new_len, csum))
@@ -469,7 +471,7 @@ static __always_inline int send_indication(struct xdp_md *ctx, struct pkt *p, vo
 }
 
 /* Path A: ChannelData from a client -> UDP from the relay to the peer. */
-static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *payload)
+static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
 	void *end = (void *)(long)ctx->data_end;
 	struct chan_client_key k = {};
@@ -483,19 +485,17 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	__u32 entry;
 
 	if ((void *)(cd + 4) > end || plen < 4)
-		return XDP_PASS;
-	if ((cd[0] & 0xc0) == 0)
-		return send_indication(ctx, p, payload);
-	if ((cd[0] & 0xc0) != 0x40) /* neither STUN nor ChannelData */
-		return XDP_PASS;
+		return NOT_MINE;
+	if ((cd[0] & 0xc0) != 0x40) /* not ChannelData */
+		return NOT_MINE;
 	number = *(__be16 *)cd;
 	len_be = *(__be16 *)(cd + 2);
 	len = bpf_ntohs(len_be);
 	if (plen < 4 + (__u32)len)
-		return XDP_PASS; /* truncated */
+		return NOT_MINE; /* truncated */
 	pad = plen - 4 - len;
 	if (pad != 0 && pad != ((4 - (len & 3)) & 3))
-		return XDP_PASS; /* neither unpadded nor padded to 4 */
+		return NOT_MINE; /* neither unpadded nor padded to 4 */
 
 	__builtin_memcpy(k.client, p->src, 16);
 	__builtin_memcpy(k.server, p->dst, 16);
@@ -504,16 +504,16 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	k.number = number;
 	v = bpf_map_lookup_elem(&chan_by_client, &k);
 	if (!v)
-		return XDP_PASS;
+		return NOT_MINE;
 	if (!same_family(v->relay, p->v6) || !same_family(v->peer, p->v6))
-		return XDP_PASS; /* cross-family: userspace */
+		return NOT_MINE; /* cross-family: userspace */
 	__builtin_memcpy(relay, v->relay, 16);
 	__builtin_memcpy(peer, v->peer, 16);
 	relay_port = v->relay_port;
 	peer_port = v->peer_port;
 	entry = v->entry;
 	if (!permitted(relay, relay_port, peer))
-		return XDP_PASS;
+		return NOT_MINE;
 
 	new_len = len + UDP_LEN;
 	if (p->csum) {
@@ -527,7 +527,7 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 		/* Padding bytes, each at UDP offset 12 + len + i. */
 		if (neg_padding(ctx, ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN + 4 + len,
 				len, pad, &s))
-			return XDP_PASS;
+			return NOT_MINE;
 		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
 		s += nl + nl + relay_port + peer_port;
 		csum = ~fold(fold(s)) & 0xffff;
@@ -536,7 +536,7 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 	}
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
-		return XDP_PASS;
+		return NOT_MINE;
 	if (bpf_xdp_adjust_head(ctx, 4))
 		return XDP_ABORTED;
 	if (write_headers(ctx, p, relay, peer, relay_port, peer_port, new_len, csum))
@@ -547,7 +547,7 @@ static __always_inline int client_to_peer(struct xdp_md *ctx, struct pkt *p, voi
 
 /* Path C: UDP from a permitted peer to the relay, no channel -> Data indication (RFC 8656
  * section 11.3: XOR-PEER-ADDRESS, DATA) from the server to the client. */
-static __always_inline int data_indication(struct xdp_md *ctx, struct pkt *p)
+static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
 {
 	struct perm_relay_key k = {};
 	struct perm_val *v;
@@ -648,7 +648,7 @@ static __always_inline int data_indication(struct xdp_md *ctx, struct pkt *p)
 }
 
 /* Path B: UDP from a peer to the relay, channel bound -> ChannelData to the client. */
-static __always_inline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
+static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 {
 	struct chan_relay_key k = {};
 	struct chan_relay_val *v;
@@ -665,7 +665,7 @@ static __always_inline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 	k.peer_port = p->sport;
 	v = bpf_map_lookup_elem(&chan_by_relay, &k);
 	if (!v)
-		return data_indication(ctx, p); /* no channel */
+		return NOT_MINE; /* no channel: data_indication's */
 	if (!same_family(v->client, p->v6) || !same_family(v->server, p->v6))
 		return XDP_PASS;
 	__builtin_memcpy(client, v->client, 16);
@@ -722,14 +722,28 @@ int xdp_relay(struct xdp_md *ctx)
 {
 	struct pkt p = {};
 	void *payload;
-	int rc;
+	void *end;
+	int rc = NOT_MINE;
 
 	if (parse(ctx, &p, &payload))
 		return XDP_PASS;
-	rc = peer_to_client(ctx, &p);
-	if (rc != NOT_MINE)
-		return rc;
-	return client_to_peer(ctx, &p, payload);
+	end = (void *)(long)ctx->data_end;
+	/* Client paths first for what may be STUN or ChannelData, then the peer paths (a
+	 * peer's datagram may look like anything). A path that does not act returns
+	 * NOT_MINE with the frame untouched. */
+	if ((void *)((__u8 *)payload + 1) <= end) {
+		__u8 first = *(__u8 *)payload & 0xc0;
+
+		if (first == 0x40)
+			rc = client_to_peer(ctx, &p, payload);
+		else if (first == 0)
+			rc = send_indication(ctx, &p, payload);
+	}
+	if (rc == NOT_MINE)
+		rc = peer_to_client(ctx, &p);
+	if (rc == NOT_MINE)
+		rc = data_indication(ctx, &p);
+	return rc == NOT_MINE ? XDP_PASS : rc;
 }
 
 char LICENSE[] SEC("license") = "GPL";
