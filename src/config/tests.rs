@@ -86,6 +86,7 @@ fn good_config_and_defaults() {
     assert_eq!(c.tls, TlsSection::default());
     assert!(c.server.alternate_servers.is_empty());
     assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.kernel_fast_path, KernelFastPath::Off);
     assert_eq!(c.limits.max_bandwidth_per_allocation, 0);
     assert_eq!(c.limits.max_total_bandwidth, 0);
     assert_eq!(c.limits.unauthenticated_rate, 500);
@@ -157,6 +158,12 @@ fn drain_metrics_and_limit_problems() {
             "realm = \"turnstone.test\"\ndrain_timeout = \"soon\"",
             "server.drain_timeout",
             "not a duration",
+        ),
+        (
+            "realm = \"turnstone.test\"",
+            "realm = \"turnstone.test\"\nkernel_fast_path = \"on\"",
+            "server.kernel_fast_path",
+            "not one of \"off\", \"auto\", \"required\"",
         ),
         (
             "realm = \"turnstone.test\"",
@@ -291,6 +298,7 @@ fn example_documents_every_key() {
         "private_key",
         "alternate_servers",
         "drain_timeout",
+        "kernel_fast_path",
         "max_bandwidth_per_allocation",
         "max_total_bandwidth",
         "unauthenticated_rate",
@@ -819,4 +827,21 @@ fn private_relay_address_without_external_address_warns() {
     let w = c.warnings();
     assert_eq!(w.len(), 1);
     assert!(w[0].message.starts_with("fd00::5"), "{}", w[0]);
+}
+
+#[test]
+fn kernel_fast_path_values() {
+    for (text, want) in [
+        ("off", KernelFastPath::Off),
+        ("auto", KernelFastPath::Auto),
+        ("required", KernelFastPath::Required),
+    ] {
+        let text = GOOD.replacen(
+            "realm = \"turnstone.test\"",
+            &format!("realm = \"turnstone.test\"\nkernel_fast_path = \"{text}\""),
+            1,
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.server.kernel_fast_path, want);
+    }
 }
