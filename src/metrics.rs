@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::counters::{
-    WorkerCounters, AUTH_FAILURES, DIRECTIONS, DROP_REASONS, END_REASONS, FAMILIES, PATHS,
-    RESPONSE_LABELS, TRANSPORTS,
+    Direction, RelayPath, WorkerCounters, AUTH_FAILURES, DIRECTIONS, DROP_REASONS, END_REASONS,
+    FAMILIES, PATHS, RESPONSE_LABELS, TRANSPORTS,
 };
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -52,6 +52,9 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 /// - `turnstone_allocations_created_total` counter
 /// - `turnstone_allocations_ended_total{reason}` counter
 /// - `turnstone_relayed_packets_total{direction,path}` / `turnstone_relayed_bytes_total{direction,path}`
+/// - `turnstone_relayed_kernel_packets_total{direction,path}` /
+///   `turnstone_relayed_kernel_bytes_total{direction,path}`: what the kernel fast path
+///   (XDP) relayed, which the families above never count
 /// - `turnstone_auth_failures_total{reason}`
 /// - `turnstone_responses_total{code}` (error responses)
 /// - `turnstone_dropped_packets_total{reason}`
@@ -66,6 +69,8 @@ pub struct Metrics {
     ended: [Counter; 4],
     relayed_packets: [[Counter; 2]; 2],
     relayed_bytes: [[Counter; 2]; 2],
+    kernel_packets: [[Counter; 2]; 2],
+    kernel_bytes: [[Counter; 2]; 2],
     auth_failures: [Counter; 5],
     responses: [Counter; 17],
     dropped: [Counter; 7],
@@ -153,6 +158,20 @@ impl Metrics {
             bytes.clone(),
         );
         let relayed_bytes = counters2(&bytes, ("direction", "path"), DIRECTIONS, PATHS);
+        let kpackets = Family::<Labels2, Counter>::default();
+        reg.register(
+            "relayed_kernel_packets",
+            "Packets the kernel fast path (XDP, server.kernel_fast_path) relayed, by direction and framing",
+            kpackets.clone(),
+        );
+        let kernel_packets = counters2(&kpackets, ("direction", "path"), DIRECTIONS, PATHS);
+        let kbytes = Family::<Labels2, Counter>::default();
+        reg.register(
+            "relayed_kernel_bytes",
+            "Application data bytes the kernel fast path relayed, by direction and framing",
+            kbytes.clone(),
+        );
+        let kernel_bytes = counters2(&kbytes, ("direction", "path"), DIRECTIONS, PATHS);
 
         let auth = Family::<Labels1, Counter>::default();
         reg.register(
@@ -224,6 +243,8 @@ impl Metrics {
             ended,
             relayed_packets,
             relayed_bytes,
+            kernel_packets,
+            kernel_bytes,
             auth_failures,
             responses,
             dropped,
@@ -241,6 +262,24 @@ impl Metrics {
     /// Number of workers these metrics were made for.
     pub fn workers(&self) -> usize {
         self.heartbeats.len()
+    }
+
+    /// Adds what the kernel fast path relayed since the last call.
+    pub fn kernel_relayed(&self, d: Direction, p: RelayPath, packets: u64, bytes: u64) {
+        if let Some(c) = self
+            .kernel_packets
+            .get(d as usize)
+            .and_then(|r| r.get(p as usize))
+        {
+            add(c, packets);
+        }
+        if let Some(c) = self
+            .kernel_bytes
+            .get(d as usize)
+            .and_then(|r| r.get(p as usize))
+        {
+            add(c, bytes);
+        }
     }
 
     /// Adds worker `worker`'s counts to the shared families, updates its load and
@@ -577,6 +616,22 @@ mod tests {
             "turnstone_draining 0",
             "turnstone_reloads_total{result=\"refused\"} 0",
             "# EOF",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn kernel_relayed_has_its_own_families() {
+        let m = Metrics::new(1);
+        m.kernel_relayed(Direction::ToPeer, RelayPath::Channel, 10, 1000);
+        m.kernel_relayed(Direction::ToClient, RelayPath::Indication, 2, 20);
+        let text = m.encode();
+        for needle in [
+            "turnstone_relayed_kernel_packets_total{direction=\"to_peer\",path=\"channel\"} 10",
+            "turnstone_relayed_kernel_bytes_total{direction=\"to_peer\",path=\"channel\"} 1000",
+            "turnstone_relayed_kernel_packets_total{direction=\"to_client\",path=\"indication\"} 2",
+            "turnstone_relayed_packets_total{direction=\"to_peer\",path=\"channel\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -8,6 +8,7 @@
 
 mod batch;
 pub mod discover;
+pub mod fastpath;
 mod ports;
 mod socket;
 pub mod stream;
@@ -15,14 +16,14 @@ pub mod tls;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{Config, ListenTransport};
+use crate::config::{Config, KernelFastPath, ListenTransport};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::server::{Runtime, Shared, Transport};
@@ -49,6 +50,37 @@ pub(crate) struct Common {
     pub metrics: Arc<Metrics>,
     /// The worker threads' shard hand-off (adaptive worker count).
     pub(crate) pool: worker::Pool,
+    /// The kernel fast path, when `server.kernel_fast_path` loaded it.
+    pub(crate) fast_path: Option<Mutex<fastpath::Kernel>>,
+}
+
+/// Loads the kernel fast path as `server.kernel_fast_path` asks: `None` when off or
+/// ("auto") when it cannot be had; an error when "required" and it cannot.
+fn load_fast_path(config: &Config) -> anyhow::Result<Option<fastpath::Kernel>> {
+    let mode = config.server.kernel_fast_path;
+    if mode == KernelFastPath::Off {
+        return Ok(None);
+    }
+    match fastpath::Kernel::load(config) {
+        Ok(k) => {
+            tracing::info!(
+                interfaces = ?k.interfaces,
+                mode = "generic (SKB)",
+                "kernel fast path on: UDP allocations' ChannelData and indications relay in XDP"
+            );
+            Ok(Some(k))
+        }
+        Err(e) if mode == KernelFastPath::Required => {
+            anyhow::bail!("server.kernel_fast_path = \"required\": the kernel fast path is {e}")
+        }
+        Err(e) => {
+            tracing::warn!(
+                problem = %e,
+                "server.kernel_fast_path = \"auto\": kernel fast path unavailable; relaying in userspace"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// One worker's own listener sockets.
@@ -95,7 +127,11 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     }
     let sig = Signals::install()?;
     let nonce_secret: [u8; 32] = rand::random();
-    let shared = Shared::new(Runtime::from_config(&config, nonce_secret));
+    // Loaded (and so its maps empty: the core's Clear) before any worker serves.
+    let kernel = load_fast_path(&config)?;
+    let mut runtime = Runtime::from_config(&config, nonce_secret);
+    runtime.kernel_fast_path = kernel.is_some();
+    let shared = Shared::new(runtime);
     let tls_config = load_tls(&config)?;
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -116,6 +152,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         stream_limits: stream::StreamLimits::default(),
         metrics: metrics.clone(),
         pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
+        fast_path: kernel.map(Mutex::new),
     });
 
     // Bind every worker's sockets before announcing readiness, so a bad address is a
@@ -255,6 +292,9 @@ fn signals(
         loop {
             tokio::select! {
                 _ = trim_tick.tick() => {
+                    if let Some(k) = &common.fast_path {
+                        k.lock().unwrap_or_else(|e| e.into_inner()).read_counters(&common.metrics);
+                    }
                     if trim.check(common.shared.total_allocations()) {
                         let released = crate::sys::release_free_memory();
                         tracing::debug!(released, "allocation wave ended: free memory returned to the kernel");
@@ -306,6 +346,10 @@ fn signals(
                 _ = int.recv() => break,
             }
         }
+        if let Some(k) = &common.fast_path {
+            k.lock().unwrap_or_else(|e| e.into_inner()).shutdown(&common.metrics);
+            tracing::info!("kernel fast path detached and its maps emptied");
+        }
         // Give workers a moment to flush logs.
         tokio::time::sleep(Duration::from_millis(20)).await;
         Ok(())
@@ -351,10 +395,13 @@ fn reload(
             if let Some(t) = tls {
                 common.tls.store(Some(t));
             }
-            common
-                .shared
-                .runtime
-                .store(Arc::new(Runtime::from_config(&cfg, nonce_secret)));
+            if cfg.server.kernel_fast_path != KernelFastPath::Off && common.fast_path.is_none() {
+                tracing::warn!("server.kernel_fast_path: a reload does not load the kernel fast path; restart to use it");
+            }
+            let mut runtime = Runtime::from_config(&cfg, nonce_secret);
+            runtime.kernel_fast_path =
+                common.fast_path.is_some() && cfg.server.kernel_fast_path != KernelFastPath::Off;
+            common.shared.runtime.store(Arc::new(runtime));
             if let Some(set) = log_level {
                 if std::env::var_os("RUST_LOG").is_none() {
                     if let Err(e) = set(&cfg.log.level) {

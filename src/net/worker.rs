@@ -742,6 +742,17 @@ impl Shard {
         for ev in self.core.drain_events() {
             log_event(index, &ev);
         }
+        // The kernel fast path's entries for this shard's allocations (only ever queued
+        // while it is loaded).
+        if let Some(k) = &common.fast_path {
+            let mut cmds = self.core.drain_fast_path().peekable();
+            if cmds.peek().is_some() {
+                let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+                for cmd in cmds {
+                    k.apply(&cmd, &common.metrics);
+                }
+            }
+        }
     }
 
     /// One pass: handle `events`, then the rest; counts the time as this shard's load.
