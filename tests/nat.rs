@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{require_tool, run_bounded, wait_for, ChildGuard};
+use common::netns::{ip, Netns};
+use common::{require_tool, run_bounded};
 
 /// The NAT's public address (TEST-NET-3, only inside the test's namespaces).
 const PUBLIC: &str = "203.0.113.2";
@@ -21,162 +21,37 @@ const OUTSIDE: &str = "203.0.113.1";
 const INSIDE: &str = "10.77.0.2";
 const PORT: u16 = 3478;
 
-/// Three namespaces, deleted (with their veths and nftables rules) on drop:
-/// `inside` (turnstone, 10.77.0.2) — `nat` (10.77.0.1 | 203.0.113.2) — `outside` (203.0.113.1).
-struct Nat {
-    inside: String,
-    nat: String,
-    outside: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = run_bounded("ip", Command::new("ip").args(args), Duration::from_secs(10));
-    assert!(out.status.success(), "ip {args:?}: {}", out.combined());
-}
-
-impl Nat {
-    fn build() -> Nat {
-        require_tool("ip", "apt-get install -y iproute2");
-        require_tool("nft", "apt-get install -y nftables");
-        let tag = std::process::id() % 100_000;
-        let nat = Nat {
-            inside: format!("ts-in-{tag}"),
-            nat: format!("ts-nat-{tag}"),
-            outside: format!("ts-out-{tag}"),
-        };
-        for ns in [&nat.inside, &nat.nat, &nat.outside] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        let (a, b) = (format!("tsi{tag}"), format!("tsn{tag}"));
-        let (c, d) = (format!("tso{tag}"), format!("tsp{tag}"));
-        ip(&[
-            "link",
-            "add",
-            &a,
-            "netns",
-            &nat.inside,
-            "type",
-            "veth",
-            "peer",
-            &b,
-            "netns",
-            &nat.nat,
-        ]);
-        ip(&[
-            "link",
-            "add",
-            &c,
-            "netns",
-            &nat.outside,
-            "type",
-            "veth",
-            "peer",
-            &d,
-            "netns",
-            &nat.nat,
-        ]);
-        ip(&[
-            "-n",
-            &nat.inside,
-            "addr",
-            "add",
-            &format!("{INSIDE}/24"),
-            "dev",
-            &a,
-        ]);
-        ip(&["-n", &nat.nat, "addr", "add", "10.77.0.1/24", "dev", &b]);
-        ip(&[
-            "-n",
-            &nat.nat,
-            "addr",
-            "add",
-            &format!("{PUBLIC}/24"),
-            "dev",
-            &d,
-        ]);
-        ip(&[
-            "-n",
-            &nat.outside,
-            "addr",
-            "add",
-            &format!("{OUTSIDE}/24"),
-            "dev",
-            &c,
-        ]);
-        for (ns, dev) in [
-            (&nat.inside, &a),
-            (&nat.nat, &b),
-            (&nat.nat, &d),
-            (&nat.outside, &c),
-        ] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        ip(&[
-            "-n",
-            &nat.inside,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.77.0.1",
-        ]);
-        nat.exec(&nat.nat, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-        // 1:1 NAT, as a cloud's elastic IP: every port of PUBLIC maps to INSIDE.
-        let rules = format!(
-            "table ip ts_nat {{
-               chain pre {{ type nat hook prerouting priority -100; ip daddr {PUBLIC} dnat to {INSIDE}; }}
-               chain post {{ type nat hook postrouting priority 100; ip saddr {INSIDE} snat to {PUBLIC}; }}
-             }}"
-        );
-        nat.exec(&nat.nat, &["nft", &rules]);
-        nat
-    }
-
-    /// Runs `args` inside namespace `ns` to completion (bounded).
-    fn exec(&self, ns: &str, args: &[&str]) -> String {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).args(args);
-        let out = run_bounded(args[0], &mut cmd, Duration::from_secs(60));
-        assert!(out.status.success(), "{args:?} in {ns}: {}", out.combined());
-        out.combined()
-    }
-
-    /// A turnstone inside namespace `ns` with the configuration `toml`, once it listens.
-    fn turnstone(&self, ns: &str, dir: &Path, name: &str, toml: &str) -> ChildGuard {
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(&config, toml).unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            ns,
-            env!("CARGO_BIN_EXE_turnstone"),
-            "--config",
-        ])
-        .arg(&config);
-        let mut server = ChildGuard::spawn(name, &mut cmd);
-        wait_for(
-            &format!("{name} listening"),
-            Duration::from_secs(20),
-            || {
-                if let Some(st) = server.try_wait() {
-                    panic!("{name} exited ({st}):\n{}", server.output());
-                }
-                server.output().contains("listening").then_some(())
-            },
-        );
-        server
-    }
-}
-
-impl Drop for Nat {
-    fn drop(&mut self) {
-        for ns in [&self.inside, &self.nat, &self.outside] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
+/// Three namespaces joined by veths (deleted on drop): `in` (turnstone, 10.77.0.2) —
+/// `nat` (10.77.0.1 | 203.0.113.2) — `out` (203.0.113.1).
+fn build_nat() -> Netns {
+    require_tool("nft", "apt-get install -y nftables");
+    let n = Netns::new(&["in", "nat", "out"]);
+    n.veth("in", &format!("{INSIDE}/24"), "nat", "10.77.0.1/24");
+    n.veth(
+        "out",
+        &format!("{OUTSIDE}/24"),
+        "nat",
+        &format!("{PUBLIC}/24"),
+    );
+    ip(&[
+        "-n",
+        &n.ns("in"),
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.77.0.1",
+    ]);
+    n.exec("nat", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    // 1:1 NAT, as a cloud's elastic IP: every port of PUBLIC maps to INSIDE.
+    let rules = format!(
+        "table ip ts_nat {{
+           chain pre {{ type nat hook prerouting priority -100; ip daddr {PUBLIC} dnat to {INSIDE}; }}
+           chain post {{ type nat hook postrouting priority 100; ip saddr {INSIDE} snat to {PUBLIC}; }}
+         }}"
+    );
+    n.exec("nat", &["nft", &rules]);
+    n
 }
 
 fn config(address: &str, relay: &str, allow: &str) -> String {
@@ -189,10 +64,10 @@ fn config(address: &str, relay: &str, allow: &str) -> String {
 
 #[test]
 fn relay_behind_nat_advertises_the_discovered_address() {
-    let nat = Nat::build();
+    let nat = build_nat();
     let dir = tempfile::tempdir().unwrap();
     let _stun = nat.turnstone(
-        &nat.outside,
+        "out",
         dir.path(),
         "stun-server",
         &config(
@@ -205,7 +80,7 @@ fn relay_behind_nat_advertises_the_discovered_address() {
         "address = \"{INSIDE}\"\nexternal_address = \"auto\"\ndiscover_with = [\"stun:{OUTSIDE}:{PORT}\"]"
     );
     let behind = nat.turnstone(
-        &nat.inside,
+        "in",
         dir.path(),
         "behind-nat",
         &config(INSIDE, &relay, "203.0.113.0/24"),
@@ -228,7 +103,7 @@ fn relay_behind_nat_advertises_the_discovered_address() {
     // ways.
     let url = format!("turn:{PUBLIC}:{PORT}?transport=udp");
     let out = nat.exec(
-        &nat.outside,
+        "out",
         &[
             env!("CARGO_BIN_EXE_turnstone"),
             "probe",
@@ -266,7 +141,7 @@ fn relay_behind_nat_advertises_the_discovered_address() {
         "discovery at start and on reload:\n{logs}"
     );
     let out = nat.exec(
-        &nat.outside,
+        "out",
         &[
             env!("CARGO_BIN_EXE_turnstone"),
             "probe",

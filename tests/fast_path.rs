@@ -1,0 +1,272 @@
+//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*`; entries go with their allocation.
+//
+// Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
+// reach `server` (10.78.3.2) through `router`. The program answers with XDP_TX (out of
+// the interface the frame came in on, MACs swapped), so the server's one interface faces
+// the router, which forwards to the client or the peer, as a server's upstream router
+// would.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::metrics::sample;
+use common::netns::{ip, Netns};
+use common::{relayed_payload, require_tool, ChildGuard, TurnClient};
+
+const SERVER: &str = "10.78.3.2";
+const PEER: &str = "10.78.2.2";
+const PORT: u16 = 3478;
+const METRICS_PORT: u16 = 9641;
+const CHANNEL: u16 = 0x4000;
+/// Packets each way on the channel; Send indications are a tenth of it.
+const N: usize = 10_000;
+/// Packets in flight at once (the rest wait), so no socket buffer overflows.
+const WINDOW: usize = 50;
+
+/// One test at a time: the CPU figures must not include another test's traffic.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn rig() -> Netns {
+    require_tool("bpftool", "apt-get install -y bpftool");
+    require_tool("clang", "apt-get install -y clang libbpf-dev");
+    require_tool("ethtool", "apt-get install -y ethtool");
+    let n = Netns::new(&["client", "router", "server", "peer"]);
+    let (client_dev, _) = n.veth("client", "10.78.1.2/24", "router", "10.78.1.1/24");
+    let (peer_dev, _) = n.veth("peer", &format!("{PEER}/24"), "router", "10.78.2.1/24");
+    // Datagrams from a wire carry a full UDP checksum, which the program updates
+    // incrementally; a veth's own would be left for an offload (CHECKSUM_PARTIAL), which
+    // generic XDP's rewrites do not keep track of.
+    n.exec("client", &["ethtool", "-K", &client_dev, "tx", "off"]);
+    n.exec("peer", &["ethtool", "-K", &peer_dev, "tx", "off"]);
+    n.veth("server", &format!("{SERVER}/24"), "router", "10.78.3.1/24");
+    for (ns, via) in [
+        ("client", "10.78.1.1"),
+        ("peer", "10.78.2.1"),
+        ("server", "10.78.3.1"),
+    ] {
+        ip(&["-n", &n.ns(ns), "route", "add", "default", "via", via]);
+    }
+    n.exec("router", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    n
+}
+
+fn config(mode: &str) -> String {
+    format!(
+        "[server]\nrealm = \"fp.test\"\nkernel_fast_path = \"{mode}\"\n\n\
+         [[listen]]\ntransport = \"udp\"\naddress = \"{SERVER}:{PORT}\"\n\n\
+         [relay]\naddress = \"{SERVER}\"\nports = \"40000-40999\"\n\n\
+         [auth]\nusers = {{ alice = \"wonderland\" }}\n\n\
+         [policy]\nallow_peers = [\"10.78.0.0/16\"]\n\n\
+         [metrics]\nlisten = \"{SERVER}:{METRICS_PORT}\"\n"
+    )
+}
+
+/// The server process's CPU time (user + system) from /proc/PID/stat, in clock ticks.
+fn cpu_ticks(server: &ChildGuard) -> u64 {
+    let pid = server.id().expect("pid");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which ends with ')'): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn metrics(n: &Netns) -> String {
+    n.enter("server", || {
+        let mut s = TcpStream::connect((SERVER, METRICS_PORT)).expect("metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+}
+
+fn kernel(text: &str, direction: &str, path: &str) -> f64 {
+    sample(
+        text,
+        "turnstone_relayed_kernel_packets_total",
+        &[("direction", direction), ("path", path)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn user(text: &str, direction: &str, path: &str) -> f64 {
+    sample(
+        text,
+        "turnstone_relayed_packets_total",
+        &[("direction", direction), ("path", path)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// A client with an allocation, a permission and channel [`CHANNEL`] for the peer, and
+/// the peer's socket; returns (client, peer socket, relay address).
+fn session(n: &Netns) -> (TurnClient, UdpSocket, SocketAddr) {
+    let peer = n.enter("peer", || UdpSocket::bind((PEER, 0)).expect("peer socket"));
+    let peer_addr = peer.local_addr().unwrap();
+    let server: SocketAddr = format!("{SERVER}:{PORT}").parse().unwrap();
+    let mut client = n.enter("client", || {
+        let sock = UdpSocket::bind("10.78.1.2:0").expect("client socket");
+        let r = socket2::SockRef::from(&sock);
+        let _ = r.set_recv_buffer_size(4 << 20);
+        TurnClient::new(common::Link::Udp { sock, server }, "alice", "wonderland")
+            .with_realm("fp.test")
+    });
+    let relay = client.must_allocate();
+    client.permit(peer_addr);
+    client.bind(CHANNEL, peer_addr);
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    client
+        .udp_socket()
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    (client, peer, relay)
+}
+
+/// What arrived of what was sent, by leg.
+#[derive(Debug, Default)]
+struct Arrived {
+    to_peer: usize,
+    to_client: usize,
+    indications_to_peer: usize,
+}
+
+/// Sends [`N`] ChannelData to the peer and [`N`] datagrams back, then `N / 10` Send
+/// indications, [`WINDOW`] at a time; counts what arrives.
+fn traffic(client: &mut TurnClient, peer: &UdpSocket, relay: SocketAddr) -> Arrived {
+    let peer_addr = peer.local_addr().unwrap();
+    let payload = [0x5au8; 100];
+    let mut got = Arrived::default();
+    let mut buf = vec![0u8; 2048];
+    let mut recv_n = |sock: &UdpSocket, k: usize, check: &dyn Fn(&[u8]) -> bool| {
+        let mut n = 0;
+        while n < k {
+            match sock.recv_from(&mut buf) {
+                Ok((len, _)) if check(&buf[..len]) => n += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        n
+    };
+    for _ in 0..N / WINDOW {
+        for _ in 0..WINDOW {
+            client.send_channel(CHANNEL, &payload).unwrap();
+        }
+        got.to_peer += recv_n(peer, WINDOW, &|b| b == payload);
+        for _ in 0..WINDOW {
+            peer.send_to(&payload, relay).unwrap();
+        }
+        got.to_client += recv_n(client.udp_socket(), WINDOW, &|b| {
+            relayed_payload(b) == Some(&payload[..])
+        });
+    }
+    for _ in 0..N / 10 / WINDOW {
+        for _ in 0..WINDOW {
+            client.send_to_peer(peer_addr, &payload).unwrap();
+        }
+        got.indications_to_peer += recv_n(peer, WINDOW, &|b| b == payload);
+    }
+    got
+}
+
+/// Runs the traffic through a server in `mode`: what arrived, the server's CPU ticks
+/// for it, and the metrics after it.
+fn run(n: &Netns, mode: &str) -> (Arrived, u64, String, ChildGuard) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = n.turnstone(
+        "server",
+        dir.path(),
+        &format!("turnstone-{mode}"),
+        &config(mode),
+    );
+    let (mut client, peer, relay) = session(n);
+    let before = cpu_ticks(&server);
+    let started = Instant::now();
+    let got = traffic(&mut client, &peer, relay);
+    let ticks = cpu_ticks(&server) - before;
+    eprintln!(
+        "{mode}: {got:?} in {:?}, server CPU {ticks} ticks",
+        started.elapsed()
+    );
+    // The counters are read twice a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(n);
+    (got, ticks, text, server)
+}
+
+#[test]
+fn kernel_relays_channel_data_and_indications_for_a_fraction_of_the_cpu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+
+    let (off, off_ticks, off_text, server) = run(&n, "off");
+    drop(server);
+    assert_eq!(
+        (off.to_peer, off.to_client, off.indications_to_peer),
+        (N, N, N / 10),
+        "userspace lost packets"
+    );
+    assert_eq!(kernel(&off_text, "to_peer", "channel"), 0.0, "{off_text}");
+
+    let (on, on_ticks, on_text, server) = run(&n, "required");
+    let logs = server.output();
+    assert!(logs.contains("kernel fast path on"), "{logs}");
+    assert_eq!(
+        (on.to_peer, on.to_client, on.indications_to_peer),
+        (N, N, N / 10),
+        "the kernel path lost packets:\n{logs}"
+    );
+    let n_f = N as f64;
+    assert_eq!(kernel(&on_text, "to_peer", "channel"), n_f, "{on_text}");
+    assert_eq!(kernel(&on_text, "to_client", "channel"), n_f, "{on_text}");
+    assert_eq!(
+        kernel(&on_text, "to_peer", "indication"),
+        n_f / 10.0,
+        "{on_text}"
+    );
+    assert_eq!(user(&on_text, "to_peer", "channel"), 0.0, "{on_text}");
+    eprintln!(
+        "server CPU for the same packets: userspace {off_ticks} ticks, kernel {on_ticks} ticks"
+    );
+    assert!(
+        off_ticks >= 4 && on_ticks * 4 < off_ticks,
+        "server CPU: userspace {off_ticks} ticks, kernel path {on_ticks} ticks"
+    );
+}
+
+#[test]
+fn entries_go_with_the_allocation() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let server = n.turnstone("server", dir.path(), "turnstone-gone", &config("required"));
+    let (mut client, peer, relay) = session(&n);
+    let payload = [7u8; 64];
+    peer.send_to(&payload, relay).unwrap();
+    let got = client
+        .recv(Duration::from_secs(2))
+        .expect("relayed to the client");
+    assert_eq!(relayed_payload(&got), Some(&payload[..]));
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
+
+    // The allocation ends: its entries go with it, and nothing more is relayed.
+    client.refresh(0).expect_success("Refresh 0");
+    peer.send_to(&payload, relay).unwrap();
+    client.assert_silent("after the allocation ended", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
+    drop(server);
+}
