@@ -270,3 +270,56 @@ fn entries_go_with_the_allocation() {
     assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
     drop(server);
 }
+
+#[test]
+fn a_reload_that_sets_a_bandwidth_limit_takes_the_entries_out_within_a_tick() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let server = n.turnstone(
+        "server",
+        dir.path(),
+        "turnstone-reload",
+        &config("required"),
+    );
+    let (mut client, peer, relay) = session(&n);
+    let payload = [9u8; 64];
+    peer.send_to(&payload, relay).unwrap();
+    let got = client
+        .recv(Duration::from_secs(2))
+        .expect("relayed to the client");
+    assert_eq!(relayed_payload(&got), Some(&payload[..]));
+
+    // Bandwidth limits live in userspace only: the core takes every entry out at its
+    // next tick (one second), and userspace relays from then on.
+    let limited = format!(
+        "{}\n[limits]\nmax_bandwidth_per_allocation = \"10MB\"\n",
+        config("required")
+    );
+    std::fs::write(dir.path().join("turnstone-reload.toml"), limited).unwrap();
+    let pid = server.id().expect("pid").to_string();
+    let hup = common::run_bounded(
+        "kill",
+        std::process::Command::new("kill").args(["-HUP", &pid]),
+        Duration::from_secs(5),
+    );
+    assert!(hup.status.success());
+    common::wait_for("the reload", Duration::from_secs(10), || {
+        server
+            .output()
+            .contains("configuration reloaded")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    for _ in 0..10 {
+        peer.send_to(&payload, relay).unwrap();
+        let got = client
+            .recv(Duration::from_secs(2))
+            .expect("relayed to the client");
+        assert_eq!(relayed_payload(&got), Some(&payload[..]));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
+    assert_eq!(user(&text, "to_client", "channel"), 10.0, "{text}");
+}
