@@ -1,4 +1,4 @@
-//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*`; entries go with their allocation.
+//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation or a reload's bandwidth limit.
 //
 // Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
 // reach `server` (10.78.3.2) through `router`. The program answers with XDP_TX (out of
@@ -268,7 +268,16 @@ fn entries_go_with_the_allocation() {
     std::thread::sleep(Duration::from_millis(1200));
     let text = metrics(&n);
     assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
-    drop(server);
+    // The usage record counts what the kernel relayed, in the totals and apart.
+    let logs = server.output();
+    let ended = logs
+        .lines()
+        .find(|l| l.contains("allocation ended"))
+        .unwrap_or_else(|| panic!("no usage record:\n{logs}"));
+    assert!(
+        ended.contains("packets_to_client=1 ") && ended.contains("kernel_packets_to_client=1 "),
+        "{ended}"
+    );
 }
 
 #[test]

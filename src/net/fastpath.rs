@@ -44,12 +44,19 @@ impl EntryKey {
     }
 }
 
+/// A counter id in use: its entry's allocation and kind, and the (packets, bytes)
+/// already reported.
+struct Used {
+    allocation: u64,
+    kind: (Direction, RelayPath),
+    seen: [u64; 2],
+}
+
 /// Counter ids: which entry holds which, and the count already reported for each.
 #[derive(Default)]
 struct Ids {
     by_key: HashMap<EntryKey, u32>,
-    /// Per id: its entry's kind and the (packets, bytes) already reported.
-    used: HashMap<u32, ((Direction, RelayPath), [u64; 2])>,
+    used: HashMap<u32, Used>,
     free: Vec<u32>,
     next: u32,
 }
@@ -192,6 +199,9 @@ pub struct Kernel {
     perm_by_client: Map<[u8; 52], [u8; 28]>,
     counters: aya::maps::PerCpuArray<aya::maps::MapData, [u64; 2]>,
     ids: Ids,
+    /// What the kernel relayed for each allocation, until its usage record takes it:
+    /// packets and bytes to the peer, packets and bytes to the client.
+    usage: HashMap<u64, [u64; 4]>,
     /// The interfaces the program is attached to.
     pub interfaces: Vec<String>,
     /// Map writes the kernel refused (a full map): those entries stay in userspace.
@@ -239,13 +249,14 @@ impl Kernel {
             ebpf,
             links,
             ids: Ids::default(),
+            usage: HashMap::new(),
             interfaces,
             refused: 0,
         })
     }
 
     /// The counter id of `key`'s entry, taken now if it has none (`None`: all taken).
-    fn id(&mut self, key: EntryKey) -> Option<u32> {
+    fn id(&mut self, key: EntryKey, allocation: u64) -> Option<u32> {
         if let Some(&id) = self.ids.by_key.get(&key) {
             return Some(id);
         }
@@ -260,7 +271,14 @@ impl Kernel {
         // A reused id's counter goes on from where it stopped: start from there.
         let seen = self.read(id);
         self.ids.by_key.insert(key, id);
-        self.ids.used.insert(id, (key.kind(), seen));
+        self.ids.used.insert(
+            id,
+            Used {
+                allocation,
+                kind: key.kind(),
+                seen,
+            },
+        );
         Some(id)
     }
 
@@ -284,14 +302,34 @@ impl Kernel {
 
     fn report(&mut self, id: u32, metrics: &Metrics) {
         let now = self.read(id);
-        if let Some(((d, p), seen)) = self.ids.used.get_mut(&id) {
+        if let Some(Used {
+            allocation,
+            kind: (d, p),
+            seen,
+        }) = self.ids.used.get_mut(&id)
+        {
             let packets = now[0].wrapping_sub(seen[0]);
             let bytes = now[1].wrapping_sub(seen[1]);
             *seen = now;
             if packets > 0 || bytes > 0 {
                 metrics.kernel_relayed(*d, *p, packets, bytes);
+                let u = self.usage.entry(*allocation).or_default();
+                let at = if *d == Direction::ToPeer { 0 } else { 2 };
+                if let Some(v) = u.get_mut(at) {
+                    *v += packets;
+                }
+                if let Some(v) = u.get_mut(at + 1) {
+                    *v += bytes;
+                }
             }
         }
+    }
+
+    /// What the kernel relayed for `allocation` (packets and bytes to the peer, then to
+    /// the client), taken out: call when its usage record is written, after its entries
+    /// were removed.
+    pub fn take_usage(&mut self, allocation: u64) -> Option<[u64; 4]> {
+        self.usage.remove(&allocation)
     }
 
     /// Adds what the kernel relayed since the last call to `metrics`.
@@ -310,8 +348,8 @@ impl Kernel {
             FastPathCommand::InstallChannel(e) => {
                 let (ck, rk) = (e.client_key(), e.relay_key());
                 match (
-                    self.id(EntryKey::ChanClient(ck)),
-                    self.id(EntryKey::ChanRelay(rk)),
+                    self.id(EntryKey::ChanClient(ck), e.allocation),
+                    self.id(EntryKey::ChanRelay(rk), e.allocation),
                 ) {
                     (Some(a), Some(b)) => {
                         let v1: [u8; 40] = Put::new()
@@ -350,8 +388,8 @@ impl Kernel {
                 let (ck, rk) = (e.client_key(), e.relay_key());
                 let flags = u32::from(e.relays_only);
                 match (
-                    self.id(EntryKey::PermRelay(rk)),
-                    self.id(EntryKey::PermClient(ck)),
+                    self.id(EntryKey::PermRelay(rk), e.allocation),
+                    self.id(EntryKey::PermClient(ck), e.allocation),
                 ) {
                     (Some(a), Some(b)) => {
                         let v1: [u8; 44] = Put::new()

@@ -739,11 +739,8 @@ impl Shard {
             self.peers
                 .expire_connecting(now, &self.epoll, &mut self.core);
         }
-        for ev in self.core.drain_events() {
-            log_event(index, &ev);
-        }
         // The kernel fast path's entries for this shard's allocations (only ever queued
-        // while it is loaded).
+        // while it is loaded), before the usage records that read their last counts.
         if let Some(k) = &common.fast_path {
             let mut cmds = self.core.drain_fast_path().peekable();
             if cmds.peek().is_some() {
@@ -752,6 +749,16 @@ impl Shard {
                     k.apply(&cmd, &common.metrics);
                 }
             }
+        }
+        for ev in self.core.drain_events() {
+            // The usage record adds what the kernel relayed for the allocation.
+            let kernel = match (&ev, &common.fast_path) {
+                (Event::AllocationEnded { id, .. }, Some(k)) => {
+                    k.lock().unwrap_or_else(|e| e.into_inner()).take_usage(*id)
+                }
+                _ => None,
+            };
+            log_event(index, &ev, kernel);
         }
     }
 
@@ -1279,7 +1286,9 @@ impl PeerConns {
 
 /// Allocation events are logged inside a span `allocation{id, client, server,
 /// transport, user}`; the end record is the usage record billing consumes.
-fn log_event(worker: usize, ev: &Event) {
+/// `kernel`: what the kernel fast path relayed for an ended allocation (packets and bytes
+/// to the peer, then to the client), included in the totals and shown apart as `kernel_*`.
+fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
     let span = |id: u64, ft: &FiveTuple, user: &str| {
         tracing::info_span!(
             "allocation",
@@ -1317,6 +1326,7 @@ fn log_event(worker: usize, ev: &Event) {
             usage,
             reason,
         } => span(*id, five_tuple, username).in_scope(|| {
+            let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
             tracing::info!(
                 worker,
                 allocation = id,
@@ -1326,10 +1336,14 @@ fn log_event(worker: usize, ev: &Event) {
                 %relay,
                 user = %username,
                 duration_ms = duration.as_millis() as u64,
-                packets_to_peer = usage.packets_to_peer,
-                bytes_to_peer = usage.bytes_to_peer,
-                packets_to_client = usage.packets_to_client,
-                bytes_to_client = usage.bytes_to_client,
+                packets_to_peer = usage.packets_to_peer + kp,
+                bytes_to_peer = usage.bytes_to_peer + kb,
+                packets_to_client = usage.packets_to_client + kcp,
+                bytes_to_client = usage.bytes_to_client + kcb,
+                kernel_packets_to_peer = kp,
+                kernel_bytes_to_peer = kb,
+                kernel_packets_to_client = kcp,
+                kernel_bytes_to_client = kcb,
                 reason = reason.as_str(),
                 "allocation ended"
             )
