@@ -13,10 +13,11 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-check-cfg=cfg(turnstone_bpf)");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()).join("relay.o");
+    // TURNSTONE_NO_BPF=1 builds as on a machine without clang.
+    println!("cargo:rerun-if-env-changed=TURNSTONE_NO_BPF");
     if std::env::var_os("TURNSTONE_NO_BPF").is_some() {
         return;
     }
-    println!("cargo:rerun-if-env-changed=TURNSTONE_NO_BPF");
     if !std::path::Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         return;
     }

@@ -71,7 +71,7 @@ fn load_fast_path(config: &Config) -> anyhow::Result<Option<fastpath::Kernel>> {
             Ok(Some(k))
         }
         Err(e) if mode == KernelFastPath::Required => {
-            anyhow::bail!("server.kernel_fast_path = \"required\": the kernel fast path is {e}")
+            anyhow::bail!("server.kernel_fast_path = \"required\" but the kernel fast path cannot be used: {e}")
         }
         Err(e) => {
             tracing::warn!(
