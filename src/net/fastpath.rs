@@ -426,6 +426,12 @@ impl Kernel {
         };
         if !ok {
             self.refused += 1;
+            if self.refused.is_power_of_two() {
+                tracing::warn!(
+                    refused = self.refused,
+                    "kernel fast path: maps full; further entries stay in userspace"
+                );
+            }
         }
     }
 
