@@ -90,6 +90,9 @@ enum Cmd {
         /// Use an echo peer that is already running at --peer.
         #[arg(long)]
         external_peer: bool,
+        /// Local address of the client sockets (e.g. a network namespace's own address).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
         /// Number of allocations (TURN modes; the floor mode uses one socket).
         #[arg(long, default_value_t = 50)]
         allocs: usize,
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
             mode,
             peer,
             external_peer,
+            bind,
             allocs,
             rate,
             warmup,
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             server: common.server,
             peer,
             external_peer,
+            bind,
             allocs,
             rate,
             warmup,
