@@ -164,9 +164,16 @@ def main():
                 best = r
             else:
                 gen_short = x["achieved"] is not None and x["achieved"] < 0.95 * r
-                why = (f"{r}: loss {x['loss']:.3f}%, generator offered {fmt(x['achieved'], 0)} "
-                       f"({'the generator limits it' if gen_short else 'generator kept pace'}; "
-                       f"machine {fmt(x['busy'], 0)}% busy, gen {fmt(x['gen'], 0)}% CPU)")
+                base = S[("routed", r)]
+                rig_lossy = base is not None and base["loss"] is not None and base["loss"] >= LOSS_FREE_PCT
+                if rig_lossy:
+                    verdict = f"rig-bound: routing alone loses {base['loss']:.3f}% here"
+                elif gen_short:
+                    verdict = "the generator could not offer the rate: rig-bound"
+                else:
+                    verdict = "the generator kept pace: the subject's limit"
+                why = (f"{r}: loss {x['loss']:.3f}%, generator offered {fmt(x['achieved'], 0)}; {verdict} "
+                       f"(machine {fmt(x['busy'], 0)}% busy, generator {fmt(x['gen'], 0)}% of a core)")
                 break
         out.append(f"| {NAMES[s]} | {best if best is not None else 'none'} | {why} |")
 

@@ -1,6 +1,7 @@
 //! `loadgen`: the tools of turnstone's benchmark (`bench/run` drives them; see
-//! `bench/README.md`). Every subcommand talks only to loopback, runs for a bounded time
-//! and prints one `RESULT <tool> key=value ...` line on stdout.
+//! `bench/README.md`). Every subcommand talks only to loopback (or, in `bench/netns`, to
+//! the rig's own namespaces), runs for a bounded time and prints one
+//! `RESULT <tool> key=value ...` line on stdout.
 //!
 //! - `floor`: the minimal UDP forwarder (the kernel's own cost of relaying).
 //! - `echo`: a UDP echo peer.
@@ -30,7 +31,10 @@ use crate::load::Mode;
 use crate::turn::User;
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "turnstone benchmark tools (loopback only)")]
+#[command(
+    name = "loadgen",
+    about = "turnstone benchmark tools (loopback, or the bench/netns namespaces)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
