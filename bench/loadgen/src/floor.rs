@@ -20,7 +20,14 @@ const PEER: Token = Token(1);
 pub fn run(listen: SocketAddr, peer: SocketAddr, max_secs: u64) -> io::Result<()> {
     let client_std = udp_socket(listen, BIG_BUFFER)?;
     client_std.set_nonblocking(true)?;
-    let peer_std = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), BIG_BUFFER)?;
+    // Unspecified address: the route to the peer picks the source (127.0.0.1 on loopback,
+    // the peer-side address in the netns rig).
+    let unspec: std::net::IpAddr = if peer.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let peer_std = udp_socket(SocketAddr::new(unspec, 0), BIG_BUFFER)?;
     peer_std.connect(peer)?;
     peer_std.set_nonblocking(true)?;
     let mut client_sock = UdpSocket::from_std(client_std);

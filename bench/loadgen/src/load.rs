@@ -23,7 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 use turnstone::proto::{method, parse_channel_data, write_channel_data_header, Class, Message};
 
 use crate::turn::{build_send_indication, Client, User};
-use crate::util::{cpu_us, percentile, udp_socket, Echo, ResultLine, BIG_BUFFER};
+use crate::util::{cpu_us, percentile, udp_socket, Echo, MachineCpu, ResultLine, BIG_BUFFER};
 
 /// The channel every allocation binds (one per allocation, so the same number is fine).
 const CHANNEL: u16 = 0x4000;
@@ -45,6 +45,8 @@ pub struct Opts {
     pub server: SocketAddr,
     pub peer: SocketAddr,
     pub external_peer: bool,
+    /// Local address of the client sockets (port 0).
+    pub bind: std::net::IpAddr,
     pub allocs: usize,
     pub rate: u64,
     pub warmup: f64,
@@ -160,13 +162,14 @@ pub fn run(o: Opts) -> io::Result<()> {
     let mut clients: Vec<Client> = Vec::new();
     match o.mode {
         Mode::Floor => {
-            let s = udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)), BIG_BUFFER)?;
+            let s = udp_socket(SocketAddr::new(o.bind, 0), BIG_BUFFER)?;
             s.connect(o.server)?;
             socks.push(s);
         }
         Mode::Channel | Mode::Send => {
             for i in 0..o.allocs.max(1) {
-                let mut c = Client::new(o.server, o.user.clone(), None)?;
+                let mut c =
+                    Client::new(o.server, o.user.clone(), Some(SocketAddr::new(o.bind, 0)))?;
                 let what = |e: io::Error, step: &str| {
                     io::Error::other(format!("allocation {i}: {step}: {e}"))
                 };
@@ -225,6 +228,7 @@ pub fn run(o: Opts) -> io::Result<()> {
     let mut seq = 0u64;
     let (mut s0, mut s1) = (None::<u64>, None::<u64>);
     let (mut cpu0, mut cpu1) = (None::<u64>, None::<u64>);
+    let (mut mach0, mut mach1) = (None::<MachineCpu>, None::<MachineCpu>);
     let (mut t0, mut t1) = (start, start);
     let (mut send_errors, mut skipped) = (0u64, 0u64);
     let server_cpu = |pid: Option<u32>| pid.and_then(|p| cpu_us(p).ok());
@@ -234,11 +238,13 @@ pub fn run(o: Opts) -> io::Result<()> {
         if s0.is_none() && now >= measure_from {
             s0 = Some(seq);
             cpu0 = server_cpu(o.pid);
+            mach0 = MachineCpu::read().ok();
             t0 = now;
         }
         if now >= measure_to {
             s1 = Some(seq);
             cpu1 = server_cpu(o.pid);
+            mach1 = MachineCpu::read().ok();
             t1 = now;
             break;
         }
@@ -341,6 +347,23 @@ pub fn run(o: Opts) -> io::Result<()> {
                 (gen_cpu1.saturating_sub(gen_cpu0)) as f64 / 1e4 / (total.max(1e-9))
             ),
         );
+    if let (Some(m0), Some(m1)) = (mach0, mach1) {
+        // Whole-machine busy time: wall x CPUs - idle - iowait (exact counters; the
+        // user/system/softirq columns are tick-sampled and miss short bursts).
+        let busy_us = m1.busy_us_since(&m0, secs);
+        r.kv("ncpu", m1.ncpu)
+            .kv("machine_busy_us", format!("{busy_us:.0}"))
+            .kv(
+                "machine_busy_pct",
+                format!("{:.1}", busy_us / 1e4 / secs / m1.ncpu as f64),
+            );
+        if relayed > 0 {
+            r.kv(
+                "machine_us_per_pkt",
+                format!("{:.3}", busy_us / relayed as f64),
+            );
+        }
+    }
     if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
         let cpu = c1.saturating_sub(c0);
         r.kv("server_cpu_pct", format!("{:.1}", cpu as f64 / 1e4 / secs));

@@ -1,6 +1,7 @@
 //! `loadgen`: the tools of turnstone's benchmark (`bench/run` drives them; see
-//! `bench/README.md`). Every subcommand talks only to loopback, runs for a bounded time
-//! and prints one `RESULT <tool> key=value ...` line on stdout.
+//! `bench/README.md`). Every subcommand talks only to loopback (or, in `bench/netns`, to
+//! the rig's own namespaces), runs for a bounded time and prints one
+//! `RESULT <tool> key=value ...` line on stdout.
 //!
 //! - `floor`: the minimal UDP forwarder (the kernel's own cost of relaying).
 //! - `echo`: a UDP echo peer.
@@ -30,7 +31,10 @@ use crate::load::Mode;
 use crate::turn::User;
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "turnstone benchmark tools (loopback only)")]
+#[command(
+    name = "loadgen",
+    about = "turnstone benchmark tools (loopback, or the bench/netns namespaces)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -90,6 +94,9 @@ enum Cmd {
         /// Use an echo peer that is already running at --peer.
         #[arg(long)]
         external_peer: bool,
+        /// Local address of the client sockets (e.g. a network namespace's own address).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
         /// Number of allocations (TURN modes; the floor mode uses one socket).
         #[arg(long, default_value_t = 50)]
         allocs: usize,
@@ -183,6 +190,7 @@ fn main() -> ExitCode {
             mode,
             peer,
             external_peer,
+            bind,
             allocs,
             rate,
             warmup,
@@ -194,6 +202,7 @@ fn main() -> ExitCode {
             server: common.server,
             peer,
             external_peer,
+            bind,
             allocs,
             rate,
             warmup,

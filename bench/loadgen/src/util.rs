@@ -51,6 +51,51 @@ pub fn cpu_us(pid: u32) -> io::Result<u64> {
     cpu_ticks(pid).map(|t| t * 1_000_000 / CLOCK_TICKS_PER_SEC)
 }
 
+/// Idle and iowait time of the whole machine, from the `cpu` line of /proc/stat (clock
+/// ticks; these two columns come from the kernel's exact idle accounting), and the number
+/// of CPUs (`cpuN` lines).
+#[derive(Clone, Copy, Debug)]
+pub struct MachineCpu {
+    pub idle_ticks: u64,
+    pub ncpu: usize,
+}
+
+impl MachineCpu {
+    pub fn read() -> io::Result<MachineCpu> {
+        Self::parse(&std::fs::read_to_string("/proc/stat")?)
+    }
+
+    pub fn parse(text: &str) -> io::Result<MachineCpu> {
+        let bad = || io::Error::other("malformed /proc/stat");
+        let total = text
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .ok_or_else(bad)?;
+        let f: Vec<u64> = total
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().map_err(|_| bad()))
+            .collect::<io::Result<_>>()?;
+        // user nice system idle iowait ...
+        let idle_ticks = f.get(3).ok_or_else(bad)? + f.get(4).ok_or_else(bad)?;
+        let ncpu = text
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
+        Ok(MachineCpu {
+            idle_ticks,
+            ncpu: ncpu.max(1),
+        })
+    }
+
+    /// Busy µs of all CPUs together between `earlier` and `self`, `wall_secs` apart.
+    pub fn busy_us_since(&self, earlier: &MachineCpu, wall_secs: f64) -> f64 {
+        let idle_us = self.idle_ticks.saturating_sub(earlier.idle_ticks) as f64 * 1e6
+            / CLOCK_TICKS_PER_SEC as f64;
+        (wall_secs * 1e6 * self.ncpu as f64 - idle_us).max(0.0)
+    }
+}
+
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> io::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -145,5 +190,24 @@ impl ResultLine {
     }
     pub fn print(&self) {
         println!("{}", self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MachineCpu;
+
+    #[test]
+    fn machine_cpu_from_proc_stat() {
+        let a = MachineCpu::parse(
+            "cpu  100 0 50 1000 20 0 5 0 0 0\ncpu0 50 0 25 500 10 0 2 0 0 0\n\
+             cpu1 50 0 25 500 10 0 3 0 0 0\nintr 1 2\nctxt 3\n",
+        )
+        .unwrap();
+        assert_eq!((a.idle_ticks, a.ncpu), (1020, 2));
+        // One second later, 150 of the 200 CPU ticks idle: 0.5 s busy.
+        let b = MachineCpu::parse("cpu  150 0 50 1140 30 0 5 0 0 0\ncpu0 1\ncpu1 1\n").unwrap();
+        assert!((b.busy_us_since(&a, 1.0) - 500_000.0).abs() < 1e-6);
+        assert!(MachineCpu::parse("intr 1\n").is_err());
     }
 }
