@@ -135,9 +135,12 @@ def main():
     out.append("|---:|---:|---:|")
 
     def ratio(a, b):
-        if a is None or b is None or b <= 0:
+        if not a or not b:
             return None
-        return a["marginal"] / b["marginal"] if a["marginal"] is not None and b["marginal"] is not None else None
+        am, bm = a.get("marginal"), b.get("marginal")
+        if am is None or bm is None or bm <= 0:
+            return None
+        return am / bm
 
     ratios = {}
     for r in rates:
