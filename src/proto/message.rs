@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 
 use ring::hmac;
+
+use super::integrity::IntegrityKey;
 use subtle::ConstantTimeEq;
 
 use super::addr::{decode_address, decode_xor_address};
@@ -486,12 +488,17 @@ impl<'a> Message<'a> {
 
     /// Verifies MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 14.5) only. `false` if absent.
     pub fn verify_integrity_sha1(&self, key: &[u8]) -> bool {
+        self.verify_integrity_sha1_with(&IntegrityKey::new(key))
+    }
+
+    /// [`Message::verify_integrity_sha1`] with a key whose HMAC pads are already
+    /// computed, so that verifying a request and signing its answer hash them once.
+    pub fn verify_integrity_sha1_with(&self, key: &IntegrityKey) -> bool {
         let at = self.mi as usize;
         if at == 0 {
             return false;
         }
-        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
-        let mut mac = hmac::Context::with_key(&key);
+        let mut mac = hmac::Context::with_key(&key.0);
         let v = at + ATTR_HEADER_LEN;
         match (
             self.mac_input(at, MESSAGE_INTEGRITY_LEN, |b| mac.update(b)),

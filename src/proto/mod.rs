@@ -17,6 +17,7 @@ pub mod attr;
 mod addr;
 mod channel;
 mod framing;
+mod integrity;
 mod message;
 mod writer;
 
@@ -28,6 +29,7 @@ pub use channel::{
     is_channel_data, is_stun, parse_channel_data, write_channel_data_header, CHANNEL_DATA_HEADER,
 };
 pub use framing::{next_frame, Frame};
+pub use integrity::IntegrityKey;
 pub use message::{AttrIter, Message, MAX_NONCE_LEN, MAX_REALM_LEN, MAX_USERNAME_LEN};
 pub use writer::{reason_phrase, MessageWriter};
 

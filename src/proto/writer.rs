@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 
 use ring::hmac;
 
+use super::integrity::IntegrityKey;
+
 use super::addr::{encode_address, encode_xor_address};
 use super::{
     attr, message_type, Class, TransactionId, ATTR_HEADER_LEN, FINGERPRINT_LEN, FINGERPRINT_XOR,
@@ -195,12 +197,16 @@ impl<'b> MessageWriter<'b> {
     /// counting this attribute; RFC 8489 14.5). `key` is the short-term password or the
     /// long-term key MD5(username ":" realm ":" password).
     pub fn message_integrity(&mut self, key: &[u8]) -> &mut Self {
+        self.message_integrity_with(&IntegrityKey::new(key))
+    }
+
+    /// [`MessageWriter::message_integrity`] with a key whose HMAC pads are already computed.
+    pub fn message_integrity_with(&mut self, key: &IntegrityKey) -> &mut Self {
         if self.room().is_none_or(|r| r < MESSAGE_INTEGRITY_LEN) {
             return self;
         }
-        let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
         self.write_len(self.body_len() + ATTR_HEADER_LEN + MESSAGE_INTEGRITY_LEN);
-        let tag = hmac::sign(&key, self.buf);
+        let tag = hmac::sign(&key.0, self.buf);
         self.header(attr::MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_LEN);
         self.buf.extend_from_slice(tag.as_ref());
         self.sync_len();

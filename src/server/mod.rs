@@ -300,6 +300,9 @@ impl UnauthLimiter {
 /// The outcome of authenticating a request.
 struct Authed {
     key: Key,
+    /// `key` prepared for HMAC-SHA1 (requests without MESSAGE-INTEGRITY-SHA256): the
+    /// request was verified with it and its answer is signed with it.
+    mac: Option<proto::IntegrityKey>,
     sha256: bool,
     /// The key came from a TURN REST shared secret (not a static user).
     rest: bool,
@@ -1041,11 +1044,19 @@ impl Server {
                 return Err(Reply::Done);
             }
         };
+        let sha256 = msg.has(attr::MESSAGE_INTEGRITY_SHA256);
         for (key, rest) in keys {
-            if msg.verify_integrity(&key) {
+            let (ok, mac) = if sha256 {
+                (msg.verify_integrity(&key), None)
+            } else {
+                let mac = proto::IntegrityKey::new(&key);
+                (msg.verify_integrity_sha1_with(&mac), Some(mac))
+            };
+            if ok {
                 return Ok(Authed {
                     key,
-                    sha256: msg.has(attr::MESSAGE_INTEGRITY_SHA256),
+                    mac,
+                    sha256,
                     rest,
                 });
             }
@@ -1739,11 +1750,11 @@ fn finish(w: &mut MessageWriter<'_>, rt: &Runtime, msg: &Message<'_>, auth: Opti
         w.attr(attr::SOFTWARE, s.as_bytes());
     }
     if let Some(a) = auth {
-        if a.sha256 {
-            w.message_integrity_sha256(&a.key);
-        } else {
-            w.message_integrity(&a.key);
-        }
+        match (&a.mac, a.sha256) {
+            (_, true) => w.message_integrity_sha256(&a.key),
+            (Some(mac), false) => w.message_integrity_with(mac),
+            (None, false) => w.message_integrity(&a.key),
+        };
     }
     if msg.has_fingerprint() {
         w.fingerprint();
