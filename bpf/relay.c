@@ -1,4 +1,4 @@
-/* turnstone's XDP fast path: ChannelData and Send/Data indications <-> UDP for entries userspace installed; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
+/* turnstone's XDP fast path: ChannelData and Send/Data indications <-> UDP for entries userspace installed, out of the interface the routing table chooses; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -7,6 +7,13 @@
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 #define MAX_ENTRIES 65536
 /* perm_val.flags: the peer policy denies this IP; userspace must check each packet. */
@@ -134,8 +141,6 @@ struct pkt {
 	__be16 dport;
 	__u16 udp_len; /* host order */
 	__u16 csum;    /* as in the packet */
-	__u8 smac[ETH_ALEN];
-	__u8 dmac[ETH_ALEN];
 	int v6;
 };
 
@@ -221,8 +226,6 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p, void **paylo
 
 	if ((void *)(eth + 1) > end)
 		return -1;
-	__builtin_memcpy(p->smac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(p->dmac, eth->h_dest, ETH_ALEN);
 	l3len = (__u32)(end - data) - ETH_LEN;
 
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
@@ -288,8 +291,47 @@ static __always_inline int same_family(const __u32 *a, int v6)
 	return v6 ? !is_mapped4(a) : is_mapped4(a);
 }
 
-/* Writes fresh Ethernet (MACs swapped) / IP / UDP headers at the frame's start. */
-static __always_inline int write_headers(struct xdp_md *ctx, const struct pkt *p, const __u32 *src,
+/* The route of the packet to be written (src -> dst, UDP of udp_len bytes): 0 with *fib
+ * holding the output interface and MACs when the lookup succeeds (which includes the
+ * route's MTU check: tot_len), -1 otherwise (no route, no neighbour yet, blackhole,
+ * fragmentation needed, forwarding disabled on the ingress interface...). Changes no
+ * packet byte: a caller that gets -1 passes the frame up untouched. */
+static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib, int v6,
+				 const __u32 *src, const __u32 *dst, __be16 sport, __be16 dport,
+				 __u16 udp_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->ifindex = ctx->ingress_ifindex;
+	if (v6) {
+		fib->family = AF_INET6;
+		fib->tot_len = udp_len + IP6_LEN;
+		__builtin_memcpy(fib->ipv6_src, src, 16);
+		__builtin_memcpy(fib->ipv6_dst, dst, 16);
+	} else {
+		fib->family = AF_INET;
+		fib->tot_len = udp_len + IP4_LEN;
+		fib->ipv4_src = src[3];
+		fib->ipv4_dst = dst[3];
+	}
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	return 0;
+}
+
+/* The action for a rewritten frame: back out of the ingress interface, or to another. */
+static __always_inline int forward(struct xdp_md *ctx, const struct bpf_fib_lookup *fib)
+{
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+/* Writes fresh Ethernet (the route's MACs) / IP / UDP headers at the frame's start. */
+static __always_inline int write_headers(struct xdp_md *ctx, const struct pkt *p,
+					 const struct bpf_fib_lookup *fib, const __u32 *src,
 					 const __u32 *dst, __be16 sport, __be16 dport,
 					 __u16 udp_len, __u16 csum)
 {
@@ -300,8 +342,8 @@ static __always_inline int write_headers(struct xdp_md *ctx, const struct pkt *p
 
 	if ((void *)(eth + 1) > end)
 		return -1;
-	__builtin_memcpy(eth->h_dest, p->smac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, p->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
 	if (!p->v6) {
 		struct iphdr *ip = (void *)(eth + 1);
 		__u16 *w = (void *)ip;
@@ -383,6 +425,7 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 	__u32 base = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
 	struct perm_client_key k = {};
 	struct perm_client_val *v;
+	struct bpf_fib_lookup fib;
 	__u8 h[48] = {};
 	__u32 peer[4], relay[4];
 	__be16 peer_port, relay_port;
@@ -459,15 +502,17 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 		if (csum == 0)
 			csum = 0xffff;
 	}
+	if (route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len))
+		return XDP_PASS;
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
-		return NOT_MINE;
+		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, (int)hlen))
 		return XDP_ABORTED;
-	if (write_headers(ctx, p, relay, peer, relay_port, peer_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum))
 		return XDP_ABORTED;
 	count(entry, len);
-	return XDP_TX;
+	return forward(ctx, &fib);
 }
 
 /* Path A: ChannelData from a client -> UDP from the relay to the peer. */
@@ -476,6 +521,7 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 	void *end = (void *)(long)ctx->data_end;
 	struct chan_client_key k = {};
 	struct chan_client_val *v;
+	struct bpf_fib_lookup fib;
 	__u8 *cd = payload;
 	__u16 plen = p->udp_len - UDP_LEN;
 	__u16 len, pad, new_len, csum = 0;
@@ -534,15 +580,17 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 		if (csum == 0)
 			csum = 0xffff;
 	}
+	if (route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len))
+		return XDP_PASS;
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
-		return NOT_MINE;
+		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, 4))
 		return XDP_ABORTED;
-	if (write_headers(ctx, p, relay, peer, relay_port, peer_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum))
 		return XDP_ABORTED;
 	count(entry, len);
-	return XDP_TX;
+	return forward(ctx, &fib);
 }
 
 /* Path C: UDP from a permitted peer to the relay, no channel -> Data indication (RFC 8656
@@ -551,6 +599,7 @@ static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
 {
 	struct perm_relay_key k = {};
 	struct perm_val *v;
+	struct bpf_fib_lookup fib;
 	__u32 client[4], server[4];
 	__be16 client_port, server_port;
 	__u16 dlen = p->udp_len - UDP_LEN;
@@ -580,7 +629,9 @@ static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
 	if (p->udp_len > 0xffff - IP4_LEN - 48 - 3)
 		return XDP_PASS;
 	new_len = p->udp_len + hlen + pad;
-	if (bpf_check_mtu(ctx, 0, &mtu, hlen + pad, 0))
+	if (route(ctx, &fib, p->v6, server, client, server_port, client_port, new_len))
+		return XDP_PASS;
+	if (bpf_check_mtu(ctx, fib.ifindex, &mtu, hlen + pad, 0))
 		return XDP_PASS;
 
 	/* The message: header, XOR-PEER-ADDRESS, DATA's type and length. */
@@ -634,7 +685,7 @@ static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
 	}
 	if (bpf_xdp_adjust_head(ctx, -(int)hlen))
 		return XDP_ABORTED;
-	if (write_headers(ctx, p, server, client, server_port, client_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, server, client, server_port, client_port, new_len, csum))
 		return XDP_ABORTED;
 	if (p->v6) {
 		if (bpf_xdp_store_bytes(ctx, ETH_LEN + IP6_LEN + UDP_LEN, ind, 48))
@@ -644,7 +695,7 @@ static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
 			return XDP_ABORTED;
 	}
 	count(entry, dlen);
-	return XDP_TX;
+	return forward(ctx, &fib);
 }
 
 /* Path B: UDP from a peer to the relay, channel bound -> ChannelData to the client. */
@@ -652,6 +703,7 @@ static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 {
 	struct chan_relay_key k = {};
 	struct chan_relay_val *v;
+	struct bpf_fib_lookup fib;
 	__u32 client[4], server[4];
 	__be16 client_port, server_port, number;
 	__u16 dlen = p->udp_len - UDP_LEN;
@@ -680,8 +732,10 @@ static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 	if (p->udp_len > 0xffff - 4 - IP4_LEN)
 		return XDP_PASS;
 	new_len = p->udp_len + 4;
-	if (bpf_check_mtu(ctx, 0, &mtu, 4, 0))
-		return XDP_PASS; /* the result would exceed the MTU */
+	if (route(ctx, &fib, p->v6, server, client, server_port, client_port, new_len))
+		return XDP_PASS;
+	if (bpf_check_mtu(ctx, fib.ifindex, &mtu, 4, 0))
+		return XDP_PASS; /* the result would exceed the output interface's MTU */
 
 	if (p->csum) {
 		__u32 s = neg(p->csum);
@@ -700,7 +754,7 @@ static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 
 	if (bpf_xdp_adjust_head(ctx, -4))
 		return XDP_PASS;
-	if (write_headers(ctx, p, server, client, server_port, client_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, server, client, server_port, client_port, new_len, csum))
 		return XDP_ABORTED;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
@@ -714,7 +768,7 @@ static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 		cd[1] = bpf_htons(dlen);
 	}
 	count(entry, dlen);
-	return XDP_TX;
+	return forward(ctx, &fib);
 }
 
 SEC("xdp")

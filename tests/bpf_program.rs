@@ -1,8 +1,12 @@
 //! The XDP fast path program (bpf/relay.c) under BPF_PROG_TEST_RUN: the test builds the
 //! object with `scripts/bpf`, loads it with bpftool into its own bpffs directory (removed
 //! afterwards), fills the maps, and runs a table of input frames -> expected action and
-//! exact output bytes (checksums computed here, independently of the program). Needs root,
-//! clang, libbpf-dev and bpftool; `bash scripts/test` installs the tools.
+//! exact output bytes (checksums computed here, independently of the program). The runs
+//! happen in a network namespace of the test's own, whose routes and static neighbours
+//! make the program's route lookups (bpf_fib_lookup) succeed for the table's addresses:
+//! clients behind one interface, peers behind another, so relayed frames are redirected
+//! with the route's MACs. Needs root, clang, libbpf-dev, bpftool, iproute2 and nsenter;
+//! `bash scripts/test` installs the tools.
 
 mod common;
 
@@ -11,14 +15,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::netns::{ip, Netns};
 use common::{require_tool, run_bounded};
 
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+/// The server's interface towards the clients (and the frames' destination MAC).
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The server's interface towards the peers.
+const SERVER_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
+
+fn mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -291,6 +303,8 @@ struct Loaded {
     dir: PathBuf,
     prog: PathBuf,
     scratch: tempfile::TempDir,
+    /// Where the program runs (its route lookups see this namespace's tables).
+    netns: Netns,
 }
 
 impl Drop for Loaded {
@@ -318,6 +332,7 @@ impl Loaded {
     fn new() -> Loaded {
         require_tool("clang", TOOL_HINT);
         let bpftool = require_tool("bpftool", TOOL_HINT);
+        require_tool("nsenter", "apt-get install -y util-linux");
         assert!(
             is_root(),
             "tests/bpf_program.rs loads an XDP program and pins it in bpffs: run it as root"
@@ -354,6 +369,7 @@ impl Loaded {
             prog: dir.join("xdp_relay"),
             dir: dir.clone(),
             scratch,
+            netns: routes(),
         };
         run(
             "bpftool prog loadall",
@@ -395,9 +411,12 @@ impl Loaded {
         let data_out = self.scratch.path().join("out.bin");
         std::fs::write(&data_in, input).unwrap();
         let _ = std::fs::remove_file(&data_out);
+        // nsenter, not `ip netns exec`: that one remounts /sys, hiding the pins.
         let out = run(
             "bpftool prog run",
-            Command::new(&self.bpftool)
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.netns.ns("xdp")))
+                .arg(&self.bpftool)
                 .args(["prog", "run", "pinned"])
                 .arg(&self.prog)
                 .arg("data_in")
@@ -448,6 +467,70 @@ impl Loaded {
     }
 }
 
+/// The namespace the program runs in (BPF_PROG_TEST_RUN's ingress interface is its `lo`):
+/// forwarding on, clients (192.0.2.0/24, 2001:db8::/64) behind an interface with
+/// SERVER_MAC, peers (198.51.100.0/24, 2001:db8:1::/64, and the timing loop's
+/// 10.9.0.0/24, 2001:db8:9::/64) behind one with SERVER_PEER_MAC; static neighbours for
+/// the addresses the table relays to (the timing loop's three included), none for the
+/// `no_neigh` peers and `lost_client`s, no route to the `no_route` peers.
+fn routes() -> Netns {
+    let n = Netns::new(&["xdp"]);
+    let ns = n.ns("xdp");
+    n.exec(
+        "xdp",
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    );
+    let (to_clients, to_peers) = ("tsclients", "tspeers");
+    ip(&[
+        "-n", &ns, "link", "add", to_clients, "type", "veth", "peer", "name", to_peers,
+    ]);
+    for (dev, m) in [(to_clients, SERVER_MAC), (to_peers, SERVER_PEER_MAC)] {
+        ip(&["-n", &ns, "link", "set", dev, "address", &mac(m), "up"]);
+    }
+    for (net, dev) in [
+        ("192.0.2.0/24", to_clients),
+        ("2001:db8::/64", to_clients),
+        ("198.51.100.0/24", to_peers),
+        ("2001:db8:1::/64", to_peers),
+        ("10.9.0.0/24", to_peers),
+        ("2001:db8:9::/64", to_peers),
+    ] {
+        ip(&["-n", &ns, "route", "add", net, "dev", dev]);
+    }
+    for (addr, m, dev) in [
+        ("192.0.2.10", CLIENT_MAC, to_clients),
+        ("2001:db8::10", CLIENT_MAC, to_clients),
+        ("198.51.100.7", PEER_MAC, to_peers),
+        ("2001:db8:1::7", PEER_MAC, to_peers),
+        ("10.9.0.1", PEER_MAC, to_peers),
+        ("10.9.0.3", PEER_MAC, to_peers),
+        ("10.9.0.2", PEER_MAC, to_peers),
+        ("2001:db8:9::1", PEER_MAC, to_peers),
+        ("2001:db8:9::3", PEER_MAC, to_peers),
+        ("2001:db8:9::2", PEER_MAC, to_peers),
+    ] {
+        ip(&[
+            "-n",
+            &ns,
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            &mac(m),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    n
+}
+
 // ---------------------------------------------------------------------------------------
 // The table
 
@@ -490,6 +573,14 @@ struct Family {
     relays_only: SocketAddr,
     /// A peer with neither.
     stranger: SocketAddr,
+    /// Permitted peers with channels whose route lookup fails: on a route without a
+    /// neighbour entry, and without a route.
+    no_neigh: SocketAddr,
+    no_route: SocketAddr,
+    /// A peer with a channel and a permission for `lost_client`, a client without a
+    /// neighbour entry (the answers' route lookups fail).
+    lost_peer: SocketAddr,
+    lost_client: SocketAddr,
     /// Entry ids: channel client->peer, channel peer->client, permission.
     entries: [u32; 3],
 }
@@ -505,6 +596,8 @@ const CHANNEL: u16 = 0x4001;
 const CHANNEL_UNPERMITTED: u16 = 0x4002;
 const CHANNEL_RELAYS_ONLY: u16 = 0x4003;
 const CHANNEL_CROSS: u16 = 0x4004;
+const CHANNEL_NO_NEIGH: u16 = 0x4005;
+const CHANNEL_NO_ROUTE: u16 = 0x4006;
 
 fn v4() -> Family {
     Family {
@@ -515,6 +608,10 @@ fn v4() -> Family {
         unpermitted: sa("198.51.100.8:40000"),
         relays_only: sa("198.51.100.9:40000"),
         stranger: sa("198.51.100.99:40000"),
+        no_neigh: sa("198.51.100.50:40000"),
+        no_route: sa("203.0.113.5:40000"),
+        lost_peer: sa("198.51.100.60:40000"),
+        lost_client: sa("192.0.2.99:50000"),
         entries: [1, 2, 3],
     }
 }
@@ -528,6 +625,10 @@ fn v6() -> Family {
         unpermitted: sa("[2001:db8:1::8]:40001"),
         relays_only: sa("[2001:db8:1::9]:40001"),
         stranger: sa("[2001:db8:1::99]:40001"),
+        no_neigh: sa("[2001:db8:1::50]:40001"),
+        no_route: sa("[2001:db8:99::5]:40001"),
+        lost_peer: sa("[2001:db8:1::60]:40001"),
+        lost_client: sa("[2001:db8::99]:50001"),
         entries: [4, 5, 6],
     }
 }
@@ -538,6 +639,8 @@ fn install(bpf: &Loaded, f: &Family) {
         (CHANNEL, f.peer),
         (CHANNEL_UNPERMITTED, f.unpermitted),
         (CHANNEL_RELAYS_ONLY, f.relays_only),
+        (CHANNEL_NO_NEIGH, f.no_neigh),
+        (CHANNEL_NO_ROUTE, f.no_route),
     ] {
         bpf.update(
             "chan_by_client",
@@ -560,7 +663,29 @@ fn install(bpf: &Loaded, f: &Family) {
         &perm_key(f.relay, f.relays_only.ip()),
         &perm_val(f.client, f.server, e_perm, true),
     );
-    for (peer, relays_only) in [(f.peer, false), (f.relays_only, true)] {
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(f.relay, f.lost_peer),
+        &chan_relay_val(f.lost_client, f.server, CHANNEL, e_in),
+    );
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(f.relay, f.lost_peer.ip()),
+        &perm_val(f.lost_client, f.server, e_perm, false),
+    );
+    for peer in [f.no_neigh, f.no_route] {
+        bpf.update(
+            "perm_by_relay",
+            &perm_key(f.relay, peer.ip()),
+            &perm_val(f.client, f.server, e_perm, false),
+        );
+    }
+    for (peer, relays_only) in [
+        (f.peer, false),
+        (f.relays_only, true),
+        (f.no_neigh, false),
+        (f.no_route, false),
+    ] {
         bpf.update(
             "perm_by_client",
             &perm_client_key(f.client, f.server, peer.ip()),
@@ -577,11 +702,12 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
     let from_peer = |peer: SocketAddr, payload: &[u8]| {
         frame(PEER_MAC, SERVER_MAC, peer, f.relay, payload, &sent())
     };
-    let to_peer = |data: &[u8], ip: &Ip| frame(SERVER_MAC, CLIENT_MAC, f.relay, f.peer, data, ip);
+    let to_peer =
+        |data: &[u8], ip: &Ip| frame(SERVER_PEER_MAC, PEER_MAC, f.relay, f.peer, data, ip);
     let to_client = |payload: &[u8]| {
         frame(
             SERVER_MAC,
-            PEER_MAC,
+            CLIENT_MAC,
             f.server,
             f.client,
             payload,
@@ -597,14 +723,14 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 "{tag} UDP peer->client without a channel -> Data indication, {what}"
             )),
             input: from_peer(peer, &data),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             counts: Some((f.entries[2], data.len() as u64)),
             output: Expect::WithTid(
                 at,
                 Box::new(move |tid| {
                     frame(
                         SERVER_MAC,
-                        PEER_MAC,
+                        CLIENT_MAC,
                         server,
                         client,
                         &indication(0x0017, tid, peer, &data),
@@ -625,10 +751,10 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
         Case {
             name: leak(format!("{tag} Send indication client->peer, {what}")),
             input: from_client(&m, &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(frame(
-                SERVER_MAC,
-                CLIENT_MAC,
+                SERVER_PEER_MAC,
+                PEER_MAC,
                 f.relay,
                 f.peer_other_port(),
                 data,
@@ -647,7 +773,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 "{tag} ChannelData client->peer, odd length unpadded"
             )),
             input: from_client(&channel_data(CHANNEL, data5, &[]), &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data5, &written())),
             counts: Some((e_out, 5)),
         },
@@ -656,42 +782,42 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 "{tag} ChannelData client->peer, padded to 4 (non-zero padding)"
             )),
             input: from_client(&channel_data(CHANNEL, data5, &[0xaa, 0xbb, 0xcc]), &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data5, &written())),
             counts: Some((e_out, 5)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, length 6 padded")),
             input: from_client(&channel_data(CHANNEL, &data6, &[0x55, 0x66]), &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(&data6, &written())),
             counts: Some((e_out, 6)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, aligned length")),
             input: from_client(&channel_data(CHANNEL, data8, &[]), &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data8, &written())),
             counts: Some((e_out, 8)),
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, empty")),
             input: from_client(&channel_data(CHANNEL, &[], &[]), &sent()),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(&[], &written())),
             counts: Some((e_out, 0)),
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, odd length")),
             input: from_peer(f.peer, data5),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_client(&channel_data(CHANNEL, data5, &[]))),
             counts: Some((e_in, 5)),
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, 1200 bytes")),
             input: from_peer(f.peer, &[0x5a; 1200]),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_client(&channel_data(CHANNEL, &[0x5a; 1200], &[]))),
             counts: Some((e_in, 1200)),
         },
@@ -745,6 +871,38 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
         pass(
             leak(format!("{tag} relays-only permission, peer->client")),
             from_peer(f.relays_only, data5),
+        ),
+        pass(
+            leak(format!(
+                "{tag} ChannelData to a peer without a neighbour entry"
+            )),
+            from_client(
+                &channel_data(CHANNEL_NO_NEIGH, data5, &[0xaa, 0xbb, 0xcc]),
+                &sent(),
+            ),
+        ),
+        pass(
+            leak(format!("{tag} ChannelData to a peer without a route")),
+            from_client(
+                &channel_data(CHANNEL_NO_ROUTE, data5, &[0xaa, 0xbb, 0xcc]),
+                &sent(),
+            ),
+        ),
+        pass(
+            leak(format!("{tag} Send indication to a peer without a route")),
+            from_client(&send(f.no_route, b"hello"), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} UDP peer->client with a channel, client without a neighbour entry"
+            )),
+            from_peer(f.lost_peer, data5),
+        ),
+        pass(
+            leak(format!(
+                "{tag} UDP peer->client without a channel, client without a neighbour entry"
+            )),
+            from_peer(SocketAddr::new(f.lost_peer.ip(), 9), data5),
         ),
         data_ind(f.peer_other_port(), data5, "odd length"),
         data_ind(f.peer_other_port(), data8, "aligned length"),
@@ -883,7 +1041,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                     ..sent()
                 },
             ),
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(
                 data5,
                 &Ip {
@@ -1128,7 +1286,7 @@ fn xdp_relay_program_table() {
             &sent(),
         );
         let (action, _, ns) = bpf.run(&input, 1000);
-        assert_eq!(action, XDP_TX);
+        assert_eq!(action, XDP_REDIRECT);
         assert_eq!(bpf.counter(to_peer), (500, 500 * 1200), "client->peer runs");
         assert_eq!(
             bpf.counter(to_client),

@@ -1,10 +1,10 @@
 //! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation or a reload's bandwidth limit; with nowhere to attach, "required" refuses to start and "auto" warns.
 //
 // Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
-// reach `server` (10.78.3.2) through `router`. The program answers with XDP_TX (out of
-// the interface the frame came in on, MACs swapped), so the server's one interface faces
-// the router, which forwards to the client or the peer, as a server's upstream router
-// would.
+// reach `server` (10.78.3.2) through `router`. The server's one interface faces the
+// router, which forwards to the client or the peer, as a server's upstream router would:
+// the program's route lookups send every relayed frame back out of the interface it came
+// in on (XDP_TX, the router's MAC as the destination).
 
 mod common;
 
@@ -51,6 +51,9 @@ fn rig() -> Netns {
         ip(&["-n", &n.ns(ns), "route", "add", "default", "via", via]);
     }
     n.exec("router", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    // The program's route lookups (bpf_fib_lookup) need forwarding on where frames come
+    // in; a new namespace may inherit the host's setting, so set it either way.
+    n.exec("server", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     n
 }
 
@@ -221,6 +224,7 @@ fn kernel_relays_channel_data_and_indications_for_a_fraction_of_the_cpu() {
     let (on, on_ticks, on_text, server) = run(&n, "required");
     let logs = server.output();
     assert!(logs.contains("kernel fast path on"), "{logs}");
+    assert!(!logs.contains("IP forwarding is off"), "{logs}");
     assert_eq!(
         (on.to_peer, on.to_client, on.indications_to_peer),
         (N, N, N / 10),

@@ -255,6 +255,28 @@ impl Kernel {
         })
     }
 
+    /// The attached interfaces where the program's route lookups (bpf_fib_lookup, which
+    /// checks the ingress interface's forwarding setting) fail for the families of
+    /// `config`'s listen and relay addresses: relayed packets arriving there go up to
+    /// userspace.
+    pub fn forwarding_off(&self, config: &Config) -> Vec<String> {
+        let mut ips: Vec<IpAddr> = config.listen.iter().map(|l| l.address.ip()).collect();
+        ips.extend(config.relay.addresses.iter().copied());
+        let (v4, v6) = (
+            ips.iter().any(IpAddr::is_ipv4),
+            ips.iter().any(IpAddr::is_ipv6),
+        );
+        let on = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0");
+        self.interfaces
+            .iter()
+            .filter(|i| {
+                (v4 && !on(format!("/proc/sys/net/ipv4/conf/{i}/forwarding")))
+                    || (v6 && !on(format!("/proc/sys/net/ipv6/conf/{i}/forwarding")))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The counter id of `key`'s entry, taken now if it has none (`None`: all taken).
     fn id(&mut self, key: EntryKey, allocation: u64) -> Option<u32> {
         if let Some(&id) = self.ids.by_key.get(&key) {

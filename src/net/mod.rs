@@ -68,6 +68,15 @@ fn load_fast_path(config: &Config) -> anyhow::Result<Option<fastpath::Kernel>> {
                 mode = "generic (SKB)",
                 "kernel fast path on: UDP allocations' ChannelData and indications relay in XDP"
             );
+            let off = k.forwarding_off(config);
+            if !off.is_empty() {
+                tracing::warn!(
+                    interfaces = ?off,
+                    "IP forwarding is off on these interfaces (net.ipv4.conf.IF.forwarding, \
+                     net.ipv6.conf.IF.forwarding): the fast path's route lookups fail there \
+                     and their packets relay in userspace"
+                );
+            }
             Ok(Some(k))
         }
         Err(e) if mode == KernelFastPath::Required => {
