@@ -1114,6 +1114,11 @@ mod fast_path {
         rt
     }
 
+    /// The scenarios' usual runtime: loopback peers allowed, the fast path on.
+    fn fast() -> Runtime {
+        on(runtime(&["127.0.0.0/8"], 10, 100))
+    }
+
     /// A command reduced to what the scenarios compare; expiries in seconds after t0.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum C {
@@ -1163,7 +1168,7 @@ mod fast_path {
 
     #[test]
     fn clear_at_start_then_bind_installs_with_every_field() {
-        let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+        let mut h = Harness::new(fast());
         assert!(h.server.fast_path_on());
         assert_eq!(h.fp(), vec![Clear]);
         let f = ft(40000);
@@ -1203,7 +1208,7 @@ mod fast_path {
 
     #[test]
     fn advertised_relay_address_behind_nat() {
-        let mut rt = on(runtime(&["127.0.0.0/8"], 10, 100));
+        let mut rt = fast();
         rt.relay.external_v4 = Some("203.0.113.7".parse().unwrap());
         let mut h = Harness::new(rt);
         h.fp();
@@ -1230,7 +1235,7 @@ mod fast_path {
         let table: Vec<(&str, Runtime, Vec<Step>)> = vec![
             (
                 "bind, refresh, permission refresh",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1279,7 +1284,7 @@ mod fast_path {
             ),
             (
                 "expiries: first tick at or after each",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     (
                         "allocate",
@@ -1340,7 +1345,7 @@ mod fast_path {
             ),
             (
                 "Refresh 0 removes every entry",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1375,7 +1380,7 @@ mod fast_path {
             ),
             (
                 "a binding in its cool-down is not removed twice",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     (
                         "allocate",
@@ -1404,7 +1409,7 @@ mod fast_path {
             ),
             (
                 "allocation expiry removes",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1422,7 +1427,7 @@ mod fast_path {
             ),
             (
                 "a user killed by the fleet store",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1442,7 +1447,7 @@ mod fast_path {
             ),
             (
                 "a revoked user is refused: nothing installs",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1462,7 +1467,7 @@ mod fast_path {
             ),
             (
                 "close_all (drain end) removes",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
+                fast(),
                 vec![
                     ("allocate", |h| drop(h.allocate(ft(40000), 1, 0)), vec![]),
                     (
@@ -1535,9 +1540,9 @@ mod fast_path {
             transport: Transport::Tls,
             ..ft(40002)
         };
-        let mut per_alloc = on(runtime(&["127.0.0.0/8"], 10, 100));
+        let mut per_alloc = fast();
         per_alloc.limits.max_bandwidth_per_allocation = 1500;
-        let mut total = on(runtime(&["127.0.0.0/8"], 10, 100));
+        let mut total = fast();
         total.limits.max_total_bandwidth = 1_000_000;
         let cases: Vec<(&str, Runtime, Vec<FiveTuple>, bool)> = vec![
             (
@@ -1546,12 +1551,7 @@ mod fast_path {
                 vec![ft(40000), tcp],
                 false,
             ),
-            (
-                "TCP and TLS clients",
-                on(runtime(&["127.0.0.0/8"], 10, 100)),
-                vec![tcp, tls],
-                true,
-            ),
+            ("TCP and TLS clients", fast(), vec![tcp, tls], true),
             (
                 "per-allocation bandwidth limit",
                 per_alloc,
@@ -1646,7 +1646,7 @@ mod fast_path {
     /// at the next tick; undoing it installs the live ones again.
     #[test]
     fn reload_switches_the_fast_path() {
-        let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+        let mut h = Harness::new(fast());
         h.fp();
         let f = ft(40000);
         h.allocate(f, 1, 0);
@@ -1654,7 +1654,7 @@ mod fast_path {
         h.channel(f, 0x4000, peer(), 3, 0);
         h.permission(f, peer2(), 4, 200);
         h.fp();
-        let mut limited = on(runtime(&["127.0.0.0/8"], 10, 100));
+        let mut limited = fast();
         limited.limits.max_bandwidth_per_allocation = 1000;
         h.shared().runtime.store(Arc::new(limited));
         h.tick(10);
@@ -1668,9 +1668,7 @@ mod fast_path {
         assert_eq!(h.fp(), vec![], "off: nothing, expiries included");
         // Back on at 310: the binding (to 600) and the second peer (to 320) are live;
         // the bound peer's permission expired at 300.
-        h.shared()
-            .runtime
-            .store(Arc::new(on(runtime(&["127.0.0.0/8"], 10, 100))));
+        h.shared().runtime.store(Arc::new(fast()));
         h.tick(310);
         assert_eq!(
             h.fp(),
@@ -1803,7 +1801,7 @@ mod fast_path {
                 x ^= x << 17;
                 x
             };
-            let mut h = Harness::new(on(runtime(&["127.0.0.0/8"], 10, 100)));
+            let mut h = Harness::new(fast());
             let mut k = Kernel::default();
             let mut secs = 0u64;
             let mut t = 0u8;
