@@ -171,28 +171,23 @@ impl Credentials {
         &self.realm
     }
 
-    /// True if `username` is a configured static user (its key comes first in
-    /// [`Credentials::keys_for`]).
-    pub fn is_static_user(&self, username: &str) -> bool {
-        self.users.contains_key(username)
-    }
-
     /// True if at least one REST API shared secret is configured.
     pub fn has_secrets(&self) -> bool {
         !self.secrets.is_empty()
     }
 
-    /// Candidate keys for `username` at wall-clock `now_unix` (seconds): the static user's key
-    /// first, then (if `username` is `<expiry>[:<id>]` with `expiry > now_unix`) one key per
-    /// configured secret, in configuration order. The caller tries each against
+    /// Candidate keys for `username` at wall-clock `now_unix` (seconds), each with `true`
+    /// when it comes from a TURN REST secret (quotas treat those apart): the static user's
+    /// key first, then (if `username` is `<expiry>[:<id>]` with `expiry > now_unix`) one key
+    /// per configured secret, in configuration order. The caller tries each against
     /// MESSAGE-INTEGRITY. The only allocation is the returned Vec.
-    pub fn keys_for(&self, username: &str, now_unix: u64) -> Result<Vec<Key>, LookupError> {
+    pub fn keys_for(&self, username: &str, now_unix: u64) -> Result<Vec<(Key, bool)>, LookupError> {
         if username.is_empty() || username.len() > MAX_USERNAME_LEN {
             return Err(LookupError::Malformed);
         }
         let mut keys = Vec::with_capacity(1 + self.secrets.len());
         if let Some(key) = self.users.get(username) {
-            keys.push(*key);
+            keys.push((*key, false));
         }
         let mut expired = false;
         let mut overflow = false;
@@ -200,7 +195,7 @@ impl Credentials {
             match parse_rest_username(username) {
                 RestName::Expiry(expiry) if expiry > now_unix => {
                     for secret in &self.secrets {
-                        keys.push(self.rest_key(secret, username));
+                        keys.push((self.rest_key(secret, username), true));
                     }
                 }
                 RestName::Expiry(_) => expired = true,
@@ -391,6 +386,12 @@ mod tests {
         s
     }
 
+    /// The candidate keys without their source.
+    fn key_list(c: &Credentials, user: &str, now: u64) -> Result<Vec<Key>, LookupError> {
+        c.keys_for(user, now)
+            .map(|k| k.into_iter().map(|(key, _)| key).collect())
+    }
+
     fn creds(users: &[(&str, &str)], secrets: &[&str]) -> Credentials {
         let users: BTreeMap<String, String> = users
             .iter()
@@ -429,7 +430,7 @@ mod tests {
     fn rest_key_known_vector() {
         // python3: md5(b"1700000000:alice:turnstone.test:" + password).hexdigest()
         let c = creds(&[], &["s3cret"]);
-        let keys = c.keys_for("1700000000:alice", NOW).unwrap();
+        let keys = key_list(&c, "1700000000:alice", NOW).unwrap();
         assert_eq!(keys.len(), 1);
         assert_eq!(hex(&keys[0]), "003f654d6a05233682133579ac31f79c");
         assert_eq!(
@@ -446,41 +447,44 @@ mod tests {
     fn static_user_and_unknown() {
         let c = creds(&[("alice", "wonderland")], &[]);
         assert_eq!(
-            c.keys_for("alice", NOW).unwrap(),
+            key_list(&c, "alice", NOW).unwrap(),
             vec![long_term_key("alice", "turnstone.test", "wonderland")]
         );
-        assert_eq!(c.keys_for("bob", NOW), Err(LookupError::UnknownUser));
+        assert_eq!(key_list(&c, "bob", NOW), Err(LookupError::UnknownUser));
         // No secrets: REST-shaped names are just unknown users.
         assert_eq!(
-            c.keys_for("1700000000:bob", NOW),
+            key_list(&c, "1700000000:bob", NOW),
             Err(LookupError::UnknownUser)
         );
-        assert_eq!(c.keys_for("", NOW), Err(LookupError::Malformed));
+        assert_eq!(key_list(&c, "", NOW), Err(LookupError::Malformed));
         let long = "a".repeat(MAX_USERNAME_LEN + 1);
-        assert_eq!(c.keys_for(&long, NOW), Err(LookupError::Malformed));
+        assert_eq!(key_list(&c, &long, NOW), Err(LookupError::Malformed));
     }
 
     #[test]
     fn rest_expiry_forms_and_expiry() {
         let c = creds(&[], &["s3cret"]);
-        assert!(c.keys_for("1700000000", NOW).is_ok());
-        assert!(c.keys_for("1700000000:", NOW).is_ok());
-        assert!(c.keys_for("1700000000:a:b", NOW).is_ok());
+        assert!(key_list(&c, "1700000000", NOW).is_ok());
+        assert!(key_list(&c, "1700000000:", NOW).is_ok());
+        assert!(key_list(&c, "1700000000:a:b", NOW).is_ok());
         assert_eq!(
-            c.keys_for("1700000000:alice", 1_700_000_000),
+            key_list(&c, "1700000000:alice", 1_700_000_000),
             Err(LookupError::Expired)
         );
         assert_eq!(
-            c.keys_for("1700000000:alice", 1_800_000_000),
+            key_list(&c, "1700000000:alice", 1_800_000_000),
             Err(LookupError::Expired)
         );
-        assert!(c.keys_for("1700000000:alice", 1_699_999_999).is_ok());
-        assert_eq!(c.keys_for("alice", NOW), Err(LookupError::UnknownUser));
-        assert_eq!(c.keys_for(":alice", NOW), Err(LookupError::UnknownUser));
-        assert_eq!(c.keys_for("17x:alice", NOW), Err(LookupError::UnknownUser));
-        assert_eq!(c.keys_for("-5:alice", NOW), Err(LookupError::UnknownUser));
+        assert!(key_list(&c, "1700000000:alice", 1_699_999_999).is_ok());
+        assert_eq!(key_list(&c, "alice", NOW), Err(LookupError::UnknownUser));
+        assert_eq!(key_list(&c, ":alice", NOW), Err(LookupError::UnknownUser));
         assert_eq!(
-            c.keys_for("99999999999999999999999:alice", NOW),
+            key_list(&c, "17x:alice", NOW),
+            Err(LookupError::UnknownUser)
+        );
+        assert_eq!(key_list(&c, "-5:alice", NOW), Err(LookupError::UnknownUser));
+        assert_eq!(
+            key_list(&c, "99999999999999999999999:alice", NOW),
             Err(LookupError::Malformed)
         );
     }
@@ -489,7 +493,7 @@ mod tests {
     fn several_secrets_each_verify() {
         let c = creds(&[], &["old", "new"]);
         let user = rest_username(1_700_000_000, "carol");
-        let keys = c.keys_for(&user, NOW).unwrap();
+        let keys = key_list(&c, &user, NOW).unwrap();
         assert_eq!(keys.len(), 2);
         for secret in ["old", "new"] {
             let k = long_term_key(&user, "turnstone.test", &rest_password(secret, &user));
@@ -501,14 +505,22 @@ mod tests {
     #[test]
     fn static_users_come_first() {
         let c = creds(&[("1700000000:alice", "pw")], &["s3cret"]);
-        let keys = c.keys_for("1700000000:alice", NOW).unwrap();
+        let keys = key_list(&c, "1700000000:alice", NOW).unwrap();
         assert_eq!(keys.len(), 2);
         assert_eq!(
             keys[0],
             long_term_key("1700000000:alice", "turnstone.test", "pw")
         );
+        // The static key is marked as such, the REST one as REST (for the quotas).
+        let sources: Vec<bool> = c
+            .keys_for("1700000000:alice", NOW)
+            .unwrap()
+            .iter()
+            .map(|(_, rest)| *rest)
+            .collect();
+        assert_eq!(sources, [false, true]);
         // A static user named like an expired REST credential still works.
-        let keys = c.keys_for("1700000000:alice", 1_800_000_000).unwrap();
+        let keys = key_list(&c, "1700000000:alice", 1_800_000_000).unwrap();
         assert_eq!(
             keys,
             vec![long_term_key("1700000000:alice", "turnstone.test", "pw")]
@@ -609,7 +621,7 @@ mod tests {
             let s = String::from_utf8(bytes).unwrap();
             let now = rng.random::<u64>();
             assert_ne!(n.check(&s, client(), now), NonceCheck::Valid);
-            let _ = c.keys_for(&s, now);
+            let _ = key_list(&c, &s, now);
         }
     }
 

@@ -426,9 +426,9 @@ pub fn check_credentials(data: &[u8]) {
             assert!(!too_long);
             assert!(!keys.is_empty());
             let mut expected = Vec::new();
-            expected.extend(static_key);
+            expected.extend(static_key.map(|k| (k, false)));
             if matches!(expiry, Some(Ok(e)) if e > now) {
-                expected.extend(rest_keys.iter().copied());
+                expected.extend(rest_keys.iter().map(|k| (*k, true)));
             }
             assert_eq!(keys, &expected, "keys for {username:?} at {now}");
         }

@@ -1079,14 +1079,8 @@ impl Server {
         if store.is_revoked(username) {
             return Err(LookupError::UnknownUser);
         }
-        // The configuration's static user (if any) comes first, then its REST keys.
-        let static_first = rt.credentials.is_static_user(username);
-        let mut keys: Vec<(Key, bool)> = match rt.credentials.keys_for(username, unix) {
-            Ok(k) => k
-                .into_iter()
-                .enumerate()
-                .map(|(i, k)| (k, !(static_first && i == 0)))
-                .collect(),
+        let mut keys = match rt.credentials.keys_for(username, unix) {
+            Ok(k) => k,
             Err(LookupError::Expired) => return Err(LookupError::Expired),
             Err(_) => Vec::new(),
         };
