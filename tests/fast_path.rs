@@ -1,26 +1,17 @@
 //! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation or a reload's bandwidth limit; with nowhere to attach, "required" refuses to start and "auto" warns.
 //
-// Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
-// reach `server` (10.78.3.2) through `router`. The server's one interface faces the
-// router, which forwards to the client or the peer, as a server's upstream router would:
-// the program's route lookups send every relayed frame back out of the interface it came
-// in on (XDP_TX, the router's MAC as the destination).
+// The rig (namespaces, routes, configuration) is tests/common/fastpath.rs.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::metrics::sample;
-use common::netns::{ip, Netns};
-use common::{relayed_payload, require_tool, ChildGuard, TurnClient};
+use common::fastpath::{config, cpu_ticks, kernel, metrics, rig, user, PEER, PORT, SERVER};
+use common::netns::Netns;
+use common::{relayed_payload, ChildGuard, TurnClient};
 
-const SERVER: &str = "10.78.3.2";
-const PEER: &str = "10.78.2.2";
-const PORT: u16 = 3478;
-const METRICS_PORT: u16 = 9641;
 const CHANNEL: u16 = 0x4000;
 /// Packets each way on the channel; Send indications are a tenth of it.
 const N: usize = 10_000;
@@ -29,87 +20,6 @@ const WINDOW: usize = 50;
 
 /// One test at a time: the CPU figures must not include another test's traffic.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn rig() -> Netns {
-    require_tool("bpftool", "apt-get install -y bpftool");
-    require_tool("clang", "apt-get install -y clang libbpf-dev");
-    require_tool("ethtool", "apt-get install -y ethtool");
-    let n = Netns::new(&["client", "router", "server", "peer"]);
-    let (client_dev, _) = n.veth("client", "10.78.1.2/24", "router", "10.78.1.1/24");
-    let (peer_dev, _) = n.veth("peer", &format!("{PEER}/24"), "router", "10.78.2.1/24");
-    // Datagrams from a wire carry a full UDP checksum, which the program updates
-    // incrementally; a veth's own would be left for an offload (CHECKSUM_PARTIAL), which
-    // generic XDP's rewrites do not keep track of.
-    n.exec("client", &["ethtool", "-K", &client_dev, "tx", "off"]);
-    n.exec("peer", &["ethtool", "-K", &peer_dev, "tx", "off"]);
-    n.veth("server", &format!("{SERVER}/24"), "router", "10.78.3.1/24");
-    for (ns, via) in [
-        ("client", "10.78.1.1"),
-        ("peer", "10.78.2.1"),
-        ("server", "10.78.3.1"),
-    ] {
-        ip(&["-n", &n.ns(ns), "route", "add", "default", "via", via]);
-    }
-    n.exec("router", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    // The program's route lookups (bpf_fib_lookup) need forwarding on where frames come
-    // in; a new namespace may inherit the host's setting, so set it either way.
-    n.exec("server", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    n
-}
-
-fn config(mode: &str) -> String {
-    format!(
-        "[server]\nrealm = \"fp.test\"\nkernel_fast_path = \"{mode}\"\n\n\
-         [[listen]]\ntransport = \"udp\"\naddress = \"{SERVER}:{PORT}\"\n\n\
-         [relay]\naddress = \"{SERVER}\"\nports = \"40000-40999\"\n\n\
-         [auth]\nusers = {{ alice = \"wonderland\" }}\n\n\
-         [policy]\nallow_peers = [\"10.78.0.0/16\"]\n\n\
-         [metrics]\nlisten = \"{SERVER}:{METRICS_PORT}\"\n"
-    )
-}
-
-/// The server process's CPU time (user + system) from /proc/PID/stat, in clock ticks.
-fn cpu_ticks(server: &ChildGuard) -> u64 {
-    let pid = server.id().expect("pid");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the command name (which ends with ')'): state is field 3, utime 14.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
-fn metrics(n: &Netns) -> String {
-    n.enter("server", || {
-        let mut s = TcpStream::connect((SERVER, METRICS_PORT)).expect("metrics");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        text
-    })
-}
-
-fn kernel(text: &str, direction: &str, path: &str) -> f64 {
-    sample(
-        text,
-        "turnstone_relayed_kernel_packets_total",
-        &[("direction", direction), ("path", path)],
-    )
-    .unwrap_or(0.0)
-}
-
-fn user(text: &str, direction: &str, path: &str) -> f64 {
-    sample(
-        text,
-        "turnstone_relayed_packets_total",
-        &[("direction", direction), ("path", path)],
-    )
-    .unwrap_or(0.0)
-}
 
 /// A client with an allocation, a permission and channel [`CHANNEL`] for the peer, and
 /// the peer's socket; returns (client, peer socket, relay address).
@@ -190,7 +100,7 @@ fn run(n: &Netns, mode: &str) -> (Arrived, u64, String, ChildGuard) {
         "server",
         dir.path(),
         &format!("turnstone-{mode}"),
-        &config(mode),
+        &config(mode, ""),
     );
     let (mut client, peer, relay) = session(n);
     let before = cpu_ticks(&server);
@@ -253,7 +163,12 @@ fn entries_go_with_the_allocation() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let n = rig();
     let dir = tempfile::tempdir().unwrap();
-    let server = n.turnstone("server", dir.path(), "turnstone-gone", &config("required"));
+    let server = n.turnstone(
+        "server",
+        dir.path(),
+        "turnstone-gone",
+        &config("required", ""),
+    );
     let (mut client, peer, relay) = session(&n);
     let payload = [7u8; 64];
     peer.send_to(&payload, relay).unwrap();
@@ -293,7 +208,7 @@ fn a_reload_that_sets_a_bandwidth_limit_takes_the_entries_out_within_a_tick() {
         "server",
         dir.path(),
         "turnstone-reload",
-        &config("required"),
+        &config("required", ""),
     );
     let (mut client, peer, relay) = session(&n);
     let payload = [9u8; 64];
@@ -307,7 +222,7 @@ fn a_reload_that_sets_a_bandwidth_limit_takes_the_entries_out_within_a_tick() {
     // next tick (one second), and userspace relays from then on.
     let limited = format!(
         "{}\n[limits]\nmax_bandwidth_per_allocation = \"10MB\"\n",
-        config("required")
+        config("required", "")
     );
     std::fs::write(dir.path().join("turnstone-reload.toml"), limited).unwrap();
     let pid = server.id().expect("pid").to_string();

@@ -18,6 +18,7 @@ pub mod corpus;
 
 pub mod coturn;
 pub mod debian;
+pub mod fastpath;
 pub mod metrics;
 pub mod netns;
 pub mod process;

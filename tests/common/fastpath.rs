@@ -1,0 +1,109 @@
+//! The kernel fast path's test rig: client, router, server and peer namespaces over veth, turnstone's configuration for it, and readings of its CPU time and metrics.
+//
+// Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
+// reach `server` (10.78.3.2) through `router`. The server's one interface faces the
+// router, which forwards to the client or the peer, as a server's upstream router would:
+// the program's route lookups send every relayed frame back out of the interface it came
+// in on (XDP_TX, the router's MAC as the destination).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use super::metrics::sample;
+use super::netns::{ip, Netns};
+use super::process::{require_tool, ChildGuard};
+
+pub const SERVER: &str = "10.78.3.2";
+pub const CLIENT: &str = "10.78.1.2";
+pub const PEER: &str = "10.78.2.2";
+pub const PORT: u16 = 3478;
+pub const METRICS_PORT: u16 = 9641;
+
+/// The four namespaces, routed, with forwarding on where the program needs it.
+pub fn rig() -> Netns {
+    require_tool("bpftool", "apt-get install -y bpftool");
+    require_tool("clang", "apt-get install -y clang libbpf-dev");
+    require_tool("ethtool", "apt-get install -y ethtool");
+    let n = Netns::new(&["client", "router", "server", "peer"]);
+    let (client_dev, _) = n.veth("client", &format!("{CLIENT}/24"), "router", "10.78.1.1/24");
+    let (peer_dev, _) = n.veth("peer", &format!("{PEER}/24"), "router", "10.78.2.1/24");
+    // Datagrams from a wire carry a full UDP checksum, which the program updates
+    // incrementally; a veth's own would be left for an offload (CHECKSUM_PARTIAL), which
+    // generic XDP's rewrites do not keep track of.
+    n.exec("client", &["ethtool", "-K", &client_dev, "tx", "off"]);
+    n.exec("peer", &["ethtool", "-K", &peer_dev, "tx", "off"]);
+    n.veth("server", &format!("{SERVER}/24"), "router", "10.78.3.1/24");
+    for (ns, via) in [
+        ("client", "10.78.1.1"),
+        ("peer", "10.78.2.1"),
+        ("server", "10.78.3.1"),
+    ] {
+        ip(&["-n", &n.ns(ns), "route", "add", "default", "via", via]);
+    }
+    n.exec("router", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    // The program's route lookups (bpf_fib_lookup) need forwarding on where frames come
+    // in; a new namespace may inherit the host's setting, so set it either way.
+    n.exec("server", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    n
+}
+
+/// turnstone's configuration in the rig with `kernel_fast_path = mode`; `extra` is
+/// appended (more sections, or keys of a last section).
+pub fn config(mode: &str, extra: &str) -> String {
+    format!(
+        "[server]\nrealm = \"fp.test\"\nkernel_fast_path = \"{mode}\"\n\n\
+         [[listen]]\ntransport = \"udp\"\naddress = \"{SERVER}:{PORT}\"\n\n\
+         [relay]\naddress = \"{SERVER}\"\nports = \"40000-40999\"\n\n\
+         [auth]\nusers = {{ alice = \"wonderland\" }}\n\n\
+         [policy]\nallow_peers = [\"10.78.0.0/16\"]\n\n\
+         [metrics]\nlisten = \"{SERVER}:{METRICS_PORT}\"\n{extra}"
+    )
+}
+
+/// The server process's CPU time (user + system) from /proc/PID/stat, in clock ticks.
+pub fn cpu_ticks(server: &ChildGuard) -> u64 {
+    let pid = server.id().expect("pid");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which ends with ')'): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// The server's /metrics text, fetched from inside its namespace.
+pub fn metrics(n: &Netns) -> String {
+    n.enter("server", || {
+        let mut s = TcpStream::connect((SERVER, METRICS_PORT)).expect("metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Packets the kernel relayed in `direction` ("to_peer", "to_client") on `path`
+/// ("channel", "indication").
+pub fn kernel(text: &str, direction: &str, path: &str) -> f64 {
+    sample(
+        text,
+        "turnstone_relayed_kernel_packets_total",
+        &[("direction", direction), ("path", path)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Packets relayed (both paths) in `direction` on `path`.
+pub fn user(text: &str, direction: &str, path: &str) -> f64 {
+    sample(
+        text,
+        "turnstone_relayed_packets_total",
+        &[("direction", direction), ("path", path)],
+    )
+    .unwrap_or(0.0)
+}
