@@ -107,3 +107,35 @@ pub fn user(text: &str, direction: &str, path: &str) -> f64 {
     )
     .unwrap_or(0.0)
 }
+
+/// The sums over a server's usage records ("allocation ended" log lines).
+#[derive(Debug, Default, PartialEq)]
+pub struct Usage {
+    pub allocations: u64,
+    pub packets_to_peer: u64,
+    pub packets_to_client: u64,
+    pub kernel_packets_to_peer: u64,
+    pub kernel_packets_to_client: u64,
+}
+
+/// Adds up the usage records in a server's log.
+pub fn usage(logs: &str) -> Usage {
+    let mut u = Usage::default();
+    for line in logs.lines().filter(|l| l.contains("allocation ended")) {
+        u.allocations += 1;
+        for token in line.split_whitespace() {
+            let Some((k, v)) = token.split_once('=') else {
+                continue;
+            };
+            let v: u64 = v.trim_matches('"').parse().unwrap_or(0);
+            match k {
+                "packets_to_peer" => u.packets_to_peer += v,
+                "packets_to_client" => u.packets_to_client += v,
+                "kernel_packets_to_peer" => u.kernel_packets_to_peer += v,
+                "kernel_packets_to_client" => u.kernel_packets_to_client += v,
+                _ => {}
+            }
+        }
+    }
+    u
+}
