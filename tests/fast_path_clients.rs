@@ -8,7 +8,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::coturn::{run_uclient_in, EchoPeer};
-use common::fastpath::{config, cpu_ticks, kernel, metrics, rig, usage, user, Usage, PEER, SERVER};
+use common::fastpath::{
+    config, cpu_ticks, kernel, metrics, rig, usage, user, PeerEcho, Usage, CLIENT, PEER, PORT,
+    SERVER,
+};
 use common::netns::Netns;
 use common::{wait_for, ChildGuard};
 
@@ -134,4 +137,141 @@ fn uclient_channels_relay_in_the_kernel() {
 #[ignore = "bpf/relay.c passes up Send indications with DATA first or FINGERPRINT, as uclient sends them"]
 fn uclient_send_indications_relay_in_the_kernel() {
     uclient_through_the_kernel(&["-s"], "indication");
+}
+
+/// The webrtc-rs `turn` client in the client namespace sends 100,000 numbered datagrams
+/// through its relay to a UDP echo in the peer namespace, 50 in flight at a time (the
+/// next 50 once these are back): every one comes back once and in order. webrtc-rs sends
+/// the first datagrams as Send indications (DATA before XOR-PEER-ADDRESS, which the
+/// kernel passes up) until its ChannelBind completes, ChannelData after: nearly all of
+/// them cross the kernel on the channel path both ways.
+#[test]
+fn webrtc_rs_client_relays_in_the_kernel() {
+    use turn::client::{Client, ClientConfig};
+    use webrtc_util::Conn;
+    const PACKETS: u32 = 100_000;
+    const WINDOW: u32 = 50;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&n, dir.path(), "turnstone-webrtc-rs");
+    let echo = PeerEcho::start(&n);
+    let peer = echo.addr;
+    let sock = n.enter("client", || {
+        std::net::UdpSocket::bind((CLIENT, 0)).expect("client socket")
+    });
+    let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
+    sock.set_nonblocking(true).unwrap();
+    let before = cpu_ticks(&server);
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let received: Vec<u32> = rt.block_on(async {
+        let step = Duration::from_secs(10);
+        let turn = format!("{SERVER}:{PORT}");
+        let client = Client::new(ClientConfig {
+            stun_serv_addr: turn.clone(),
+            turn_serv_addr: turn,
+            username: "alice".into(),
+            password: "wonderland".into(),
+            realm: "fp.test".into(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: std::sync::Arc::new(tokio::net::UdpSocket::from_std(sock).unwrap()),
+            vnet: None,
+        })
+        .await
+        .expect("turn client");
+        client.listen().await.expect("listen");
+        let relay = tokio::time::timeout(step, client.allocate())
+            .await
+            .expect("allocate timed out")
+            .expect("allocate");
+        let mut received = Vec::with_capacity(PACKETS as usize);
+        let mut buf = vec![0u8; 2048];
+        let payload = |i: u32| {
+            let mut p = vec![0xa5u8; 160];
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            p
+        };
+        for first in (0..PACKETS).step_by(WINDOW as usize) {
+            for i in first..first + WINDOW {
+                relay.send_to(&payload(i), peer).await.expect("send_to");
+            }
+            while received.len() < (first + WINDOW) as usize {
+                let next = received.len() as u32;
+                let (len, from) =
+                    tokio::time::timeout(Duration::from_secs(2), relay.recv_from(&mut buf))
+                        .await
+                        .unwrap_or_else(|_| panic!("datagram {next} did not come back within 2 s"))
+                        .expect("recv_from");
+                assert_eq!(from, peer, "datagram {next} came from elsewhere");
+                let i = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                assert_eq!(&buf[..len], &payload(i)[..], "datagram {next} changed");
+                received.push(i);
+            }
+        }
+        relay.close().await.expect("close the relay (Refresh 0)");
+        client.close().await.expect("close the client");
+        received
+    });
+    let ticks = cpu_ticks(&server) - before;
+    eprintln!(
+        "webrtc-rs: {} datagrams back in {:?}, server CPU {ticks} ticks",
+        received.len(),
+        started.elapsed()
+    );
+    let echoed = echo.stop();
+    assert_eq!(echoed, u64::from(PACKETS), "datagrams the peer got");
+    let out_of_place = received.iter().enumerate().find(|&(k, &i)| k as u32 != i);
+    assert_eq!(
+        out_of_place, None,
+        "lost, duplicated or reordered (position, number)"
+    );
+
+    let text = settled_metrics(&n);
+    let (k_peer, k_client, u_peer, u_client) = counted(&text, "channel");
+    let (ki_peer, ki_client, ui_peer, ui_client) = counted(&text, "indication");
+    eprintln!(
+        "channel: kernel {k_peer} to peer, {k_client} to client; userspace {u_peer}, {u_client}; \
+         indications: kernel {ki_peer}, {ki_client}; userspace {ui_peer}, {ui_client}"
+    );
+    let p = f64::from(PACKETS);
+    assert_eq!(
+        k_peer + u_peer + ki_peer + ui_peer,
+        p,
+        "to the peer\n{text}"
+    );
+    assert_eq!(
+        k_client + u_client + ki_client + ui_client,
+        p,
+        "to the client\n{text}"
+    );
+    assert!(
+        k_peer >= 0.99 * p && k_client >= 0.99 * p,
+        "kernel channel packets\n{text}"
+    );
+    assert!(
+        (ticks as f64) <= 2.0 * p * TICKS_PER_PACKET + 5.0,
+        "server CPU {ticks} ticks for {} packets",
+        2 * PACKETS
+    );
+    // Refresh 0 ended the allocation: its usage record counts it all.
+    let records = wait_for("the usage record", Duration::from_secs(10), || {
+        let u = usage(&server.output());
+        (u.allocations >= 1).then_some(u)
+    });
+    assert_eq!(
+        records,
+        Usage {
+            allocations: 1,
+            packets_to_peer: u64::from(PACKETS),
+            packets_to_client: u64::from(PACKETS),
+            kernel_packets_to_peer: (k_peer + ki_peer) as u64,
+            kernel_packets_to_client: (k_client + ki_client) as u64,
+        },
+        "usage record"
+    );
 }

@@ -139,3 +139,64 @@ pub fn usage(logs: &str) -> Usage {
     }
     u
 }
+
+/// A UDP echo on `PEER` in the peer namespace: every datagram goes back to its sender,
+/// until dropped.
+pub struct PeerEcho {
+    pub addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl PeerEcho {
+    pub fn start(n: &Netns) -> PeerEcho {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = n.enter("peer", || {
+            std::net::UdpSocket::bind((PEER, 0)).expect("peer socket")
+        });
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut echoed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((len, from)) = sock.recv_from(&mut buf) {
+                        if sock.send_to(&buf[..len], from).is_ok() {
+                            echoed += 1;
+                        }
+                    }
+                }
+                echoed
+            })
+        };
+        PeerEcho {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the echo; returns how many datagrams it echoed.
+    pub fn stop(mut self) -> u64 {
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
