@@ -140,8 +140,9 @@ fn uclient_send_indications_relay_in_the_kernel() {
 }
 
 /// The webrtc-rs `turn` client in the client namespace sends 100,000 numbered datagrams
-/// through its relay to a UDP echo in the peer namespace, 50 in flight at a time (the
-/// next 50 once these are back): every one comes back once and in order. webrtc-rs sends
+/// through its relay to a UDP echo in the peer namespace, the first 1,000 one at a time,
+/// then 50 in flight at a time (the next 50 once these are back): every one comes back
+/// once and in order. webrtc-rs sends
 /// the first datagrams as Send indications (DATA before XOR-PEER-ADDRESS, which the
 /// kernel passes up) until its ChannelBind completes, ChannelData after: nearly all of
 /// them cross the kernel on the channel path both ways.
@@ -151,6 +152,7 @@ fn webrtc_rs_client_relays_in_the_kernel() {
     use webrtc_util::Conn;
     const PACKETS: u32 = 100_000;
     const WINDOW: u32 = 50;
+    const SINGLY: u32 = 1_000;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let n = rig();
     let dir = tempfile::tempdir().unwrap();
@@ -196,11 +198,17 @@ fn webrtc_rs_client_relays_in_the_kernel() {
             p[..4].copy_from_slice(&i.to_be_bytes());
             p
         };
-        for first in (0..PACKETS).step_by(WINDOW as usize) {
-            for i in first..first + WINDOW {
+        let mut first = 0;
+        while first < PACKETS {
+            // One at a time until the channel is surely bound: a burst across the switch
+            // from Send indications (userspace) to ChannelData (kernel) is reordered, as
+            // later datagrams overtake the ones userspace still holds.
+            let window = if first < SINGLY { 1 } else { WINDOW };
+            for i in first..first + window {
                 relay.send_to(&payload(i), peer).await.expect("send_to");
             }
-            while received.len() < (first + WINDOW) as usize {
+            first += window;
+            while received.len() < first as usize {
                 let next = received.len() as u32;
                 let (len, from) =
                     tokio::time::timeout(Duration::from_secs(2), relay.recv_from(&mut buf))

@@ -1,4 +1,4 @@
-//! The kernel fast path's test rig: client, router, server and peer namespaces over veth, turnstone's configuration for it, and readings of its CPU time and metrics.
+//! The kernel fast path's test rig: client, router, server and peer namespaces over veth, turnstone's configuration for it, a UDP echo in the peer namespace, and readings of its CPU time, metrics and usage records.
 //
 // Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
 // reach `server` (10.78.3.2) through `router`. The server's one interface faces the
