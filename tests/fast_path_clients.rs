@@ -389,8 +389,8 @@ fn chromium_relay_only_to_a_host_candidate_relays_in_the_kernel() {
 /// for a relay address of this server finds it local and passes the packet up, so today
 /// userspace relays this call (the client-to-client path stays in the kernel only after
 /// bpf/relay.c learns it); what holds either way: every message arrives once and in
-/// order, and the server counts at least a packet per message each way. (Measured with
-/// 20,000 messages: 51,112 packets each way, all in userspace, 93 server ticks.)
+/// order, and the server counts at least a packet per message each way. (Measured:
+/// 253,074 packets each way, all in userspace, 480 server ticks.)
 #[test]
 fn chromium_relay_only_call_through_the_server() {
     const MESSAGES: usize = 100_000;
