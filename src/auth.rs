@@ -214,6 +214,14 @@ impl Credentials {
         }
     }
 
+    /// Would [`Credentials::keys_for`] have a key for `username` at some time: a static
+    /// user, or a TURN REST username while a secret is configured (expired or not).
+    pub fn knows(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+            || (!self.secrets.is_empty()
+                && matches!(parse_rest_username(username), RestName::Expiry(_)))
+    }
+
     /// MD5(username:realm:base64(HMAC-SHA1(secret, username))) without heap allocation.
     fn rest_key(&self, secret: &HmacSha1, username: &str) -> Key {
         let mac = rest_mac(secret, username);
