@@ -302,7 +302,9 @@ fn signals(
             tokio::select! {
                 _ = trim_tick.tick() => {
                     if let Some(k) = &common.fast_path {
-                        k.lock().unwrap_or_else(|e| e.into_inner()).read_counters(&common.metrics);
+                        let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+                        k.read_counters(&common.metrics);
+                        common.metrics.set_kernel_entries(k.entries());
                     }
                     if trim.check(common.shared.total_allocations()) {
                         let released = crate::sys::release_free_memory();
