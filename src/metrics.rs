@@ -63,6 +63,7 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 /// - `turnstone_draining` gauge (1 while draining), `turnstone_reloads_total{result}`
 /// - `turnstone_kernel_fast_path_entries` gauge: entries in the kernel fast path's four
 ///   maps (a channel or permission counts once per direction), read twice a second
+///   (every 10 s above 4096 entries)
 /// - `turnstone_store_up` gauge (1 while the fleet store is reachable; always 0 without `[store]`)
 pub struct Metrics {
     registry: Registry,
