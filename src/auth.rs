@@ -451,6 +451,23 @@ mod tests {
         );
     }
 
+    /// `knows`: what a reload keeps allocations for. A REST username is known while a
+    /// secret is configured, expired or not; a static user while it is configured.
+    #[test]
+    fn knows_static_users_and_rest_names_while_a_secret_remains() {
+        let c = creds(&[("alice", "wonderland")], &["s3cret"]);
+        assert!(c.knows("alice"));
+        assert!(!c.knows("bob"));
+        assert!(c.knows("1700000000:bob"));
+        assert!(c.knows("1000:bob"), "expired: still known");
+        assert_eq!(key_list(&c, "1000:bob", NOW), Err(LookupError::Expired));
+        assert!(!c.knows("99999999999999999999999:bob"), "overflow");
+        assert!(!c.knows(""));
+        let c = creds(&[("alice", "wonderland")], &[]);
+        assert!(!c.knows("1700000000:bob"), "no secret left");
+        assert!(c.knows("alice"));
+    }
+
     #[test]
     fn static_user_and_unknown() {
         let c = creds(&[("alice", "wonderland")], &[]);
