@@ -214,6 +214,14 @@ impl Credentials {
         }
     }
 
+    /// Would [`Credentials::keys_for`] have a key for `username` at some time: a static
+    /// user, or a TURN REST username while a secret is configured (expired or not).
+    pub fn knows(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+            || (!self.secrets.is_empty()
+                && matches!(parse_rest_username(username), RestName::Expiry(_)))
+    }
+
     /// MD5(username:realm:base64(HMAC-SHA1(secret, username))) without heap allocation.
     fn rest_key(&self, secret: &HmacSha1, username: &str) -> Key {
         let mac = rest_mac(secret, username);
@@ -441,6 +449,23 @@ mod tests {
                 &rest_password("s3cret", "1700000000:alice")
             )
         );
+    }
+
+    /// `knows`: what a reload keeps allocations for. A REST username is known while a
+    /// secret is configured, expired or not; a static user while it is configured.
+    #[test]
+    fn knows_static_users_and_rest_names_while_a_secret_remains() {
+        let c = creds(&[("alice", "wonderland")], &["s3cret"]);
+        assert!(c.knows("alice"));
+        assert!(!c.knows("bob"));
+        assert!(c.knows("1700000000:bob"));
+        assert!(c.knows("1000:bob"), "expired: still known");
+        assert_eq!(key_list(&c, "1000:bob", NOW), Err(LookupError::Expired));
+        assert!(!c.knows("99999999999999999999999:bob"), "overflow");
+        assert!(!c.knows(""));
+        let c = creds(&[("alice", "wonderland")], &[]);
+        assert!(!c.knows("1700000000:bob"), "no secret left");
+        assert!(c.knows("alice"));
     }
 
     #[test]

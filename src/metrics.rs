@@ -61,6 +61,9 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 /// - `turnstone_worker_load{worker}` gauge: busy fraction (0..1) over the last flush interval
 /// - `turnstone_worker_packets_total{worker}`
 /// - `turnstone_draining` gauge (1 while draining), `turnstone_reloads_total{result}`
+/// - `turnstone_kernel_fast_path_entries` gauge: entries in the kernel fast path's four
+///   maps (a channel or permission counts once per direction), read twice a second
+///   (every 10 s above 4096 entries)
 /// - `turnstone_store_up` gauge (1 while the fleet store is reachable; always 0 without `[store]`)
 pub struct Metrics {
     registry: Registry,
@@ -79,6 +82,7 @@ pub struct Metrics {
     draining: Gauge,
     reloads: [Counter; 2],
     store_up: Gauge,
+    kernel_entries: Gauge,
     /// Per worker: milliseconds since `epoch` of its last flush.
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -236,6 +240,13 @@ impl Metrics {
             store_up.clone(),
         );
 
+        let kernel_entries = Gauge::default();
+        reg.register(
+            "kernel_fast_path_entries",
+            "Entries in the kernel fast path's maps (each channel and permission once per direction), 0 without it",
+            kernel_entries.clone(),
+        );
+
         Metrics {
             registry: reg,
             active,
@@ -253,6 +264,7 @@ impl Metrics {
             draining,
             reloads,
             store_up,
+            kernel_entries,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             draining_flag: AtomicBool::new(false),
@@ -262,6 +274,12 @@ impl Metrics {
     /// Number of workers these metrics were made for.
     pub fn workers(&self) -> usize {
         self.heartbeats.len()
+    }
+
+    /// Entries in the kernel fast path's maps now (gauge `turnstone_kernel_fast_path_entries`).
+    pub fn set_kernel_entries(&self, n: usize) {
+        self.kernel_entries
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Adds what the kernel fast path relayed since the last call.
@@ -614,6 +632,7 @@ mod tests {
             "turnstone_worker_load{worker=\"1\"} 0",
             "turnstone_worker_packets_total{worker=\"0\"} 0",
             "turnstone_draining 0",
+            "turnstone_kernel_fast_path_entries 0",
             "turnstone_reloads_total{result=\"refused\"} 0",
             "# EOF",
         ] {

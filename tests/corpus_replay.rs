@@ -209,6 +209,8 @@ fn runtime() -> Runtime {
             max_channels_per_allocation: 64,
             default_lifetime: Duration::from_secs(u64::from(DEFAULT_LIFETIME)),
             max_lifetime: Duration::from_secs(u64::from(MAX_LIFETIME)),
+            permission_lifetime: turnstone::server::PERMISSION_LIFETIME,
+            channel_lifetime: turnstone::server::CHANNEL_LIFETIME,
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,

@@ -1,4 +1,4 @@
-//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation or a reload's bandwidth limit; with nowhere to attach, "required" refuses to start and "auto" warns.
+//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation, a reload's bandwidth limit, a user a reload removes, and a permission or binding that expires (short configured lifetimes: within a tick); with nowhere to attach, "required" refuses to start and "auto" warns.
 //
 // The rig (namespaces, routes, configuration) is tests/common/fastpath.rs.
 
@@ -8,7 +8,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::fastpath::{config, cpu_ticks, kernel, metrics, rig, user, PEER, PORT, SERVER};
+use common::fastpath::{
+    config, config_relay, cpu_ticks, entries, kernel, metrics, reload, rig, user, PEER, PORT,
+    SERVER,
+};
 use common::netns::Netns;
 use common::{relayed_payload, ChildGuard, TurnClient};
 
@@ -250,6 +253,141 @@ fn a_reload_that_sets_a_bandwidth_limit_takes_the_entries_out_within_a_tick() {
     let text = metrics(&n);
     assert_eq!(kernel(&text, "to_client", "channel"), 1.0, "{text}");
     assert_eq!(user(&text, "to_client", "channel"), 10.0, "{text}");
+}
+
+/// A user removed by a reload: its allocation ends at the next tick, its entries go
+/// (gauge to 0) and the kernel relays nothing more for it.
+#[test]
+fn a_user_removed_by_reload_loses_its_entries_within_a_tick() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config("required", "");
+    let server = n.turnstone("server", dir.path(), "turnstone-removed", &toml);
+    let (mut client, peer, relay) = session(&n);
+    let payload = [3u8; 64];
+    for _ in 0..5 {
+        peer.send_to(&payload, relay).unwrap();
+        let got = client.recv(Duration::from_secs(2)).expect("relayed");
+        assert_eq!(relayed_payload(&got), Some(&payload[..]));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), 5.0, "{text}");
+    assert_eq!(
+        entries(&text),
+        4.0,
+        "a channel and a permission, each way: {text}"
+    );
+
+    let without_alice = toml.replace("alice = \"wonderland\"", "bob = \"builder\"");
+    assert_ne!(without_alice, toml);
+    reload(
+        &server,
+        &dir.path().join("turnstone-removed.toml"),
+        &without_alice,
+    );
+    let ended = common::wait_for("alice's usage record", Duration::from_secs(3), || {
+        server
+            .output()
+            .lines()
+            .find(|l| l.contains("allocation ended") && l.contains("user=alice"))
+            .map(str::to_string)
+    });
+    assert!(
+        ended.contains("kernel_packets_to_client=5 ") && ended.contains("reason=\"deleted\""),
+        "{ended}"
+    );
+    for _ in 0..5 {
+        peer.send_to(&payload, relay).unwrap();
+    }
+    client.assert_silent("after the reload removed alice", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(entries(&text), 0.0, "{text}");
+    assert_eq!(kernel(&text, "to_client", "channel"), 5.0, "{text}");
+    assert_eq!(user(&text, "to_client", "channel"), 0.0, "{text}");
+}
+
+/// Short lifetimes (`permission_lifetime = "2s"`, `channel_lifetime = "3s"`): refreshed
+/// in time, the entries stay and the kernel relays; left alone, the permission's entries
+/// are gone one tick (plus the gauge's half-second reading) after it expires, the
+/// channel's after its own, and the peer's datagrams no longer arrive.
+#[test]
+fn short_lifetimes_take_entries_out_within_a_tick() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_relay(
+        "required",
+        "permission_lifetime = \"2s\"\nchannel_lifetime = \"3s\"\n",
+        "",
+    );
+    let _server = n.turnstone("server", dir.path(), "turnstone-short", &toml);
+    let (mut client, peer, relay) = session(&n);
+    let peer_addr = peer.local_addr().unwrap();
+    let payload = [5u8; 64];
+    // Five seconds of refreshes (a ChannelBind refreshes both) every second: the peer's
+    // datagrams arrive throughout, in the kernel, and all four entries stay.
+    let mut refreshed = Instant::now();
+    for round in 0..5 {
+        client.bind(CHANNEL, peer_addr);
+        refreshed = Instant::now();
+        peer.send_to(&payload, relay).unwrap();
+        let got = client
+            .recv(Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("round {round}: nothing relayed"));
+        assert_eq!(relayed_payload(&got), Some(&payload[..]));
+        std::thread::sleep(Duration::from_millis(900));
+        let text = metrics(&n);
+        assert_eq!(entries(&text), 4.0, "round {round}: {text}");
+    }
+    let text = metrics(&n);
+    let relayed = kernel(&text, "to_client", "channel");
+    assert!(relayed >= 4.0, "the kernel relayed {relayed}: {text}");
+    assert_eq!(user(&text, "to_client", "channel"), 0.0, "{text}");
+
+    // No more refreshes. The permission expires 2 s after the last one: its two entries
+    // are gone by then plus one tick (1 s) plus a gauge reading (0.5 s), with 0.5 s of
+    // slack for a loaded machine; the channel's go after its own expiry (3 s) likewise.
+    let by = |secs: f64| refreshed + Duration::from_secs_f64(secs);
+    let wait_entries = |at_most: f64, deadline: Instant| loop {
+        let text = metrics(&n);
+        let e = entries(&text);
+        if e <= at_most && e >= 0.0 {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{e} entries still at {:?} after the last refresh: {text}",
+            refreshed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let perm_gone = wait_entries(2.0, by(2.0 + 1.0 + 0.5 + 0.5));
+    assert!(
+        perm_gone >= by(2.0),
+        "entries went before the permission expired"
+    );
+    wait_entries(0.0, by(3.0 + 1.0 + 0.5 + 0.5));
+    for _ in 0..5 {
+        peer.send_to(&payload, relay).unwrap();
+    }
+    client.assert_silent("after the permission expired", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), relayed, "{text}");
+    assert_eq!(user(&text, "to_client", "channel"), 0.0, "{text}");
+    assert!(
+        common::metrics::sample(
+            &text,
+            "turnstone_dropped_packets_total",
+            &[("reason", "no_permission")]
+        )
+        .unwrap_or(0.0)
+            >= 5.0,
+        "userspace saw and dropped them: {text}"
+    );
 }
 
 /// A configuration whose addresses no interface holds (127.0.0.2 is local through lo's

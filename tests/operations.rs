@@ -1,7 +1,7 @@
 //! Running turnstone like production (issue 5), against the real binary:
 //!
 //! - SIGHUP reloads while an allocation relays (nothing lost), removes users (they can
-//!   neither allocate nor refresh, their running allocation keeps relaying), adds
+//!   neither allocate nor refresh, their running allocation ends at the next tick), adds
 //!   secrets (usable at once), and a reload that fails validation changes nothing and
 //!   logs each problem with its key;
 //! - SIGTERM drains: 300 Try Alternate with ALTERNATE-SERVER (or 508), live allocations
@@ -168,10 +168,27 @@ fn reload_removing_a_user() {
     let resp = bob2.allocate();
     assert_eq!(resp.code(), Some(401), "bob allocates after removal");
     assert!(bob2.nonce.is_some(), "the retry carried credentials");
-    // Bob's running allocation: its Refresh fails authentication...
+    // Bob's running allocation ends at the next tick (within a second), as a revoked
+    // user's does, with its usage record...
+    let log = srv.wait_log("bob's usage record", Duration::from_secs(3), |l| {
+        l.lines()
+            .any(|l| l.contains("allocation ended") && l.contains("user=bob"))
+    });
+    let ended = log
+        .lines()
+        .find(|l| l.contains("allocation ended") && l.contains("user=bob"))
+        .unwrap();
+    assert!(
+        ended.contains("reason=\"deleted\"") && ended.contains("packets_to_peer=50 "),
+        "{ended}"
+    );
+    // ...its Refresh fails authentication, and it relays nothing more.
     assert_eq!(bob.refresh(600).code(), Some(401), "bob refreshes");
-    // ...but it keeps relaying until it expires.
-    assert_eq!(echo_stream(&bob, 50, 200, 1, || {}), 200);
+    assert_eq!(
+        echo_stream(&bob, 50, 200, 1, || {}),
+        0,
+        "relayed after removal"
+    );
     // Alice is unaffected.
     client(&srv, "alice", "alice-pw-2").must_allocate();
 }

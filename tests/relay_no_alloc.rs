@@ -55,6 +55,8 @@ fn server(kernel_fast_path: bool) -> Server {
             max_channels_per_allocation: 10,
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: turnstone::server::PERMISSION_LIFETIME,
+            channel_lifetime: turnstone::server::CHANNEL_LIFETIME,
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,

@@ -1,12 +1,15 @@
-//! `[relay]`: the addresses relay sockets bind to and advertise, the port range, socket buffers.
+//! `[relay]`: the addresses relay sockets bind to and advertise, the port range, socket buffers, permission and channel lifetimes.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Table;
 
 use super::errors::{read_section, ConfigError, Errors};
-use super::units::{ip_list, parse_port_range, parse_size, string_elements, StringOrList};
+use super::units::{
+    duration_or, ip_list, parse_port_range, parse_size, string_elements, DurationText, StringOrList,
+};
 use toml::Value;
 
 /// Default relay port range (RFC 8656 3.: the range 49152-65535 is recommended).
@@ -15,6 +18,10 @@ pub const DEFAULT_PORT_MIN: u16 = 49152;
 pub const DEFAULT_PORT_MAX: u16 = 65535;
 /// Default `[relay] socket_buffer`: 4 MiB.
 pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
+/// Default and maximum `[relay] permission_lifetime` (RFC 8656 section 9: 300 s).
+pub const MAX_PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Default and maximum `[relay] channel_lifetime` (RFC 8656 section 12: 10 minutes).
+pub const MAX_CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 
 /// `[relay]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +42,11 @@ pub struct RelaySection {
     /// Receive and send buffer asked for on every UDP socket (`socket_buffer`, e.g.
     /// "4MiB"); the kernel caps it at net.core.rmem_max / wmem_max.
     pub socket_buffer: usize,
+    /// How long a permission lasts (`permission_lifetime`, 1 s to the RFC's 300 s; shorter
+    /// than the RFC only for tests and special deployments).
+    pub permission_lifetime: Duration,
+    /// How long a channel binding lasts (`channel_lifetime`, 1 s to the RFC's 600 s).
+    pub channel_lifetime: Duration,
 }
 
 impl Default for RelaySection {
@@ -48,6 +60,8 @@ impl Default for RelaySection {
             port_min: DEFAULT_PORT_MIN,
             port_max: DEFAULT_PORT_MAX,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
+            permission_lifetime: MAX_PERMISSION_LIFETIME,
+            channel_lifetime: MAX_CHANNEL_LIFETIME,
         }
     }
 }
@@ -60,6 +74,8 @@ struct RawRelay {
     discover_with: Option<Vec<Value>>,
     ports: Option<String>,
     socket_buffer: Option<String>,
+    permission_lifetime: Option<DurationText>,
+    channel_lifetime: Option<DurationText>,
 }
 
 impl RelaySection {
@@ -124,6 +140,29 @@ impl RelaySection {
                     format!("{size:?} is out of range (4KiB to 1GiB)"),
                 ),
                 Err(e) => errors.push("relay.socket_buffer", e),
+            }
+        }
+        for (raw, key, max, field) in [
+            (
+                raw.permission_lifetime,
+                "relay.permission_lifetime",
+                MAX_PERMISSION_LIFETIME,
+                &mut relay.permission_lifetime,
+            ),
+            (
+                raw.channel_lifetime,
+                "relay.channel_lifetime",
+                MAX_CHANNEL_LIFETIME,
+                &mut relay.channel_lifetime,
+            ),
+        ] {
+            let d = duration_or(raw, max, key, errors);
+            if d < Duration::from_secs(1) || d > max {
+                let max = humantime::format_duration(max);
+                let msg = format!("must be at least 1s and at most {max} (RFC 8656)");
+                errors.push(key, msg);
+            } else {
+                *field = d;
             }
         }
         relay

@@ -280,6 +280,8 @@ fn example_documents_every_key() {
         "external_address",
         "ports",
         "socket_buffer",
+        "permission_lifetime",
+        "channel_lifetime",
         "users",
         "secrets",
         "allow_peers",
@@ -341,6 +343,8 @@ address = "[::]:5349"
 address = ["10.0.0.5", "2001:db8::5"]
 external_address = ["203.0.113.10"]
 ports = "50000 - 50100"
+permission_lifetime = "2s"
+channel_lifetime = "1m"
 [auth]
 secrets = ["a", "b"]
 [policy]
@@ -391,6 +395,8 @@ private_key = "/etc/turnstone/key.pem"
     assert_eq!(c.relay.address_for_family(true), Some(ip("2001:db8::5")));
     assert_eq!((c.relay.port_min, c.relay.port_max), (50000, 50100));
     assert_eq!(c.relay.port_count(), 101);
+    assert_eq!(c.relay.permission_lifetime, Duration::from_secs(2));
+    assert_eq!(c.relay.channel_lifetime, Duration::from_secs(60));
     assert_eq!(
         c.policy.allow_peers[1],
         "fd00::1/128".parse::<IpNet>().unwrap()
@@ -451,6 +457,11 @@ fn bad_values_name_their_key() {
         ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nports = \"0-5\"\n", "relay.ports", "not a range"),
         ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nports = \"1-70000\"\n", "relay.ports", "not a range"),
         ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nports = \"5000\"\n", "relay.ports", "not a range"),
+        ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\npermission_lifetime = \"301s\"\n", "relay.permission_lifetime", "at most 5m"),
+        ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\npermission_lifetime = \"500ms\"\n", "relay.permission_lifetime", "at least 1s"),
+        ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\npermission_lifetime = \"soon\"\n", "relay.permission_lifetime", "not a duration"),
+        ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nchannel_lifetime = \"1h\"\n", "relay.channel_lifetime", "at most 10m"),
+        ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nchannel_lifetime = 60\n", "relay.channel_lifetime", "duration string"),
         ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nexternal_address = \"2001:db8::1\"\n", "relay.external_address", "no relay address of the same family"),
         ("[relay]\naddress = \"127.0.0.1\"\n", "[relay]\naddress = \"127.0.0.1\"\nexternal_address = [\"203.0.113.1\", \"203.0.113.2\"]\n", "relay.external_address", "more than one IPv4"),
         ("users = { alice = \"wonderland\" }", "users = { alice = \"wonderland\", bob = \"\" }", "auth.users.bob", "empty password"),

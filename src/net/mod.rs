@@ -298,11 +298,20 @@ fn signals(
         // Memory back to the kernel after a wave of allocations ends.
         let mut trim = crate::sys::MemoryTrim::default();
         let mut trim_tick = tokio::time::interval(Duration::from_millis(500));
+        let (mut entries, mut entries_ticks) = (0usize, 0u32);
         loop {
             tokio::select! {
                 _ = trim_tick.tick() => {
                     if let Some(k) = &common.fast_path {
-                        k.lock().unwrap_or_else(|e| e.into_inner()).read_counters(&common.metrics);
+                        let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+                        k.read_counters(&common.metrics);
+                        // Counting walks the maps a key (a syscall) at a time: every
+                        // reading while small, every 10 s above 4096 entries.
+                        entries_ticks = entries_ticks.wrapping_add(1);
+                        if entries <= 4096 || entries_ticks % 20 == 0 {
+                            entries = k.entries();
+                            common.metrics.set_kernel_entries(entries);
+                        }
                     }
                     if trim.check(common.shared.total_allocations()) {
                         let released = crate::sys::release_free_memory();

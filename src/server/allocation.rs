@@ -9,9 +9,11 @@ use super::{FiveTuple, RelayHandle};
 use crate::auth::Key;
 use crate::proto::TransactionId;
 
-/// RFC 8656 section 9: permissions last 300 seconds.
+/// RFC 8656 section 9: permissions last 300 seconds (the default and the maximum of
+/// `relay.permission_lifetime`, `Limits::permission_lifetime`).
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
-/// RFC 8656 section 12: channel bindings last 600 seconds.
+/// RFC 8656 section 12: channel bindings last 600 seconds (the default and the maximum
+/// of `relay.channel_lifetime`, `Limits::channel_lifetime`).
 pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// RFC 8656 section 12: after a binding expires, neither its number nor its peer may be
 /// rebound to something else for 5 more minutes.
@@ -119,9 +121,15 @@ impl Allocation {
             .find(|p| p.ip == ip && now < p.expires)
     }
 
-    /// Installs or refreshes a permission.
-    pub fn install_permission(&mut self, ip: IpAddr, relays_only: bool, now: Instant) {
-        let expires = now + PERMISSION_LIFETIME;
+    /// Installs or refreshes a permission for `lifetime` (`Limits::permission_lifetime`).
+    pub fn install_permission(
+        &mut self,
+        ip: IpAddr,
+        relays_only: bool,
+        now: Instant,
+        lifetime: Duration,
+    ) {
+        let expires = now + lifetime;
         if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
             p.expires = expires;
             // Once the policy allowed the whole IP, keep it allowed; a relays-only grant
@@ -197,8 +205,15 @@ impl Allocation {
         BindCheck::New
     }
 
-    pub fn bind_channel(&mut self, number: u16, peer: SocketAddr, now: Instant) {
-        let expires = now + CHANNEL_LIFETIME;
+    /// Binds or refreshes a channel for `lifetime` (`Limits::channel_lifetime`).
+    pub fn bind_channel(
+        &mut self,
+        number: u16,
+        peer: SocketAddr,
+        now: Instant,
+        lifetime: Duration,
+    ) {
+        let expires = now + lifetime;
         if let Some(c) = self
             .channels
             .iter_mut()

@@ -18,13 +18,14 @@
 // cool-down keeps the number reserved in the core but relays nothing, so the entry goes
 // at expiry and only a new ChannelBind installs it again), and every entry of an
 // allocation goes when the allocation ends, whatever the reason (Refresh 0, expiry, a
-// user removed or revoked in the fleet store and killed at the next tick, `close_all`,
-// which the shell calls at drain end or applies as its own teardown). A revoked user's
-// requests are refused, so nothing new installs for it. A user removed from the
-// configuration by a reload is not ended by the core today (its requests fail
-// authentication from then on, and the userspace path relays for its allocations until
-// they expire): its entries go as its permissions expire, at most
-// `PERMISSION_LIFETIME` later, and no entry ever relays without a live permission.
+// user revoked or killed in the fleet store, or removed from the configuration by a
+// reload, ended at the next tick, `close_all`, which the shell calls at drain end or
+// applies as its own teardown). A revoked or removed user's requests are refused, so
+// nothing new installs for it. A reload ends the allocations of users it leaves without
+// a key (`Credentials::knows`, the fleet store's users and secrets: a TURN REST username
+// keeps its allocations while a secret remains). Lifetimes are `Limits::
+// permission_lifetime` and `channel_lifetime` (`[relay]`, at most the RFC's 300 s and
+// 600 s), so no entry outlives what allowed it by more than one tick.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;

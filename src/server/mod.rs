@@ -195,6 +195,9 @@ pub struct Server {
     last_now: Instant,
     /// The last kill entry this worker acted on.
     kill_seen: u64,
+    /// The runtime as of the last tick: when a reload replaces it, allocations of users
+    /// it no longer has keys for end ([`Server::handle_timeout`]).
+    runtime_seen: Arc<Runtime>,
     /// Metrics counted by this worker, flushed by the shell once a second.
     pub counters: WorkerCounters,
     /// Limits copied from the runtime once a second (read on the relay path).
@@ -382,6 +385,7 @@ impl Server {
     }
 
     fn new_inner(shared: Arc<Shared>) -> Server {
+        let runtime_seen = shared.runtime.load_full();
         Server {
             shared,
             allocations: Vec::new(),
@@ -403,6 +407,7 @@ impl Server {
             fast_path_on: false,
             last_now: Instant::now(),
             kill_seen: 0,
+            runtime_seen,
             counters: WorkerCounters::new(),
             hot: HotLimits::default(),
             total_bucket: TokenBucket::new(Instant::now()),
@@ -719,6 +724,25 @@ impl Server {
             for i in doomed {
                 self.remove_allocation(i, now, EndReason::Deleted, binder);
             }
+        }
+        // A reload that removed a user from `[auth] users` (or the last secret a REST
+        // username's key came from): its allocations end, as a revoked user's do.
+        let rt = self.shared.runtime.load_full();
+        if !Arc::ptr_eq(&rt, &self.runtime_seen) {
+            let store = self.shared.store.load();
+            let doomed: Vec<usize> = self
+                .allocations
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| {
+                    let a = a.as_ref()?;
+                    (!user_has_keys(&rt, &store, &a.username)).then_some(i)
+                })
+                .collect();
+            for i in doomed {
+                self.remove_allocation(i, now, EndReason::Deleted, binder);
+            }
+            self.runtime_seen = rt;
         }
         self.compact();
         let mut expired = Vec::new();
@@ -1606,7 +1630,7 @@ impl Server {
         if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
             let fast_path = self.fast_path_on && fastpath::eligible(alloc);
             for (ip, relays_only) in grants {
-                alloc.install_permission(ip, relays_only, clock.now);
+                alloc.install_permission(ip, relays_only, clock.now, rt.limits.permission_lifetime);
                 if fast_path {
                     fastpath::install_permission(alloc, ip, &mut self.fast_path);
                 }
@@ -1656,8 +1680,9 @@ impl Server {
             BindCheck::Refresh => {}
         }
         if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
-            alloc.bind_channel(number, peer, clock.now);
-            alloc.install_permission(peer.ip(), relays_only, clock.now);
+            let l = &rt.limits;
+            alloc.bind_channel(number, peer, clock.now, l.channel_lifetime);
+            alloc.install_permission(peer.ip(), relays_only, clock.now, l.permission_lifetime);
             // A new binding, a refresh, or a binding revived within its cool-down (whose
             // entry went at its expiry): all (re)install, permission first.
             if self.fast_path_on && fastpath::eligible(alloc) {
@@ -1758,6 +1783,19 @@ fn finish(w: &mut MessageWriter<'_>, rt: &Runtime, msg: &Message<'_>, auth: Opti
 /// What a nonce is bound to: the client's IP address.
 fn nonce_addr(ft: FiveTuple) -> SocketAddr {
     SocketAddr::new(ft.client.ip(), 0)
+}
+
+/// Does `username` still have a key, whatever the time: a static user of the
+/// configuration or the fleet store, or a TURN REST username while a secret remains
+/// (its expiry only matters to new requests).
+fn user_has_keys(rt: &Runtime, store: &StoreView, username: &str) -> bool {
+    rt.credentials.knows(username)
+        || store.users.contains_key(username)
+        || (!store.secrets.is_empty()
+            && username
+                .split(':')
+                .next()
+                .is_some_and(|e| e.parse::<u64>().is_ok()))
 }
 
 /// RFC 8656 section 7.2: the default lifetime unless the client asks for more, capped.

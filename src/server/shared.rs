@@ -36,6 +36,10 @@ pub struct Limits {
     pub default_lifetime: Duration,
     /// RFC 8656 section 7.2: at most 3600 s recommended.
     pub max_lifetime: Duration,
+    /// `relay.permission_lifetime`: RFC 8656 section 9 fixes 300 s (the maximum).
+    pub permission_lifetime: Duration,
+    /// `relay.channel_lifetime`: RFC 8656 section 12 fixes 600 s (the maximum).
+    pub channel_lifetime: Duration,
 }
 
 /// Relay addresses, at most one per family, and what to advertise for each.
@@ -130,6 +134,8 @@ impl Runtime {
                 max_channels_per_allocation: l.max_channels_per_allocation,
                 default_lifetime: l.default_lifetime,
                 max_lifetime: l.max_lifetime,
+                permission_lifetime: config.relay.permission_lifetime,
+                channel_lifetime: config.relay.channel_lifetime,
             },
             relay,
             alternate_servers: config.server.alternate_servers.clone(),

@@ -104,7 +104,7 @@ impl Server {
         }
         let now = self.last_now;
         if let Some(Some(alloc)) = self.allocations.get_mut(slot) {
-            alloc.install_permission(peer.ip(), relays_only, now);
+            alloc.install_permission(peer.ip(), relays_only, now, rt.limits.permission_lifetime);
         }
         let id = self.next_connection_id();
         self.tcp_conns.insert(

@@ -86,6 +86,8 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
             max_channels_per_allocation: 8,
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: PERMISSION_LIFETIME,
+            channel_lifetime: CHANNEL_LIFETIME,
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
@@ -1640,6 +1642,120 @@ mod fast_path {
         assert_eq!(h.fp(), vec![RmCh(0x4001, p6), RmPerm(p6.ip())]);
         h.refresh(f, 0, 5, 2);
         assert_eq!(h.fp(), vec![RmCh(0x4000, peer()), RmPerm(ip())]);
+    }
+
+    /// A reload that removes a user ends that user's allocations at the next tick, like a
+    /// revocation (usage record, reason "deleted"), and with them their kernel entries;
+    /// other users' stay, and a TURN REST username's stay while a secret remains, expired
+    /// or not. Ticks without a reload end nothing.
+    #[test]
+    fn reload_removing_a_user_ends_its_allocations_and_entries() {
+        let mut h = Harness::new(fast());
+        h.fp();
+        let (fa, fb, fd) = (ft(40000), ft(40001), ft(40002));
+        h.allocate(fa, 1, 0);
+        h.channel(fa, 0x4000, peer(), 2, 0);
+        let alloc = |h: &mut Harness, f: FiveTuple, t: u8, user: &str, pass: &str| {
+            let req = h.request(f, method::ALLOCATE, tid(t), user, pass, 0, |w| {
+                w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+            });
+            assert_eq!(
+                h.send(f, &req, 0).unwrap().class(),
+                Class::Success,
+                "{user}"
+            );
+        };
+        alloc(&mut h, fb, 3, "bob", "builder");
+        let dave = auth::rest_username(T0_UNIX + 60, "dave");
+        alloc(&mut h, fd, 4, &dave, &auth::rest_password("s3cret", &dave));
+        let req = h.request(
+            fd,
+            method::CREATE_PERMISSION,
+            tid(5),
+            &dave,
+            &auth::rest_password("s3cret", &dave),
+            0,
+            |w| {
+                w.xor_address(attr::XOR_PEER_ADDRESS, peer2());
+            },
+        );
+        assert_eq!(h.send(fd, &req, 0).unwrap().class(), Class::Success);
+        assert_eq!(h.fp().len(), 3);
+        h.tick(5);
+        assert_eq!(h.server.allocation_count(), 3, "no reload: nothing ends");
+        h.server.drain_events().for_each(drop);
+
+        // Reload without alice (same secret): hers ends at the next tick, nothing else.
+        let mut users = BTreeMap::new();
+        users.insert("bob".to_string(), "builder".to_string());
+        let mut rt = fast();
+        rt.credentials = Credentials::new(REALM, &users, &["s3cret".to_string()]);
+        h.shared().runtime.store(Arc::new(rt));
+        assert_eq!(
+            h.server.allocation_count(),
+            3,
+            "ends at the tick, not before"
+        );
+        h.tick(100);
+        assert_eq!(h.server.allocation_count(), 2);
+        assert_eq!(h.fp(), vec![RmCh(0x4000, peer()), RmPerm(ip())]);
+        let ended: Vec<(String, EndReason)> = h
+            .server
+            .drain_events()
+            .filter_map(|e| match e {
+                Event::AllocationEnded {
+                    username, reason, ..
+                } => Some((username, reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, vec![("alice".to_string(), EndReason::Deleted)]);
+        assert_eq!(h.shared().total_allocations(), 2);
+        // Dave's username expired at 60 s: still his while the secret remains.
+        h.tick(101);
+        assert_eq!(h.server.allocation_count(), 2);
+
+        // Reload without the secret: dave's REST allocation ends; bob's stays.
+        let mut rt = fast();
+        rt.credentials = Credentials::new(REALM, &users, &[]);
+        h.shared().runtime.store(Arc::new(rt));
+        h.tick(102);
+        assert_eq!(h.server.allocation_count(), 1);
+        assert_eq!(h.fp(), vec![RmPerm(peer2().ip())]);
+        assert_eq!(
+            h.server.allocations().next().unwrap().username.as_ref(),
+            "bob"
+        );
+    }
+
+    /// Shorter permission and channel lifetimes (`relay.permission_lifetime`,
+    /// `relay.channel_lifetime`): the entries carry them and go at the first tick at or
+    /// after them; a refresh before expiry keeps them.
+    #[test]
+    fn configured_lifetimes_set_expiries_and_removals() {
+        let mut rt = fast();
+        rt.limits.permission_lifetime = Duration::from_secs(2);
+        rt.limits.channel_lifetime = Duration::from_secs(3);
+        let mut h = Harness::new(rt);
+        h.fp();
+        let f = ft(40000);
+        h.allocate(f, 1, 0);
+        let handle = h.server.allocations().next().unwrap().relay;
+        assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+        assert_eq!(h.fp(), vec![InsPerm(ip(), 2), InsCh(0x4000, peer(), 3)]);
+        assert!(h.peer_sends(handle, peer(), b"x", 1).is_some());
+        // Refreshed at 1: permission to 3, channel to 4.
+        assert_eq!(h.channel(f, 0x4000, peer(), 3, 1).class(), Class::Success);
+        assert_eq!(h.fp(), vec![InsPerm(ip(), 3), InsCh(0x4000, peer(), 4)]);
+        h.tick(2);
+        assert_eq!(h.fp(), vec![], "refreshed: nothing goes at 2");
+        assert!(h.peer_sends(handle, peer(), b"x", 2).is_some());
+        h.tick(3);
+        assert_eq!(h.fp(), vec![RmPerm(ip())]);
+        assert!(h.peer_sends(handle, peer(), b"x", 3).is_none());
+        h.tick(4);
+        assert_eq!(h.fp(), vec![RmCh(0x4000, peer())]);
+        assert_eq!(h.channel_data(f, 0x4000, b"x", 4), None);
     }
 
     /// A reload that sets a bandwidth limit (or turns the switch off) removes every entry

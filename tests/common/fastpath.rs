@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::metrics::sample;
 use super::netns::{ip, Netns};
-use super::process::{require_tool, ChildGuard};
+use super::process::{require_tool, signal, wait_for, ChildGuard};
 
 pub const SERVER: &str = "10.78.3.2";
 pub const CLIENT: &str = "10.78.1.2";
@@ -59,6 +59,29 @@ pub fn config(mode: &str, extra: &str) -> String {
          [policy]\nallow_peers = [\"10.78.0.0/16\"]\n\n\
          [metrics]\nlisten = \"{SERVER}:{METRICS_PORT}\"\n{extra}"
     )
+}
+
+/// [`config`] with `relay_keys` (lines such as `permission_lifetime = "2s"`) added to
+/// its `[relay]` section.
+pub fn config_relay(mode: &str, relay_keys: &str, extra: &str) -> String {
+    config(mode, extra).replacen("[relay]\n", &format!("[relay]\n{relay_keys}"), 1)
+}
+
+/// Entries in the kernel's maps (`turnstone_kernel_fast_path_entries`, read twice a
+/// second): a channel or a permission counts once per direction.
+pub fn entries(text: &str) -> f64 {
+    sample(text, "turnstone_kernel_fast_path_entries", &[]).unwrap_or(-1.0)
+}
+
+/// Rewrites the running server's configuration file `path` with `toml`, sends SIGHUP
+/// and waits until it says it reloaded.
+pub fn reload(server: &ChildGuard, path: &std::path::Path, toml: &str) {
+    let before = server.output().matches("configuration reloaded").count();
+    std::fs::write(path, toml).unwrap();
+    signal(server.id().expect("pid"), "HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        (server.output().matches("configuration reloaded").count() > before).then_some(())
+    });
 }
 
 /// The server process's CPU time (user + system) from /proc/PID/stat, in clock ticks.
