@@ -151,7 +151,7 @@ pub enum NotUsed {
     LoopbackOnly,
     /// This binary was built without clang (build.rs): it has no program to load.
     BuiltWithoutClang,
-    /// No CAP_BPF / CAP_NET_ADMIN (or a seccomp filter or LSM said no).
+    /// No CAP_BPF / CAP_NET_ADMIN / CAP_PERFMON (or a seccomp filter or LSM said no).
     Permission { uid: u32, error: String },
     /// The kernel lacks BPF, XDP, BPF links or a helper the program calls.
     KernelTooOld { release: String, error: String },
@@ -172,7 +172,7 @@ impl std::fmt::Display for NotUsed {
             ),
             NotUsed::Permission { uid, error } => write!(
                 f,
-                "needs CAP_BPF and CAP_NET_ADMIN (running as uid {uid}): {error}"
+                "needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid {uid}): {error}"
             ),
             NotUsed::KernelTooOld { release, error } => write!(
                 f,
@@ -194,10 +194,12 @@ fn kernel_release() -> String {
 }
 
 /// This process's effective uid and whether its effective capabilities allow loading
-/// and attaching (CAP_NET_ADMIN, and CAP_BPF or CAP_SYS_ADMIN), from /proc/self/status.
+/// and attaching (CAP_NET_ADMIN, and CAP_BPF and CAP_PERFMON or CAP_SYS_ADMIN), from
+/// /proc/self/status.
 fn privileges() -> (u32, Result<(), String>) {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
@@ -224,6 +226,9 @@ fn privileges() -> (u32, Result<(), String>) {
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if missing.is_empty() {
         (uid, Ok(()))
@@ -253,9 +258,21 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match text.char_indices().nth(MAX) {
-        Some((at, _)) => format!("{}...", &text[..at]),
-        None => text,
+    // A verifier log ends with its reason: keep the end.
+    let (head, log) = match text.split_once("Verifier output:") {
+        Some((head, log)) => (format!("{head}Verifier output (end):"), log),
+        None => (String::new(), text.as_str()),
+    };
+    let n = log.chars().count();
+    if n <= MAX {
+        return format!("{head}{log}");
+    }
+    if head.is_empty() {
+        let cut: String = log.chars().take(MAX).collect();
+        format!("{cut}...")
+    } else {
+        let tail: String = log.chars().skip(n - MAX).collect();
+        format!("{head} ...{tail}")
     }
 }
 
@@ -285,8 +302,8 @@ const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
 /// Sorts a load or attach failure into its reason; `interface`: the one being attached.
 fn classify(e: &(dyn std::error::Error + 'static), interface: Option<&str>) -> NotUsed {
     let error = chain(e);
-    let verifier_log =
-        error.contains("Verifier output:") && !error.trim_end().ends_with("Verifier output:");
+    let verifier_log = error.contains("Verifier output (end):")
+        && !error.trim_end().ends_with("Verifier output (end):");
     let old_helper = [
         "unknown func",
         "invalid func",
@@ -304,8 +321,10 @@ fn classify(e: &(dyn std::error::Error + 'static), interface: Option<&str>) -> N
             uid: privileges().0,
             error,
         },
-        // The verifier says EACCES too; then it is not about privileges.
-        Some(EACCES) if !verifier_log => NotUsed::Permission {
+        // The verifier says EACCES too; then it is about privileges only if the process
+        // lacks CAP_PERFMON, without which the verifier refuses the program's pointer
+        // arithmetic (packet end - packet start).
+        Some(EACCES) if !verifier_log || privileges().1.is_err() => NotUsed::Permission {
             uid: privileges().0,
             error,
         },
@@ -407,12 +426,13 @@ pub fn forwarding_off(config: &Config, interfaces: &[String]) -> Vec<String> {
         ips.iter().any(IpAddr::is_ipv4),
         ips.iter().any(IpAddr::is_ipv6),
     );
-    let on = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0");
+    // Unreadable (systemd's ProcSubset=pid hides /proc/sys): not known to be off.
+    let off = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0");
     interfaces
         .iter()
         .filter(|i| {
-            (v4 && !on(format!("/proc/sys/net/ipv4/conf/{i}/forwarding")))
-                || (v6 && !on(format!("/proc/sys/net/ipv6/conf/{i}/forwarding")))
+            (v4 && off(format!("/proc/sys/net/ipv4/conf/{i}/forwarding")))
+                || (v6 && off(format!("/proc/sys/net/ipv6/conf/{i}/forwarding")))
         })
         .cloned()
         .collect()
