@@ -869,19 +869,19 @@ fn private_relay_address_without_external_address_warns() {
 
 #[test]
 fn kernel_fast_path_values() {
-    for (text, want) in [
+    for (value, want) in [
         ("off", KernelFastPath::Off),
         ("auto", KernelFastPath::Auto),
         ("required", KernelFastPath::Required),
     ] {
         let text = GOOD.replacen(
             "[relay]\naddress = \"127.0.0.1\"",
-            &format!("[relay]\naddress = \"127.0.0.1\"\nkernel_fast_path = \"{text}\""),
+            &format!("[relay]\naddress = \"127.0.0.1\"\nkernel_fast_path = \"{value}\""),
             1,
         );
         let c = Config::from_toml(&text).unwrap();
         assert_eq!(c.relay.kernel_fast_path, want);
-        assert_eq!(want.as_str(), text);
+        assert_eq!(want.as_str(), value);
     }
     let text = GOOD.replacen(
         "[relay]\naddress = \"127.0.0.1\"",
