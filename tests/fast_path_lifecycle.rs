@@ -1,4 +1,4 @@
-//! The kernel fast path's life cycle (root, namespace rig): a second turnstone on the same interfaces is refused ("required") or relays in userspace ("auto") while the first keeps relaying in the kernel; kill -9 and SIGTERM leave no XDP program attached and the next server attaches at once; a non-root server with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON loads it; without CAP_PERFMON (the verifier then refuses the program's packet pointer arithmetic) "required" refuses naming it, and without any "auto" says why not.
+//! The kernel fast path's life cycle and placement (root, namespace rig): `[relay] fast_path_interfaces` is where it attaches (a missing name is found at start), and with IP forwarding off there the one start line and check-config say so; a second turnstone on the same interfaces is refused ("required") or relays in userspace ("auto") while the first keeps relaying in the kernel; kill -9 and SIGTERM leave no XDP program attached and the next server attaches at once; a non-root server with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON loads it; without CAP_PERFMON (the verifier then refuses the program's packet pointer arithmetic) "required" refuses naming it, and without any "auto" says why not.
 //
 // The rig (namespaces, routes, configuration) is tests/common/fastpath.rs; the first
 // server uses its ports (3478, metrics 9641, relay 40000-40999), the second its own.
@@ -340,4 +340,86 @@ fn cap_bpf_net_admin_and_perfmon_are_enough_and_without_them_it_says_why() {
     let (mut client, peer, relay) = session(&n, PORT);
     relay_to_client(&mut client, &peer, relay, 3);
     assert_eq!(kernel_to_client(&n), 3.0);
+}
+
+/// The server namespace's one interface besides lo.
+fn server_device(n: &Netns) -> String {
+    let links = n.exec("server", &["ip", "-o", "link", "show"]);
+    links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .find(|name| name != "lo")
+        .unwrap_or_else(|| panic!("no interface besides lo:\n{links}"))
+}
+
+#[test]
+fn fast_path_interfaces_are_where_it_attaches_and_forwarding_off_is_said_at_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = server_device(&n);
+
+    // A name that does not exist is found at start, not when parsing.
+    let text = refused(
+        &n,
+        dir.path(),
+        &config("required", "").replace(
+            "kernel_fast_path = \"required\"\n",
+            "kernel_fast_path = \"required\"\nfast_path_interfaces = [\"nosuchif9\"]\n",
+        ),
+    );
+    assert!(
+        text.contains("relay.kernel_fast_path = \"required\"")
+            && text.contains("relay.fast_path_interfaces: there is no interface \"nosuchif9\""),
+        "{text}"
+    );
+    assert!(!xdp_attached(&n));
+
+    // Forwarding off where it attaches: one start line says it is on and where the route
+    // lookups fail; check-config, run there, says the same without loading anything.
+    n.exec("server", &["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"]);
+    let toml = config("required", "").replace(
+        "kernel_fast_path = \"required\"\n",
+        &format!("kernel_fast_path = \"required\"\nfast_path_interfaces = [\"{dev}\"]\n"),
+    );
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let check = n.exec(
+        "server",
+        &[
+            env!("CARGO_BIN_EXE_turnstone"),
+            "check-config",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        check.contains(&format!(
+            "kernel fast path: would attach to {dev} (generic XDP); IP forwarding is off on {dev}"
+        )),
+        "{check}"
+    );
+    assert!(!xdp_attached(&n), "check-config attached something");
+    let server = n.turnstone("server", dir.path(), "turnstone-fwd-off", &toml);
+    let logs = server.output();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("kernel fast path"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains(&format!(
+                "kernel fast path on: {dev} (generic XDP), but IP forwarding is off on {dev}"
+            )),
+        "{logs}"
+    );
+    assert!(xdp_attached(&n));
+    // Relayed in userspace then: the route lookups fail.
+    let (mut client, peer, relay) = session(&n, PORT);
+    relay_to_client(&mut client, &peer, relay, 3);
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = metrics(&n);
+    assert_eq!(kernel(&text, "to_client", "channel"), 0.0, "{text}");
+    assert_eq!(user(&text, "to_client", "channel"), 3.0, "{text}");
 }

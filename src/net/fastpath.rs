@@ -193,6 +193,14 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned())
 }
 
+/// (major, minor) of a kernel release such as "6.18.4-generic".
+fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// This process's effective uid and whether its effective capabilities allow loading
 /// and attaching (CAP_NET_ADMIN, and CAP_BPF and CAP_PERFMON or CAP_SYS_ADMIN), from
 /// /proc/self/status.
@@ -549,6 +557,19 @@ impl Kernel {
         if let Err(error) = privileged {
             return Err(NotUsed::Permission { uid, error });
         }
+        // Before 5.9 XDP has no BPF links and aya attaches with netlink, which outlives
+        // the process (a crash would leave the program attached) and lets a second
+        // turnstone replace the first one's program: refuse rather than risk either.
+        let release = kernel_release();
+        if let Some(version) = release_version(&release) {
+            if version < (5, 9) {
+                return Err(NotUsed::KernelTooOld {
+                    release,
+                    error: "XDP links (which detach when the process exits) need Linux 5.9"
+                        .to_owned(),
+                });
+            }
+        }
         let mut ebpf = aya::Ebpf::load(object()).map_err(|e| classify(&e, None))?;
         let prog: &mut aya::programs::Xdp = ebpf
             .programs_mut()
@@ -806,6 +827,67 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_and_error_chains() {
+        assert_eq!(release_version("6.18.44-fc-v1252"), Some((6, 18)));
+        assert_eq!(release_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(release_version("unknown"), None);
+        let busy = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: std::io::Error::from_raw_os_error(EBUSY),
+        });
+        let why = classify(&busy, Some("eth0"));
+        assert!(matches!(&why, NotUsed::Busy { interface, .. } if interface == "eth0"));
+        let text = why.to_string();
+        assert!(
+            text.starts_with("another XDP program is attached to eth0 (another turnstone?): ")
+                && text.contains("bpf_link_create")
+                && text.contains("os error 16"),
+            "{text}"
+        );
+        let denied = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_create",
+            io_error: std::io::Error::from_raw_os_error(EPERM),
+        });
+        let text = classify(&denied, None).to_string();
+        assert!(
+            text.starts_with("needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid ")
+                && text.contains("os error 1"),
+            "{text}"
+        );
+        // As aya's LoadError shows it: the errno as source, the verifier log in the text.
+        #[derive(Debug)]
+        struct Load(std::io::Error, &'static str);
+        impl std::fmt::Display for Load {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "the BPF_PROG_LOAD syscall returned {}. Verifier output: {}",
+                    self.0, self.1
+                )
+            }
+        }
+        impl std::error::Error for Load {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let old = Load(
+            std::io::Error::from_raw_os_error(EINVAL),
+            "0: (85) call bpf_fib_lookup#69\nunknown func bpf_fib_lookup#69",
+        );
+        let text = classify(&old, None).to_string();
+        assert!(
+            text.starts_with("kernel too old or without XDP/BPF support (kernel ")
+                && text.contains("unknown func"),
+            "{text}"
+        );
+        assert_eq!(NotUsed::LoopbackOnly.to_string(), "loopback only");
+        assert!(NotUsed::BuiltWithoutClang
+            .to_string()
+            .starts_with("built without clang"));
+    }
 
     #[test]
     fn keys_are_laid_out_as_in_relay_c() {
