@@ -395,7 +395,7 @@ fn fast_path_interfaces_are_where_it_attaches_and_forwarding_off_is_said_at_star
     );
     assert!(
         check.contains(&format!(
-            "kernel fast path: would attach to {dev} (generic XDP); IP forwarding is off on {dev}"
+            "kernel fast path: would attach to {dev} (generic XDP); IP forwarding is off on {dev} (IPv4)"
         )),
         "{check}"
     );
@@ -410,7 +410,7 @@ fn fast_path_interfaces_are_where_it_attaches_and_forwarding_off_is_said_at_star
     assert!(
         lines[0].contains("WARN")
             && lines[0].contains(&format!(
-                "kernel fast path on: {dev} (generic XDP), but IP forwarding is off on {dev}"
+                "kernel fast path on: {dev} (generic XDP), but IP forwarding is off on {dev} (IPv4)"
             )),
         "{logs}"
     );

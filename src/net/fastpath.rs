@@ -423,7 +423,8 @@ pub fn plan(config: &Config) -> Result<Vec<String>, NotUsed> {
     Ok(names)
 }
 
-/// The interfaces among `interfaces` where the program's route lookups (bpf_fib_lookup,
+/// The interfaces among `interfaces`, each with the families concerned ("eth0 (IPv6)"),
+/// where the program's route lookups (bpf_fib_lookup,
 /// which checks the ingress interface's forwarding setting) fail for the families of
 /// `config`'s listen and relay addresses: relayed packets arriving there go up to
 /// userspace.
@@ -438,11 +439,16 @@ pub fn forwarding_off(config: &Config, interfaces: &[String]) -> Vec<String> {
     let off = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0");
     interfaces
         .iter()
-        .filter(|i| {
-            (v4 && off(format!("/proc/sys/net/ipv4/conf/{i}/forwarding")))
-                || (v6 && off(format!("/proc/sys/net/ipv6/conf/{i}/forwarding")))
+        .filter_map(|i| {
+            let off4 = v4 && off(format!("/proc/sys/net/ipv4/conf/{i}/forwarding"));
+            let off6 = v6 && off(format!("/proc/sys/net/ipv6/conf/{i}/forwarding"));
+            match (off4, off6) {
+                (true, true) => Some(format!("{i} (IPv4, IPv6)")),
+                (true, false) => Some(format!("{i} (IPv4)")),
+                (false, true) => Some(format!("{i} (IPv6)")),
+                (false, false) => None,
+            }
         })
-        .cloned()
         .collect()
 }
 
