@@ -75,12 +75,32 @@ impl Chromium {
     /// Starts Chromium on `url` with [`FLAGS`], `extra_args` and a fresh profile; the page
     /// reports to `pages`. Panics with the install hint if there is no `chromium`.
     pub fn launch(pages: PageServer, url: &str, extra_args: &[&str]) -> Chromium {
+        Chromium::launch_in(None, pages, url, extra_args)
+    }
+
+    /// [`Chromium::launch`] with Chromium's networking inside the network namespace
+    /// `netns` (its full name; `ip netns exec`), if given: the page server must listen
+    /// there too (start it on a thread in the namespace).
+    pub fn launch_in(
+        netns: Option<&str>,
+        pages: PageServer,
+        url: &str,
+        extra_args: &[&str],
+    ) -> Chromium {
         let chromium = require_tool("chromium", "apt-get install -y chromium");
         let profile = tempfile::Builder::new()
             .prefix("turnstone-chromium-")
             .tempdir()
             .expect("profile dir");
-        let mut cmd = Command::new(chromium);
+        let mut cmd = match netns {
+            // `ip netns exec` execs Chromium: the guard's process group is Chromium's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(chromium);
+                c
+            }
+            None => Command::new(chromium),
+        };
         cmd.args(FLAGS)
             .args(extra_args)
             .arg(format!("--user-data-dir={}", profile.path().display()))

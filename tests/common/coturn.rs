@@ -113,6 +113,25 @@ impl EchoPeer {
             _guard: guard,
         }
     }
+
+    /// Starts `turnutils_peer` on `ip:port` inside the network namespace `netns` (its
+    /// full name) and checks that it did not exit at once.
+    pub fn start_in(netns: &str, ip: &str, port: u16) -> EchoPeer {
+        let bin = require_tool("turnutils_peer", COTURN_HINT);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(bin)
+            .args(["-L", ip, "-p", &port.to_string()]);
+        let mut guard = ChildGuard::spawn("turnutils_peer", &mut cmd);
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(st) = guard.try_wait() {
+            panic!("turnutils_peer exited at once ({st})");
+        }
+        EchoPeer {
+            port,
+            _guard: guard,
+        }
+    }
 }
 
 /// The counters of uclient's final summary.
@@ -157,8 +176,28 @@ pub fn parse_summary(out: &str) -> Option<Summary> {
 /// uclient pairs its clients, so `clients` must be even there: uclient rounds an odd
 /// count up.)
 pub fn run_uclient(args: &[&str], server_ip: &str, clients: u64, messages: u64, timeout: Duration) {
+    run_uclient_in(None, args, server_ip, clients, messages, timeout);
+}
+
+/// [`run_uclient`] inside the network namespace `netns` (its full name) if given;
+/// returns uclient's summary and output.
+pub fn run_uclient_in(
+    netns: Option<&str>,
+    args: &[&str],
+    server_ip: &str,
+    clients: u64,
+    messages: u64,
+    timeout: Duration,
+) -> (Summary, String) {
     let bin = require_tool("turnutils_uclient", COTURN_HINT);
-    let mut cmd = Command::new(bin);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.args(args)
         .args(["-m", &clients.to_string(), "-n", &messages.to_string()])
         .args(["-l", "170"])
@@ -199,4 +238,5 @@ pub fn run_uclient(args: &[&str], server_ip: &str, clients: u64, messages: u64, 
         "summary line missing\n{}",
         context()
     );
+    (s, out)
 }

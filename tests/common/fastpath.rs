@@ -1,4 +1,4 @@
-//! The kernel fast path's test rig: client, router, server and peer namespaces over veth, turnstone's configuration for it, and readings of its CPU time and metrics.
+//! The kernel fast path's test rig: client, router, server and peer namespaces over veth, turnstone's configuration for it, a UDP echo in the peer namespace, and readings of its CPU time, metrics and usage records.
 //
 // Namespaces (addresses only inside them): `client` (10.78.1.2) and `peer` (10.78.2.2)
 // reach `server` (10.78.3.2) through `router`. The server's one interface faces the
@@ -106,4 +106,97 @@ pub fn user(text: &str, direction: &str, path: &str) -> f64 {
         &[("direction", direction), ("path", path)],
     )
     .unwrap_or(0.0)
+}
+
+/// The sums over a server's usage records ("allocation ended" log lines).
+#[derive(Debug, Default, PartialEq)]
+pub struct Usage {
+    pub allocations: u64,
+    pub packets_to_peer: u64,
+    pub packets_to_client: u64,
+    pub kernel_packets_to_peer: u64,
+    pub kernel_packets_to_client: u64,
+}
+
+/// Adds up the usage records in a server's log.
+pub fn usage(logs: &str) -> Usage {
+    let mut u = Usage::default();
+    for line in logs.lines().filter(|l| l.contains("allocation ended")) {
+        u.allocations += 1;
+        for token in line.split_whitespace() {
+            let Some((k, v)) = token.split_once('=') else {
+                continue;
+            };
+            let v: u64 = v.trim_matches('"').parse().unwrap_or(0);
+            match k {
+                "packets_to_peer" => u.packets_to_peer += v,
+                "packets_to_client" => u.packets_to_client += v,
+                "kernel_packets_to_peer" => u.kernel_packets_to_peer += v,
+                "kernel_packets_to_client" => u.kernel_packets_to_client += v,
+                _ => {}
+            }
+        }
+    }
+    u
+}
+
+/// A UDP echo on `PEER` in the peer namespace: every datagram goes back to its sender,
+/// until dropped.
+pub struct PeerEcho {
+    pub addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl PeerEcho {
+    pub fn start(n: &Netns) -> PeerEcho {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sock = n.enter("peer", || {
+            std::net::UdpSocket::bind((PEER, 0)).expect("peer socket")
+        });
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(4 << 20);
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut echoed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((len, from)) = sock.recv_from(&mut buf) {
+                        if sock.send_to(&buf[..len], from).is_ok() {
+                            echoed += 1;
+                        }
+                    }
+                }
+                echoed
+            })
+        };
+        PeerEcho {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the echo; returns how many datagrams it echoed.
+    pub fn stop(mut self) -> u64 {
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
 }
