@@ -118,6 +118,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             for w in config.warnings() {
                 eprintln!("{}: warning: {w}", file.display());
             }
+            for line in net::fastpath::check_config_lines(&config) {
+                println!("{}: {line}", file.display());
+            }
             println!("{}: OK", file.display());
             ExitCode::SUCCESS
         }

@@ -165,7 +165,7 @@ impl Metrics {
         let kpackets = Family::<Labels2, Counter>::default();
         reg.register(
             "relayed_kernel_packets",
-            "Packets the kernel fast path (XDP, server.kernel_fast_path) relayed, by direction and framing",
+            "Packets the kernel fast path (XDP, relay.kernel_fast_path) relayed, by direction and framing",
             kpackets.clone(),
         );
         let kernel_packets = counters2(&kpackets, ("direction", "path"), DIRECTIONS, PATHS);

@@ -1,5 +1,6 @@
-//! The command line: `check-config` accepts the shipped example, names every bad key and
-//! warns about a relay address clients outside could not reach; `credentials` mints a
+//! The command line: `check-config` accepts the shipped example, names every bad key,
+//! warns about a relay address clients outside could not reach and says what the kernel
+//! fast path would do; `credentials` mints a
 //! TURN REST username and password.
 
 use std::process::Command;
@@ -145,4 +146,78 @@ fn credentials_can_print_an_ice_servers_entry() {
         turnstone::auth::rest_password("s3cret", user)
     );
     assert_eq!(v["urls"][0], "turn:127.0.0.1:3478");
+}
+
+/// `check-config` on `relay_keys` (keys of `[relay]` after the address 127.0.0.1): its
+/// exit status, stdout and stderr.
+fn check_fast_path(relay_keys: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fp.toml");
+    let text = format!(
+        "[server]\nrealm = \"x\"\n[[listen]]\ntransport = \"udp\"\naddress = \"127.0.0.1:3478\"\n\
+         [relay]\naddress = \"127.0.0.1\"\n{relay_keys}\n[auth]\nusers = {{ a = \"b\" }}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = turnstone()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_says_what_the_kernel_fast_path_would_do() {
+    // The default: auto; on loopback only it would not be used.
+    let (ok, stdout, stderr) = check_fast_path("");
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("kernel fast path: relay.kernel_fast_path = \"auto\"; this build")
+            && stdout.contains("kernel fast path: would not be used: loopback only; allocations would relay in userspace"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = check_fast_path("kernel_fast_path = \"off\"");
+    assert!(ok);
+    assert!(
+        stdout.contains("relay.kernel_fast_path = \"off\"")
+            && stdout.contains("off; every allocation relays in userspace")
+            && !stdout.contains("would"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) =
+        check_fast_path("kernel_fast_path = \"required\"\nfast_path_interfaces = [\"lo\"]");
+    assert!(ok);
+    assert!(
+        stdout.contains("would not be used: loopback only; \"required\" would refuse to start"),
+        "{stdout}"
+    );
+    // Names are checked here, where the server would run, not when parsing.
+    let (ok, stdout, _) = check_fast_path("fast_path_interfaces = [\"lo\", \"nosuchif9\"]");
+    assert!(ok);
+    assert!(
+        stdout.contains("there is no interface \"nosuchif9\""),
+        "{stdout}"
+    );
+    // The key's old place is an error naming the new one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.toml");
+    std::fs::write(
+        &path,
+        "[server]\nrealm = \"x\"\nkernel_fast_path = \"auto\"\n[[listen]]\ntransport = \"udp\"\n\
+         address = \"127.0.0.1:3478\"\n[relay]\naddress = \"127.0.0.1\"\n[auth]\nusers = { a = \"b\" }\n",
+    )
+    .unwrap();
+    let out = turnstone()
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("server.kernel_fast_path: moved to relay.kernel_fast_path"),
+        "{stderr}"
+    );
 }

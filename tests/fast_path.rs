@@ -1,4 +1,4 @@
-//! The kernel fast path end to end (root): turnstone with `kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation, a reload's bandwidth limit, a user a reload removes, and a permission or binding that expires (short configured lifetimes: within a tick); with nowhere to attach, "required" refuses to start and "auto" warns.
+//! The kernel fast path end to end (root): turnstone with `[relay] kernel_fast_path = "required"` in its own network namespace relays a client's ChannelData and Send indications and a peer's answers in XDP, none lost, for far less of its own CPU than userspace relaying of the same packets, and counts them in `turnstone_relayed_kernel_*` and the usage records; entries go with their allocation, a reload's bandwidth limit, a user a reload removes, and a permission or binding that expires (short configured lifetimes: within a tick); on loopback only, "required" refuses to start naming relay.kernel_fast_path and "auto" says once that it is not used.
 //
 // The rig (namespaces, routes, configuration) is tests/common/fastpath.rs.
 
@@ -390,37 +390,40 @@ fn short_lifetimes_take_entries_out_within_a_tick() {
     );
 }
 
-/// A configuration whose addresses no interface holds (127.0.0.2 is local through lo's
-/// 127.0.0.0/8 route, but lo holds only 127.0.0.1): the program has nowhere to attach.
-fn unattachable(mode: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+/// A configuration on loopback only (127.0.0.2): the fast path has nothing to do there.
+fn loopback(mode: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let port = common::free_port_on(&[ip]);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("unattachable.toml");
+    let path = dir.path().join("loopback.toml");
     let toml = format!(
-        "[server]\nrealm = \"fp.test\"\nkernel_fast_path = \"{mode}\"\n\
+        "[server]\nrealm = \"fp.test\"\n\
          [[listen]]\ntransport = \"udp\"\naddress = \"{ip}:{port}\"\n\
-         [relay]\naddress = \"{ip}\"\n[auth]\nusers = {{ alice = \"wonderland\" }}\n"
+         [relay]\naddress = \"{ip}\"\nkernel_fast_path = \"{mode}\"\n\
+         [auth]\nusers = {{ alice = \"wonderland\" }}\n"
     );
     std::fs::write(&path, toml).unwrap();
     (dir, path)
 }
 
 #[test]
-fn required_refuses_to_start_without_the_fast_path_and_names_the_key() {
-    let (_dir, path) = unattachable("required");
+fn required_refuses_to_start_on_loopback_only_and_names_the_key() {
+    let (_dir, path) = loopback("required");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_turnstone"));
     cmd.arg("--config").arg(&path);
     let out = common::run_bounded("turnstone", &mut cmd, Duration::from_secs(30));
     let text = out.combined();
     assert!(!out.status.success(), "started:\n{text}");
-    assert!(text.contains("server.kernel_fast_path"), "{text}");
+    assert!(
+        text.contains("relay.kernel_fast_path = \"required\"") && text.contains("loopback only"),
+        "{text}"
+    );
     assert!(!text.contains("listening"), "{text}");
 }
 
 #[test]
-fn auto_warns_and_relays_in_userspace_without_the_fast_path() {
-    let (_dir, path) = unattachable("auto");
+fn auto_on_loopback_only_says_so_once_and_relays_in_userspace() {
+    let (_dir, path) = loopback("auto");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_turnstone"));
     cmd.arg("--config").arg(&path);
     let mut server = ChildGuard::spawn("turnstone-auto", &mut cmd);
@@ -431,8 +434,16 @@ fn auto_warns_and_relays_in_userspace_without_the_fast_path() {
         server.output().contains("listening").then_some(())
     });
     let logs = server.output();
+    assert_eq!(
+        logs.matches("kernel fast path: not used (loopback only)")
+            .count(),
+        1,
+        "{logs}"
+    );
     assert!(
-        logs.contains("WARN") && logs.contains("kernel fast path unavailable"),
+        !logs
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("fast path")),
         "{logs}"
     );
     assert!(!logs.contains("kernel fast path on"), "{logs}");

@@ -1,6 +1,7 @@
 //! The Debian package (`cargo deb`, `[package.metadata.deb]` in Cargo.toml, `packaging/`):
 //! - the .deb holds /usr/bin/turnstone, the unit with its /usr/bin drop-in, the sysusers.d
-//!   entry, the configuration as a conffile (0640) and the example under /usr/share/doc;
+//!   entry, the configuration as a conffile (0640), and the example and the kernel fast
+//!   path's drop-in (not active) under /usr/share/doc;
 //! - installed with apt into a clean Debian bookworm root (mmdebstrap --variant=minbase),
 //!   it creates the system user `turnstone` (no shell, no home), makes the configuration
 //!   0640 root:turnstone, leaves the unit disabled, and the shipped configuration does not
@@ -33,6 +34,8 @@ const UNIT: &str = "/usr/lib/systemd/system/turnstone.service";
 const DROP_IN: &str = "/usr/lib/systemd/system/turnstone.service.d/debian.conf";
 const EXAMPLE: &str = "/usr/share/doc/turnstone/turnstone.toml.example";
 const SYSUSERS: &str = "/usr/lib/sysusers.d/turnstone.conf";
+/// The kernel fast path's systemd drop-in, shipped as documentation (not active).
+const FAST_PATH_DROP_IN: &str = "/usr/share/doc/turnstone/kernel-fast-path.conf";
 /// What an upgrade test installs over the crate's version.
 const NEXT_VERSION: &str = "0.1.0+test1";
 
@@ -117,10 +120,16 @@ fn package_holds_the_files_and_the_conffile() {
         (SYSUSERS, "-rw-r--r--"),
         (CONFIG, "-rw-r-----"),
         (EXAMPLE, "-rw-r--r--"),
+        (FAST_PATH_DROP_IN, "-rw-r--r--"),
     ] {
         let line = entry(path);
         assert!(line.starts_with(&format!("{mode} 0/0 ")), "{path}: {line}");
     }
+    // The kernel fast path's drop-in is documentation, never active as shipped.
+    assert!(
+        !contents.contains("turnstone.service.d/kernel-fast-path.conf"),
+        "{contents}"
+    );
     let info = |field: &str| {
         run_ok(
             "dpkg-deb --info",

@@ -1,6 +1,9 @@
 //! The service unit and the notify protocol:
 //! - `systemd/turnstone.service` passes `systemd-analyze verify` (Debian package `systemd`)
 //!   and `systemd-analyze security --offline=yes` rates it at most [`MAX_EXPOSURE`];
+//! - the kernel fast path's drop-in (`systemd/kernel-fast-path.conf`) passes `verify` with
+//!   the unit, adds exactly CAP_BPF CAP_NET_ADMIN CAP_PERFMON, bpf(2), AF_NETLINK,
+//!   ProcSubset=all and LimitMEMLOCK, and leaves the unit's other hardening alone;
 //! - the unit says what issue 5 asks (Type=notify, reload by SIGHUP, hardening, limits);
 //! - the real binary started with `$NOTIFY_SOCKET` sends READY=1 once it answers, WATCHDOG=1
 //!   at half of `$WATCHDOG_USEC`, RELOADING=1 + MONOTONIC_USEC then READY=1 on SIGHUP, and
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 use common::{Backend, ServerOptions, TestServer};
 
 const UNIT: &str = include_str!("../systemd/turnstone.service");
+const FAST_PATH_DROP_IN: &str = include_str!("../systemd/kernel-fast-path.conf");
 const INSTALLED_BINARY: &str = "/usr/local/bin/turnstone";
 const SYSTEMD_HINT: &str = "apt-get install -y systemd";
 /// `systemd-analyze security` rates 0 (best) to 10; "OK" ends at 4.9. Ours is 1.4-1.6
@@ -98,6 +102,77 @@ fn unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify {}:\n{out}",
         unit.display()
     );
+}
+
+/// The unit copy with `drop_in` as turnstone.service.d/kernel-fast-path.conf: what
+/// `systemd-analyze ARGS` says with the copy's directory on the unit path (so the drop-in
+/// is read).
+fn with_drop_in(args: &[&str], drop_in: &str) -> (bool, String) {
+    let (dir, unit) = unit_copy();
+    let d = dir.path().join("turnstone.service.d");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("kernel-fast-path.conf"), drop_in).unwrap();
+    let tool = common::require_tool("systemd-analyze", SYSTEMD_HINT);
+    let out = common::run_bounded(
+        "systemd-analyze",
+        Command::new(&tool)
+            .args(args)
+            .arg(&unit)
+            .env("SYSTEMD_COLORS", "0")
+            .env("SYSTEMD_PAGER", "")
+            .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display())),
+        Duration::from_secs(60),
+    );
+    (out.status.success(), out.combined())
+}
+
+#[test]
+fn the_fast_path_drop_in_verifies_and_adds_exactly_what_it_needs() {
+    let (ok, out) = with_drop_in(&["verify", "--man=no"], FAST_PATH_DROP_IN);
+    let complaints: Vec<&str> = out.lines().filter(|l| l.contains("turnstone")).collect();
+    assert!(
+        ok && complaints.is_empty(),
+        "systemd-analyze verify:\n{out}"
+    );
+    // The check reads the drop-in: a bad line in it is reported.
+    let (_, out) = with_drop_in(
+        &["verify", "--man=no"],
+        &format!("{FAST_PATH_DROP_IN}\nSystemCallFilter=no_such_call\n"),
+    );
+    assert!(
+        out.contains("kernel-fast-path.conf") && out.contains("no_such_call"),
+        "{out}"
+    );
+    // bpf(2) is allowed back into the unit's filter (which denies @privileged).
+    let (ok, out) = with_drop_in(
+        &["security", "--offline=yes", "--no-pager"],
+        FAST_PATH_DROP_IN,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("bpf is allowed"), "{out}");
+
+    let mut settings: Vec<(String, String)> = Vec::new();
+    for line in FAST_PATH_DROP_IN.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').expect("KEY=VALUE");
+        settings.push((k.to_owned(), v.to_owned()));
+    }
+    let want: Vec<(String, String)> = [
+        ("AmbientCapabilities", "CAP_BPF CAP_NET_ADMIN CAP_PERFMON"),
+        ("CapabilityBoundingSet", "CAP_BPF CAP_NET_ADMIN CAP_PERFMON"),
+        ("SystemCallFilter", "bpf"),
+        ("RestrictAddressFamilies", "AF_NETLINK"),
+        ("ProcSubset", "all"),
+        ("LimitMEMLOCK", "infinity"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(settings, want);
+    assert!(FAST_PATH_DROP_IN.starts_with("# "));
+    assert!(FAST_PATH_DROP_IN.contains("\n[Service]\n"));
 }
 
 #[test]

@@ -50,12 +50,10 @@ pub use log::{LogFormat, LogSection};
 pub use metrics::{MetricsSection, EXAMPLE_METRICS_LISTEN};
 pub use policy::PolicySection;
 pub use relay::{
-    unreachable_from_outside, RelaySection, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN,
+    unreachable_from_outside, KernelFastPath, RelaySection, DEFAULT_PORT_MAX, DEFAULT_PORT_MIN,
     DEFAULT_SOCKET_BUFFER,
 };
-pub use server::{
-    KernelFastPath, ServerSection, DEFAULT_DRAIN_TIMEOUT, DEFAULT_NONCE_LIFETIME, DEFAULT_SOFTWARE,
-};
+pub use server::{ServerSection, DEFAULT_DRAIN_TIMEOUT, DEFAULT_NONCE_LIFETIME, DEFAULT_SOFTWARE};
 pub use store::StoreSection;
 pub use tls::TlsSection;
 pub use units::parse_bandwidth;

@@ -1,4 +1,4 @@
-//! `[relay]`: the addresses relay sockets bind to and advertise, the port range, socket buffers, permission and channel lifetimes.
+//! `[relay]`: the addresses relay sockets bind to and advertise, the port range, socket buffers, permission and channel lifetimes, the kernel fast path.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -22,6 +22,33 @@ pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 pub const MAX_PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 /// Default and maximum `[relay] channel_lifetime` (RFC 8656 section 12: 10 minutes).
 pub const MAX_CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_INTERFACE_NAME: usize = 15;
+
+/// `relay.kernel_fast_path`: relay UDP allocations' traffic in the kernel (XDP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelFastPath {
+    /// Never load the XDP program.
+    Off,
+    /// Use it where it loads and attaches; otherwise log why not once and relay in
+    /// userspace (the default).
+    #[default]
+    Auto,
+    /// Refuse to start unless it loads and attaches.
+    Required,
+}
+
+impl KernelFastPath {
+    /// The value as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelFastPath::Off => "off",
+            KernelFastPath::Auto => "auto",
+            KernelFastPath::Required => "required",
+        }
+    }
+}
 
 /// `[relay]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +74,12 @@ pub struct RelaySection {
     pub permission_lifetime: Duration,
     /// How long a channel binding lasts (`channel_lifetime`, 1 s to the RFC's 600 s).
     pub channel_lifetime: Duration,
+    /// Relay UDP allocations in the kernel with the XDP program (bpf/relay.c).
+    pub kernel_fast_path: KernelFastPath,
+    /// The interfaces to attach the fast path to (`fast_path_interfaces`); `None`: the
+    /// interfaces that hold the listen and relay addresses. Whether they exist is checked
+    /// when the program is loaded.
+    pub fast_path_interfaces: Option<Vec<String>>,
 }
 
 impl Default for RelaySection {
@@ -62,6 +95,8 @@ impl Default for RelaySection {
             socket_buffer: DEFAULT_SOCKET_BUFFER,
             permission_lifetime: MAX_PERMISSION_LIFETIME,
             channel_lifetime: MAX_CHANNEL_LIFETIME,
+            kernel_fast_path: KernelFastPath::Auto,
+            fast_path_interfaces: None,
         }
     }
 }
@@ -76,6 +111,8 @@ struct RawRelay {
     socket_buffer: Option<String>,
     permission_lifetime: Option<DurationText>,
     channel_lifetime: Option<DurationText>,
+    kernel_fast_path: Option<String>,
+    fast_path_interfaces: Option<Vec<Value>>,
 }
 
 impl RelaySection {
@@ -165,6 +202,21 @@ impl RelaySection {
                 *field = d;
             }
         }
+        relay.kernel_fast_path = match raw.kernel_fast_path.as_deref() {
+            None | Some("auto") => KernelFastPath::Auto,
+            Some("off") => KernelFastPath::Off,
+            Some("required") => KernelFastPath::Required,
+            Some(other) => {
+                errors.push(
+                    "relay.kernel_fast_path",
+                    format!("{other:?} is not one of \"auto\", \"required\", \"off\""),
+                );
+                KernelFastPath::Auto
+            }
+        };
+        if let Some(names) = raw.fast_path_interfaces {
+            relay.fast_path_interfaces = Some(interface_names(&names, errors));
+        }
         relay
     }
 
@@ -240,6 +292,17 @@ impl RelaySection {
                 "is used only with external_address = \"auto\"",
             );
         }
+        if self
+            .fast_path_interfaces
+            .as_ref()
+            .is_some_and(|names| names.is_empty())
+            && !errors.has_at_or_under("relay.fast_path_interfaces")
+        {
+            errors.push(
+                "relay.fast_path_interfaces",
+                "empty; name the interfaces to attach the kernel fast path to, such as [\"eth0\"], or leave the key out to use those holding the listen and relay addresses",
+            );
+        }
         if self.port_min == 0 || self.port_min > self.port_max {
             errors.push(
                 "relay.ports",
@@ -270,6 +333,40 @@ impl RelaySection {
             }
         }
     }
+}
+
+/// `relay.fast_path_interfaces`: interface names, each well formed and given once (whether
+/// they exist is checked when the program is loaded, not here).
+fn interface_names(values: &[Value], errors: &mut Errors) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (key, name) in string_elements(
+        values,
+        "relay.fast_path_interfaces",
+        "an interface name",
+        errors,
+    ) {
+        if name.is_empty()
+            || name.len() > MAX_INTERFACE_NAME
+            || name == "."
+            || name == ".."
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            errors.push(
+                &key,
+                format!("{name:?} is not an interface name (1 to {MAX_INTERFACE_NAME} characters, no '/', ':' or spaces), such as \"eth0\""),
+            );
+        } else if let Some(j) = out.iter().position(|n| n == name) {
+            errors.push(
+                &key,
+                format!("{name:?} is a duplicate of relay.fast_path_interfaces[{j}]"),
+            );
+        } else {
+            out.push(name.to_owned());
+        }
+    }
+    out
 }
 
 /// The kind of address `ip` is, if clients on the Internet cannot reach it: private

@@ -1,4 +1,4 @@
-//! `[server]`: realm, SOFTWARE, nonce lifetime, workers, alternate servers, drain timeout and kernel fast path.
+//! `[server]`: realm, SOFTWARE, nonce lifetime, workers, alternate servers and drain timeout.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,18 +22,6 @@ const MAX_REALM_CHARS: usize = 127;
 const MAX_SOFTWARE_CHARS: usize = 127;
 const MAX_WORKERS: usize = 1024;
 
-/// `server.kernel_fast_path`: relay UDP allocations' traffic in the kernel (XDP).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum KernelFastPath {
-    /// Never load the XDP program (the default).
-    #[default]
-    Off,
-    /// Use it if it loads and attaches; otherwise warn and relay in userspace.
-    Auto,
-    /// Refuse to start unless it loads and attaches.
-    Required,
-}
-
 /// `[server]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerSection {
@@ -52,8 +40,6 @@ pub struct ServerSection {
     pub alternate_servers: Vec<SocketAddr>,
     /// How long SIGTERM lets existing allocations run before the process exits.
     pub drain_timeout: Duration,
-    /// Relay UDP allocations in the kernel with the XDP program (bpf/relay.c).
-    pub kernel_fast_path: KernelFastPath,
 }
 
 impl Default for ServerSection {
@@ -67,7 +53,6 @@ impl Default for ServerSection {
             adaptive_workers: true,
             alternate_servers: Vec::new(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-            kernel_fast_path: KernelFastPath::Off,
         }
     }
 }
@@ -82,7 +67,8 @@ struct RawServer {
     adaptive_workers: Option<bool>,
     alternate_servers: Option<Vec<Value>>,
     drain_timeout: Option<DurationText>,
-    kernel_fast_path: Option<String>,
+    /// Moved to `[relay]`: only named to say so.
+    kernel_fast_path: Option<Value>,
 }
 
 impl ServerSection {
@@ -134,18 +120,12 @@ impl ServerSection {
             "server.drain_timeout",
             errors,
         );
-        server.kernel_fast_path = match raw.kernel_fast_path.as_deref() {
-            None | Some("off") => KernelFastPath::Off,
-            Some("auto") => KernelFastPath::Auto,
-            Some("required") => KernelFastPath::Required,
-            Some(other) => {
-                errors.push(
-                    "server.kernel_fast_path",
-                    format!("{other:?} is not one of \"off\", \"auto\", \"required\""),
-                );
-                KernelFastPath::Off
-            }
-        };
+        if raw.kernel_fast_path.is_some() {
+            errors.push(
+                "server.kernel_fast_path",
+                "moved to relay.kernel_fast_path; write it under [relay]",
+            );
+        }
         server
     }
 

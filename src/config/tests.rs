@@ -86,7 +86,8 @@ fn good_config_and_defaults() {
     assert_eq!(c.tls, TlsSection::default());
     assert!(c.server.alternate_servers.is_empty());
     assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
-    assert_eq!(c.server.kernel_fast_path, KernelFastPath::Off);
+    assert_eq!(c.relay.kernel_fast_path, KernelFastPath::Auto);
+    assert_eq!(c.relay.fast_path_interfaces, None);
     assert_eq!(c.limits.max_bandwidth_per_allocation, 0);
     assert_eq!(c.limits.max_total_bandwidth, 0);
     assert_eq!(c.limits.unauthenticated_rate, 500);
@@ -161,9 +162,45 @@ fn drain_metrics_and_limit_problems() {
         ),
         (
             "realm = \"turnstone.test\"",
-            "realm = \"turnstone.test\"\nkernel_fast_path = \"on\"",
+            "realm = \"turnstone.test\"\nkernel_fast_path = \"auto\"",
             "server.kernel_fast_path",
-            "not one of \"off\", \"auto\", \"required\"",
+            "moved to relay.kernel_fast_path",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nkernel_fast_path = \"on\"",
+            "relay.kernel_fast_path",
+            "not one of \"auto\", \"required\", \"off\"",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = []",
+            "relay.fast_path_interfaces",
+            "empty; name the interfaces",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = [\"eth0\", \"a/b\"]",
+            "relay.fast_path_interfaces[1]",
+            "\"a/b\" is not an interface name",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = [\"eth0\", \"eth0\"]",
+            "relay.fast_path_interfaces[1]",
+            "duplicate of relay.fast_path_interfaces[0]",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = [\"a-very-long-interface\"]",
+            "relay.fast_path_interfaces[0]",
+            "not an interface name",
+        ),
+        (
+            "[relay]\naddress = \"127.0.0.1\"",
+            "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = \"eth0\"",
+            "relay.fast_path_interfaces",
+            "",
         ),
         (
             "realm = \"turnstone.test\"",
@@ -301,6 +338,7 @@ fn example_documents_every_key() {
         "alternate_servers",
         "drain_timeout",
         "kernel_fast_path",
+        "fast_path_interfaces",
         "max_bandwidth_per_allocation",
         "max_total_bandwidth",
         "unauthenticated_rate",
@@ -842,17 +880,29 @@ fn private_relay_address_without_external_address_warns() {
 
 #[test]
 fn kernel_fast_path_values() {
-    for (text, want) in [
+    for (value, want) in [
         ("off", KernelFastPath::Off),
         ("auto", KernelFastPath::Auto),
         ("required", KernelFastPath::Required),
     ] {
         let text = GOOD.replacen(
-            "realm = \"turnstone.test\"",
-            &format!("realm = \"turnstone.test\"\nkernel_fast_path = \"{text}\""),
+            "[relay]\naddress = \"127.0.0.1\"",
+            &format!("[relay]\naddress = \"127.0.0.1\"\nkernel_fast_path = \"{value}\""),
             1,
         );
         let c = Config::from_toml(&text).unwrap();
-        assert_eq!(c.server.kernel_fast_path, want);
+        assert_eq!(c.relay.kernel_fast_path, want);
+        assert_eq!(want.as_str(), value);
     }
+    let text = GOOD.replacen(
+        "[relay]\naddress = \"127.0.0.1\"",
+        "[relay]\naddress = \"127.0.0.1\"\nfast_path_interfaces = [\"eth0\", \"no-such-if0\"]",
+        1,
+    );
+    // Names are checked for form only: whether they exist is the loader's business.
+    let c = Config::from_toml(&text).unwrap();
+    assert_eq!(
+        c.relay.fast_path_interfaces,
+        Some(vec!["eth0".to_owned(), "no-such-if0".to_owned()])
+    );
 }

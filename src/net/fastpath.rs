@@ -143,14 +143,255 @@ fn perm_client_key(k: &ClientPermissionKey) -> [u8; 52] {
         .done()
 }
 
-/// The addresses of the interfaces the program must see: every listen and relay IP.
-/// An unspecified address (0.0.0.0, ::) stands for every interface with an address.
-fn interfaces(config: &Config) -> Result<Vec<String>, String> {
+/// Why the fast path is not used: the one reason the start log and `turnstone
+/// check-config` give, with the underlying error where there is one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotUsed {
+    /// Every interface it would attach to is a loopback interface.
+    LoopbackOnly,
+    /// This binary was built without clang (build.rs): it has no program to load.
+    BuiltWithoutClang,
+    /// No CAP_BPF / CAP_NET_ADMIN / CAP_PERFMON (or a seccomp filter or LSM said no).
+    Permission { uid: u32, error: String },
+    /// The kernel lacks BPF, XDP, BPF links or a helper the program calls.
+    KernelTooOld { release: String, error: String },
+    /// Another XDP program (or link) holds the interface: another turnstone, perhaps.
+    Busy { interface: String, error: String },
+    /// The interfaces cannot be listed or found.
+    Interfaces(String),
+    /// Anything else (the verifier rejected the program, a map is missing...).
+    Other(String),
+}
+
+impl std::fmt::Display for NotUsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotUsed::LoopbackOnly => f.write_str("loopback only"),
+            NotUsed::BuiltWithoutClang => f.write_str(
+                "built without clang (install clang and libbpf-dev and rebuild turnstone)",
+            ),
+            NotUsed::Permission { uid, error } => write!(
+                f,
+                "needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid {uid}): {error}"
+            ),
+            NotUsed::KernelTooOld { release, error } => write!(
+                f,
+                "kernel too old or without XDP/BPF support (kernel {release}): {error}"
+            ),
+            NotUsed::Busy { interface, error } => write!(
+                f,
+                "another XDP program is attached to {interface} (another turnstone?): {error}"
+            ),
+            NotUsed::Interfaces(e) | NotUsed::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The running kernel's release, for messages.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned())
+}
+
+/// (major, minor) of a kernel release such as "6.18.4-generic".
+fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// This process's effective uid and whether its effective capabilities allow loading
+/// and attaching (CAP_NET_ADMIN, and CAP_BPF and CAP_PERFMON or CAP_SYS_ADMIN), from
+/// /proc/self/status.
+fn privileges() -> (u32, Result<(), String>) {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let uid = field("Uid:")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX);
+    let Ok(caps) = u64::from_str_radix(&field("CapEff:"), 16) else {
+        // Unknown: let the kernel decide.
+        return (uid, Ok(()));
+    };
+    let has = |bit: u32| caps & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        (uid, Ok(()))
+    } else {
+        (
+            uid,
+            Err(format!(
+                "the process's effective capabilities ({caps:#x}) lack {}",
+                missing.join(" and ")
+            )),
+        )
+    }
+}
+
+/// An error and its sources, joined, cut to a length that fits a log line (a verifier
+/// log can be long).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    const MAX: usize = 400;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // A verifier log ends with its reason: keep the end.
+    let (head, log) = match text.split_once("Verifier output:") {
+        Some((head, log)) => (format!("{head}Verifier output (end):"), log),
+        None => (String::new(), text.as_str()),
+    };
+    let n = log.chars().count();
+    if n <= MAX {
+        return format!("{head}{log}");
+    }
+    if head.is_empty() {
+        let cut: String = log.chars().take(MAX).collect();
+        format!("{cut}...")
+    } else {
+        let tail: String = log.chars().skip(n - MAX).collect();
+        format!("{head} ...{tail}")
+    }
+}
+
+/// The first OS error number in `e`'s chain.
+fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(n) = io.raw_os_error() {
+                return Some(n);
+            }
+        }
+        at = e.source();
+    }
+    None
+}
+
+const EPERM: i32 = nix::errno::Errno::EPERM as i32;
+const EACCES: i32 = nix::errno::Errno::EACCES as i32;
+const EBUSY: i32 = nix::errno::Errno::EBUSY as i32;
+const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
+const EINVAL: i32 = nix::errno::Errno::EINVAL as i32;
+const ENOSYS: i32 = nix::errno::Errno::ENOSYS as i32;
+const EOPNOTSUPP: i32 = nix::errno::Errno::EOPNOTSUPP as i32;
+const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
+
+/// Sorts a load or attach failure into its reason; `interface`: the one being attached.
+fn classify(e: &(dyn std::error::Error + 'static), interface: Option<&str>) -> NotUsed {
+    let error = chain(e);
+    let verifier_log = error.contains("Verifier output (end):")
+        && !error.trim_end().ends_with("Verifier output (end):");
+    let old_helper = [
+        "unknown func",
+        "invalid func",
+        "cannot call",
+        "unknown opcode",
+    ]
+    .iter()
+    .any(|w| error.contains(w));
+    match errno(e) {
+        Some(EBUSY | EEXIST) if interface.is_some() => NotUsed::Busy {
+            interface: interface.unwrap_or_default().to_owned(),
+            error,
+        },
+        Some(EPERM) => NotUsed::Permission {
+            uid: privileges().0,
+            error,
+        },
+        // The verifier says EACCES too; then it is about privileges only if the process
+        // lacks CAP_PERFMON, without which the verifier refuses the program's pointer
+        // arithmetic (packet end - packet start).
+        Some(EACCES) if !verifier_log || privileges().1.is_err() => NotUsed::Permission {
+            uid: privileges().0,
+            error,
+        },
+        _ if old_helper => NotUsed::KernelTooOld {
+            release: kernel_release(),
+            error,
+        },
+        Some(EINVAL | ENOSYS | EOPNOTSUPP) if !verifier_log => NotUsed::KernelTooOld {
+            release: kernel_release(),
+            error,
+        },
+        Some(ENODEV) => NotUsed::Interfaces(error),
+        _ if verifier_log => NotUsed::Other(format!(
+            "the kernel's verifier refused the program: {error}"
+        )),
+        _ => NotUsed::Other(error),
+    }
+}
+
+/// Is `name` a loopback interface (IFF_LOOPBACK in /sys/class/net/NAME/flags, or "lo")?
+fn is_loopback_name(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .map_or(name == "lo", |flags| flags & 0x8 != 0)
+}
+
+/// Where the program would attach for `config`, without loading anything:
+/// `relay.fast_path_interfaces` (each must exist), else the interfaces that hold the
+/// listen and relay addresses (an unspecified address, 0.0.0.0 or ::, stands for every
+/// interface with an address), loopback interfaces left out. [`NotUsed::LoopbackOnly`]
+/// when they are all loopback.
+pub fn plan(config: &Config) -> Result<Vec<String>, NotUsed> {
+    if let Some(names) = &config.relay.fast_path_interfaces {
+        if names.iter().all(|n| is_loopback_name(n)) {
+            return Err(NotUsed::LoopbackOnly);
+        }
+        for name in names {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                return Err(NotUsed::Interfaces(format!(
+                    "relay.fast_path_interfaces: there is no interface {name:?} here"
+                )));
+            }
+        }
+        return Ok(names.clone());
+    }
     let mut want: Vec<IpAddr> = config.listen.iter().map(|l| l.address.ip()).collect();
     want.extend(config.relay.addresses.iter().copied());
+    if want.iter().all(IpAddr::is_loopback) {
+        return Err(NotUsed::LoopbackOnly);
+    }
     let any = want.iter().any(IpAddr::is_unspecified);
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("cannot list interfaces: {e}"))?;
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| {
+        NotUsed::Interfaces(format!(
+            "cannot list interfaces (getifaddrs, a netlink socket: systemd's RestrictAddressFamilies= needs AF_NETLINK): {e}"
+        ))
+    })?;
     let mut names = Vec::new();
+    let mut loopback = Vec::new();
     for ifa in addrs {
         let ip = ifa.address.as_ref().and_then(|a| {
             a.as_sockaddr_in()
@@ -159,22 +400,112 @@ fn interfaces(config: &Config) -> Result<Vec<String>, String> {
         });
         let Some(ip) = ip else { continue };
         if (any || want.contains(&ip)) && !names.contains(&ifa.interface_name) {
+            if ifa
+                .flags
+                .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+            {
+                loopback.push(ifa.interface_name.clone());
+            }
             names.push(ifa.interface_name);
         }
     }
     if names.is_empty() {
-        return Err("no interface holds the listen and relay addresses".to_owned());
+        return Err(NotUsed::Interfaces(
+            "no interface holds the listen and relay addresses (name them in relay.fast_path_interfaces)"
+                .to_owned(),
+        ));
     }
+    if names.len() == loopback.len() {
+        return Err(NotUsed::LoopbackOnly);
+    }
+    // Loopback traffic never needs the program (nor would its route lookups help).
+    names.retain(|n| !loopback.contains(n));
     Ok(names)
 }
 
+/// The interfaces among `interfaces`, each with the families concerned ("eth0 (IPv6)"),
+/// where the program's route lookups (bpf_fib_lookup,
+/// which checks the ingress interface's forwarding setting) fail for the families of
+/// `config`'s listen and relay addresses: relayed packets arriving there go up to
+/// userspace.
+pub fn forwarding_off(config: &Config, interfaces: &[String]) -> Vec<String> {
+    let mut ips: Vec<IpAddr> = config.listen.iter().map(|l| l.address.ip()).collect();
+    ips.extend(config.relay.addresses.iter().copied());
+    let (v4, v6) = (
+        ips.iter().any(IpAddr::is_ipv4),
+        ips.iter().any(IpAddr::is_ipv6),
+    );
+    // Unreadable (systemd's ProcSubset=pid hides /proc/sys): not known to be off.
+    let off = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0");
+    interfaces
+        .iter()
+        .filter_map(|i| {
+            let off4 = v4 && off(format!("/proc/sys/net/ipv4/conf/{i}/forwarding"));
+            let off6 = v6 && off(format!("/proc/sys/net/ipv6/conf/{i}/forwarding"));
+            match (off4, off6) {
+                (true, true) => Some(format!("{i} (IPv4, IPv6)")),
+                (true, false) => Some(format!("{i} (IPv4)")),
+                (false, true) => Some(format!("{i} (IPv6)")),
+                (false, false) => None,
+            }
+        })
+        .collect()
+}
+
 /// Why the fast path cannot be had in this build, if so.
-pub fn built_without() -> Option<&'static str> {
+pub fn built_without() -> Option<NotUsed> {
     if cfg!(turnstone_bpf) {
         None
     } else {
-        Some("unavailable (built without clang)")
+        Some(NotUsed::BuiltWithoutClang)
     }
+}
+
+/// What `turnstone check-config` says of the kernel fast path, without loading anything:
+/// the mode, whether this build has it, and where it would attach (or why not).
+pub fn check_config_lines(config: &Config) -> Vec<String> {
+    use crate::config::KernelFastPath;
+    let mode = config.relay.kernel_fast_path;
+    let build = match built_without() {
+        None => "this build has it".to_owned(),
+        Some(why) => format!("this build lacks it: {why}"),
+    };
+    let mut lines = vec![format!(
+        "kernel fast path: relay.kernel_fast_path = \"{}\"; {build}",
+        mode.as_str()
+    )];
+    if mode == KernelFastPath::Off {
+        lines.push("kernel fast path: off; every allocation relays in userspace".to_owned());
+        return lines;
+    }
+    let refuse = if mode == KernelFastPath::Required {
+        "; \"required\" would refuse to start"
+    } else {
+        "; allocations would relay in userspace"
+    };
+    match plan(config) {
+        Ok(interfaces) => {
+            let mut line = format!(
+                "kernel fast path: would attach to {} (generic XDP)",
+                interfaces.join(", ")
+            );
+            let off = forwarding_off(config, &interfaces);
+            if !off.is_empty() {
+                line.push_str(&format!(
+                    "; IP forwarding is off on {} (sysctl net.ipv4.conf.IF.forwarding, net.ipv6.conf.IF.forwarding): packets arriving there would relay in userspace",
+                    off.join(", ")
+                ));
+            }
+            if let Some(why) = built_without() {
+                line = format!("kernel fast path: would not be used: {why}{refuse}");
+            }
+            lines.push(line);
+        }
+        Err(why) => lines.push(format!(
+            "kernel fast path: would not be used: {why}{refuse}"
+        )),
+    }
+    lines
 }
 
 #[cfg(turnstone_bpf)]
@@ -219,33 +550,58 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl Kernel {
-    /// Loads the program and attaches it (generic mode) to the interfaces that hold
-    /// `config`'s listen and relay addresses. The maps start empty.
-    pub fn load(config: &Config) -> Result<Kernel, String> {
+    /// Loads the program and attaches it (generic mode) to the interfaces of [`plan`].
+    /// The maps start empty; they are this process's own (made by this load), so another
+    /// turnstone never shares them. The attachments are BPF links owned by this process's
+    /// file descriptors: they go when it exits, however it exits.
+    pub fn load(config: &Config) -> Result<Kernel, NotUsed> {
         if let Some(why) = built_without() {
-            return Err(why.to_owned());
+            return Err(why);
         }
-        let interfaces = interfaces(config)?;
-        let mut ebpf = aya::Ebpf::load(object()).map_err(|e| format!("cannot load: {e}"))?;
+        let interfaces = plan(config)?;
+        let (uid, privileged) = privileges();
+        if let Err(error) = privileged {
+            return Err(NotUsed::Permission { uid, error });
+        }
+        // Before 5.9 XDP has no BPF links and aya attaches with netlink, which outlives
+        // the process (a crash would leave the program attached) and lets a second
+        // turnstone replace the first one's program: refuse rather than risk either.
+        let release = kernel_release();
+        if let Some(version) = release_version(&release) {
+            if version < (5, 9) {
+                return Err(NotUsed::KernelTooOld {
+                    release,
+                    error: "XDP links (which detach when the process exits) need Linux 5.9"
+                        .to_owned(),
+                });
+            }
+        }
+        let mut ebpf = aya::Ebpf::load(object()).map_err(|e| classify(&e, None))?;
         let prog: &mut aya::programs::Xdp = ebpf
             .programs_mut()
             .find_map(|(_, p)| p.try_into().ok())
-            .ok_or("the object has no XDP program")?;
-        prog.load()
-            .map_err(|e| format!("the kernel refused the program: {e}"))?;
+            .ok_or_else(|| NotUsed::Other("the object has no XDP program".to_owned()))?;
+        prog.load().map_err(|e| classify(&e, None))?;
         let mut links = Vec::new();
         for name in &interfaces {
-            let link = prog
-                .attach(name, aya::programs::XdpMode::Skb)
-                .map_err(|e| format!("cannot attach to {name}: {e}"))?;
+            // Dropping `ebpf` on an error detaches what is attached so far.
+            let link =
+                prog.attach(name, aya::programs::XdpMode::Skb)
+                    .map_err(|e| match classify(&e, Some(name)) {
+                        NotUsed::Other(e) => {
+                            NotUsed::Other(format!("cannot attach to {name}: {e}"))
+                        }
+                        why => why,
+                    })?;
             links.push(link);
         }
+        let other = NotUsed::Other;
         Ok(Kernel {
-            chan_by_client: take(&mut ebpf, "chan_by_client")?,
-            chan_by_relay: take(&mut ebpf, "chan_by_relay")?,
-            perm_by_relay: take(&mut ebpf, "perm_by_relay")?,
-            perm_by_client: take(&mut ebpf, "perm_by_client")?,
-            counters: take(&mut ebpf, "counters")?,
+            chan_by_client: take(&mut ebpf, "chan_by_client").map_err(other)?,
+            chan_by_relay: take(&mut ebpf, "chan_by_relay").map_err(other)?,
+            perm_by_relay: take(&mut ebpf, "perm_by_relay").map_err(other)?,
+            perm_by_client: take(&mut ebpf, "perm_by_client").map_err(other)?,
+            counters: take(&mut ebpf, "counters").map_err(other)?,
             ebpf,
             links,
             ids: Ids::default(),
@@ -253,28 +609,6 @@ impl Kernel {
             interfaces,
             refused: 0,
         })
-    }
-
-    /// The attached interfaces where the program's route lookups (bpf_fib_lookup, which
-    /// checks the ingress interface's forwarding setting) fail for the families of
-    /// `config`'s listen and relay addresses: relayed packets arriving there go up to
-    /// userspace.
-    pub fn forwarding_off(&self, config: &Config) -> Vec<String> {
-        let mut ips: Vec<IpAddr> = config.listen.iter().map(|l| l.address.ip()).collect();
-        ips.extend(config.relay.addresses.iter().copied());
-        let (v4, v6) = (
-            ips.iter().any(IpAddr::is_ipv4),
-            ips.iter().any(IpAddr::is_ipv6),
-        );
-        let on = |path: String| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0");
-        self.interfaces
-            .iter()
-            .filter(|i| {
-                (v4 && !on(format!("/proc/sys/net/ipv4/conf/{i}/forwarding")))
-                    || (v6 && !on(format!("/proc/sys/net/ipv6/conf/{i}/forwarding")))
-            })
-            .cloned()
-            .collect()
     }
 
     /// The counter id of `key`'s entry, taken now if it has none (`None`: all taken).
@@ -499,6 +833,67 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_and_error_chains() {
+        assert_eq!(release_version("6.18.44-fc-v1252"), Some((6, 18)));
+        assert_eq!(release_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(release_version("unknown"), None);
+        let busy = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: std::io::Error::from_raw_os_error(EBUSY),
+        });
+        let why = classify(&busy, Some("eth0"));
+        assert!(matches!(&why, NotUsed::Busy { interface, .. } if interface == "eth0"));
+        let text = why.to_string();
+        assert!(
+            text.starts_with("another XDP program is attached to eth0 (another turnstone?): ")
+                && text.contains("bpf_link_create")
+                && text.contains("os error 16"),
+            "{text}"
+        );
+        let denied = aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_create",
+            io_error: std::io::Error::from_raw_os_error(EPERM),
+        });
+        let text = classify(&denied, None).to_string();
+        assert!(
+            text.starts_with("needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid ")
+                && text.contains("os error 1"),
+            "{text}"
+        );
+        // As aya's LoadError shows it: the errno as source, the verifier log in the text.
+        #[derive(Debug)]
+        struct Load(std::io::Error, &'static str);
+        impl std::fmt::Display for Load {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(
+                    f,
+                    "the BPF_PROG_LOAD syscall returned {}. Verifier output: {}",
+                    self.0, self.1
+                )
+            }
+        }
+        impl std::error::Error for Load {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let old = Load(
+            std::io::Error::from_raw_os_error(EINVAL),
+            "0: (85) call bpf_fib_lookup#69\nunknown func bpf_fib_lookup#69",
+        );
+        let text = classify(&old, None).to_string();
+        assert!(
+            text.starts_with("kernel too old or without XDP/BPF support (kernel ")
+                && text.contains("unknown func"),
+            "{text}"
+        );
+        assert_eq!(NotUsed::LoopbackOnly.to_string(), "loopback only");
+        assert!(NotUsed::BuiltWithoutClang
+            .to_string()
+            .starts_with("built without clang"));
+    }
 
     #[test]
     fn keys_are_laid_out_as_in_relay_c() {

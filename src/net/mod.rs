@@ -50,43 +50,50 @@ pub(crate) struct Common {
     pub metrics: Arc<Metrics>,
     /// The worker threads' shard hand-off (adaptive worker count).
     pub(crate) pool: worker::Pool,
-    /// The kernel fast path, when `server.kernel_fast_path` loaded it.
+    /// The kernel fast path, when `relay.kernel_fast_path` loaded it.
     pub(crate) fast_path: Option<Mutex<fastpath::Kernel>>,
 }
 
-/// Loads the kernel fast path as `server.kernel_fast_path` asks: `None` when off or
-/// ("auto") when it cannot be had; an error when "required" and it cannot.
+/// Loads the kernel fast path as `relay.kernel_fast_path` asks: `None` when off or
+/// ("auto") when it cannot be had; an error when "required" and it cannot. Logs one line
+/// saying which path is active where, or why the kernel's is not.
 fn load_fast_path(config: &Config) -> anyhow::Result<Option<fastpath::Kernel>> {
-    let mode = config.server.kernel_fast_path;
+    let mode = config.relay.kernel_fast_path;
     if mode == KernelFastPath::Off {
+        tracing::info!("kernel fast path off (relay.kernel_fast_path = \"off\")");
         return Ok(None);
     }
     match fastpath::Kernel::load(config) {
         Ok(k) => {
-            tracing::info!(
-                interfaces = ?k.interfaces,
-                mode = "generic (SKB)",
-                "kernel fast path on: UDP allocations' ChannelData and indications relay in XDP"
-            );
-            let off = k.forwarding_off(config);
-            if !off.is_empty() {
+            let on = k.interfaces.join(", ");
+            let off = fastpath::forwarding_off(config, &k.interfaces);
+            if off.is_empty() {
+                tracing::info!(
+                    "kernel fast path on: {on} (generic XDP); UDP allocations without \
+                     bandwidth limits relay in the kernel"
+                );
+            } else {
                 tracing::warn!(
-                    interfaces = ?off,
-                    "IP forwarding is off on these interfaces (net.ipv4.conf.IF.forwarding, \
-                     net.ipv6.conf.IF.forwarding): the fast path's route lookups fail there \
-                     and their packets relay in userspace"
+                    "kernel fast path on: {on} (generic XDP), but IP forwarding is off on {} \
+                     (sysctl net.ipv4.conf.IF.forwarding, net.ipv6.conf.IF.forwarding): the \
+                     program's route lookups fail there and packets arriving there relay in \
+                     userspace",
+                    off.join(", ")
                 );
             }
             Ok(Some(k))
         }
-        Err(e) if mode == KernelFastPath::Required => {
-            anyhow::bail!("server.kernel_fast_path = \"required\" but the kernel fast path cannot be used: {e}")
+        Err(why) if mode == KernelFastPath::Required => {
+            anyhow::bail!(
+                "relay.kernel_fast_path = \"required\" but the kernel fast path cannot be used: {why}"
+            )
         }
-        Err(e) => {
-            tracing::warn!(
-                problem = %e,
-                "server.kernel_fast_path = \"auto\": kernel fast path unavailable; relaying in userspace"
-            );
+        Err(fastpath::NotUsed::LoopbackOnly) => {
+            tracing::info!("kernel fast path: not used (loopback only)");
+            Ok(None)
+        }
+        Err(why) => {
+            tracing::warn!("kernel fast path: not used, relaying in userspace: {why}");
             Ok(None)
         }
     }
@@ -413,12 +420,12 @@ fn reload(
             if let Some(t) = tls {
                 common.tls.store(Some(t));
             }
-            if cfg.server.kernel_fast_path != KernelFastPath::Off && common.fast_path.is_none() {
-                tracing::warn!("server.kernel_fast_path: a reload does not load the kernel fast path; restart to use it");
+            if cfg.relay.kernel_fast_path != KernelFastPath::Off && common.fast_path.is_none() {
+                tracing::debug!("relay.kernel_fast_path: a reload does not load the kernel fast path; restart to use it");
             }
             let mut runtime = Runtime::from_config(&cfg, nonce_secret);
             runtime.kernel_fast_path =
-                common.fast_path.is_some() && cfg.server.kernel_fast_path != KernelFastPath::Off;
+                common.fast_path.is_some() && cfg.relay.kernel_fast_path != KernelFastPath::Off;
             common.shared.runtime.store(Arc::new(runtime));
             if let Some(set) = log_level {
                 if std::env::var_os("RUST_LOG").is_none() {

@@ -48,13 +48,13 @@ pub fn rig() -> Netns {
     n
 }
 
-/// turnstone's configuration in the rig with `kernel_fast_path = mode`; `extra` is
+/// turnstone's configuration in the rig with `[relay] kernel_fast_path = mode`; `extra` is
 /// appended (more sections, or keys of a last section).
 pub fn config(mode: &str, extra: &str) -> String {
     format!(
-        "[server]\nrealm = \"fp.test\"\nkernel_fast_path = \"{mode}\"\n\n\
+        "[server]\nrealm = \"fp.test\"\n\n\
          [[listen]]\ntransport = \"udp\"\naddress = \"{SERVER}:{PORT}\"\n\n\
-         [relay]\naddress = \"{SERVER}\"\nports = \"40000-40999\"\n\n\
+         [relay]\naddress = \"{SERVER}\"\nports = \"40000-40999\"\nkernel_fast_path = \"{mode}\"\n\n\
          [auth]\nusers = {{ alice = \"wonderland\" }}\n\n\
          [policy]\nallow_peers = [\"10.78.0.0/16\"]\n\n\
          [metrics]\nlisten = \"{SERVER}:{METRICS_PORT}\"\n{extra}"
