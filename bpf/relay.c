@@ -494,6 +494,8 @@ static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, st
 	ck.relay_port = relay_port;
 	ck.peer_port = sport;
 	cv = bpf_map_lookup_elem(&chan_by_relay, &ck);
+	/* The checksum covers hdr's 48 bytes: zero past hlen (the scratch keeps the last). */
+	__builtin_memset(t->hdr, 0, sizeof(t->hdr));
 	if (cv) {
 		if (!same_family(cv->client, p->v6) || !same_family(cv->server, p->v6))
 			return XDP_PASS;
@@ -529,7 +531,6 @@ static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, st
 		 * it: a fresh random transaction id, XOR-PEER-ADDRESS, DATA padded to 4. */
 		t->hlen = p->v6 ? 48 : 36;
 		t->pad = (4 - (dlen & 3)) & 3;
-		__builtin_memset(t->hdr, 0, sizeof(t->hdr));
 		*(__be16 *)&t->hdr[0] = bpf_htons(0x0017);
 		*(__be16 *)&t->hdr[2] = bpf_htons(t->hlen - 20 + dlen + t->pad);
 		*(__be32 *)&t->hdr[4] = bpf_htonl(STUN_COOKIE);
