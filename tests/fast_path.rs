@@ -163,18 +163,14 @@ fn kernel_relays_channel_data_and_indications_for_a_fraction_of_the_cpu() {
 const C2C_CLIENTS: u64 = 20;
 const C2C_MESSAGES: u64 = 5_000;
 
-#[test]
-fn client_to_client_through_two_allocations_stays_in_the_kernel() {
+/// Runs uclient -y through a server with `toml` in the rig and asserts every message
+/// arrived, every one relayed in the kernel both ways, for next to none of the server's
+/// CPU.
+fn client_to_client(label: &str, toml: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let n = rig();
     let dir = tempfile::tempdir().unwrap();
-    // The policy (10.78.0.0/16) permits the server's own relay address as a peer.
-    let server = n.turnstone(
-        "server",
-        dir.path(),
-        "turnstone-c2c",
-        &config("required", ""),
-    );
+    let server = n.turnstone("server", dir.path(), label, toml);
     let port = PORT.to_string();
     let clients = C2C_CLIENTS.to_string();
     let messages = C2C_MESSAGES.to_string();
@@ -216,8 +212,8 @@ fn client_to_client_through_two_allocations_stays_in_the_kernel() {
     let summary = common::coturn::parse_summary(&text)
         .unwrap_or_else(|| panic!("no final summary in uclient's output:\n{text}"));
     eprintln!(
-        "uclient -y, {C2C_CLIENTS} clients x {C2C_MESSAGES} messages: {summary:?} in {:?}, \
-         server CPU {ticks} ticks",
+        "{label}: uclient -y, {C2C_CLIENTS} clients x {C2C_MESSAGES} messages: {summary:?} \
+         in {:?}, server CPU {ticks} ticks",
         started.elapsed()
     );
     let total = C2C_CLIENTS * C2C_MESSAGES;
@@ -255,11 +251,30 @@ fn client_to_client_through_two_allocations_stays_in_the_kernel() {
         "{metrics_text}"
     );
     // Userspace handled the allocations and channel bindings, not the packets: relaying
-    // them there costs several hundred ticks (see the test above).
+    // them there costs several hundred ticks (see the first test).
     assert!(
         ticks <= 40,
         "server CPU {ticks} ticks for {total} client-to-client packets"
     );
+}
+
+#[test]
+fn client_to_client_through_two_allocations_stays_in_the_kernel() {
+    // The policy (10.78.0.0/16) permits the server's own relay address as a peer.
+    client_to_client("turnstone-c2c", &config("required", ""));
+}
+
+#[test]
+fn client_to_client_with_relays_only_permissions_stays_in_the_kernel() {
+    // The policy denies the server's own address (only the peer's network is opened):
+    // the permissions between the two allocations are relays-only, which the program
+    // honours because the other relay's entry proves it is a live relay of ours.
+    let toml = config("required", "").replace(
+        "allow_peers = [\"10.78.0.0/16\"]",
+        "allow_peers = [\"10.78.2.0/24\"]",
+    );
+    assert!(toml.contains("10.78.2.0/24"), "{toml}");
+    client_to_client("turnstone-c2c-relays-only", &toml);
 }
 
 #[test]
