@@ -494,8 +494,6 @@ static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, st
 	ck.relay_port = relay_port;
 	ck.peer_port = sport;
 	cv = bpf_map_lookup_elem(&chan_by_relay, &ck);
-	/* The checksum covers hdr's 48 bytes: zero past hlen (the scratch keeps the last). */
-	__builtin_memset(t->hdr, 0, sizeof(t->hdr));
 	if (cv) {
 		if (!same_family(cv->client, p->v6) || !same_family(cv->server, p->v6))
 			return XDP_PASS;
@@ -531,6 +529,8 @@ static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, st
 		 * it: a fresh random transaction id, XOR-PEER-ADDRESS, DATA padded to 4. */
 		t->hlen = p->v6 ? 48 : 36;
 		t->pad = (4 - (dlen & 3)) & 3;
+		/* Zero past hlen: the checksum adds all 48 (the scratch keeps the last plan). */
+		__builtin_memset(t->hdr, 0, sizeof(t->hdr));
 		*(__be16 *)&t->hdr[0] = bpf_htons(0x0017);
 		*(__be16 *)&t->hdr[2] = bpf_htons(t->hlen - 20 + dlen + t->pad);
 		*(__be32 *)&t->hdr[4] = bpf_htonl(STUN_COOKIE);
@@ -574,9 +574,13 @@ static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, st
 
 		s += sum_addr(t->server, p->v6) + sum_addr(t->client, p->v6);
 		s += nl + nl + t->server_port + t->client_port;
+		if (t->hlen == 4) {
+			s += *(__u16 *)&t->hdr[0] + *(__u16 *)&t->hdr[2];
+		} else {
 #pragma unroll
-		for (i = 0; i < 48; i += 2) /* the message before the data (zero past hlen) */
-			s += *(__u16 *)&t->hdr[i];
+			for (i = 0; i < 48; i += 2) /* the message before the data */
+				s += *(__u16 *)&t->hdr[i];
+		}
 		t->csum = ~fold(fold(s)) & 0xffff;
 		if (t->csum == 0)
 			t->csum = 0xffff;
