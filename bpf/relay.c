@@ -614,8 +614,13 @@ static __noinline int apply_to_client(struct xdp_md *ctx, const struct pkt *p,
 			  t->new_len, t->csum))
 		return XDP_ABORTED;
 	if (t->hlen == 4) {
-		if (bpf_xdp_store_bytes(ctx, base, (void *)t->hdr, 4))
+		void *data = (void *)(long)ctx->data;
+		void *end = (void *)(long)ctx->data_end;
+		__u32 *cd = data + (p->v6 ? ETH_LEN + IP6_LEN + UDP_LEN : ETH_LEN + IP4_LEN + UDP_LEN);
+
+		if ((void *)(cd + 1) > end)
 			return XDP_ABORTED;
+		*cd = *(__u32 *)t->hdr;
 	} else if (p->v6) {
 		if (bpf_xdp_store_bytes(ctx, base, (void *)t->hdr, 48))
 			return XDP_ABORTED;
