@@ -1143,6 +1143,10 @@ struct C2c {
     relay_lost: SocketAddr,
     /// A relay address of the server without entries for A's relays.
     relay_none: SocketAddr,
+    /// A relay with a channel for A's relay but no permission for its IP.
+    relay_noperm: SocketAddr,
+    /// A relay whose channel for A's relay leads to a client of the other family.
+    relay_cross: SocketAddr,
     client_b: SocketAddr,
     /// Entry ids: A's channels on `relay` and `relay2`, A's permissions on them, B's
     /// channels for `relay` and `relay2`, B's permission on `relay_perm`, the lost channel.
@@ -1154,6 +1158,9 @@ const C2C_B: u16 = 0x4010;
 const C2C_PERM: u16 = 0x4011;
 const C2C_LOST: u16 = 0x4012;
 const C2C_NONE: u16 = 0x4013;
+/// A's channels to `relay_noperm` and `relay_cross`.
+const C2C_NOPERM: u16 = 0x4014;
+const C2C_CROSS: u16 = 0x4015;
 /// B's channel numbers for A's `relay` and `relay2`, and the lost channel's.
 const B_CHANNEL: u16 = 0x4100;
 const B_CHANNEL2: u16 = 0x4101;
@@ -1169,6 +1176,8 @@ fn c2c_of(f: &Family) -> C2c {
         relay_perm: at(49182),
         relay_lost: at(49183),
         relay_none: at(49184),
+        relay_noperm: at(49185),
+        relay_cross: at(49186),
         client_b: if f.client.is_ipv4() {
             sa("192.0.2.11:50010")
         } else {
@@ -1186,6 +1195,8 @@ fn install_c2c(bpf: &Loaded, f: &Family, c: &C2c) {
         (C2C_PERM, c.relay_perm),
         (C2C_LOST, c.relay_lost),
         (C2C_NONE, c.relay_none),
+        (C2C_NOPERM, c.relay_noperm),
+        (C2C_CROSS, c.relay_cross),
     ] {
         bpf.update(
             "chan_by_client",
@@ -1193,6 +1204,27 @@ fn install_c2c(bpf: &Loaded, f: &Family, c: &C2c) {
             &chan_client_val(f.relay, relay, e_a),
         );
     }
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(c.relay_noperm, f.relay),
+        &chan_relay_val(c.client_b, f.server, B_CHANNEL, e_b),
+    );
+    // Client B of the other family (an IPv4 relay's entry naming an IPv6 client).
+    let (other_client, other_server) = if f.client.is_ipv4() {
+        (sa("[2001:db8::11]:50011"), sa("[2001:db8::1]:3478"))
+    } else {
+        (sa("192.0.2.11:50010"), sa("192.0.2.1:3478"))
+    };
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(c.relay_cross, f.relay),
+        &chan_relay_val(other_client, other_server, B_CHANNEL, e_b),
+    );
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(c.relay_cross, our_ip),
+        &perm_val(other_client, other_server, e_b, false),
+    );
     for (number, relay) in [(C2C_B, c.relay_b), (C2C_NONE, c.relay_none)] {
         bpf.update(
             "chan_by_client",
@@ -1400,6 +1432,18 @@ fn c2c_cases(f: &Family, c: &C2c, tag: &str) -> Vec<Case> {
                 &channel_data(C2C_NONE, data5, &[1, 2, 3]),
                 &sent(),
             ),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, B's channel without B's permission"
+            )),
+            from(f.client, &channel_data(C2C_NOPERM, data5, &[]), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, B's client of the other family"
+            )),
+            from(f.client, &channel_data(C2C_CROSS, data5, &[]), &sent()),
         ),
         pass(
             leak(format!(
