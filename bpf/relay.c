@@ -1,4 +1,4 @@
-/* turnstone's XDP fast path: ChannelData and Send/Data indications <-> UDP for entries userspace installed, out of the interface the routing table chooses; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
+/* turnstone's XDP fast path: ChannelData and Send/Data indications <-> UDP for entries userspace installed (client to client through two of our relays too), out of the interface the routing table chooses; everything else goes up unchanged (XDP_PASS). See bpf/README.md. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -146,6 +146,9 @@ struct pkt {
 
 /* A path found nothing to do (and changed nothing): the next path, or XDP_PASS. */
 #define NOT_MINE -1
+/* A client path found the peer may be a relay of ours and filled the scratch plan's input:
+ * client_to_client's (called from the top, for the stack's sake). */
+#define TO_CLIENT -2
 
 #define ETH_LEN 14
 #define IP4_LEN 20
@@ -293,9 +296,10 @@ static __always_inline int same_family(const __u32 *a, int v6)
 
 /* The route of the packet to be written (src -> dst, UDP of udp_len bytes): 0 with *fib
  * holding the output interface and MACs when the lookup succeeds (which includes the
- * route's MTU check: tot_len), -1 otherwise (no route, no neighbour yet, blackhole,
- * fragmentation needed, forwarding disabled on the ingress interface...). Changes no
- * packet byte: a caller that gets -1 passes the frame up untouched. */
+ * route's MTU check: tot_len), otherwise bpf_fib_lookup's code (no route, no neighbour
+ * yet, blackhole, fragmentation needed, forwarding disabled on the ingress interface...;
+ * BPF_FIB_LKUP_RET_NOT_FWDED for a local destination). Changes no packet byte: a caller
+ * that gets non-zero passes the frame up untouched. */
 static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib, int v6,
 				 const __u32 *src, const __u32 *dst, __be16 sport, __be16 dport,
 				 __u16 udp_len)
@@ -316,9 +320,7 @@ static __always_inline int route(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
 		fib->ipv4_src = src[3];
 		fib->ipv4_dst = dst[3];
 	}
-	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return -1;
-	return 0;
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
 /* The action for a rewritten frame: back out of the ingress interface, or to another. */
@@ -401,7 +403,13 @@ static __always_inline void count(__u32 entry, __u32 bytes)
 	}
 }
 
-static __always_inline int permitted(const __u32 *relay, __be16 relay_port, const __u32 *peer)
+/* The permission of `peer` on a relay: 0 none, 1 permitted, 2 relays-only (the peer
+ * policy denies the IP: only a live relay of ours may use it, which the program proves
+ * only for client to client, where the other allocation's entry exists). */
+#define PERM_NONE 0
+#define PERM_OK 1
+#define PERM_RELAYS 2
+static __always_inline int permission(const __u32 *relay, __be16 relay_port, const __u32 *peer)
 {
 	struct perm_relay_key k = {};
 	struct perm_val *v;
@@ -410,11 +418,269 @@ static __always_inline int permitted(const __u32 *relay, __be16 relay_port, cons
 	__builtin_memcpy(k.peer, peer, 16);
 	k.relay_port = relay_port;
 	v = bpf_map_lookup_elem(&perm_by_relay, &k);
-	return v && !(v->flags & PERM_RELAYS_ONLY);
+	if (!v)
+		return PERM_NONE;
+	return (v->flags & PERM_RELAYS_ONLY) ? PERM_RELAYS : PERM_OK;
+}
+
+/* What a client is to receive, planned before any byte changes: the route, addresses,
+ * UDP length and checksum, and the message before the data (ChannelData's 4 bytes, or a
+ * Data indication's 36/48: header, XOR-PEER-ADDRESS, DATA's header) and zero padding
+ * after it. The caller fills the first fields (what arrived). */
+struct plan {
+	/* In: `dlen` bytes of data from `src` to `relay` (a peer's, or with `c2c` another
+	 * relay of ours: a relays-only permission is then satisfied), in a frame whose UDP
+	 * payload is `in_hlen` bytes of message, the data and `in_pad` bytes of padding.
+	 * `sum` is the ones' complement sum of what stays of the input's checksummed bytes
+	 * (the data, at an even UDP offset, and the pseudo-header's protocol), used when
+	 * p->csum is not 0. */
+	__u32 relay[4];
+	__u32 src[4];
+	__be16 relay_port;
+	__be16 sport;
+	__u32 dlen;
+	__u32 sum;
+	__u32 c2c;
+	__u32 in_hlen;
+	__u32 in_pad;
+	__u32 from_entry; /* client to client: the sender's entry */
+	/* Out. */
+	struct bpf_fib_lookup fib;
+	__u32 server[4];
+	__u32 client[4];
+	__be16 server_port;
+	__be16 client_port;
+	__u16 new_len; /* UDP length, host order */
+	__u16 csum;
+	__u32 entry;
+	__u32 hlen; /* 4, 36 or 48 */
+	__u32 pad;  /* zero bytes after the data */
+	__u8 hdr[48];
+};
+
+/* One plan per CPU: too big for the stack next to the client paths' own variables (an
+ * XDP program runs to its end on one CPU). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct plan);
+} scratch SEC(".maps");
+
+static __always_inline struct plan *scratch_plan(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch, &zero);
+}
+
+/* Plans the frame for the client of t->relay receiving the data from t->src: 0 when
+ * planned; NOT_MINE without a channel or permission for t->src; XDP_PASS when userspace
+ * must relay it. Changes no packet byte. */
+static __noinline int plan_to_client(struct xdp_md *ctx, const struct pkt *p, struct plan *t)
+{
+	const __u32 *relay = t->relay, *src = t->src;
+	__be16 relay_port = t->relay_port, sport = t->sport;
+	__u32 dlen = t->dlen, c2c = t->c2c;
+	struct chan_relay_key ck = {};
+	struct perm_relay_key pk = {};
+	struct chan_relay_val *cv;
+	struct perm_val *pv;
+	__u32 mtu = 0, out_len, i;
+	int perm;
+
+	__builtin_memcpy(ck.relay, relay, 16);
+	__builtin_memcpy(ck.peer, src, 16);
+	ck.relay_port = relay_port;
+	ck.peer_port = sport;
+	cv = bpf_map_lookup_elem(&chan_by_relay, &ck);
+	if (cv) {
+		if (!same_family(cv->client, p->v6) || !same_family(cv->server, p->v6))
+			return XDP_PASS;
+		__builtin_memcpy(t->client, cv->client, 16);
+		__builtin_memcpy(t->server, cv->server, 16);
+		t->client_port = cv->client_port;
+		t->server_port = cv->server_port;
+		t->entry = cv->entry;
+		*(__be16 *)&t->hdr[0] = cv->number;
+		*(__be16 *)&t->hdr[2] = bpf_htons(dlen);
+		t->hlen = 4;
+		t->pad = 0; /* no padding over UDP */
+		perm = permission(relay, relay_port, src);
+		if (perm == PERM_NONE || (perm == PERM_RELAYS && !c2c))
+			return XDP_PASS;
+	} else {
+		__builtin_memcpy(pk.relay, relay, 16);
+		__builtin_memcpy(pk.peer, src, 16);
+		pk.relay_port = relay_port;
+		pv = bpf_map_lookup_elem(&perm_by_relay, &pk);
+		if (!pv)
+			return NOT_MINE;
+		if ((pv->flags & PERM_RELAYS_ONLY) && !c2c)
+			return XDP_PASS;
+		if (!same_family(pv->client, p->v6) || !same_family(pv->server, p->v6))
+			return XDP_PASS;
+		__builtin_memcpy(t->client, pv->client, 16);
+		__builtin_memcpy(t->server, pv->server, 16);
+		t->client_port = pv->client_port;
+		t->server_port = pv->server_port;
+		t->entry = pv->entry;
+		/* A Data indication (RFC 8656 section 11.3), as turnstone's userspace writes
+		 * it: a fresh random transaction id, XOR-PEER-ADDRESS, DATA padded to 4. */
+		t->hlen = p->v6 ? 48 : 36;
+		t->pad = (4 - (dlen & 3)) & 3;
+		/* Zero past hlen: the checksum adds all 48 (the scratch keeps the last plan). */
+		__builtin_memset(t->hdr, 0, sizeof(t->hdr));
+		*(__be16 *)&t->hdr[0] = bpf_htons(0x0017);
+		*(__be16 *)&t->hdr[2] = bpf_htons(t->hlen - 20 + dlen + t->pad);
+		*(__be32 *)&t->hdr[4] = bpf_htonl(STUN_COOKIE);
+		*(__u32 *)&t->hdr[8] = bpf_get_prandom_u32();
+		*(__u32 *)&t->hdr[12] = bpf_get_prandom_u32();
+		*(__u32 *)&t->hdr[16] = bpf_get_prandom_u32();
+		*(__be16 *)&t->hdr[20] = bpf_htons(ATTR_XOR_PEER_ADDRESS);
+		*(__be16 *)&t->hdr[22] = bpf_htons(p->v6 ? 20 : 8);
+		t->hdr[25] = p->v6 ? 2 : 1;
+		*(__be16 *)&t->hdr[26] = sport ^ bpf_htons(STUN_COOKIE >> 16);
+		if (p->v6) {
+			/* XORed with the cookie and the transaction id: hdr[4..20). */
+#pragma unroll
+			for (i = 0; i < 4; i++)
+				*(__u32 *)&t->hdr[28 + 4 * i] = src[i] ^ *(__u32 *)&t->hdr[4 + 4 * i];
+			*(__be16 *)&t->hdr[44] = bpf_htons(ATTR_DATA);
+			*(__be16 *)&t->hdr[46] = bpf_htons(dlen);
+		} else {
+			*(__u32 *)&t->hdr[28] = src[3] ^ bpf_htonl(STUN_COOKIE);
+			*(__be16 *)&t->hdr[32] = bpf_htons(ATTR_DATA);
+			*(__be16 *)&t->hdr[34] = bpf_htons(dlen);
+		}
+	}
+
+	out_len = dlen + UDP_LEN + t->hlen + t->pad;
+	if (out_len + IP4_LEN > 0xffff)
+		return XDP_PASS;
+	t->new_len = out_len;
+	if (route(ctx, &t->fib, p->v6, t->server, t->client, t->server_port, t->client_port,
+		  t->new_len))
+		return XDP_PASS;
+	/* The result against the output interface's MTU (the route's was checked); the
+	 * input's lengths all agree (parse). */
+	if (bpf_check_mtu(ctx, t->fib.ifindex, &mtu, (__s32)out_len - (__s32)p->udp_len, 0))
+		return XDP_PASS;
+
+	t->csum = 0;
+	if (p->csum) {
+		__u32 s = t->sum;
+		__u32 nl = bpf_htons(t->new_len);
+
+		s += sum_addr(t->server, p->v6) + sum_addr(t->client, p->v6);
+		s += nl + nl + t->server_port + t->client_port;
+		if (t->hlen == 4) {
+			s += *(__u16 *)&t->hdr[0] + *(__u16 *)&t->hdr[2];
+		} else {
+#pragma unroll
+			for (i = 0; i < 48; i += 2) /* the message before the data */
+				s += *(__u16 *)&t->hdr[i];
+		}
+		t->csum = ~fold(fold(s)) & 0xffff;
+		if (t->csum == 0)
+			t->csum = 0xffff;
+	}
+	return 0;
+}
+
+/* Turns the frame into the planned one. 0 when done (the caller counts and forwards);
+ * XDP_PASS when nothing changed; XDP_ABORTED when it failed half-way. */
+static __noinline int apply_to_client(struct xdp_md *ctx, const struct pkt *p,
+				      const struct plan *t)
+{
+	__u32 in_hlen = t->in_hlen, dlen = t->dlen, in_pad = t->in_pad;
+	__u32 base = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
+	__u8 zero[4] = {};
+	int tail;
+
+	__u32 out_pad = t->pad;
+
+	if (in_hlen > 48 || in_pad > 3 || out_pad > 3 || dlen > 0xffff)
+		return XDP_PASS;
+	tail = (int)out_pad - (int)in_pad;
+	if (tail && bpf_xdp_adjust_tail(ctx, tail))
+		return XDP_PASS;
+	/* The padding after the data is zeros (the input's may not be). */
+	if (out_pad && bpf_xdp_store_bytes(ctx, base + in_hlen + dlen, zero, out_pad & 3))
+		return XDP_ABORTED;
+	if (in_hlen != t->hlen && bpf_xdp_adjust_head(ctx, (int)in_hlen - (int)t->hlen))
+		return XDP_ABORTED;
+	if (write_headers(ctx, p, &t->fib, t->server, t->client, t->server_port, t->client_port,
+			  t->new_len, t->csum))
+		return XDP_ABORTED;
+	if (t->hlen == 4) {
+		void *data = (void *)(long)ctx->data;
+		void *end = (void *)(long)ctx->data_end;
+		__u32 *cd = data + (p->v6 ? ETH_LEN + IP6_LEN + UDP_LEN : ETH_LEN + IP4_LEN + UDP_LEN);
+
+		if ((void *)(cd + 1) > end)
+			return XDP_ABORTED;
+		*cd = *(__u32 *)t->hdr;
+	} else if (p->v6) {
+		if (bpf_xdp_store_bytes(ctx, base, (void *)t->hdr, 48))
+			return XDP_ABORTED;
+	} else {
+		if (bpf_xdp_store_bytes(ctx, base, (void *)t->hdr, 36))
+			return XDP_ABORTED;
+	}
+	return 0;
+}
+
+/* Client to client: a client's data to `peer`, which is another relay of ours with an
+ * entry for `relay` (a channel or a permission of its client), goes straight to that
+ * client (ChannelData or Data indication from its server address) instead of up as UDP
+ * relay -> relay, which the route lookup cannot forward (a local destination). The other
+ * client's route is looked up before any byte changes; the packet counts on the
+ * sender's entry (to the peer) and on the receiver's (to its client). */
+static __noinline int client_to_client(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct plan *t = scratch_plan();
+	int rc;
+
+	if (!t)
+		return XDP_PASS;
+	rc = plan_to_client(ctx, p, t);
+	if (rc)
+		return XDP_PASS;
+	rc = apply_to_client(ctx, p, t);
+	if (rc)
+		return rc;
+	count(t->from_entry, t->dlen);
+	count(t->entry, t->dlen);
+	return forward(ctx, &t->fib);
+}
+
+/* Fills what client_to_client needs to know of the input: data from `relay` to `peer`,
+ * counted on `entry`. TO_CLIENT, or XDP_PASS. */
+static __always_inline int c2c_input(const __u32 *relay, __be16 relay_port, const __u32 *peer,
+				     __be16 peer_port, __u32 in_hlen, __u32 dlen, __u32 in_pad,
+				     __u32 sum, __u32 entry)
+{
+	struct plan *t = scratch_plan();
+
+	if (!t)
+		return XDP_PASS;
+	__builtin_memcpy(t->relay, peer, 16);
+	__builtin_memcpy(t->src, relay, 16);
+	t->relay_port = peer_port;
+	t->sport = relay_port;
+	t->in_hlen = in_hlen;
+	t->dlen = dlen;
+	t->in_pad = in_pad;
+	t->sum = sum;
+	t->c2c = 1;
+	t->from_entry = entry;
+	return TO_CLIENT;
 }
 
 /* Path D: a Send indication from a client (RFC 8656 section 11.2) with exactly
- * XOR-PEER-ADDRESS then DATA, to a permitted peer -> UDP from the relay to the peer.
+ * XOR-PEER-ADDRESS then DATA, to a permitted peer -> UDP from the relay to the peer (or,
+ * to another relay of ours, client to client).
  * Any other STUN message, or other attributes (FINGERPRINT, DONT-FRAGMENT...): up. */
 static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
@@ -430,7 +696,8 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 	__u32 peer[4], relay[4];
 	__be16 peer_port, relay_port;
 	__u16 len, pad, new_len, csum = 0;
-	__u32 entry, i;
+	__u32 entry, i, sum = 0, relays_only;
+	int rc;
 
 	if ((void *)(m + 20) > end || plen < hlen)
 		return NOT_MINE;
@@ -477,17 +744,18 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 	k.client_port = p->sport;
 	k.server_port = p->dport;
 	v = bpf_map_lookup_elem(&perm_by_client, &k);
-	if (!v || (v->flags & PERM_RELAYS_ONLY) || !same_family(v->relay, p->v6))
+	if (!v || !same_family(v->relay, p->v6))
 		return NOT_MINE;
 	__builtin_memcpy(relay, v->relay, 16);
 	relay_port = v->relay_port;
 	entry = v->entry;
+	relays_only = v->flags & PERM_RELAYS_ONLY;
 
 	new_len = len + UDP_LEN;
 	if (p->csum) {
+		/* What stays: the data (and the pseudo-header's protocol). */
 		__u32 s = neg(p->csum);
 		__u32 old_len = bpf_htons(p->udp_len);
-		__u32 nl = bpf_htons(new_len);
 
 		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
 		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
@@ -496,14 +764,30 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 			s += neg(*(__u16 *)&h[i]);
 		if (neg_padding(ctx, base + hlen + len, len, pad, &s))
 			return NOT_MINE;
+		sum = fold(fold(s));
+	}
+	if (!relays_only) {
+		rc = route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len);
+		/* A local destination (not forwarded): one of our relays? */
+		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+			return c2c_input(relay, relay_port, peer, peer_port, hlen, len, pad, sum,
+					 entry);
+		if (rc)
+			return XDP_PASS;
+	} else {
+		/* The peer policy denies the IP: relayed only to a relay of ours. */
+		return c2c_input(relay, relay_port, peer, peer_port, hlen, len, pad, sum, entry);
+	}
+	if (p->csum) {
+		__u32 s = sum;
+		__u32 nl = bpf_htons(new_len);
+
 		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
 		s += nl + nl + relay_port + peer_port;
 		csum = ~fold(fold(s)) & 0xffff;
 		if (csum == 0)
 			csum = 0xffff;
 	}
-	if (route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len))
-		return XDP_PASS;
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
 		return XDP_PASS;
@@ -515,7 +799,8 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 	return forward(ctx, &fib);
 }
 
-/* Path A: ChannelData from a client -> UDP from the relay to the peer. */
+/* Path A: ChannelData from a client -> UDP from the relay to the peer (or, to another
+ * relay of ours, client to client). */
 static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
 	void *end = (void *)(long)ctx->data_end;
@@ -528,7 +813,8 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 	__be16 number, len_be;
 	__u32 relay[4], peer[4];
 	__be16 relay_port, peer_port;
-	__u32 entry;
+	__u32 entry, sum = 0;
+	int perm, rc;
 
 	if ((void *)(cd + 4) > end || plen < 4)
 		return NOT_MINE;
@@ -558,14 +844,15 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 	relay_port = v->relay_port;
 	peer_port = v->peer_port;
 	entry = v->entry;
-	if (!permitted(relay, relay_port, peer))
+	perm = permission(relay, relay_port, peer);
+	if (perm == PERM_NONE)
 		return NOT_MINE;
 
 	new_len = len + UDP_LEN;
 	if (p->csum) {
+		/* What stays: the data (and the pseudo-header's protocol). */
 		__u32 s = neg(p->csum); /* = sum of everything the checksum covers */
 		__u32 old_len = bpf_htons(p->udp_len);
-		__u32 nl = bpf_htons(new_len);
 
 		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
 		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
@@ -574,14 +861,30 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 		if (neg_padding(ctx, ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN + 4 + len,
 				len, pad, &s))
 			return NOT_MINE;
+		sum = fold(fold(s));
+	}
+	if (perm == PERM_OK) {
+		rc = route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len);
+		/* A local destination (not forwarded): one of our relays? */
+		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+			return c2c_input(relay, relay_port, peer, peer_port, 4, len, pad, sum,
+					 entry);
+		if (rc)
+			return XDP_PASS;
+	} else {
+		/* The peer policy denies the IP: relayed only to a relay of ours. */
+		return c2c_input(relay, relay_port, peer, peer_port, 4, len, pad, sum, entry);
+	}
+	if (p->csum) {
+		__u32 s = sum;
+		__u32 nl = bpf_htons(new_len);
+
 		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
 		s += nl + nl + relay_port + peer_port;
 		csum = ~fold(fold(s)) & 0xffff;
 		if (csum == 0)
 			csum = 0xffff;
 	}
-	if (route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len))
-		return XDP_PASS;
 
 	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
 		return XDP_PASS;
@@ -593,182 +896,43 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 	return forward(ctx, &fib);
 }
 
-/* Path C: UDP from a permitted peer to the relay, no channel -> Data indication (RFC 8656
- * section 11.3: XOR-PEER-ADDRESS, DATA) from the server to the client. */
-static __noinline int data_indication(struct xdp_md *ctx, struct pkt *p)
-{
-	struct perm_relay_key k = {};
-	struct perm_val *v;
-	struct bpf_fib_lookup fib;
-	__u32 client[4], server[4];
-	__be16 client_port, server_port;
-	__u16 dlen = p->udp_len - UDP_LEN;
-	__u16 pad = (4 - (dlen & 3)) & 3;
-	__u32 hlen = p->v6 ? 48 : 36; /* STUN header, XOR-PEER-ADDRESS, DATA's header */
-	__u16 new_len, csum = 0;
-	__u32 entry, mtu = 0, off, i;
-	__u8 ind[48] = {};
-	__u8 zero[4] = {};
-
-	__builtin_memcpy(k.relay, p->dst, 16);
-	__builtin_memcpy(k.peer, p->src, 16);
-	k.relay_port = p->dport;
-	v = bpf_map_lookup_elem(&perm_by_relay, &k);
-	if (!v)
-		return NOT_MINE;
-	if (v->flags & PERM_RELAYS_ONLY)
-		return XDP_PASS;
-	if (!same_family(v->client, p->v6) || !same_family(v->server, p->v6))
-		return XDP_PASS;
-	__builtin_memcpy(client, v->client, 16);
-	__builtin_memcpy(server, v->server, 16);
-	client_port = v->client_port;
-	server_port = v->server_port;
-	entry = v->entry;
-
-	if (p->udp_len > 0xffff - IP4_LEN - 48 - 3)
-		return XDP_PASS;
-	new_len = p->udp_len + hlen + pad;
-	if (route(ctx, &fib, p->v6, server, client, server_port, client_port, new_len))
-		return XDP_PASS;
-	if (bpf_check_mtu(ctx, fib.ifindex, &mtu, hlen + pad, 0))
-		return XDP_PASS;
-
-	/* The message: header, XOR-PEER-ADDRESS, DATA's type and length. */
-	*(__be16 *)&ind[0] = bpf_htons(0x0017);
-	*(__be16 *)&ind[2] = bpf_htons(hlen - 20 + dlen + pad);
-	*(__be32 *)&ind[4] = bpf_htonl(STUN_COOKIE);
-	*(__u32 *)&ind[8] = bpf_get_prandom_u32();
-	*(__u32 *)&ind[12] = bpf_get_prandom_u32();
-	*(__u32 *)&ind[16] = bpf_get_prandom_u32();
-	*(__be16 *)&ind[20] = bpf_htons(ATTR_XOR_PEER_ADDRESS);
-	*(__be16 *)&ind[22] = bpf_htons(p->v6 ? 20 : 8);
-	ind[25] = p->v6 ? 2 : 1;
-	*(__be16 *)&ind[26] = p->sport ^ bpf_htons(STUN_COOKIE >> 16);
-	if (p->v6) {
-		/* XORed with the cookie and the transaction id: ind[4..20). */
-#pragma unroll
-		for (i = 0; i < 4; i++)
-			*(__u32 *)&ind[28 + 4 * i] = p->src[i] ^ *(__u32 *)&ind[4 + 4 * i];
-		*(__be16 *)&ind[44] = bpf_htons(ATTR_DATA);
-		*(__be16 *)&ind[46] = bpf_htons(dlen);
-	} else {
-		*(__u32 *)&ind[28] = p->src[3] ^ bpf_htonl(STUN_COOKIE);
-		*(__be16 *)&ind[32] = bpf_htons(ATTR_DATA);
-		*(__be16 *)&ind[34] = bpf_htons(dlen);
-	}
-
-	if (p->csum) {
-		__u32 s = neg(p->csum);
-		__u32 old_len = bpf_htons(p->udp_len);
-		__u32 nl = bpf_htons(new_len);
-
-		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
-		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
-		s += sum_addr(server, p->v6) + sum_addr(client, p->v6);
-		s += nl + nl + server_port + client_port;
-		/* The message before the data (zero past hlen); the padding is zeros. */
-#pragma unroll
-		for (i = 0; i < 48; i += 2)
-			s += *(__u16 *)&ind[i];
-		csum = ~fold(fold(s)) & 0xffff;
-		if (csum == 0)
-			csum = 0xffff;
-	}
-
-	off = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
-	if (pad) {
-		if (bpf_xdp_adjust_tail(ctx, pad))
-			return XDP_PASS;
-		if (pad > 3 || bpf_xdp_store_bytes(ctx, off + dlen, zero, pad))
-			return XDP_ABORTED;
-	}
-	if (bpf_xdp_adjust_head(ctx, -(int)hlen))
-		return XDP_ABORTED;
-	if (write_headers(ctx, p, &fib, server, client, server_port, client_port, new_len, csum))
-		return XDP_ABORTED;
-	if (p->v6) {
-		if (bpf_xdp_store_bytes(ctx, ETH_LEN + IP6_LEN + UDP_LEN, ind, 48))
-			return XDP_ABORTED;
-	} else {
-		if (bpf_xdp_store_bytes(ctx, ETH_LEN + IP4_LEN + UDP_LEN, ind, 36))
-			return XDP_ABORTED;
-	}
-	count(entry, dlen);
-	return forward(ctx, &fib);
-}
-
-/* Path B: UDP from a peer to the relay, channel bound -> ChannelData to the client. */
+/* Paths B and C: UDP from a peer to a relay -> ChannelData (channel bound) or a Data
+ * indication (a permission, no channel) from the server to the client. */
 static __noinline int peer_to_client(struct xdp_md *ctx, struct pkt *p)
 {
-	struct chan_relay_key k = {};
-	struct chan_relay_val *v;
-	struct bpf_fib_lookup fib;
-	__u32 client[4], server[4];
-	__be16 client_port, server_port, number;
-	__u16 dlen = p->udp_len - UDP_LEN;
-	__u16 new_len, csum = 0;
-	__u32 entry, mtu = 0;
-	void *data, *end;
-
-	__builtin_memcpy(k.relay, p->dst, 16);
-	__builtin_memcpy(k.peer, p->src, 16);
-	k.relay_port = p->dport;
-	k.peer_port = p->sport;
-	v = bpf_map_lookup_elem(&chan_by_relay, &k);
-	if (!v)
-		return NOT_MINE; /* no channel: data_indication's */
-	if (!same_family(v->client, p->v6) || !same_family(v->server, p->v6))
-		return XDP_PASS;
-	__builtin_memcpy(client, v->client, 16);
-	__builtin_memcpy(server, v->server, 16);
-	client_port = v->client_port;
-	server_port = v->server_port;
-	number = v->number;
-	entry = v->entry;
-	if (!permitted(p->dst, p->dport, p->src))
-		return XDP_PASS;
-
-	if (p->udp_len > 0xffff - 4 - IP4_LEN)
-		return XDP_PASS;
-	new_len = p->udp_len + 4;
-	if (route(ctx, &fib, p->v6, server, client, server_port, client_port, new_len))
-		return XDP_PASS;
-	if (bpf_check_mtu(ctx, fib.ifindex, &mtu, 4, 0))
-		return XDP_PASS; /* the result would exceed the output interface's MTU */
+	struct plan *t = scratch_plan();
+	__u32 dlen = p->udp_len - UDP_LEN;
+	__u32 sum = 0;
+	int rc;
 
 	if (p->csum) {
+		/* What stays: the data (and the pseudo-header's protocol). */
 		__u32 s = neg(p->csum);
 		__u32 old_len = bpf_htons(p->udp_len);
-		__u32 nl = bpf_htons(new_len);
 
 		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
 		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
-		s += sum_addr(server, p->v6) + sum_addr(client, p->v6);
-		s += nl + nl + server_port + client_port;
-		s += number + bpf_htons(dlen);
-		csum = ~fold(fold(s)) & 0xffff;
-		if (csum == 0)
-			csum = 0xffff;
+		sum = fold(fold(s));
 	}
-
-	if (bpf_xdp_adjust_head(ctx, -4))
+	if (!t)
 		return XDP_PASS;
-	if (write_headers(ctx, p, &fib, server, client, server_port, client_port, new_len, csum))
-		return XDP_ABORTED;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	{
-		__u32 off = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
-		__be16 *cd = data + off;
-
-		if ((void *)(cd + 2) > end)
-			return XDP_ABORTED;
-		cd[0] = number;
-		cd[1] = bpf_htons(dlen);
-	}
-	count(entry, dlen);
-	return forward(ctx, &fib);
+	__builtin_memcpy(t->relay, p->dst, 16);
+	__builtin_memcpy(t->src, p->src, 16);
+	t->relay_port = p->dport;
+	t->sport = p->sport;
+	t->in_hlen = 0;
+	t->dlen = dlen;
+	t->in_pad = 0;
+	t->sum = sum;
+	t->c2c = 0;
+	rc = plan_to_client(ctx, p, t);
+	if (rc)
+		return rc;
+	rc = apply_to_client(ctx, p, t);
+	if (rc)
+		return rc;
+	count(t->entry, dlen);
+	return forward(ctx, &t->fib);
 }
 
 SEC("xdp")
@@ -793,10 +957,10 @@ int xdp_relay(struct xdp_md *ctx)
 		else if (first == 0)
 			rc = send_indication(ctx, &p, payload);
 	}
+	if (rc == TO_CLIENT)
+		return client_to_client(ctx, &p);
 	if (rc == NOT_MINE)
 		rc = peer_to_client(ctx, &p);
-	if (rc == NOT_MINE)
-		rc = data_indication(ctx, &p);
 	return rc == NOT_MINE ? XDP_PASS : rc;
 }
 

@@ -27,6 +27,8 @@ const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// The server's interface towards the peers.
 const SERVER_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
+/// Client B of the client-to-client rows, behind the clients' interface.
+const CLIENT_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 
 fn mac(m: [u8; 6]) -> String {
     m.map(|b| format!("{b:02x}")).join(":")
@@ -472,7 +474,10 @@ impl Loaded {
 /// SERVER_MAC, peers (198.51.100.0/24, 2001:db8:1::/64, and the timing loop's
 /// 10.9.0.0/24, 2001:db8:9::/64) behind one with SERVER_PEER_MAC; static neighbours for
 /// the addresses the table relays to (the timing loop's three included), none for the
-/// `no_neigh` peers and `lost_client`s, no route to the `no_route` peers.
+/// `no_neigh` peers and `lost_client`s, no route to the `no_route` peers. The server's
+/// addresses (192.0.2.1, 2001:db8::1, and the client-to-client timing loop's 10.9.0.4,
+/// 2001:db8:9::4) are local, so a route lookup towards its relays finds a local
+/// destination (not forwarded), as on a server.
 fn routes() -> Netns {
     let n = Netns::new(&["xdp"]);
     let ns = n.ns("xdp");
@@ -502,9 +507,19 @@ fn routes() -> Netns {
     ] {
         ip(&["-n", &ns, "route", "add", net, "dev", dev]);
     }
+    for local in [
+        "192.0.2.1/32",
+        "2001:db8::1/128",
+        "10.9.0.4/32",
+        "2001:db8:9::4/128",
+    ] {
+        ip(&["-n", &ns, "addr", "add", local, "dev", "lo"]);
+    }
     for (addr, m, dev) in [
         ("192.0.2.10", CLIENT_MAC, to_clients),
         ("2001:db8::10", CLIENT_MAC, to_clients),
+        ("192.0.2.11", CLIENT_B_MAC, to_clients),
+        ("2001:db8::11", CLIENT_B_MAC, to_clients),
         ("198.51.100.7", PEER_MAC, to_peers),
         ("2001:db8:1::7", PEER_MAC, to_peers),
         ("10.9.0.1", PEER_MAC, to_peers),
@@ -547,8 +562,8 @@ struct Case {
     input: Vec<u8>,
     action: u32,
     output: Expect,
-    /// The counter entry a relayed packet counts on, with its data bytes.
-    counts: Option<(u32, u64)>,
+    /// The counter entries a relayed packet counts on, with its data bytes.
+    counts: Vec<(u32, u64)>,
 }
 
 fn pass(name: &'static str, input: Vec<u8>) -> Case {
@@ -557,7 +572,7 @@ fn pass(name: &'static str, input: Vec<u8>) -> Case {
         input,
         action: XDP_PASS,
         output: Expect::Unchanged,
-        counts: None,
+        counts: vec![],
     }
 }
 
@@ -724,7 +739,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             )),
             input: from_peer(peer, &data),
             action: XDP_REDIRECT,
-            counts: Some((f.entries[2], data.len() as u64)),
+            counts: vec![(f.entries[2], data.len() as u64)],
             output: Expect::WithTid(
                 at,
                 Box::new(move |tid| {
@@ -760,7 +775,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                 data,
                 &written(),
             )),
-            counts: Some((f.entries[2], data.len() as u64)),
+            counts: vec![(f.entries[2], data.len() as u64)],
         }
     };
     let data5 = b"hello";
@@ -775,7 +790,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             input: from_client(&channel_data(CHANNEL, data5, &[]), &sent()),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data5, &written())),
-            counts: Some((e_out, 5)),
+            counts: vec![(e_out, 5)],
         },
         Case {
             name: leak(format!(
@@ -784,42 +799,42 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             input: from_client(&channel_data(CHANNEL, data5, &[0xaa, 0xbb, 0xcc]), &sent()),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data5, &written())),
-            counts: Some((e_out, 5)),
+            counts: vec![(e_out, 5)],
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, length 6 padded")),
             input: from_client(&channel_data(CHANNEL, &data6, &[0x55, 0x66]), &sent()),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(&data6, &written())),
-            counts: Some((e_out, 6)),
+            counts: vec![(e_out, 6)],
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, aligned length")),
             input: from_client(&channel_data(CHANNEL, data8, &[]), &sent()),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(data8, &written())),
-            counts: Some((e_out, 8)),
+            counts: vec![(e_out, 8)],
         },
         Case {
             name: leak(format!("{tag} ChannelData client->peer, empty")),
             input: from_client(&channel_data(CHANNEL, &[], &[]), &sent()),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_peer(&[], &written())),
-            counts: Some((e_out, 0)),
+            counts: vec![(e_out, 0)],
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, odd length")),
             input: from_peer(f.peer, data5),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_client(&channel_data(CHANNEL, data5, &[]))),
-            counts: Some((e_in, 5)),
+            counts: vec![(e_in, 5)],
         },
         Case {
             name: leak(format!("{tag} UDP peer->client with a channel, 1200 bytes")),
             input: from_peer(f.peer, &[0x5a; 1200]),
             action: XDP_REDIRECT,
             output: Expect::Bytes(to_client(&channel_data(CHANNEL, &[0x5a; 1200], &[]))),
-            counts: Some((e_in, 1200)),
+            counts: vec![(e_in, 1200)],
         },
         pass(
             leak(format!("{tag} truncated ChannelData header")),
@@ -1049,7 +1064,7 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
                     ..written()
                 },
             )),
-            counts: Some((e_out, 5)),
+            counts: vec![(e_out, 5)],
         });
         cases.push(pass(
             "v4 fragment (MF)",
@@ -1106,6 +1121,369 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
     cases
 }
 
+// ---------------------------------------------------------------------------------------
+// Client to client: the peer is a relay address of the server itself
+
+/// Client A (the family's client, relay `Family::relay`) sends to relay addresses of the
+/// server (local in the test's namespace, as 192.0.2.1 and 2001:db8::1 are), whose
+/// allocations have entries for A's relays: the program turns A's frame into the one
+/// client B receives.
+struct C2c {
+    /// A's second allocation (another client port), whose permission for the server's IP
+    /// is relays-only (the peer policy denies it).
+    client2: SocketAddr,
+    relay2: SocketAddr,
+    /// B's relay with channels for A's relays (`relay`, `relay2`) and a relays-only
+    /// permission for their IP.
+    relay_b: SocketAddr,
+    /// B's relay with only a permission for A's relay IP (Data indications).
+    relay_perm: SocketAddr,
+    /// A relay with a channel for A's relay to `Family::lost_client` (whose route lookup
+    /// fails: no neighbour entry).
+    relay_lost: SocketAddr,
+    /// A relay address of the server without entries for A's relays.
+    relay_none: SocketAddr,
+    /// A relay with a channel for A's relay but no permission for its IP.
+    relay_noperm: SocketAddr,
+    /// A relay whose channel for A's relay leads to a client of the other family.
+    relay_cross: SocketAddr,
+    client_b: SocketAddr,
+    /// Entry ids: A's channels on `relay` and `relay2`, A's permissions on them, B's
+    /// channels for `relay` and `relay2`, B's permission on `relay_perm`, the lost channel.
+    entries: [u32; 8],
+}
+
+/// A's channels to the relays: `relay_b`, `relay_perm`, `relay_lost`, `relay_none`.
+const C2C_B: u16 = 0x4010;
+const C2C_PERM: u16 = 0x4011;
+const C2C_LOST: u16 = 0x4012;
+const C2C_NONE: u16 = 0x4013;
+/// A's channels to `relay_noperm` and `relay_cross`.
+const C2C_NOPERM: u16 = 0x4014;
+const C2C_CROSS: u16 = 0x4015;
+/// B's channel numbers for A's `relay` and `relay2`, and the lost channel's.
+const B_CHANNEL: u16 = 0x4100;
+const B_CHANNEL2: u16 = 0x4101;
+const LOST_CHANNEL: u16 = 0x4102;
+
+fn c2c_of(f: &Family) -> C2c {
+    let at = |port: u16| SocketAddr::new(f.server.ip(), port);
+    let base = if f.client.is_ipv4() { 41 } else { 51 };
+    C2c {
+        client2: SocketAddr::new(f.client.ip(), f.client.port() + 100),
+        relay2: at(49180),
+        relay_b: at(49181),
+        relay_perm: at(49182),
+        relay_lost: at(49183),
+        relay_none: at(49184),
+        relay_noperm: at(49185),
+        relay_cross: at(49186),
+        client_b: if f.client.is_ipv4() {
+            sa("192.0.2.11:50010")
+        } else {
+            sa("[2001:db8::11]:50011")
+        },
+        entries: std::array::from_fn(|i| base + i as u32),
+    }
+}
+
+fn install_c2c(bpf: &Loaded, f: &Family, c: &C2c) {
+    let [e_a, e_a2, e_ap, e_a2p, e_b, e_b2, e_bp, e_lost] = c.entries;
+    let our_ip = f.server.ip();
+    for (number, relay) in [
+        (C2C_B, c.relay_b),
+        (C2C_PERM, c.relay_perm),
+        (C2C_LOST, c.relay_lost),
+        (C2C_NONE, c.relay_none),
+        (C2C_NOPERM, c.relay_noperm),
+        (C2C_CROSS, c.relay_cross),
+    ] {
+        bpf.update(
+            "chan_by_client",
+            &chan_client_key(f.client, f.server, number),
+            &chan_client_val(f.relay, relay, e_a),
+        );
+    }
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(c.relay_noperm, f.relay),
+        &chan_relay_val(c.client_b, f.server, B_CHANNEL, e_b),
+    );
+    // Client B of the other family (an IPv4 relay's entry naming an IPv6 client).
+    let (other_client, other_server) = if f.client.is_ipv4() {
+        (sa("[2001:db8::11]:50011"), sa("[2001:db8::1]:3478"))
+    } else {
+        (sa("192.0.2.11:50010"), sa("192.0.2.1:3478"))
+    };
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(c.relay_cross, f.relay),
+        &chan_relay_val(other_client, other_server, B_CHANNEL, e_b),
+    );
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(c.relay_cross, our_ip),
+        &perm_val(other_client, other_server, e_b, false),
+    );
+    for (number, relay) in [(C2C_B, c.relay_b), (C2C_NONE, c.relay_none)] {
+        bpf.update(
+            "chan_by_client",
+            &chan_client_key(c.client2, f.server, number),
+            &chan_client_val(c.relay2, relay, e_a2),
+        );
+    }
+    for (client, relay, entry, relays_only) in [
+        (f.client, f.relay, e_ap, false),
+        (c.client2, c.relay2, e_a2p, true),
+    ] {
+        bpf.update(
+            "perm_by_relay",
+            &perm_key(relay, our_ip),
+            &perm_val(client, f.server, entry, relays_only),
+        );
+        bpf.update(
+            "perm_by_client",
+            &perm_client_key(client, f.server, our_ip),
+            &perm_client_val(relay, entry, relays_only),
+        );
+    }
+    for (a, number, entry) in [(f.relay, B_CHANNEL, e_b), (c.relay2, B_CHANNEL2, e_b2)] {
+        bpf.update(
+            "chan_by_relay",
+            &chan_relay_key(c.relay_b, a),
+            &chan_relay_val(c.client_b, f.server, number, entry),
+        );
+    }
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(c.relay_b, our_ip),
+        &perm_val(c.client_b, f.server, e_bp, true),
+    );
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(c.relay_perm, our_ip),
+        &perm_val(c.client_b, f.server, e_bp, false),
+    );
+    bpf.update(
+        "chan_by_relay",
+        &chan_relay_key(c.relay_lost, f.relay),
+        &chan_relay_val(f.lost_client, f.server, LOST_CHANNEL, e_lost),
+    );
+    bpf.update(
+        "perm_by_relay",
+        &perm_key(c.relay_lost, our_ip),
+        &perm_val(f.lost_client, f.server, e_lost, false),
+    );
+}
+
+fn c2c_cases(f: &Family, c: &C2c, tag: &str) -> Vec<Case> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let [e_a, e_a2, e_ap, e_a2p, e_b, e_b2, e_bp, _] = c.entries;
+    let (server, client_b) = (f.server, c.client_b);
+    let from = |client: SocketAddr, payload: &[u8], ip: &Ip| {
+        frame(CLIENT_MAC, SERVER_MAC, client, server, payload, ip)
+    };
+    let to_b =
+        |payload: &[u8], ip: &Ip| frame(SERVER_MAC, CLIENT_B_MAC, server, client_b, payload, ip);
+    const TID: [u8; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    let send = |peer: SocketAddr, data: &[u8], padding: u8| {
+        let mut m = indication(0x0016, TID, peer, data);
+        let n = m.len();
+        m[n - (4 - data.len() % 4) % 4..].fill(padding);
+        m
+    };
+    let at = 14 + if f.client.is_ipv4() { 20 } else { 40 } + 8 + 8;
+    // A Data indication to client B from A's relay (`source`).
+    let data_ind = |name: String, input: Vec<u8>, source: SocketAddr, data: &[u8], a: u32| {
+        let data = data.to_vec();
+        Case {
+            name: leak(name),
+            input,
+            action: XDP_REDIRECT,
+            counts: vec![(a, data.len() as u64), (e_bp, data.len() as u64)],
+            output: Expect::WithTid(
+                at,
+                Box::new(move |tid| {
+                    frame(
+                        SERVER_MAC,
+                        CLIENT_B_MAC,
+                        server,
+                        client_b,
+                        &indication(0x0017, tid, source, &data),
+                        &written(),
+                    )
+                }),
+            ),
+        }
+    };
+    let cd = |name: String, input: Vec<u8>, number: u16, data: &[u8], counts: [u32; 2]| Case {
+        name: leak(name),
+        input,
+        action: XDP_REDIRECT,
+        output: Expect::Bytes(to_b(&channel_data(number, data, &[]), &written())),
+        counts: counts.iter().map(|&e| (e, data.len() as u64)).collect(),
+    };
+    let data5 = b"hello";
+    let big = [0x5au8; 1200];
+    let mut cases = vec![
+        cd(
+            format!("{tag} client to client: ChannelData -> B's channel, unpadded"),
+            from(f.client, &channel_data(C2C_B, data5, &[]), &sent()),
+            B_CHANNEL,
+            data5,
+            [e_a, e_b],
+        ),
+        cd(
+            format!("{tag} client to client: ChannelData -> B's channel, padded (non-zero)"),
+            from(
+                f.client,
+                &channel_data(C2C_B, data5, &[0xaa, 0xbb, 0xcc]),
+                &sent(),
+            ),
+            B_CHANNEL,
+            data5,
+            [e_a, e_b],
+        ),
+        cd(
+            format!("{tag} client to client: ChannelData -> B's channel, 1200 bytes"),
+            from(f.client, &channel_data(C2C_B, &big, &[]), &sent()),
+            B_CHANNEL,
+            &big,
+            [e_a, e_b],
+        ),
+        data_ind(
+            format!("{tag} client to client: ChannelData -> B's permission, padded (non-zero)"),
+            from(
+                f.client,
+                &channel_data(C2C_PERM, data5, &[0xaa, 0xbb, 0xcc]),
+                &sent(),
+            ),
+            f.relay,
+            data5,
+            e_a,
+        ),
+        data_ind(
+            format!("{tag} client to client: ChannelData -> B's permission, unpadded"),
+            from(f.client, &channel_data(C2C_PERM, data5, &[]), &sent()),
+            f.relay,
+            data5,
+            e_a,
+        ),
+        data_ind(
+            format!("{tag} client to client: ChannelData -> B's permission, aligned"),
+            from(f.client, &channel_data(C2C_PERM, b"8 bytes!", &[]), &sent()),
+            f.relay,
+            b"8 bytes!",
+            e_a,
+        ),
+        cd(
+            format!("{tag} client to client: Send indication -> B's channel"),
+            from(f.client, &send(c.relay_b, data5, 0xee), &sent()),
+            B_CHANNEL,
+            data5,
+            [e_ap, e_b],
+        ),
+        data_ind(
+            format!("{tag} client to client: Send indication -> B's permission"),
+            from(f.client, &send(c.relay_perm, data5, 0xee), &sent()),
+            f.relay,
+            data5,
+            e_ap,
+        ),
+        data_ind(
+            format!("{tag} client to client: Send indication -> B's permission, empty"),
+            from(f.client, &send(c.relay_perm, &[], 0), &sent()),
+            f.relay,
+            &[],
+            e_ap,
+        ),
+        cd(
+            format!("{tag} client to client: relays-only permission, ChannelData -> B's channel"),
+            from(c.client2, &channel_data(C2C_B, data5, &[]), &sent()),
+            B_CHANNEL2,
+            data5,
+            [e_a2, e_b2],
+        ),
+        cd(
+            format!("{tag} client to client: relays-only permission, Send -> B's channel"),
+            from(c.client2, &send(c.relay_b, data5, 0), &sent()),
+            B_CHANNEL2,
+            data5,
+            [e_a2p, e_b2],
+        ),
+        pass(
+            leak(format!(
+                "{tag} relays-only permission, ChannelData to a relay without an entry"
+            )),
+            from(c.client2, &channel_data(C2C_NONE, data5, &[]), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} relays-only permission, Send to a relay without an entry"
+            )),
+            from(c.client2, &send(c.relay_none, data5, 0), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} ChannelData to a local address without an entry"
+            )),
+            from(
+                f.client,
+                &channel_data(C2C_NONE, data5, &[1, 2, 3]),
+                &sent(),
+            ),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, B's channel without B's permission"
+            )),
+            from(f.client, &channel_data(C2C_NOPERM, data5, &[]), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, B's client of the other family"
+            )),
+            from(f.client, &channel_data(C2C_CROSS, data5, &[]), &sent()),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, B's client without a neighbour entry"
+            )),
+            from(
+                f.client,
+                &channel_data(C2C_LOST, data5, &[1, 2, 3]),
+                &sent(),
+            ),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client, Send, B's client without a neighbour entry"
+            )),
+            from(f.client, &send(c.relay_lost, data5, 0xee), &sent()),
+        ),
+    ];
+    if f.client.is_ipv4() {
+        let none = Ip {
+            no_csum: true,
+            ..sent()
+        };
+        cases.push(Case {
+            name: "v4 client to client without a UDP checksum",
+            input: from(f.client, &channel_data(C2C_B, data5, &[9, 9, 9]), &none),
+            action: XDP_REDIRECT,
+            output: Expect::Bytes(to_b(
+                &channel_data(B_CHANNEL, data5, &[]),
+                &Ip {
+                    no_csum: true,
+                    ..written()
+                },
+            )),
+            counts: vec![(e_a, 5), (e_b, 5)],
+        });
+    }
+    cases
+}
+
 #[test]
 fn xdp_relay_program_table() {
     let bpf = Loaded::new();
@@ -1129,8 +1507,14 @@ fn xdp_relay_program_table() {
         &perm_val(f4.client, f4.server, 9, false),
     );
 
+    let (c4, c6) = (c2c_of(&f4), c2c_of(&f6));
+    install_c2c(&bpf, &f4, &c4);
+    install_c2c(&bpf, &f6, &c6);
+
     let mut cases = family_cases(&f4, "v4");
     cases.extend(family_cases(&f6, "v6"));
+    cases.extend(c2c_cases(&f4, &c4, "v4"));
+    cases.extend(c2c_cases(&f6, &c6, "v6"));
     cases.push(pass(
         "cross-family channel, client->peer",
         frame(
@@ -1202,7 +1586,7 @@ fn xdp_relay_program_table() {
                 hex(&want)
             ));
         }
-        if let Some((entry, bytes)) = case.counts {
+        for &(entry, bytes) in &case.counts {
             let c = expected_counts.entry(entry).or_default();
             c.0 += 1;
             c.1 += bytes;
@@ -1215,7 +1599,7 @@ fn xdp_relay_program_table() {
         cases.len(),
         failures.join("\n")
     );
-    for entry in 1..=9 {
+    for entry in (1..=9).chain(c4.entries).chain(c6.entries) {
         let want = expected_counts.get(&entry).copied().unwrap_or((0, 0));
         assert_eq!(bpf.counter(entry), want, "counters of entry {entry}");
     }
@@ -1297,6 +1681,66 @@ fn xdp_relay_program_table() {
         eprintln!(
             "{family}: {ns}ns per packet (repeat 1000, 1200-byte data, alternating \
              ChannelData->UDP and UDP->ChannelData)"
+        );
+    }
+    // Client to client: ChannelData C -> S on A's channel to P (a local address: a relay
+    // of the server) becomes ChannelData from B's server address to B's client. B's
+    // entry names C as its server and S as its client, so the output is the input again
+    // and every run takes the client-to-client path, counting on both entries.
+    for (v6, c, s, r, p) in [
+        (
+            false,
+            "10.9.0.1:50100",
+            "10.9.0.2:3479",
+            "10.9.0.2:49300",
+            "10.9.0.4:49301",
+        ),
+        (
+            true,
+            "[2001:db8:9::1]:50100",
+            "[2001:db8:9::2]:3479",
+            "[2001:db8:9::2]:49300",
+            "[2001:db8:9::4]:49301",
+        ),
+    ] {
+        let (c, s, r, p) = (sa(c), sa(s), sa(r), sa(p));
+        let (a, b) = if v6 { (16, 17) } else { (14, 15) };
+        bpf.update(
+            "chan_by_client",
+            &chan_client_key(c, s, CHANNEL),
+            &chan_client_val(r, p, a),
+        );
+        bpf.update(
+            "perm_by_relay",
+            &perm_key(r, p.ip()),
+            &perm_val(c, s, 20, false),
+        );
+        bpf.update(
+            "chan_by_relay",
+            &chan_relay_key(p, r),
+            &chan_relay_val(s, c, CHANNEL, b),
+        );
+        bpf.update(
+            "perm_by_relay",
+            &perm_key(p, r.ip()),
+            &perm_val(s, c, 20, false),
+        );
+        let input = frame(
+            CLIENT_MAC,
+            SERVER_MAC,
+            c,
+            s,
+            &channel_data(CHANNEL, &[0x5a; 1200], &[]),
+            &sent(),
+        );
+        let (action, _, ns) = bpf.run(&input, 1000);
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(bpf.counter(a), (1000, 1000 * 1200), "sender's entry");
+        assert_eq!(bpf.counter(b), (1000, 1000 * 1200), "receiver's entry");
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        eprintln!(
+            "{family}: {ns}ns per packet (repeat 1000, 1200-byte data, client to client: \
+             ChannelData -> ChannelData)"
         );
     }
     let stun = frame(

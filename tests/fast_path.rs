@@ -161,6 +161,125 @@ fn kernel_relays_channel_data_and_indications_for_a_fraction_of_the_cpu() {
     );
 }
 
+/// uclient's client-to-client run: clients (in pairs) and messages per client, sent one
+/// per millisecond per client.
+const C2C_CLIENTS: u64 = 20;
+const C2C_MESSAGES: u64 = 5_000;
+
+/// Runs uclient -y through a server with `toml` in the rig and asserts every message
+/// arrived, every one relayed in the kernel both ways, for next to none of the server's
+/// CPU.
+fn client_to_client(label: &str, toml: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig();
+    let dir = tempfile::tempdir().unwrap();
+    let server = n.turnstone("server", dir.path(), label, toml);
+    let port = PORT.to_string();
+    let clients = C2C_CLIENTS.to_string();
+    let messages = C2C_MESSAGES.to_string();
+    // uclient -y pairs its clients: each allocates a relay, binds a channel to its
+    // partner's relay address (one of ours) and sends its messages there, which the
+    // partner's allocation relays to the partner.
+    let args = [
+        "-y",
+        "-u",
+        "alice",
+        "-w",
+        "wonderland",
+        "-p",
+        &port,
+        "-c",
+        "-X",
+        "-l",
+        "170",
+        "-z",
+        "1",
+        "-m",
+        &clients,
+        "-n",
+        &messages,
+        SERVER,
+    ];
+    let before = cpu_ticks(&server);
+    let started = Instant::now();
+    let bin = common::require_tool("turnutils_uclient", common::coturn::COTURN_HINT);
+    let out = n.enter("client", || {
+        common::run_bounded(
+            "turnutils_uclient",
+            std::process::Command::new(&bin).args(args),
+            Duration::from_secs(180),
+        )
+    });
+    let ticks = cpu_ticks(&server) - before;
+    let text = out.combined();
+    let summary = common::coturn::parse_summary(&text)
+        .unwrap_or_else(|| panic!("no final summary in uclient's output:\n{text}"));
+    eprintln!(
+        "{label}: uclient -y, {C2C_CLIENTS} clients x {C2C_MESSAGES} messages: {summary:?} \
+         in {:?}, server CPU {ticks} ticks",
+        started.elapsed()
+    );
+    let total = C2C_CLIENTS * C2C_MESSAGES;
+    assert!(out.status.success(), "uclient failed:\n{text}");
+    assert!(
+        !text.contains("not enough"),
+        "uclient lacked connections:\n{text}"
+    );
+    assert_eq!(
+        (
+            summary.sent,
+            summary.received,
+            summary.lost,
+            summary.send_dropped
+        ),
+        (total, total, 0, 0),
+        "{text}"
+    );
+    // The counters are read twice a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let metrics_text = metrics(&n);
+    let logs = server.output();
+    assert!(logs.contains("kernel fast path on"), "{logs}");
+    // Every message counts once on the sender's allocation (to its peer, the partner's
+    // relay) and once on the partner's (to its client), all in the kernel.
+    let total_f = total as f64;
+    assert_eq!(
+        kernel(&metrics_text, "to_peer", "channel"),
+        total_f,
+        "{metrics_text}"
+    );
+    assert_eq!(
+        kernel(&metrics_text, "to_client", "channel"),
+        total_f,
+        "{metrics_text}"
+    );
+    // Userspace handled the allocations and channel bindings, not the packets: relaying
+    // them there costs several hundred ticks (see the first test).
+    assert!(
+        ticks <= 40,
+        "server CPU {ticks} ticks for {total} client-to-client packets"
+    );
+}
+
+#[test]
+fn client_to_client_through_two_allocations_stays_in_the_kernel() {
+    // The policy (10.78.0.0/16) permits the server's own relay address as a peer.
+    client_to_client("turnstone-c2c", &config("required", ""));
+}
+
+#[test]
+fn client_to_client_with_relays_only_permissions_stays_in_the_kernel() {
+    // The policy denies the server's own address (only the peer's network is opened):
+    // the permissions between the two allocations are relays-only, which the program
+    // honours because the other relay's entry proves it is a live relay of ours.
+    let toml = config("required", "").replace(
+        "allow_peers = [\"10.78.0.0/16\"]",
+        "allow_peers = [\"10.78.2.0/24\"]",
+    );
+    assert!(toml.contains("10.78.2.0/24"), "{toml}");
+    client_to_client("turnstone-c2c-relays-only", &toml);
+}
+
 #[test]
 fn entries_go_with_the_allocation() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
