@@ -285,6 +285,14 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p, void **paylo
 	p->csum = udp->check;
 	if (p->v6 && p->csum == 0) /* invalid over IPv6 */
 		return -1;
+	/* CHECKSUM_PARTIAL: a datagram from a process on this host (through a veth) whose
+	 * checksum was left to an offload holds only the pseudo-header's sum, folded, not
+	 * complemented (Linux: ~csum_tcpudp_magic(), ~csum_ipv6_magic()); the incremental
+	 * update would make it wrong. Up: the stack relays it. A complete checksum equals
+	 * this by chance 1 in 65536, and goes up too, harmlessly. */
+	if (p->csum && p->csum == fold(sum_addr(p->src, p->v6) + sum_addr(p->dst, p->v6) +
+				       bpf_htons(IPPROTO_UDP) + bpf_htons(p->udp_len)))
+		return -1;
 	*payload = udp + 1;
 	return 0;
 }
@@ -335,7 +343,7 @@ static __always_inline int forward(struct xdp_md *ctx, const struct bpf_fib_look
 static __always_inline int write_headers(struct xdp_md *ctx, const struct pkt *p,
 					 const struct bpf_fib_lookup *fib, const __u32 *src,
 					 const __u32 *dst, __be16 sport, __be16 dport,
-					 __u16 udp_len, __u16 csum)
+					 __u16 udp_len, __u16 csum, int df)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -359,7 +367,7 @@ static __always_inline int write_headers(struct xdp_md *ctx, const struct pkt *p
 		ip->tos = 0;
 		ip->tot_len = bpf_htons(udp_len + IP4_LEN);
 		ip->id = 0;
-		ip->frag_off = 0;
+		ip->frag_off = df ? bpf_htons(0x4000) : 0;
 		ip->ttl = 64;
 		ip->protocol = IPPROTO_UDP;
 		ip->check = 0;
@@ -430,7 +438,8 @@ static __always_inline int permission(const __u32 *relay, __be16 relay_port, con
 struct plan {
 	/* In: `dlen` bytes of data from `src` to `relay` (a peer's, or with `c2c` another
 	 * relay of ours: a relays-only permission is then satisfied), in a frame whose UDP
-	 * payload is `in_hlen` bytes of message, the data and `in_pad` bytes of padding.
+	 * payload is `in_hlen` bytes of message, the data and `in_pad` bytes after it (its
+	 * padding, and a Send indication's attributes after DATA).
 	 * `sum` is the ones' complement sum of what stays of the input's checksummed bytes
 	 * (the data, at an even UDP offset, and the pseudo-header's protocol), used when
 	 * p->csum is not 0. */
@@ -600,7 +609,7 @@ static __noinline int apply_to_client(struct xdp_md *ctx, const struct pkt *p,
 
 	__u32 out_pad = t->pad;
 
-	if (in_hlen > 48 || in_pad > 3 || out_pad > 3 || dlen > 0xffff)
+	if (in_hlen > 52 || in_pad > 40 || out_pad > 3 || dlen > 0xffff)
 		return XDP_PASS;
 	tail = (int)out_pad - (int)in_pad;
 	if (tail && bpf_xdp_adjust_tail(ctx, tail))
@@ -611,7 +620,7 @@ static __noinline int apply_to_client(struct xdp_md *ctx, const struct pkt *p,
 	if (in_hlen != t->hlen && bpf_xdp_adjust_head(ctx, (int)in_hlen - (int)t->hlen))
 		return XDP_ABORTED;
 	if (write_headers(ctx, p, &t->fib, t->server, t->client, t->server_port, t->client_port,
-			  t->new_len, t->csum))
+			  t->new_len, t->csum, 0))
 		return XDP_ABORTED;
 	if (t->hlen == 4) {
 		void *data = (void *)(long)ctx->data;
@@ -678,64 +687,123 @@ static __always_inline int c2c_input(const __u32 *relay, __be16 relay_port, cons
 	return TO_CLIENT;
 }
 
-/* Path D: a Send indication from a client (RFC 8656 section 11.2) with exactly
- * XOR-PEER-ADDRESS then DATA, to a permitted peer -> UDP from the relay to the peer (or,
- * to another relay of ours, client to client).
- * Any other STUN message, or other attributes (FINGERPRINT, DONT-FRAGMENT...): up. */
+/* Path D: a Send indication from a client (RFC 8656 section 11.2) to a permitted peer ->
+ * UDP from the relay to the peer (or, to another relay of ours, client to client). Its
+ * attributes, as clients write them: XOR-PEER-ADDRESS (of the packet's family) and DATA
+ * once each, in either order, optionally DONT-FRAGMENT (empty; sets DF on the IPv4
+ * datagram written) and optionally FINGERPRINT last. FINGERPRINT's CRC-32 is not checked
+ * (bpf/README.md says why). At most 4 attributes, each header read once.
+ * Any other STUN message, other or repeated attributes, bytes after FINGERPRINT: up. */
+#define ATTR_DONT_FRAGMENT 0x001a
+#define ATTR_FINGERPRINT 0x8028
+#define SEEN_XPA 1
+#define SEEN_DATA 2
+#define SEEN_DF 4
 static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *payload)
 {
 	void *end = (void *)(long)ctx->data_end;
 	__u8 *m = payload;
-	__u16 plen = p->udp_len - UDP_LEN;
-	__u32 hlen = p->v6 ? 48 : 36;
+	__u32 plen = p->udp_len - UDP_LEN;
 	__u32 base = ETH_LEN + (p->v6 ? IP6_LEN : IP4_LEN) + UDP_LEN;
+	__u32 alen_addr = p->v6 ? 20 : 8;
 	struct perm_client_key k = {};
 	struct perm_client_val *v;
 	struct bpf_fib_lookup fib;
-	__u8 h[48] = {};
+	__u32 h[5] = {};  /* the message header */
+	__u32 a[5] = {};  /* XOR-PEER-ADDRESS's value */
+	__u32 fp = 0;     /* FINGERPRINT's value */
 	__u32 peer[4], relay[4];
 	__be16 peer_port, relay_port;
-	__u16 len, pad, new_len, csum = 0;
+	__u32 off = 20, data_off = 0, len = 0, pad = 0, tail, seen = 0, s = 0;
+	__u16 new_len, csum = 0;
 	__u32 entry, i, sum = 0, relays_only;
 	int rc;
 
-	if ((void *)(m + 20) > end || plen < hlen)
+	if ((void *)(m + 20) > end || plen < 20 + 4 + 4 + alen_addr)
 		return NOT_MINE;
 	if (m[0] != 0x00 || m[1] != 0x16) /* not a Send indication: no need to look further */
 		return NOT_MINE;
-	if (p->v6) {
-		if (bpf_xdp_load_bytes(ctx, base, h, 48))
+	if (bpf_xdp_load_bytes(ctx, base, h, 20))
+		return NOT_MINE;
+	if (h[0] != bpf_htonl(0x00160000 | (plen - 20)) || h[1] != bpf_htonl(STUN_COOKIE))
+		return NOT_MINE;
+	/* The bytes that go (all but the data) leave the checksum: the header's, here. */
+#pragma unroll
+	for (i = 0; i < 5; i++)
+		s += neg(h[i] >> 16) + neg(h[i] & 0xffff);
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		__be32 ah;
+		__u16 type, alen;
+
+		if (off >= plen)
+			break;
+		if (off + 4 > plen || bpf_xdp_load_bytes(ctx, base + off, &ah, 4))
 			return NOT_MINE;
-	} else {
-		if (bpf_xdp_load_bytes(ctx, base, h, 36))
+		type = bpf_ntohl(ah) >> 16;
+		alen = bpf_ntohl(ah) & 0xffff;
+		s += neg(ah >> 16) + neg(ah & 0xffff);
+		if (type == ATTR_XOR_PEER_ADDRESS) {
+			if ((seen & SEEN_XPA) || alen != alen_addr || off + 4 + alen > plen)
+				return NOT_MINE;
+			if (p->v6) {
+				if (bpf_xdp_load_bytes(ctx, base + off + 4, a, 20))
+					return NOT_MINE;
+			} else {
+				if (bpf_xdp_load_bytes(ctx, base + off + 4, a, 8))
+					return NOT_MINE;
+			}
+			seen |= SEEN_XPA;
+			off += 4 + alen;
+		} else if (type == ATTR_DATA) {
+			if (seen & SEEN_DATA)
+				return NOT_MINE;
+			data_off = off + 4;
+			len = alen;
+			pad = (4 - (len & 3)) & 3;
+			if (data_off + len + pad > plen)
+				return NOT_MINE;
+			seen |= SEEN_DATA;
+			off = data_off + len + pad;
+		} else if (type == ATTR_DONT_FRAGMENT) {
+			if ((seen & SEEN_DF) || alen != 0)
+				return NOT_MINE;
+			seen |= SEEN_DF;
+			off += 4;
+		} else if (type == ATTR_FINGERPRINT) {
+			/* Last, 4 bytes; its CRC-32 is not checked (bpf/README.md). */
+			if (alen != 4 || off + 8 != plen ||
+			    bpf_xdp_load_bytes(ctx, base + off + 4, &fp, 4))
+				return NOT_MINE;
+			s += neg(fp >> 16) + neg(fp & 0xffff);
+			off += 8;
+		} else {
 			return NOT_MINE;
+		}
 	}
-	if (*(__be16 *)&h[0] != bpf_htons(0x0016) || *(__be32 *)&h[4] != bpf_htonl(STUN_COOKIE))
+	if (off != plen || (seen & (SEEN_XPA | SEEN_DATA)) != (SEEN_XPA | SEEN_DATA))
 		return NOT_MINE;
-	if (bpf_ntohs(*(__be16 *)&h[2]) != plen - 20)
+	/* a[0]: reserved, family, port; then the address, XORed with the cookie and the
+	 * transaction id (h[1..5)). */
+	if (bpf_ntohl(a[0]) >> 16 != (p->v6 ? 2 : 1))
 		return NOT_MINE;
-	/* XOR-PEER-ADDRESS of the packet's family (the relay's must be the same). */
-	if (*(__be16 *)&h[20] != bpf_htons(ATTR_XOR_PEER_ADDRESS) ||
-	    *(__be16 *)&h[22] != bpf_htons(p->v6 ? 20 : 8) || h[24] != 0 ||
-	    h[25] != (p->v6 ? 2 : 1))
-		return NOT_MINE;
-	peer_port = *(__be16 *)&h[26] ^ bpf_htons(STUN_COOKIE >> 16);
+	peer_port = *(__be16 *)((__u8 *)a + 2) ^ bpf_htons(STUN_COOKIE >> 16);
 	if (p->v6) {
 #pragma unroll
 		for (i = 0; i < 4; i++)
-			peer[i] = *(__u32 *)&h[28 + 4 * i] ^ *(__u32 *)&h[4 + 4 * i];
-		if (*(__be16 *)&h[44] != bpf_htons(ATTR_DATA))
-			return NOT_MINE;
-		len = bpf_ntohs(*(__be16 *)&h[46]);
+			peer[i] = a[1 + i] ^ h[1 + i];
 	} else {
-		map4(peer, *(__u32 *)&h[28] ^ bpf_htonl(STUN_COOKIE));
-		if (*(__be16 *)&h[32] != bpf_htons(ATTR_DATA))
-			return NOT_MINE;
-		len = bpf_ntohs(*(__be16 *)&h[34]);
+		map4(peer, a[1] ^ h[1]);
 	}
-	/* DATA is last, padded to 4 exactly. */
-	pad = (4 - (len & 3)) & 3;
-	if ((__u32)plen != hlen + len + pad)
+#pragma unroll
+	for (i = 0; i < 5; i++)
+		if (i < 2 || p->v6)
+			s += neg(a[i] >> 16) + neg(a[i] & 0xffff);
+	/* What goes: data_off bytes before the data, `tail` after it (its padding, then
+	 * any attributes after DATA). */
+	tail = plen - data_off - len;
+	if (data_off > 52 || tail > 40)
 		return NOT_MINE;
 
 	__builtin_memcpy(k.client, p->src, 16);
@@ -754,15 +822,12 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 	new_len = len + UDP_LEN;
 	if (p->csum) {
 		/* What stays: the data (and the pseudo-header's protocol). */
-		__u32 s = neg(p->csum);
 		__u32 old_len = bpf_htons(p->udp_len);
 
+		s += neg(p->csum);
 		s += neg(sum_addr(p->src, p->v6)) + neg(sum_addr(p->dst, p->v6));
 		s += neg(old_len) + neg(old_len) + neg(p->sport) + neg(p->dport);
-#pragma unroll
-		for (i = 0; i < 48; i += 2) /* the message before the data (zero past hlen) */
-			s += neg(*(__u16 *)&h[i]);
-		if (neg_padding(ctx, base + hlen + len, len, pad, &s))
+		if (neg_padding(ctx, base + data_off + len, len, pad, &s))
 			return NOT_MINE;
 		sum = fold(fold(s));
 	}
@@ -770,30 +835,32 @@ static __noinline int send_indication(struct xdp_md *ctx, struct pkt *p, void *p
 		rc = route(ctx, &fib, p->v6, relay, peer, relay_port, peer_port, new_len);
 		/* A local destination (not forwarded): one of our relays? */
 		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
-			return c2c_input(relay, relay_port, peer, peer_port, hlen, len, pad, sum,
-					 entry);
+			return c2c_input(relay, relay_port, peer, peer_port, data_off, len, tail,
+					 sum, entry);
 		if (rc)
 			return XDP_PASS;
 	} else {
 		/* The peer policy denies the IP: relayed only to a relay of ours. */
-		return c2c_input(relay, relay_port, peer, peer_port, hlen, len, pad, sum, entry);
+		return c2c_input(relay, relay_port, peer, peer_port, data_off, len, tail, sum,
+				 entry);
 	}
 	if (p->csum) {
-		__u32 s = sum;
+		__u32 s2 = sum;
 		__u32 nl = bpf_htons(new_len);
 
-		s += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
-		s += nl + nl + relay_port + peer_port;
-		csum = ~fold(fold(s)) & 0xffff;
+		s2 += sum_addr(relay, p->v6) + sum_addr(peer, p->v6);
+		s2 += nl + nl + relay_port + peer_port;
+		csum = ~fold(fold(s2)) & 0xffff;
 		if (csum == 0)
 			csum = 0xffff;
 	}
 
-	if (pad && bpf_xdp_adjust_tail(ctx, -(int)pad))
+	if (tail && bpf_xdp_adjust_tail(ctx, -(int)tail))
 		return XDP_PASS;
-	if (bpf_xdp_adjust_head(ctx, (int)hlen))
+	if (bpf_xdp_adjust_head(ctx, (int)data_off))
 		return XDP_ABORTED;
-	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum,
+			  !!(seen & SEEN_DF)))
 		return XDP_ABORTED;
 	count(entry, len);
 	return forward(ctx, &fib);
@@ -890,7 +957,7 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct pkt *p, void *pa
 		return XDP_PASS;
 	if (bpf_xdp_adjust_head(ctx, 4))
 		return XDP_ABORTED;
-	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum))
+	if (write_headers(ctx, p, &fib, relay, peer, relay_port, peer_port, new_len, csum, 0))
 		return XDP_ABORTED;
 	count(entry, len);
 	return forward(ctx, &fib);

@@ -208,6 +208,82 @@ fn binding_request() -> Vec<u8> {
     v
 }
 
+const XPA: u16 = 0x0012;
+const DATA: u16 = 0x0013;
+const DONT_FRAGMENT: u16 = 0x001a;
+const FINGERPRINT: u16 = 0x8028;
+
+/// A Send indication with these attributes in this order: XOR-PEER-ADDRESS's value is
+/// `peer`'s, DATA's is `data` (padding `fill`), the others' what is given (padded with
+/// zeros). FINGERPRINT's value is a real CRC-32 when `4` bytes of zeros are given.
+fn send_with(
+    tid: [u8; 12],
+    peer: SocketAddr,
+    data: &[u8],
+    fill: u8,
+    attrs: &[(u16, &[u8])],
+) -> Vec<u8> {
+    let mut v = vec![0x00, 0x16, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+    v.extend(tid);
+    for &(t, value) in attrs {
+        let value = match t {
+            XPA => xor_address(peer, &tid),
+            DATA => data.to_vec(),
+            _ => value.to_vec(),
+        };
+        let len = (v.len() + 4 + value.len() - 20 + 3) & !3;
+        if t == FINGERPRINT && value == [0; 4] {
+            // RFC 8489 section 14.7: CRC-32 of the message up to it, XOR 0x5354554e,
+            // with the length covering it.
+            v[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            let crc = crc32(&v) ^ 0x5354_554e;
+            v.extend(t.to_be_bytes());
+            v.extend(4u16.to_be_bytes());
+            v.extend(crc.to_be_bytes());
+            continue;
+        }
+        v.extend(t.to_be_bytes());
+        v.extend((value.len() as u16).to_be_bytes());
+        v.extend(&value);
+        let padding = (4 - value.len() % 4) % 4;
+        v.extend(std::iter::repeat_n(
+            if t == DATA { fill } else { 0 },
+            padding,
+        ));
+        let len = (v.len() - 20) as u16;
+        v[2..4].copy_from_slice(&len.to_be_bytes());
+    }
+    v
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// The frame with its UDP checksum as a same-host sender leaves it for an offload
+/// (CHECKSUM_PARTIAL): the pseudo-header's sum, folded, not complemented.
+fn partial(mut f: Vec<u8>) -> Vec<u8> {
+    let v6 = f[12..14] == [0x86, 0xdd];
+    let (addrs, udp) = if v6 { (22..54, 54) } else { (26..34, 34) };
+    let mut s = sum16(&f[addrs]) + 17 + u32::from(u16::from_be_bytes([f[udp + 4], f[udp + 5]]));
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    f[udp + 6..udp + 8].copy_from_slice(&(s as u16).to_be_bytes());
+    f
+}
+
 // ---------------------------------------------------------------------------------------
 // Map entries, laid out as in bpf/relay.c
 
@@ -781,6 +857,37 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
     let data5 = b"hello";
     let data8 = b"8 bytes!";
     let data6 = [0u8, 1, 2, 3, 0xfe, 0xff];
+    // A Send indication of this layout to the permitted peer (other port), relayed; the
+    // IPv4 datagram has DF when the indication has DONT-FRAGMENT.
+    let layout = |attrs: &[(u16, &[u8])], df: bool, what: &str| {
+        let mut ip = written();
+        if df && f.client.is_ipv4() {
+            ip.frag = 0x4000;
+        }
+        Case {
+            name: leak(format!("{tag} Send indication client->peer, {what}")),
+            input: from_client(
+                &send_with(TID, f.peer_other_port(), b"hello", 0xee, attrs),
+                &sent(),
+            ),
+            action: XDP_REDIRECT,
+            output: Expect::Bytes(frame(
+                SERVER_PEER_MAC,
+                PEER_MAC,
+                f.relay,
+                f.peer_other_port(),
+                b"hello",
+                &ip,
+            )),
+            counts: vec![(f.entries[2], 5)],
+        }
+    };
+    let send_pass = |attrs: &[(u16, &[u8])], what: &str| {
+        pass(
+            leak(format!("{tag} Send indication with {what}")),
+            from_client(&send_with(TID, f.peer, b"hello", 0, attrs), &sent()),
+        )
+    };
 
     let mut cases = vec![
         Case {
@@ -963,13 +1070,6 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             leak(format!("{tag} Send indication to a relays-only peer")),
             from_client(&send(f.relays_only, b"hello"), &sent()),
         ),
-        pass(leak(format!("{tag} Send indication with FINGERPRINT")), {
-            let mut m = send(f.peer, b"hello");
-            m.extend([0x80, 0x28, 0, 4, 1, 2, 3, 4]);
-            let len = (m.len() - 20) as u16;
-            m[2..4].copy_from_slice(&len.to_be_bytes());
-            from_client(&m, &sent())
-        }),
         pass(
             leak(format!(
                 "{tag} Send indication, DATA longer than the message"
@@ -996,20 +1096,127 @@ fn family_cases(f: &Family, tag: &str) -> Vec<Case> {
             m[2..4].copy_from_slice(&len.to_be_bytes());
             from_client(&m, &sent())
         }),
+        layout(
+            &[(XPA, b""), (DATA, b""), (FINGERPRINT, &[0; 4])],
+            false,
+            "Firefox's layout",
+        ),
+        layout(
+            &[
+                (DATA, b""),
+                (XPA, b""),
+                (DONT_FRAGMENT, b""),
+                (FINGERPRINT, &[0; 4]),
+            ],
+            true,
+            "uclient's layout",
+        ),
+        layout(&[(DATA, b""), (XPA, b"")], false, "DATA first"),
+        layout(
+            &[(XPA, b""), (DONT_FRAGMENT, b""), (DATA, b"")],
+            true,
+            "DONT-FRAGMENT",
+        ),
+        layout(
+            &[(XPA, b""), (DATA, b""), (FINGERPRINT, &[1, 2, 3, 4])],
+            false,
+            "a wrong FINGERPRINT (not checked)",
+        ),
+        send_pass(
+            &[(XPA, b""), (XPA, b""), (DATA, b"")],
+            "duplicate XOR-PEER-ADDRESS",
+        ),
+        send_pass(&[(XPA, b""), (DATA, b""), (DATA, b"")], "duplicate DATA"),
+        send_pass(
+            &[
+                (XPA, b""),
+                (DONT_FRAGMENT, b""),
+                (DONT_FRAGMENT, b""),
+                (DATA, b""),
+            ],
+            "duplicate DONT-FRAGMENT",
+        ),
+        send_pass(
+            &[(XPA, b""), (DATA, b""), (0x8022, b"x")],
+            "an unknown attribute",
+        ),
+        send_pass(
+            &[(XPA, b""), (DONT_FRAGMENT, b"ab"), (DATA, b"")],
+            "a non-empty DONT-FRAGMENT",
+        ),
+        send_pass(
+            &[(XPA, b""), (FINGERPRINT, &[0; 4]), (DATA, b"")],
+            "FINGERPRINT not last",
+        ),
+        send_pass(&[(DATA, b"")], "no XOR-PEER-ADDRESS"),
+        send_pass(&[(XPA, b""), (DONT_FRAGMENT, b"")], "no DATA"),
+        send_pass(
+            &[
+                (XPA, b""),
+                (DONT_FRAGMENT, b""),
+                (DATA, b""),
+                (FINGERPRINT, &[0; 4]),
+                (FINGERPRINT, &[0; 4]),
+            ],
+            "five attributes",
+        ),
         pass(
-            leak(format!(
-                "{tag} Send indication, DATA before XOR-PEER-ADDRESS"
-            )),
+            leak(format!("{tag} Send indication, bytes after FINGERPRINT")),
             {
-                let mut m = vec![0x00, 0x16, 0, 0, 0x21, 0x12, 0xa4, 0x42];
-                m.extend(TID);
-                m.extend([0x00, 0x13, 0, 4, 1, 2, 3, 4]);
-                m.extend(&send(f.peer, b"")[20..]);
-                m.truncate(m.len() - 4); // its empty DATA
+                let mut m = send_with(
+                    TID,
+                    f.peer,
+                    b"hello",
+                    0,
+                    &[(XPA, b""), (DATA, b""), (FINGERPRINT, &[0; 4])],
+                );
+                m.extend([0, 0, 0, 0]);
                 let len = (m.len() - 20) as u16;
                 m[2..4].copy_from_slice(&len.to_be_bytes());
                 from_client(&m, &sent())
             },
+        ),
+        pass(
+            leak(format!("{tag} CHECKSUM_PARTIAL ChannelData client->peer")),
+            partial(from_client(&channel_data(CHANNEL, data5, &[]), &sent())),
+        ),
+        pass(
+            leak(format!(
+                "{tag} CHECKSUM_PARTIAL Send indication client->peer"
+            )),
+            partial(from_client(&send(f.peer, b"hello"), &sent())),
+        ),
+        pass(
+            leak(format!(
+                "{tag} CHECKSUM_PARTIAL Send indication, uclient's layout"
+            )),
+            partial(from_client(
+                &send_with(
+                    TID,
+                    f.peer,
+                    b"hello",
+                    0,
+                    &[
+                        (DATA, b""),
+                        (XPA, b""),
+                        (DONT_FRAGMENT, b""),
+                        (FINGERPRINT, &[0; 4]),
+                    ],
+                ),
+                &sent(),
+            )),
+        ),
+        pass(
+            leak(format!(
+                "{tag} CHECKSUM_PARTIAL UDP peer->client with a channel"
+            )),
+            partial(from_peer(f.peer, data5)),
+        ),
+        pass(
+            leak(format!(
+                "{tag} CHECKSUM_PARTIAL UDP peer->client without a channel"
+            )),
+            partial(from_peer(f.peer_other_port(), data5)),
         ),
         pass(leak(format!("{tag} Send request (class request)")), {
             let mut m = send(f.peer, b"hello");
@@ -1396,6 +1603,107 @@ fn c2c_cases(f: &Family, c: &C2c, tag: &str) -> Vec<Case> {
             f.relay,
             &[],
             e_ap,
+        ),
+        cd(
+            format!("{tag} client to client: Send indication, Firefox's layout -> B's channel"),
+            from(
+                f.client,
+                &send_with(
+                    TID,
+                    c.relay_b,
+                    data5,
+                    0xee,
+                    &[(XPA, b""), (DATA, b""), (FINGERPRINT, &[0; 4])],
+                ),
+                &sent(),
+            ),
+            B_CHANNEL,
+            data5,
+            [e_ap, e_b],
+        ),
+        cd(
+            format!("{tag} client to client: Send indication, uclient's layout -> B's channel"),
+            from(
+                f.client,
+                &send_with(
+                    TID,
+                    c.relay_b,
+                    data5,
+                    0xee,
+                    &[
+                        (DATA, b""),
+                        (XPA, b""),
+                        (DONT_FRAGMENT, b""),
+                        (FINGERPRINT, &[0; 4]),
+                    ],
+                ),
+                &sent(),
+            ),
+            B_CHANNEL,
+            data5,
+            [e_ap, e_b],
+        ),
+        data_ind(
+            format!("{tag} client to client: Send indication, uclient's layout -> B's permission"),
+            from(
+                f.client,
+                &send_with(
+                    TID,
+                    c.relay_perm,
+                    data5,
+                    0xee,
+                    &[
+                        (DATA, b""),
+                        (XPA, b""),
+                        (DONT_FRAGMENT, b""),
+                        (FINGERPRINT, &[0; 4]),
+                    ],
+                ),
+                &sent(),
+            ),
+            f.relay,
+            data5,
+            e_ap,
+        ),
+        data_ind(
+            format!(
+                "{tag} client to client: Send indication, DATA first, 1200 bytes -> B's permission"
+            ),
+            from(
+                f.client,
+                &send_with(TID, c.relay_perm, &big, 0, &[(DATA, b""), (XPA, b"")]),
+                &sent(),
+            ),
+            f.relay,
+            &big,
+            e_ap,
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client: CHECKSUM_PARTIAL ChannelData"
+            )),
+            partial(from(f.client, &channel_data(C2C_B, data5, &[]), &sent())),
+        ),
+        pass(
+            leak(format!(
+                "{tag} client to client: CHECKSUM_PARTIAL Send indication"
+            )),
+            partial(from(
+                f.client,
+                &send_with(
+                    TID,
+                    c.relay_b,
+                    data5,
+                    0,
+                    &[
+                        (DATA, b""),
+                        (XPA, b""),
+                        (DONT_FRAGMENT, b""),
+                        (FINGERPRINT, &[0; 4]),
+                    ],
+                ),
+                &sent(),
+            )),
         ),
         cd(
             format!("{tag} client to client: relays-only permission, ChannelData -> B's channel"),

@@ -128,13 +128,11 @@ fn uclient_channels_relay_in_the_kernel() {
     uclient_through_the_kernel(&[], "channel");
 }
 
-/// uclient writes its Send indications as DATA, XOR-PEER-ADDRESS, FINGERPRINT (seen on
-/// the wire, coturn 4.6); bpf/relay.c takes only XOR-PEER-ADDRESS then DATA and passes
-/// the rest up, so today userspace relays them to the peer (100,000 packets: ~110 server
-/// ticks against ~8 for the channel run) while the peer's answers go to uclient as Data
-/// indications in the kernel.
+/// uclient writes its Send indications as DATA, XOR-PEER-ADDRESS, DONT-FRAGMENT,
+/// FINGERPRINT (seen on the wire, coturn 4.6; tests/corpus/uclient-send): bpf/relay.c
+/// takes that layout, so they relay to the peer in the kernel, and the peer's answers go
+/// to uclient as Data indications in the kernel too.
 #[test]
-#[ignore = "bpf/relay.c passes up Send indications with DATA first or FINGERPRINT, as uclient sends them"]
 fn uclient_send_indications_relay_in_the_kernel() {
     uclient_through_the_kernel(&["-s"], "indication");
 }
@@ -144,7 +142,7 @@ fn uclient_send_indications_relay_in_the_kernel() {
 /// then 50 in flight at a time (the next 50 once these are back): every one comes back
 /// once and in order. webrtc-rs sends
 /// the first datagrams as Send indications (DATA before XOR-PEER-ADDRESS, which the
-/// kernel passes up) until its ChannelBind completes, ChannelData after: nearly all of
+/// kernel relays too) until its ChannelBind completes, ChannelData after: nearly all of
 /// them cross the kernel on the channel path both ways.
 #[test]
 fn webrtc_rs_client_relays_in_the_kernel() {
