@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::fastpath::{
-    config, config_relay, cpu_ticks, entries, kernel, metrics, reload, rig, user, PEER, PORT,
-    SERVER,
+    config, config_relay, cpu_ticks, entries, kernel, metrics, reload, rig, rig_with_offload, user,
+    PEER, PORT, SERVER,
 };
 use common::netns::Netns;
 use common::{relayed_payload, ChildGuard, TurnClient};
@@ -159,6 +159,40 @@ fn kernel_relays_channel_data_and_indications_for_a_fraction_of_the_cpu() {
         off_ticks >= 4 && on_ticks * 4 < off_ticks,
         "server CPU: userspace {off_ticks} ticks, kernel path {on_ticks} ticks"
     );
+}
+
+/// Senders on the same host (their veths leave the UDP checksum to an offload:
+/// CHECKSUM_PARTIAL) lose nothing: the program passes their ChannelData, Send indications
+/// and the peer's datagrams up, and userspace relays every one.
+#[test]
+fn same_host_senders_relay_in_userspace_none_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = rig_with_offload();
+    let (got, _, text, server) = run(&n, "required");
+    let logs = server.output();
+    assert!(logs.contains("kernel fast path on"), "{logs}");
+    assert_eq!(
+        (got.to_peer, got.to_client, got.indications_to_peer),
+        (N, N, N / 10),
+        "packets lost:\n{logs}"
+    );
+    let n_f = N as f64;
+    for (direction, path, want) in [
+        ("to_peer", "channel", n_f),
+        ("to_client", "channel", n_f),
+        ("to_peer", "indication", n_f / 10.0),
+    ] {
+        assert_eq!(
+            kernel(&text, direction, path),
+            0.0,
+            "{direction} {path}\n{text}"
+        );
+        assert_eq!(
+            user(&text, direction, path),
+            want,
+            "{direction} {path}\n{text}"
+        );
+    }
 }
 
 /// uclient's client-to-client run: clients (in pairs) and messages per client, sent one

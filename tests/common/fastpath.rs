@@ -20,8 +20,21 @@ pub const PEER: &str = "10.78.2.2";
 pub const PORT: u16 = 3478;
 pub const METRICS_PORT: u16 = 9641;
 
-/// The four namespaces, routed, with forwarding on where the program needs it.
+/// The four namespaces, routed, with forwarding on where the program needs it. The
+/// client's and the peer's veths send full UDP checksums, as from a wire.
 pub fn rig() -> Netns {
+    rig_of(false)
+}
+
+/// [`rig`] with transmit checksum offload left on at the client's and the peer's veths:
+/// their datagrams reach the server as a same-host sender's do, their UDP checksum left
+/// to an offload (CHECKSUM_PARTIAL: the field holds the pseudo-header's sum), which the
+/// program passes up for userspace to relay.
+pub fn rig_with_offload() -> Netns {
+    rig_of(true)
+}
+
+fn rig_of(offload: bool) -> Netns {
     require_tool("bpftool", "apt-get install -y bpftool");
     require_tool("clang", "apt-get install -y clang libbpf-dev");
     require_tool("ethtool", "apt-get install -y ethtool");
@@ -29,10 +42,12 @@ pub fn rig() -> Netns {
     let (client_dev, _) = n.veth("client", &format!("{CLIENT}/24"), "router", "10.78.1.1/24");
     let (peer_dev, _) = n.veth("peer", &format!("{PEER}/24"), "router", "10.78.2.1/24");
     // Datagrams from a wire carry a full UDP checksum, which the program updates
-    // incrementally; a veth's own would be left for an offload (CHECKSUM_PARTIAL), which
-    // generic XDP's rewrites do not keep track of.
-    n.exec("client", &["ethtool", "-K", &client_dev, "tx", "off"]);
-    n.exec("peer", &["ethtool", "-K", &peer_dev, "tx", "off"]);
+    // incrementally; a veth's own are left for an offload (CHECKSUM_PARTIAL), which the
+    // program passes up.
+    if !offload {
+        n.exec("client", &["ethtool", "-K", &client_dev, "tx", "off"]);
+        n.exec("peer", &["ethtool", "-K", &peer_dev, "tx", "off"]);
+    }
     n.veth("server", &format!("{SERVER}/24"), "router", "10.78.3.1/24");
     for (ns, via) in [
         ("client", "10.78.1.1"),
