@@ -229,7 +229,7 @@ static __always_inline int parse(struct xdp_md *ctx, struct pkt *p, void **paylo
 
 	if ((void *)(eth + 1) > end)
 		return -1;
-	l3len = (__u32)(end - data) - ETH_LEN;
+	l3len = bpf_xdp_get_buff_len(ctx) - ETH_LEN;
 
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
@@ -623,13 +623,23 @@ static __noinline int apply_to_client(struct xdp_md *ctx, const struct pkt *p,
 			  t->new_len, t->csum, 0))
 		return XDP_ABORTED;
 	if (t->hlen == 4) {
+		/* Constant offsets in each branch: pointer arithmetic with a value that
+		 * depends on a branch is refused without CAP_PERFMON (Spectre v1). */
 		void *data = (void *)(long)ctx->data;
 		void *end = (void *)(long)ctx->data_end;
-		__u32 *cd = data + (p->v6 ? ETH_LEN + IP6_LEN + UDP_LEN : ETH_LEN + IP4_LEN + UDP_LEN);
+		__u32 *cd;
 
-		if ((void *)(cd + 1) > end)
-			return XDP_ABORTED;
-		*cd = *(__u32 *)t->hdr;
+		if (p->v6) {
+			cd = data + ETH_LEN + IP6_LEN + UDP_LEN;
+			if ((void *)(cd + 1) > end)
+				return XDP_ABORTED;
+			*cd = *(__u32 *)t->hdr;
+		} else {
+			cd = data + ETH_LEN + IP4_LEN + UDP_LEN;
+			if ((void *)(cd + 1) > end)
+				return XDP_ABORTED;
+			*cd = *(__u32 *)t->hdr;
+		}
 	} else if (p->v6) {
 		if (bpf_xdp_store_bytes(ctx, base, (void *)t->hdr, 48))
 			return XDP_ABORTED;

@@ -1,4 +1,4 @@
-//! The kernel fast path's life cycle and placement (root, namespace rig): `[relay] fast_path_interfaces` is where it attaches (a missing name is found at start), and with IP forwarding off there the one start line and check-config say so; a second turnstone on the same interfaces is refused ("required") or relays in userspace ("auto") while the first keeps relaying in the kernel; kill -9 and SIGTERM leave no XDP program attached and the next server attaches at once; a non-root server with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON loads it; without CAP_PERFMON (the verifier then refuses the program's packet pointer arithmetic) "required" refuses naming it, and without any "auto" says why not.
+//! The kernel fast path's life cycle and placement (root, namespace rig): `[relay] fast_path_interfaces` is where it attaches (a missing name is found at start), and with IP forwarding off there the one start line and check-config say so; a second turnstone on the same interfaces is refused ("required") or relays in userspace ("auto") while the first keeps relaying in the kernel; kill -9 and SIGTERM leave no XDP program attached and the next server attaches at once; a non-root server with only CAP_BPF and CAP_NET_ADMIN (no CAP_PERFMON) loads it, and without them "auto" says why not.
 //
 // The rig (namespaces, routes, configuration) is tests/common/fastpath.rs; the first
 // server uses its ports (3478, metrics 9641, relay 40000-40999), the second its own.
@@ -272,7 +272,7 @@ fn nobody_can_run_the_binary() -> bool {
 }
 
 #[test]
-fn cap_bpf_net_admin_and_perfmon_are_enough_and_without_them_it_says_why() {
+fn cap_bpf_and_net_admin_are_enough_and_without_them_it_says_why() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
         nobody_can_run_the_binary(),
@@ -293,7 +293,7 @@ fn cap_bpf_net_admin_and_perfmon_are_enough_and_without_them_it_says_why() {
     });
     let logs = server.output();
     assert!(
-        logs.contains("kernel fast path: not used, relaying in userspace: needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (running as uid 65534)"),
+        logs.contains("kernel fast path: not used, relaying in userspace: needs CAP_BPF and CAP_NET_ADMIN (running as uid 65534)"),
         "{logs}"
     );
     assert!(!xdp_attached(&n));
@@ -303,28 +303,12 @@ fn cap_bpf_net_admin_and_perfmon_are_enough_and_without_them_it_says_why() {
     assert_eq!(user(&metrics(&n), "to_client", "channel"), 2.0);
     drop(server);
 
-    // CAP_BPF and CAP_NET_ADMIN without CAP_PERFMON: the verifier refuses "pointer -=
-    // pointer" (the packet's length), and "required" says what is missing.
+    // With exactly CAP_BPF and CAP_NET_ADMIN (no CAP_PERFMON, no CAP_SYS_ADMIN): the
+    // verifier accepts the program for such a loader, and it relays in the kernel.
     let path = readable(dir.path(), "required.toml", &config("required", ""));
-    let out = common::run_bounded(
-        "turnstone",
-        &mut as_nobody(&n, "+bpf,+net_admin", &path),
-        Duration::from_secs(30),
-    );
-    let text = out.combined();
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("relay.kernel_fast_path = \"required\"")
-            && text.contains("CAP_PERFMON (running as uid 65534)")
-            && text.contains("lack CAP_PERFMON"),
-        "{text}"
-    );
-    assert!(!xdp_attached(&n));
-
-    // With exactly CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (no CAP_SYS_ADMIN): it loads.
     let mut server = ChildGuard::spawn(
         "turnstone-nobody-required",
-        &mut as_nobody(&n, "+bpf,+net_admin,+perfmon", &path),
+        &mut as_nobody(&n, "+bpf,+net_admin", &path),
     );
     common::wait_for("listening", Duration::from_secs(20), || {
         if let Some(st) = server.try_wait() {
