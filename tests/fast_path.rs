@@ -275,17 +275,13 @@ fn client_to_client(label: &str, toml: &str) {
     let logs = server.output();
     assert!(logs.contains("kernel fast path on"), "{logs}");
     // Every message counts once on the sender's allocation (to its peer, the partner's
-    // relay) and once on the partner's (to its client), in the kernel but for the few a
-    // client sends in the moment between its own channel binding and its partner's
-    // entry reaching the kernel (those relay in userspace: at most one burst per client).
+    // relay) and once on the partner's (to its client), all in the kernel.
     let total_f = total as f64;
     for direction in ["to_peer", "to_client"] {
-        let k = kernel(&metrics_text, direction, "channel");
-        let u = user(&metrics_text, direction, "channel");
-        assert_eq!(k + u, total_f, "{direction}: {metrics_text}");
-        assert!(
-            u <= C2C_CLIENTS as f64,
-            "{direction}: {u} of {total} in userspace: {metrics_text}"
+        assert_eq!(
+            kernel(&metrics_text, direction, "channel"),
+            total_f,
+            "{direction}: {metrics_text}"
         );
     }
     // Userspace handled the allocations and channel bindings, not the packets: relaying
