@@ -3,6 +3,10 @@
 
 usage: netns_report.py RAW_FILE
 
+A measurement taken when the machine was more than MAX_BACKGROUND_PCT busy just before it
+(another process at work: bench/netns waits up to --quiet-wait for quiet, then goes on and
+records how busy it was) is left out of every median, and the report says how many.
+
 Per subject and offered rate, the median over rounds of: whole-machine CPU µs per relayed
 packet, the marginal µs over the routed baseline (each round against the routed step of
 the same round and rate, then the median), the subject process's µs per packet and CPU %,
@@ -24,6 +28,8 @@ NAMES = {
 # A step is loss-free when fewer than this % of its packets were lost (0.01%: a few
 # packets in tens of thousands, what one scheduler hiccup of the generator costs).
 LOSS_FREE_PCT = 0.01
+# A measurement preceded by more background load than this (% of the machine) is left out.
+MAX_BACKGROUND_PCT = 10.0
 # "Near zero": the server process's own CPU under load, % of one core.
 NEAR_ZERO_PCT = 5.0
 
@@ -70,6 +76,8 @@ def fmt(x, nd=2, suffix=""):
 
 def main():
     meta, loads, unavailable, failed = parse(sys.argv[1])
+    noisy = [kv for kv in loads if (num(kv, "background_busy_pct") or 0.0) > MAX_BACKGROUND_PCT]
+    loads = [kv for kv in loads if kv not in noisy]
     rates = sorted({int(kv["rate"]) for kv in loads} | {int(r) for r in meta.get("rates", "").split(",") if r})
     by = {}
     for kv in loads:
@@ -108,6 +116,10 @@ def main():
         if k in meta:
             out.append(f"- {k}: {meta[k]}")
     out.append(f"- medians of {meta.get('repeat', '?')} round(s); marginal = subject − routed, same round and rate")
+    if noisy:
+        which = ", ".join(f"{kv['subject']} {kv['rate']} round {kv['round']}" for kv in noisy)
+        out.append(f"- left out: {len(noisy)} measurement(s) taken when the machine was more than "
+                   f"{MAX_BACKGROUND_PCT:.0f}% busy just before (another process at work): {which}")
     out.append("- whole-machine CPU = wall × CPUs − idle − iowait (/proc/stat) over the measurement window, "
                "per relayed packet (client→peer and peer→client each count once)\n")
     out.append("| subject | offered pkt/s | achieved | relayed pkt/s | machine µs/pkt | marginal µs/pkt | "
