@@ -750,15 +750,36 @@ impl Shard {
                 }
             }
         }
-        for ev in self.core.drain_events() {
-            // The usage record adds what the kernel relayed for the allocation.
-            let kernel = match (&ev, &common.fast_path) {
+        let events: Vec<Event> = self.core.drain_events().collect();
+        // Interim usage records add what the kernel relayed for their allocations since
+        // the last record (one read of their counters for all of them)...
+        let mut interim = Vec::new();
+        if let Some(k) = &common.fast_path {
+            let ids: Vec<u64> = events
+                .iter()
+                .filter_map(|ev| match ev {
+                    Event::AllocationUsage { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            if !ids.is_empty() {
+                interim = k
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .usage_since_last_read(&ids, &common.metrics);
+            }
+        }
+        let mut interim = interim.into_iter();
+        for ev in &events {
+            // ... and the final one the rest of it.
+            let kernel = match (ev, &common.fast_path) {
                 (Event::AllocationEnded { id, .. }, Some(k)) => {
                     k.lock().unwrap_or_else(|e| e.into_inner()).take_usage(*id)
                 }
+                (Event::AllocationUsage { .. }, Some(_)) => interim.next(),
                 _ => None,
             };
-            log_event(index, &ev, kernel);
+            log_event(index, ev, kernel);
         }
     }
 
@@ -1285,9 +1306,13 @@ impl PeerConns {
 }
 
 /// Allocation events are logged inside a span `allocation{id, client, server,
-/// transport, user}`; the end record is the usage record billing consumes.
-/// `kernel`: what the kernel fast path relayed for an ended allocation (packets and bytes
-/// to the peer, then to the client), included in the totals and shown apart as `kernel_*`.
+/// transport, user}`; the usage records billing consumes are the end record
+/// (`kind="final"`) and, with `[log] usage_interval`, the interim ones
+/// (`kind="interim"`), each with what was relayed since the allocation's previous
+/// record, so that an allocation's records add up to its totals.
+/// `kernel`: what the kernel fast path relayed for the allocation in the same span
+/// (packets and bytes to the peer, then to the client), included in the counts and shown
+/// apart as `kernel_*`.
 fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
     let span = |id: u64, ft: &FiveTuple, user: &str| {
         tracing::info_span!(
@@ -1345,7 +1370,38 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
                 kernel_packets_to_client = kcp,
                 kernel_bytes_to_client = kcb,
                 reason = reason.as_str(),
+                kind = "final",
                 "allocation ended"
+            )
+        }),
+        Event::AllocationUsage {
+            id,
+            five_tuple,
+            relay,
+            username,
+            duration,
+            usage,
+        } => span(*id, five_tuple, username).in_scope(|| {
+            let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
+            tracing::info!(
+                worker,
+                allocation = id,
+                client = %five_tuple.client,
+                server = %five_tuple.server,
+                transport = five_tuple.transport.as_str(),
+                %relay,
+                user = %username,
+                duration_ms = duration.as_millis() as u64,
+                packets_to_peer = usage.packets_to_peer + kp,
+                bytes_to_peer = usage.bytes_to_peer + kb,
+                packets_to_client = usage.packets_to_client + kcp,
+                bytes_to_client = usage.bytes_to_client + kcb,
+                kernel_packets_to_peer = kp,
+                kernel_bytes_to_peer = kb,
+                kernel_packets_to_client = kcp,
+                kernel_bytes_to_client = kcb,
+                kind = "interim",
+                "allocation usage"
             )
         }),
         Event::ErrorResponse { method, code } => {
