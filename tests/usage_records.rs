@@ -1,4 +1,4 @@
-//! Interim usage records (`[log] usage_interval`) from the real binary: a client relays known amounts in phases across 1 s intervals; each interim record carries what was relayed since the allocation's previous record (a quiet interval: zeros), and the interim records plus the final one add up to everything sent, packets and bytes both ways; a reload switches them on and off; with the kernel fast path (root: network namespaces), what the kernel relayed is in the interim records too.
+//! Interim usage records (`[log] usage_interval`) from the real binary: a client relays known amounts in phases across 1 s intervals; each interim record carries what was relayed since the allocation's previous record (a quiet interval: zeros), and the interim records plus the final one add up to everything sent, packets and bytes both ways; a reload switches them on and off; allocations still live when a drain times out write their final record (reason "shutdown") before the process exits; with the kernel fast path (root: network namespaces), what the kernel relayed is in the interim records too.
 
 mod common;
 
@@ -53,6 +53,8 @@ struct Record {
     counts: Counts,
     /// The `kernel_*` part of `counts`.
     kernel: Counts,
+    /// The final record's `reason`.
+    reason: Option<String>,
     line: String,
 }
 
@@ -96,6 +98,7 @@ fn records(log: &str) -> Vec<Record> {
                 packets_to_client: n("kernel_packets_to_client"),
                 bytes_to_client: n("kernel_bytes_to_client"),
             },
+            reason: f["reason"].as_str().map(str::to_owned),
             line: line.to_owned(),
         });
     }
@@ -340,6 +343,32 @@ fn a_reload_switches_interim_records_on_and_off() {
     assert!(!last.interim);
     assert_eq!(last.counts, b, "{}", lines(&rs));
     assert_eq!(sum(&rs), a.add(b), "{}", lines(&rs));
+}
+
+/// SIGTERM with an allocation still live: when the drain timeout passes, it ends with
+/// a final record (reason "shutdown") holding what no interim record had, and the
+/// process exits after writing it.
+#[test]
+fn a_drain_timeout_ends_live_allocations_with_their_final_records() {
+    let mut srv = TestServer::start_with(
+        Backend::Turnstone,
+        options(Some("1s")).server_toml("drain_timeout = \"1s\""),
+    );
+    let (mut c, peer, relay) = session(&srv);
+    let mut sent = Phase::new(12, 100, 8, 100).run(&mut c, &peer, relay);
+    settle(&|| srv.stderr(), sent, "before SIGTERM");
+    sent = sent.add(Phase::new(6, 600, 4, 400).run(&mut c, &peer, relay));
+    srv.signal("TERM");
+    let st = srv
+        .wait_exit(Duration::from_secs(8))
+        .expect("exits after the drain timeout");
+    assert!(st.success(), "exit status {st}");
+    let rs = records(&srv.stderr());
+    let all = lines(&rs);
+    let last = rs.last().expect("records");
+    assert!(!last.interim, "a final record:\n{all}");
+    assert_eq!(last.reason.as_deref(), Some("shutdown"), "{all}");
+    assert_eq!(sum(&rs), sent, "interim + final = sent:\n{all}");
 }
 
 /// With the kernel fast path (root): the kernel relays the channel's traffic, and its

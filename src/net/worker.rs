@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -280,6 +280,11 @@ pub(crate) struct Pool {
     adaptive: bool,
     /// Testing aid: flip between gathered and spread this often, whatever the load.
     flip_every: Option<Duration>,
+    /// The process is stopping: every shard ends its live allocations (their final
+    /// usage records, reason "shutdown") at its next pass ([`Pool::begin_stop`]).
+    stopping: AtomicBool,
+    /// Shards that have done so.
+    stopped: AtomicUsize,
 }
 
 /// A thread's CPU nanoseconds, alone on its cache line (no false sharing).
@@ -337,7 +342,29 @@ impl Pool {
             home: (0..threads).map(|_| Mutex::new(None)).collect(),
             adaptive: adaptive && threads > 1,
             flip_every,
+            stopping: AtomicBool::new(false),
+            stopped: AtomicUsize::new(0),
         })
+    }
+
+    /// Asks every shard to end its live allocations now, writing their final usage
+    /// records, and wakes the threads so that they do it at once
+    /// ([`Pool::all_stopped`] says when all have).
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for k in 0..self.wake.len() {
+            self.signal(k);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Has every shard ended its allocations and logged their records since
+    /// [`Pool::begin_stop`]?
+    pub(crate) fn all_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire) >= self.wake.len()
     }
 
     fn signal(&self, thread: usize) {
@@ -404,6 +431,8 @@ pub(crate) struct Shard {
     peer_check: Instant,
     next_tick: Instant,
     handoff: bool,
+    /// Its allocations were ended for the process stopping ([`Pool::begin_stop`]).
+    stopped: bool,
 }
 
 impl Shard {
@@ -444,6 +473,7 @@ impl Shard {
             // Benchmarks compare the in-worker hand-off between two allocations with
             // the kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
             handoff: std::env::var_os("TURNSTONE_NO_HANDOFF").is_none(),
+            stopped: false,
         })
     }
 
@@ -502,6 +532,7 @@ impl Shard {
             peer_check: _,
             next_tick: _,
             handoff,
+            stopped: _,
         } = self;
         let Scratch {
             buf,
@@ -706,6 +737,19 @@ impl Shard {
                 self.core.client_closed(&ft, now, &mut binder);
             }
         }
+        // The process is stopping: the live allocations end here, so that their final
+        // usage records (below) are written before it exits.
+        let stop = !self.stopped && common.pool.stopping();
+        if stop {
+            let mut binder = Binder {
+                relays: &mut self.relays,
+                ports,
+                epoll: &self.epoll,
+                tag: self.tag,
+                buffer,
+            };
+            self.core.close_all(now, &mut binder);
+        }
         // What the core asked for outside its answers (RFC 6062 connections).
         while let Some(cmd) = self.core.poll_command() {
             match cmd {
@@ -780,6 +824,10 @@ impl Shard {
                 _ => None,
             };
             log_event(index, ev, kernel);
+        }
+        if stop {
+            self.stopped = true;
+            common.pool.stopped.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -921,7 +969,10 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         s.events = events;
         // Guests' timers run even when they had no traffic.
         let now = Instant::now();
-        for g in guests.iter_mut().filter(|g| now >= g.next_tick) {
+        for g in guests
+            .iter_mut()
+            .filter(|g| now >= g.next_tick || (pool.stopping() && !g.stopped))
+        {
             g.run_once(common, &mut s, &[]);
         }
         s.sbatch.flush(&home.listeners);

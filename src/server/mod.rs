@@ -889,11 +889,12 @@ impl Server {
         }
     }
 
-    /// Ends every allocation (shutdown).
+    /// Ends every allocation (shutdown): each writes its final usage record with
+    /// reason [`EndReason::Shutdown`].
     pub fn close_all<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
         for i in 0..self.allocations.len() {
             if self.allocations[i].is_some() {
-                self.remove_allocation(i, now, EndReason::Deleted, binder);
+                self.remove_allocation(i, now, EndReason::Shutdown, binder);
             }
         }
         for r in self.reservations.drain(..) {
