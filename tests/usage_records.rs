@@ -345,19 +345,29 @@ fn a_reload_switches_interim_records_on_and_off() {
     assert_eq!(sum(&rs), a.add(b), "{}", lines(&rs));
 }
 
-/// SIGTERM with an allocation still live: when the drain timeout passes, it ends with
-/// a final record (reason "shutdown") holding what no interim record had, and the
-/// process exits after writing it.
+/// SIGTERM with allocations still live on several workers whose shards move between
+/// threads every 50 ms: when the drain timeout passes, each ends with a final record
+/// (reason "shutdown") holding what no interim record had, and the process exits after
+/// writing them.
 #[test]
 fn a_drain_timeout_ends_live_allocations_with_their_final_records() {
+    const CLIENTS: usize = 6;
     let mut srv = TestServer::start_with(
         Backend::Turnstone,
-        options(Some("1s")).server_toml("drain_timeout = \"1s\""),
+        options(Some("1s"))
+            .server_toml("drain_timeout = \"1s\"")
+            .workers(4)
+            .env("TURNSTONE_TEST_SHARD_FLIP_MS", "50"),
     );
-    let (mut c, peer, relay) = session(&srv);
-    let mut sent = Phase::new(12, 100, 8, 100).run(&mut c, &peer, relay);
+    let mut sessions: Vec<_> = (0..CLIENTS).map(|_| session(&srv)).collect();
+    let mut sent = Counts::default();
+    for (c, peer, relay) in sessions.iter_mut() {
+        sent = sent.add(Phase::new(12, 100, 8, 100).run(c, peer, *relay));
+    }
     settle(&|| srv.stderr(), sent, "before SIGTERM");
-    sent = sent.add(Phase::new(6, 600, 4, 400).run(&mut c, &peer, relay));
+    for (c, peer, relay) in sessions.iter_mut() {
+        sent = sent.add(Phase::new(6, 600, 4, 400).run(c, peer, *relay));
+    }
     srv.signal("TERM");
     let st = srv
         .wait_exit(Duration::from_secs(8))
@@ -365,10 +375,26 @@ fn a_drain_timeout_ends_live_allocations_with_their_final_records() {
     assert!(st.success(), "exit status {st}");
     let rs = records(&srv.stderr());
     let all = lines(&rs);
-    let last = rs.last().expect("records");
-    assert!(!last.interim, "a final record:\n{all}");
-    assert_eq!(last.reason.as_deref(), Some("shutdown"), "{all}");
+    let finals: Vec<&Record> = rs.iter().filter(|r| !r.interim).collect();
+    assert_eq!(finals.len(), CLIENTS, "one final record each:\n{all}");
+    for f in &finals {
+        assert_eq!(f.reason.as_deref(), Some("shutdown"), "{}", f.line);
+        let later = rs
+            .iter()
+            .skip_while(|r| !std::ptr::eq(*r, *f))
+            .skip(1)
+            .any(|r| r.allocation == f.allocation);
+        assert!(!later, "a record after the final one:\n{all}");
+    }
     assert_eq!(sum(&rs), sent, "interim + final = sent:\n{all}");
+    let workers: std::collections::BTreeSet<u64> = finals
+        .iter()
+        .filter_map(|f| {
+            let v: serde_json::Value = serde_json::from_str(&f.line).ok()?;
+            v["fields"]["worker"].as_u64()
+        })
+        .collect();
+    eprintln!("final records (reason shutdown) from workers {workers:?}");
 }
 
 /// With the kernel fast path (root): the kernel relays the channel's traffic, and its
