@@ -129,6 +129,11 @@ struct RecentDelete {
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
 const NO_SLOT: u32 = u32::MAX;
+/// At most this many interim usage records per [`Server::handle_timeout`]: allocations
+/// made together (a restart, a mass reconnect) come due together, and the shell logs
+/// each record on the worker; the rest come due again at the next call, their counts
+/// still exact (each record holds what was relayed since the allocation's previous one).
+pub const MAX_INTERIM_RECORDS_PER_TICK: usize = 1024;
 /// Room for this many fast-path commands is made once when the fast path is on, so a
 /// tick's worth of commands is usually queued without growing the queue.
 const FAST_PATH_CAPACITY: usize = 256;
@@ -759,6 +764,7 @@ impl Server {
             self.runtime_seen = rt;
         }
         self.compact();
+        let mut interim_left = MAX_INTERIM_RECORDS_PER_TICK;
         let mut expired = Vec::new();
         for (i, slot) in self.allocations.iter_mut().enumerate() {
             if let Some(a) = slot {
@@ -770,7 +776,10 @@ impl Server {
                     }
                     a.prune(now);
                     if let Some(interval) = usage_interval {
-                        if now.saturating_duration_since(a.last_report) >= interval {
+                        if interim_left > 0
+                            && now.saturating_duration_since(a.last_report) >= interval
+                        {
+                            interim_left -= 1;
                             self.events.push(Event::AllocationUsage {
                                 id: a.id,
                                 five_tuple: a.five_tuple,
@@ -859,7 +868,8 @@ impl Server {
     }
 
     /// When the core next needs [`Server::handle_timeout`]: the earliest expiry or
-    /// interim usage record (`Runtime::usage_interval`).
+    /// interim usage record (`Runtime::usage_interval`; an instant already past when
+    /// [`MAX_INTERIM_RECORDS_PER_TICK`] left records for the next call).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let allocs = self.allocations.iter().flatten().map(|a| a.expires);
         let res = self.reservations.iter().map(|r| r.expires);

@@ -1230,6 +1230,41 @@ fn interim_usage_records_add_up_to_the_totals() {
     assert_eq!(sum, usage(7, 24, 4, 15));
 }
 
+/// Allocations that come due together get at most [`MAX_INTERIM_RECORDS_PER_TICK`]
+/// interim records per tick; the rest get theirs at the next tick, with what they
+/// relayed up to then.
+#[test]
+fn interim_records_per_tick_are_capped_and_the_rest_follow() {
+    let n = MAX_INTERIM_RECORDS_PER_TICK + 3;
+    let mut rt = runtime(&["127.0.0.0/8"], n, n);
+    rt.usage_interval = Some(Duration::from_secs(10));
+    let mut h = Harness::with_binder(rt, MockBinder::new(n));
+    for i in 0..n {
+        let r = h.allocate(ft(1000 + i as u16), 1, 0);
+        assert_eq!(r.class(), Class::Success, "{i}");
+    }
+    let f = ft(1000 + n as u16 - 1);
+    assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+    h.server.drain_events().for_each(drop);
+    assert!(h.channel_data(f, 0x4000, b"abc", 5).is_some());
+    h.tick(10);
+    let first = usage_records(&mut h);
+    assert_eq!(first.len(), MAX_INTERIM_RECORDS_PER_TICK);
+    assert!(h.server.poll_timeout() <= Some(h.t0 + Duration::from_secs(10)));
+    assert!(h.channel_data(f, 0x4000, b"abcde", 10).is_some());
+    h.tick(11);
+    let rest = usage_records(&mut h);
+    assert_eq!(rest.len(), 3);
+    // The last allocation's record came in the second tick, with both packets.
+    assert!(rest.contains(&(false, 11, usage(2, 8, 0, 0))), "{rest:?}");
+    h.tick(12);
+    assert_eq!(usage_records(&mut h), vec![]);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(20))
+    );
+}
+
 /// Without `usage_interval` there are no interim records, and the final record holds
 /// the allocation's totals.
 #[test]
