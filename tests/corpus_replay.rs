@@ -214,6 +214,7 @@ fn runtime() -> Runtime {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
+        usage_interval: None,
         kernel_fast_path: false,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),

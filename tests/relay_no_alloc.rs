@@ -60,6 +60,7 @@ fn server(kernel_fast_path: bool) -> Server {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
+        usage_interval: None,
         kernel_fast_path,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),

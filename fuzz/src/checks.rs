@@ -1486,6 +1486,7 @@ impl World {
             match e {
                 Event::AllocationCreated { .. } => self.created += 1,
                 Event::AllocationEnded { .. } => self.ended += 1,
+                Event::AllocationUsage { .. } => {}
                 Event::ErrorResponse { .. } => {}
             }
         }

@@ -1,9 +1,18 @@
-//! `[log]`: the `tracing` filter (checked directive by directive) and the output format.
+//! `[log]`: the `tracing` filter (checked directive by directive), the output format and
+//! how often running allocations write an interim usage record.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Table;
 
 use super::errors::{read_section, Errors};
+use super::units::{duration_or, DurationText};
+
+/// Shortest `log.usage_interval` (other than 0, off).
+pub const MIN_USAGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest `log.usage_interval`: a record at least once a day.
+pub const MAX_USAGE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -20,6 +29,10 @@ pub struct LogSection {
     /// A `tracing` filter: a level (`info`) or `LEVEL,TARGET=LEVEL,...`.
     pub level: String,
     pub format: LogFormat,
+    /// Every this often, each running allocation writes an interim usage record with
+    /// what it relayed since its last record; `None` (the default, or `"0s"`): only the
+    /// final record when it ends.
+    pub usage_interval: Option<Duration>,
 }
 
 impl Default for LogSection {
@@ -27,6 +40,7 @@ impl Default for LogSection {
         LogSection {
             level: "info".to_owned(),
             format: LogFormat::Text,
+            usage_interval: None,
         }
     }
 }
@@ -36,6 +50,7 @@ impl Default for LogSection {
 struct RawLog {
     level: Option<String>,
     format: Option<LogFormat>,
+    usage_interval: Option<DurationText>,
 }
 
 impl LogSection {
@@ -49,6 +64,13 @@ impl LogSection {
             if let Some(format) = raw.format {
                 log.format = format;
             }
+            let interval = duration_or(
+                raw.usage_interval,
+                Duration::ZERO,
+                "log.usage_interval",
+                errors,
+            );
+            log.usage_interval = (!interval.is_zero()).then_some(interval);
         }
         log
     }
@@ -56,6 +78,17 @@ impl LogSection {
     pub(super) fn check(&self, errors: &mut Errors) {
         if let Err(e) = check_log_level(&self.level) {
             errors.push("log.level", e);
+        }
+        if let Some(i) = self.usage_interval {
+            if !(MIN_USAGE_INTERVAL..=MAX_USAGE_INTERVAL).contains(&i) {
+                errors.push(
+                    "log.usage_interval",
+                    format!(
+                        "{} is out of range; use 1s to 24h (\"5m\" is usual), or \"0s\" for no interim records",
+                        humantime::format_duration(i)
+                    ),
+                );
+            }
         }
     }
 }

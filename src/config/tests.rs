@@ -332,6 +332,7 @@ fn example_documents_every_key() {
         "default_lifetime",
         "level",
         "format",
+        "usage_interval",
         "[tls]",
         "certificate",
         "private_key",
@@ -404,6 +405,7 @@ listen = "[::1]:9641"
 [log]
 level = "info,turnstone::server=debug"
 format = "json"
+usage_interval = "5m"
 [tls]
 certificate = "/etc/turnstone/cert.pem"
 private_key = "/etc/turnstone/key.pem"
@@ -449,6 +451,7 @@ private_key = "/etc/turnstone/key.pem"
     assert_eq!(c.limits.max_lifetime, Duration::from_secs(7200));
     assert_eq!(c.limits.default_lifetime, Duration::from_secs(300));
     assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.usage_interval, Some(Duration::from_secs(300)));
     assert_eq!(
         c.tls.key_file.as_deref(),
         Some(Path::new("/etc/turnstone/key.pem"))
@@ -523,6 +526,10 @@ fn bad_values_name_their_key() {
         ("level = \"info\"", "level = \"\"", "log.level", "empty"),
         ("level = \"info\"", "level = \"info,turnstone=loud\"", "log.level", "\"loud\""),
         ("format = \"text\"", "format = \"xml\"", "log.format", "unknown variant `xml`, expected `text` or `json`"),
+        ("format = \"text\"", "format = \"text\"\nusage_interval = \"500ms\"", "log.usage_interval", "out of range; use 1s to 24h"),
+        ("format = \"text\"", "format = \"text\"\nusage_interval = \"2days\"", "log.usage_interval", "out of range"),
+        ("format = \"text\"", "format = \"text\"\nusage_interval = \"often\"", "log.usage_interval", "not a duration"),
+        ("format = \"text\"", "format = \"text\"\nusage_interval = 300", "log.usage_interval", "duration string"),
     ];
     for (find, replace, key, needle) in cases {
         let errors = errs_with(find, replace);
@@ -904,5 +911,28 @@ fn kernel_fast_path_values() {
     assert_eq!(
         c.relay.fast_path_interfaces,
         Some(vec!["eth0".to_owned(), "no-such-if0".to_owned()])
+    );
+}
+
+#[test]
+fn usage_interval_off_by_default_zero_and_one_second() {
+    let with = |v: &str| {
+        Config::from_toml(&GOOD.replacen(
+            "format = \"text\"",
+            &format!("format = \"text\"\nusage_interval = {v}"),
+            1,
+        ))
+        .unwrap_or_else(|e| panic!("usage_interval = {v}: {e:?}"))
+        .log
+        .usage_interval
+    };
+    assert_eq!(Config::from_toml(GOOD).unwrap().log.usage_interval, None);
+    assert_eq!(with("\"0s\""), None, "0 is off");
+    assert_eq!(with("\"1s\""), Some(Duration::from_secs(1)), "the shortest");
+    assert_eq!(with("\"1h 30m\""), Some(Duration::from_secs(5400)));
+    assert_eq!(
+        with("\"24h\""),
+        Some(Duration::from_secs(86400)),
+        "the longest"
     );
 }

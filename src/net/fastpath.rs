@@ -11,7 +11,7 @@
 // a channel, each of a permission), so what the kernel relayed is known by direction
 // and framing and read into `turnstone_relayed_kernel_*`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Config;
@@ -682,6 +682,40 @@ impl Kernel {
     /// were removed.
     pub fn take_usage(&mut self, allocation: u64) -> Option<[u64; 4]> {
         self.usage.remove(&allocation)
+    }
+
+    /// What the kernel relayed for each of `allocations` (packets and bytes to the peer,
+    /// then to the client) since the last call or since its entries were installed, for
+    /// their interim usage records. Non-destructive: the entries, their counter ids and
+    /// the allocations' accounts stay, so the counts go on and the final record's
+    /// [`Kernel::take_usage`] carries only the remainder. The allocations' live counters
+    /// are read first (one walk of the id table, then one lookup per entry of theirs),
+    /// so the figures are current, not as of the last [`Kernel::read_counters`].
+    pub fn usage_since_last_read(
+        &mut self,
+        allocations: &[u64],
+        metrics: &Metrics,
+    ) -> Vec<[u64; 4]> {
+        let wanted: HashSet<u64> = allocations.iter().copied().collect();
+        let ids: Vec<u32> = self
+            .ids
+            .used
+            .iter()
+            .filter(|(_, u)| wanted.contains(&u.allocation))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.report(id, metrics);
+        }
+        allocations
+            .iter()
+            .map(|a| {
+                self.usage
+                    .get_mut(a)
+                    .map(std::mem::take)
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// Adds what the kernel relayed since the last call to `metrics`.

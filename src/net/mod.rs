@@ -27,6 +27,10 @@ use crate::config::{Config, KernelFastPath, ListenTransport};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::server::{Runtime, Shared, Transport};
+
+/// How long stopping waits for the workers to end the live allocations and write their
+/// final usage records.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 pub use ports::PortPool;
 
 /// How the process was started: the config and where it came from (for reload).
@@ -370,6 +374,16 @@ fn signals(
                 }
                 _ = int.recv() => break,
             }
+        }
+        // The allocations still live end now, each writing its final usage record
+        // (reason "shutdown"), kernel fast-path counts included: before the maps go.
+        common.pool.begin_stop();
+        let until = tokio::time::Instant::now() + STOP_WAIT;
+        while !common.pool.all_stopped() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !common.pool.all_stopped() {
+            tracing::warn!("stopping: not every worker wrote its usage records in time");
         }
         if let Some(k) = &common.fast_path {
             k.lock().unwrap_or_else(|e| e.into_inner()).shutdown(&common.metrics);

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -280,6 +280,11 @@ pub(crate) struct Pool {
     adaptive: bool,
     /// Testing aid: flip between gathered and spread this often, whatever the load.
     flip_every: Option<Duration>,
+    /// The process is stopping: every shard ends its live allocations (their final
+    /// usage records, reason "shutdown") at its next pass ([`Pool::begin_stop`]).
+    stopping: AtomicBool,
+    /// Shards that have done so.
+    stopped: AtomicUsize,
 }
 
 /// A thread's CPU nanoseconds, alone on its cache line (no false sharing).
@@ -337,7 +342,29 @@ impl Pool {
             home: (0..threads).map(|_| Mutex::new(None)).collect(),
             adaptive: adaptive && threads > 1,
             flip_every,
+            stopping: AtomicBool::new(false),
+            stopped: AtomicUsize::new(0),
         })
+    }
+
+    /// Asks every shard to end its live allocations now, writing their final usage
+    /// records, and wakes the threads so that they do it at once
+    /// ([`Pool::all_stopped`] says when all have).
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for k in 0..self.wake.len() {
+            self.signal(k);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Has every shard ended its allocations and logged their records since
+    /// [`Pool::begin_stop`]?
+    pub(crate) fn all_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire) >= self.wake.len()
     }
 
     fn signal(&self, thread: usize) {
@@ -404,6 +431,8 @@ pub(crate) struct Shard {
     peer_check: Instant,
     next_tick: Instant,
     handoff: bool,
+    /// Its allocations were ended for the process stopping ([`Pool::begin_stop`]).
+    stopped: bool,
 }
 
 impl Shard {
@@ -444,6 +473,7 @@ impl Shard {
             // Benchmarks compare the in-worker hand-off between two allocations with
             // the kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
             handoff: std::env::var_os("TURNSTONE_NO_HANDOFF").is_none(),
+            stopped: false,
         })
     }
 
@@ -502,6 +532,7 @@ impl Shard {
             peer_check: _,
             next_tick: _,
             handoff,
+            stopped: _,
         } = self;
         let Scratch {
             buf,
@@ -706,6 +737,19 @@ impl Shard {
                 self.core.client_closed(&ft, now, &mut binder);
             }
         }
+        // The process is stopping: the live allocations end here, so that their final
+        // usage records (below) are written before it exits.
+        let stop = !self.stopped && common.pool.stopping();
+        if stop {
+            let mut binder = Binder {
+                relays: &mut self.relays,
+                ports,
+                epoll: &self.epoll,
+                tag: self.tag,
+                buffer,
+            };
+            self.core.close_all(now, &mut binder);
+        }
         // What the core asked for outside its answers (RFC 6062 connections).
         while let Some(cmd) = self.core.poll_command() {
             match cmd {
@@ -750,15 +794,40 @@ impl Shard {
                 }
             }
         }
-        for ev in self.core.drain_events() {
-            // The usage record adds what the kernel relayed for the allocation.
-            let kernel = match (&ev, &common.fast_path) {
+        let events: Vec<Event> = self.core.drain_events().collect();
+        // Interim usage records add what the kernel relayed for their allocations since
+        // the last record (one read of their counters for all of them)...
+        let mut interim = Vec::new();
+        if let Some(k) = &common.fast_path {
+            let ids: Vec<u64> = events
+                .iter()
+                .filter_map(|ev| match ev {
+                    Event::AllocationUsage { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            if !ids.is_empty() {
+                interim = k
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .usage_since_last_read(&ids, &common.metrics);
+            }
+        }
+        let mut interim = interim.into_iter();
+        for ev in &events {
+            // ... and the final one the rest of it.
+            let kernel = match (ev, &common.fast_path) {
                 (Event::AllocationEnded { id, .. }, Some(k)) => {
                     k.lock().unwrap_or_else(|e| e.into_inner()).take_usage(*id)
                 }
+                (Event::AllocationUsage { .. }, Some(_)) => interim.next(),
                 _ => None,
             };
-            log_event(index, &ev, kernel);
+            log_event(index, ev, kernel);
+        }
+        if stop {
+            self.stopped = true;
+            common.pool.stopped.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -900,7 +969,10 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         s.events = events;
         // Guests' timers run even when they had no traffic.
         let now = Instant::now();
-        for g in guests.iter_mut().filter(|g| now >= g.next_tick) {
+        for g in guests
+            .iter_mut()
+            .filter(|g| now >= g.next_tick || (pool.stopping() && !g.stopped))
+        {
             g.run_once(common, &mut s, &[]);
         }
         s.sbatch.flush(&home.listeners);
@@ -1285,9 +1357,13 @@ impl PeerConns {
 }
 
 /// Allocation events are logged inside a span `allocation{id, client, server,
-/// transport, user}`; the end record is the usage record billing consumes.
-/// `kernel`: what the kernel fast path relayed for an ended allocation (packets and bytes
-/// to the peer, then to the client), included in the totals and shown apart as `kernel_*`.
+/// transport, user}`; the usage records billing consumes are the end record
+/// (`kind="final"`) and, with `[log] usage_interval`, the interim ones
+/// (`kind="interim"`), each with what was relayed since the allocation's previous
+/// record, so that an allocation's records add up to its totals.
+/// `kernel`: what the kernel fast path relayed for the allocation in the same span
+/// (packets and bytes to the peer, then to the client), included in the counts and shown
+/// apart as `kernel_*`.
 fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
     let span = |id: u64, ft: &FiveTuple, user: &str| {
         tracing::info_span!(
@@ -1345,7 +1421,38 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
                 kernel_packets_to_client = kcp,
                 kernel_bytes_to_client = kcb,
                 reason = reason.as_str(),
+                kind = "final",
                 "allocation ended"
+            )
+        }),
+        Event::AllocationUsage {
+            id,
+            five_tuple,
+            relay,
+            username,
+            duration,
+            usage,
+        } => span(*id, five_tuple, username).in_scope(|| {
+            let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
+            tracing::info!(
+                worker,
+                allocation = id,
+                client = %five_tuple.client,
+                server = %five_tuple.server,
+                transport = five_tuple.transport.as_str(),
+                %relay,
+                user = %username,
+                duration_ms = duration.as_millis() as u64,
+                packets_to_peer = usage.packets_to_peer + kp,
+                bytes_to_peer = usage.bytes_to_peer + kb,
+                packets_to_client = usage.packets_to_client + kcp,
+                bytes_to_client = usage.bytes_to_client + kcb,
+                kernel_packets_to_peer = kp,
+                kernel_bytes_to_peer = kb,
+                kernel_packets_to_client = kcp,
+                kernel_bytes_to_client = kcb,
+                kind = "interim",
+                "allocation usage"
             )
         }),
         Event::ErrorResponse { method, code } => {

@@ -46,12 +46,26 @@ pub struct Channel {
 }
 
 /// Per-allocation traffic counters (for usage records and metrics).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub packets_to_peer: u64,
     pub bytes_to_peer: u64,
     pub packets_to_client: u64,
     pub bytes_to_client: u64,
+}
+
+impl Usage {
+    /// What was counted after `earlier` (an earlier reading of the same counters).
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            packets_to_peer: self.packets_to_peer.wrapping_sub(earlier.packets_to_peer),
+            bytes_to_peer: self.bytes_to_peer.wrapping_sub(earlier.bytes_to_peer),
+            packets_to_client: self
+                .packets_to_client
+                .wrapping_sub(earlier.packets_to_client),
+            bytes_to_client: self.bytes_to_client.wrapping_sub(earlier.bytes_to_client),
+        }
+    }
 }
 
 /// A relayed transport address of an allocation.
@@ -85,7 +99,13 @@ pub struct Allocation {
     /// The Allocate transaction and its success response, for retransmissions.
     pub allocate_tid: TransactionId,
     pub allocate_response: Box<[u8]>,
+    /// Totals since the allocation was created.
     pub usage: Usage,
+    /// `usage` as of the last interim usage record (`[log] usage_interval`): the next
+    /// record, interim or final, holds `usage.since(&reported)`.
+    pub reported: Usage,
+    /// When the last interim usage record was written (`created` before the first).
+    pub last_report: Instant,
     /// `[limits] max_bandwidth_per_allocation`, client to peer and peer to client.
     pub bucket_out: super::TokenBucket,
     pub bucket_in: super::TokenBucket,

@@ -129,6 +129,11 @@ struct RecentDelete {
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
 const NO_SLOT: u32 = u32::MAX;
+/// At most this many interim usage records per [`Server::handle_timeout`]: allocations
+/// made together (a restart, a mass reconnect) come due together, and the shell logs
+/// each record on the worker; the rest come due again at the next call, their counts
+/// still exact (each record holds what was relayed since the allocation's previous one).
+pub const MAX_INTERIM_RECORDS_PER_TICK: usize = 1024;
 /// Room for this many fast-path commands is made once when the fast path is on, so a
 /// tick's worth of commands is usually queued without growing the queue.
 const FAST_PATH_CAPACITY: usize = 256;
@@ -149,6 +154,8 @@ pub enum Event {
         relay: SocketAddr,
         username: String,
     },
+    /// The final usage record: `usage` is what the allocation relayed since its last
+    /// [`Event::AllocationUsage`] (all of it when there was none).
     AllocationEnded {
         id: u64,
         five_tuple: FiveTuple,
@@ -157,6 +164,17 @@ pub enum Event {
         duration: Duration,
         usage: Usage,
         reason: EndReason,
+    },
+    /// An interim usage record (`Runtime::usage_interval`, from [`Server::handle_timeout`]):
+    /// `usage` is what the running allocation relayed since its previous record, so the
+    /// interim records and the final one add up to its totals; `duration` is its age.
+    AllocationUsage {
+        id: u64,
+        five_tuple: FiveTuple,
+        relay: SocketAddr,
+        username: String,
+        duration: Duration,
+        usage: Usage,
     },
     /// A request was answered with an error code.
     ErrorResponse { method: u16, code: u16 },
@@ -728,6 +746,7 @@ impl Server {
         // A reload that removed a user from `[auth] users` (or the last secret a REST
         // username's key came from): its allocations end, as a revoked user's do.
         let rt = self.shared.runtime.load_full();
+        let usage_interval = rt.usage_interval.filter(|_| self.collect_events);
         if !Arc::ptr_eq(&rt, &self.runtime_seen) {
             let store = self.shared.store.load();
             let doomed: Vec<usize> = self
@@ -745,6 +764,7 @@ impl Server {
             self.runtime_seen = rt;
         }
         self.compact();
+        let mut interim_left = MAX_INTERIM_RECORDS_PER_TICK;
         let mut expired = Vec::new();
         for (i, slot) in self.allocations.iter_mut().enumerate() {
             if let Some(a) = slot {
@@ -755,6 +775,23 @@ impl Server {
                         fastpath::expire(a, now, &mut self.fast_path);
                     }
                     a.prune(now);
+                    if let Some(interval) = usage_interval {
+                        if interim_left > 0
+                            && now.saturating_duration_since(a.last_report) >= interval
+                        {
+                            interim_left -= 1;
+                            self.events.push(Event::AllocationUsage {
+                                id: a.id,
+                                five_tuple: a.five_tuple,
+                                relay: a.advertised,
+                                username: a.username.to_string(),
+                                duration: now.saturating_duration_since(a.created),
+                                usage: a.usage.since(&a.reported),
+                            });
+                            a.reported = a.usage;
+                            a.last_report = now;
+                        }
+                    }
                 }
             }
         }
@@ -830,11 +867,25 @@ impl Server {
         }
     }
 
-    /// When the core next needs [`Server::handle_timeout`]: the earliest expiry.
+    /// When the core next needs [`Server::handle_timeout`]: the earliest expiry or
+    /// interim usage record (`Runtime::usage_interval`; an instant already past when
+    /// [`MAX_INTERIM_RECORDS_PER_TICK`] left records for the next call).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let allocs = self.allocations.iter().flatten().map(|a| a.expires);
         let res = self.reservations.iter().map(|r| r.expires);
-        allocs.chain(res).min()
+        let interval = self
+            .shared
+            .runtime
+            .load()
+            .usage_interval
+            .filter(|_| self.collect_events);
+        let reports = interval.into_iter().flat_map(|i| {
+            self.allocations
+                .iter()
+                .flatten()
+                .filter_map(move |a| a.last_report.checked_add(i))
+        });
+        allocs.chain(res).chain(reports).min()
     }
 
     /// The client's stream (TCP or TLS control connection) closed: its allocation ends
@@ -848,11 +899,12 @@ impl Server {
         }
     }
 
-    /// Ends every allocation (shutdown).
+    /// Ends every allocation (shutdown): each writes its final usage record with
+    /// reason [`EndReason::Shutdown`].
     pub fn close_all<B: RelayBinder>(&mut self, now: Instant, binder: &mut B) {
         for i in 0..self.allocations.len() {
             if self.allocations[i].is_some() {
-                self.remove_allocation(i, now, EndReason::Deleted, binder);
+                self.remove_allocation(i, now, EndReason::Shutdown, binder);
             }
         }
         for r in self.reservations.drain(..) {
@@ -891,7 +943,7 @@ impl Server {
                 relay: a.advertised,
                 username: a.username.to_string(),
                 duration: now.saturating_duration_since(a.created),
-                usage: a.usage,
+                usage: a.usage.since(&a.reported),
                 reason,
             });
         }
@@ -1441,6 +1493,8 @@ impl Server {
             allocate_tid: msg.transaction_id(),
             allocate_response: self.out.clone().into_boxed_slice(),
             usage: Usage::default(),
+            reported: Usage::default(),
+            last_report: now,
             bucket_out: TokenBucket::new(now),
             bucket_in: TokenBucket::new(now),
         };

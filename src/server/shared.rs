@@ -91,6 +91,10 @@ pub struct Runtime {
     /// stores (at start and on reload) once it has a kernel data plane to apply the
     /// commands to; [`Runtime::from_config`] leaves it off, so nothing is queued.
     pub kernel_fast_path: bool,
+    /// `[log] usage_interval`: every this often each allocation emits
+    /// [`super::Event::AllocationUsage`] with what it relayed since its last record
+    /// (`None`: only [`super::Event::AllocationEnded`]).
+    pub usage_interval: Option<Duration>,
 }
 
 impl Runtime {
@@ -141,6 +145,7 @@ impl Runtime {
             alternate_servers: config.server.alternate_servers.clone(),
             redirect_above: config.limits.redirect_above,
             kernel_fast_path: false,
+            usage_interval: config.log.usage_interval,
         }
     }
 }

@@ -91,6 +91,7 @@ fn runtime(allow: &[&str], max_per_user: usize, max_total: usize) -> Runtime {
         },
         alternate_servers: Vec::new(),
         redirect_above: 0,
+        usage_interval: None,
         kernel_fast_path: false,
         relay: RelayAddrs {
             v4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -1103,6 +1104,183 @@ fn fleet_store_users_revocation_kills_quota_and_redirect() {
         r.msg().address(attr::ALTERNATE_SERVER).unwrap(),
         Some("192.0.2.3:3478".parse().unwrap())
     );
+}
+
+/// The usage records drained since the last call: (final?, age in seconds, usage).
+fn usage_records(h: &mut Harness) -> Vec<(bool, u64, Usage)> {
+    h.server
+        .drain_events()
+        .filter_map(|e| match e {
+            Event::AllocationUsage {
+                duration, usage, ..
+            } => Some((false, duration.as_secs(), usage)),
+            Event::AllocationEnded {
+                duration, usage, ..
+            } => Some((true, duration.as_secs(), usage)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn usage(
+    packets_to_peer: u64,
+    bytes_to_peer: u64,
+    packets_to_client: u64,
+    bytes_to_client: u64,
+) -> Usage {
+    Usage {
+        packets_to_peer,
+        bytes_to_peer,
+        packets_to_client,
+        bytes_to_client,
+    }
+}
+
+/// `usage_interval`: a running allocation gets an interim record every interval with
+/// what it relayed since its previous record (zeros too), `poll_timeout` names the next
+/// one, the final record holds the rest, and together they add up to the totals. A
+/// reload's new interval applies from the next tick; switched off, no more interim
+/// records and the final one holds everything since the last.
+#[test]
+fn interim_usage_records_add_up_to_the_totals() {
+    let mut rt = runtime(&["127.0.0.0/8"], 10, 100);
+    rt.usage_interval = Some(Duration::from_secs(10));
+    let mut h = Harness::new(rt);
+    let mut all = Vec::new();
+    let mut expect = |h: &mut Harness, want: Vec<(bool, u64, Usage)>| {
+        let got = usage_records(h);
+        assert_eq!(got, want);
+        all.extend(got);
+    };
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    let relay = RelayHandle(0);
+    assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(10))
+    );
+
+    // 0-10 s: 3 x 3 bytes to the peer, 2 x 5 back.
+    for s in 1..4 {
+        assert!(h.channel_data(f, 0x4000, b"abc", s).is_some());
+    }
+    for s in 1..3 {
+        assert!(h.peer_sends(relay, peer(), b"hello", s).is_some());
+    }
+    h.tick(9);
+    assert_eq!(usage_records(&mut h), vec![], "not before the interval");
+    h.tick(10);
+    expect(&mut h, vec![(false, 10, usage(3, 9, 2, 10))]);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(20))
+    );
+
+    // 10-20 s: one each way, as a Send indication and a ChannelData.
+    assert!(h.send_indication(f, peer(), b"abcdefg", 12).is_some());
+    assert!(h.peer_sends(relay, peer(), b"x", 15).is_some());
+    h.tick(19);
+    expect(&mut h, vec![]);
+    h.tick(20);
+    expect(&mut h, vec![(false, 20, usage(1, 7, 1, 1))]);
+
+    // 20-30 s: nothing relayed, still a record (the allocation is alive).
+    h.tick(30);
+    expect(&mut h, vec![(false, 30, usage(0, 0, 0, 0))]);
+
+    // A reload to 60 s: the next record 60 s after the last one.
+    let mut rt = runtime(&["127.0.0.0/8"], 10, 100);
+    rt.usage_interval = Some(Duration::from_secs(60));
+    h.shared().runtime.store(Arc::new(rt));
+    h.tick(40);
+    assert!(h.channel_data(f, 0x4000, b"ab", 50).is_some());
+    assert!(h.channel_data(f, 0x4000, b"ab", 51).is_some());
+    h.tick(89);
+    expect(&mut h, vec![]);
+    h.tick(90);
+    expect(&mut h, vec![(false, 90, usage(2, 4, 0, 0))]);
+
+    // Switched off by a reload: no more interim records; the final one has the rest.
+    h.shared()
+        .runtime
+        .store(Arc::new(runtime(&["127.0.0.0/8"], 10, 100)));
+    assert!(h.channel_data(f, 0x4000, b"abcd", 100).is_some());
+    assert!(h.peer_sends(relay, peer(), b"back", 100).is_some());
+    h.tick(200);
+    expect(&mut h, vec![]);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(600))
+    );
+    assert_eq!(h.refresh(f, 0, 3, 201).class(), Class::Success);
+    expect(&mut h, vec![(true, 201, usage(1, 4, 1, 4))]);
+
+    // Everything relayed, counted once: 7 packets (9 + 7 + 4 + 4 bytes) to the peer,
+    // 4 (10 + 1 + 4 bytes) to the client, in four interim records and the final one.
+    assert_eq!(all.len(), 5);
+    let sum = all.iter().fold(Usage::default(), |t, (_, _, u)| {
+        usage(
+            t.packets_to_peer + u.packets_to_peer,
+            t.bytes_to_peer + u.bytes_to_peer,
+            t.packets_to_client + u.packets_to_client,
+            t.bytes_to_client + u.bytes_to_client,
+        )
+    });
+    assert_eq!(sum, usage(7, 24, 4, 15));
+}
+
+/// Allocations that come due together get at most [`MAX_INTERIM_RECORDS_PER_TICK`]
+/// interim records per tick; the rest get theirs at the next tick, with what they
+/// relayed up to then.
+#[test]
+fn interim_records_per_tick_are_capped_and_the_rest_follow() {
+    let n = MAX_INTERIM_RECORDS_PER_TICK + 3;
+    let mut rt = runtime(&["127.0.0.0/8"], n, n);
+    rt.usage_interval = Some(Duration::from_secs(10));
+    let mut h = Harness::with_binder(rt, MockBinder::new(n));
+    for i in 0..n {
+        let r = h.allocate(ft(1000 + i as u16), 1, 0);
+        assert_eq!(r.class(), Class::Success, "{i}");
+    }
+    let f = ft(1000 + n as u16 - 1);
+    assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+    h.server.drain_events().for_each(drop);
+    assert!(h.channel_data(f, 0x4000, b"abc", 5).is_some());
+    h.tick(10);
+    let first = usage_records(&mut h);
+    assert_eq!(first.len(), MAX_INTERIM_RECORDS_PER_TICK);
+    assert!(h.server.poll_timeout() <= Some(h.t0 + Duration::from_secs(10)));
+    assert!(h.channel_data(f, 0x4000, b"abcde", 10).is_some());
+    h.tick(11);
+    let rest = usage_records(&mut h);
+    assert_eq!(rest.len(), 3);
+    // The last allocation's record came in the second tick, with both packets.
+    assert!(rest.contains(&(false, 11, usage(2, 8, 0, 0))), "{rest:?}");
+    h.tick(12);
+    assert_eq!(usage_records(&mut h), vec![]);
+    assert_eq!(
+        h.server.poll_timeout(),
+        Some(h.t0 + Duration::from_secs(20))
+    );
+}
+
+/// Without `usage_interval` there are no interim records, and the final record holds
+/// the allocation's totals.
+#[test]
+fn without_usage_interval_only_the_final_record() {
+    let mut h = Harness::new(runtime(&["127.0.0.0/8"], 10, 100));
+    let f = ft(40000);
+    h.allocate(f, 1, 0);
+    assert_eq!(h.channel(f, 0x4000, peer(), 2, 0).class(), Class::Success);
+    for s in [1, 100, 250] {
+        assert!(h.channel_data(f, 0x4000, b"abc", s).is_some());
+        assert!(h.peer_sends(RelayHandle(0), peer(), b"hello", s).is_some());
+        h.tick(s + 1);
+    }
+    assert_eq!(usage_records(&mut h), vec![]);
+    h.tick(600);
+    assert_eq!(usage_records(&mut h), vec![(true, 600, usage(3, 9, 3, 15))]);
 }
 
 /// The kernel fast-path command queue: exact sequences per scenario, and a replay check
