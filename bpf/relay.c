@@ -231,40 +231,56 @@ struct {
 
 /* 1 if the UDP datagram of `len` bytes at frame offset `off`, with the pseudo-header's
  * sum `ph`, carries a complete, right checksum (everything it covers sums to 0xffff); 0
- * otherwise, and for datagrams over CSUM_CHUNKS * CSUM_CHUNK bytes. Only called for a
+ * otherwise, and for datagrams of CSUM_CHUNKS * CSUM_CHUNK bytes or more. Only called for a
  * checksum field that looks like CHECKSUM_PARTIAL's (1 in 65536 of wire datagrams). */
 static __noinline int checksum_complete(struct xdp_md *ctx, __u32 off, __u32 len, __u32 ph)
 {
 	__u32 zero = 0;
 	__u8 *buf = bpf_map_lookup_elem(&csum_buf, &zero);
 	__u64 s = ph;
-	__u32 done = 0;
+	__u32 done = 0, tail, whole;
 	int i;
 
-	if (!buf || len > CSUM_CHUNK * CSUM_CHUNKS)
+	/* At most CSUM_CHUNKS - 1 whole chunks and a tail shorter than one. */
+	if (!buf || len >= CSUM_CHUNK * CSUM_CHUNKS)
 		return 0;
-	for (i = 0; i < CSUM_CHUNKS; i++) {
-		__u32 n, m, last;
+	/* Whole chunks first (constant sizes), then the tail's whole 32-bit words, then its
+	 * last 1 to 3 bytes zero-padded on the stack: no variable offset into a map value and
+	 * few branches, as the verifier wants of a loader without CAP_PERFMON. */
+	for (i = 0; i < CSUM_CHUNKS - 1; i++) {
 		__s64 c;
 
-		if (done >= len)
+		if (done + CSUM_CHUNK > len)
 			break;
-		n = len - done;
-		if (n > CSUM_CHUNK)
-			n = CSUM_CHUNK;
-		/* Hidden from the compiler, so the mask below stays for the verifier. */
-		barrier_var(n);
-		m = (n - 1) & (CSUM_CHUNK - 1); /* n - 1; CSUM_CHUNK is a power of two */
-		/* Zero the bytes between the data's end and the next multiple of 4. */
-		last = m & ~3U;
-		*(__u32 *)(buf + last) = 0;
-		if (bpf_xdp_load_bytes(ctx, off + done, buf, m + 1))
+		if (bpf_xdp_load_bytes(ctx, off + done, buf, CSUM_CHUNK))
 			return 0;
-		c = bpf_csum_diff(0, 0, (__be32 *)buf, last + 4, 0);
+		c = bpf_csum_diff(0, 0, (__be32 *)buf, CSUM_CHUNK, 0);
 		if (c < 0)
 			return 0;
 		s += (__u32)c;
-		done += m + 1;
+		done += CSUM_CHUNK;
+	}
+	tail = len - done;
+	/* Hidden from the compiler, so the mask below stays for the verifier. */
+	barrier_var(tail);
+	tail &= CSUM_CHUNK - 1; /* < CSUM_CHUNK: len < CSUM_CHUNKS * CSUM_CHUNK, checked */
+	whole = tail & ~3U;
+	if (whole) {
+		__s64 c;
+
+		if (bpf_xdp_load_bytes(ctx, off + done, buf, whole))
+			return 0;
+		c = bpf_csum_diff(0, 0, (__be32 *)buf, whole, 0);
+		if (c < 0)
+			return 0;
+		s += (__u32)c;
+	}
+	if (tail & 3) {
+		__u32 t = 0;
+
+		if (bpf_xdp_load_bytes(ctx, off + done + whole, &t, tail & 3))
+			return 0;
+		s += (t & 0xffff) + (t >> 16);
 	}
 	s = (s & 0xffffffff) + (s >> 32);
 	s = (s & 0xffffffff) + (s >> 32);
