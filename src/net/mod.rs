@@ -248,7 +248,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     }
     if let Some(url) = &config.store.url {
         crate::store::start(
-            url,
+            &crate::store::Target::node(url, config.store.ca_file.as_deref()),
             crate::store::node_id(&config),
             crate::store::advertise(&config),
             shared.clone(),

@@ -74,6 +74,8 @@ pub struct ServerOptions {
     /// A fleet node (turnstone only): `[store]` with this url and node_id, advertising the
     /// UDP listen address.
     pub store: Option<(String, String)>,
+    /// `[store] ca_file` (a `rediss://` store with a private CA).
+    pub store_ca: Option<PathBuf>,
     /// Only the first N ports of the relay port range this server is given.
     pub relay_port_count: Option<u16>,
     /// Also a `tcp` listener on the UDP listen address (same port).
@@ -113,6 +115,7 @@ impl Default for ServerOptions {
             limits_toml: String::new(),
             metrics: false,
             store: None,
+            store_ca: None,
             relay_port_count: None,
             tcp: false,
             tls: false,
@@ -315,11 +318,15 @@ impl ServerOptions {
         if let Some((url, id)) = &self.store {
             let _ = writeln!(
                 t,
-                "[store]\nurl = {}\nnode_id = {}\nadvertise = \"{}\"\n",
+                "[store]\nurl = {}\nnode_id = {}\nadvertise = \"{}\"",
                 toml_str(url),
                 toml_str(id),
                 l.udp
             );
+            if let Some(ca) = &self.store_ca {
+                let _ = writeln!(t, "ca_file = {}", toml_str(&ca.display().to_string()));
+            }
+            t.push('\n');
         }
         t.push_str(&self.extra_toml);
         t
