@@ -1175,6 +1175,11 @@ mod tests {
             "rediss://turn:***@redis.example:6380/1"
         );
         assert_eq!(redact("rediss://tok@host:6380"), "rediss://***@host:6380");
+        assert_eq!(
+            redact("rediss://u:a/b@c@host:6380/2"),
+            "rediss://u:***@host:6380/2"
+        );
+        assert_eq!(redact("not a url"), "not a url");
         let t = Target::node("rediss://turn:hunter2@h:1/0", None);
         assert!(!format!("{t:?}").contains("hunter2"));
     }

@@ -81,17 +81,21 @@ impl StoreSection {
     }
 }
 
-/// The URL with its password (if any) replaced by `***`, for messages and `Debug`.
+/// The URL with its password (if any) replaced by `***`, for messages and `Debug`; the
+/// user name stays.
 pub fn redact_url(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
-            let userinfo = &rest[..at - scheme.len() - 3];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***{}", &url[at..]),
-                None => format!("{scheme}://***{}", &url[at..]),
-            }
-        }
-        _ => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The last '@' ends the user info (a password may hold '@' or '/'); a URL with an
+    // '@' elsewhere is over-redacted, which leaks nothing.
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at..]);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => format!("{scheme}://***{host}"),
     }
 }
 
