@@ -96,9 +96,14 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct StoreUrl {
-    /// The fleet store: redis://[:PASSWORD@]HOST[:PORT][/DB] (required).
+    /// The fleet store: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], or rediss://... for
+    /// TLS (required).
     #[arg(long, value_name = "URL", global = true)]
     pub store: Option<String>,
+    /// rediss://: trust the PEM CA certificate(s) in FILE instead of the system roots
+    /// (the nodes' `[store] ca_file`).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub store_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

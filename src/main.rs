@@ -16,12 +16,18 @@ use turnstone::net::{self, Launch};
 use turnstone::probe;
 
 /// Runs a fleet-store command: exit 0, or print the error and exit 1 (2 without --store).
-fn store_command(store: StoreUrl, f: impl FnOnce(&str) -> anyhow::Result<()>) -> ExitCode {
+fn store_command(
+    store: StoreUrl,
+    f: impl FnOnce(&turnstone::store::Target) -> anyhow::Result<()>,
+) -> ExitCode {
     let Some(url) = store.store else {
         eprintln!("turnstone: --store URL is required");
         return ExitCode::from(2);
     };
-    match f(&url) {
+    match f(&turnstone::store::Target::command(
+        &url,
+        store.store_ca.as_deref(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("turnstone: {e:#}");

@@ -65,6 +65,10 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 ///   maps (a channel or permission counts once per direction), read twice a second
 ///   (every 10 s above 4096 entries)
 /// - `turnstone_store_up` gauge (1 while the fleet store is reachable; always 0 without `[store]`)
+/// - `turnstone_tls_certificate_reloads_total{result}`: certificate pairs loaded (ok)
+///   or refused after their files changed on disk (not SIGHUP reloads)
+/// - `turnstone_tls_certificate_expiry_timestamp_seconds` gauge: the served
+///   certificate's notAfter (Unix time; 0 without TLS)
 pub struct Metrics {
     registry: Registry,
     active: [[Gauge; 2]; 3],
@@ -83,6 +87,8 @@ pub struct Metrics {
     reloads: [Counter; 2],
     store_up: Gauge,
     kernel_entries: Gauge,
+    cert_reloads: [Counter; 2],
+    cert_expiry: Gauge,
     /// Per worker: milliseconds since `epoch` of its last flush.
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -247,6 +253,20 @@ impl Metrics {
             kernel_entries.clone(),
         );
 
+        let cert_reloads = Family::<Labels1, Counter>::default();
+        reg.register(
+            "tls_certificate_reloads",
+            "TLS certificate pairs loaded (ok) or refused after their files changed on disk",
+            cert_reloads.clone(),
+        );
+        let cert_reloads = counters1(&cert_reloads, "result", ["ok", "refused"]);
+        let cert_expiry = Gauge::default();
+        reg.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the TLS certificate new handshakes get (Unix time), 0 without TLS",
+            cert_expiry.clone(),
+        );
+
         Metrics {
             registry: reg,
             active,
@@ -265,6 +285,8 @@ impl Metrics {
             reloads,
             store_up,
             kernel_entries,
+            cert_reloads,
+            cert_expiry,
             heartbeats: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             draining_flag: AtomicBool::new(false),
@@ -374,6 +396,17 @@ impl Metrics {
     /// Counts a SIGHUP reload: applied (`true`) or refused.
     pub fn reload(&self, ok: bool) {
         self.reloads[usize::from(!ok)].inc();
+    }
+
+    /// Counts a certificate pair reloaded from changed files: loaded (`true`) or refused.
+    pub fn tls_certificate_reload(&self, ok: bool) {
+        self.cert_reloads[usize::from(!ok)].inc();
+    }
+
+    /// The served certificate's notAfter, in seconds since 1970.
+    pub fn set_tls_certificate_expiry(&self, unix_seconds: u64) {
+        self.cert_expiry
+            .set(i64::try_from(unix_seconds).unwrap_or(i64::MAX));
     }
 
     /// Active allocations over all transports and families, as of the last flushes.

@@ -36,6 +36,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -141,12 +142,191 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
-/// The URL without a password, for messages.
+/// The URL without its password, for messages.
 fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
-        _ => url.to_string(),
+    crate::config::redact_url(url)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where the store is, and TLS
+// ---------------------------------------------------------------------------------------------
+
+/// Where the fleet store is: a `redis://` or `rediss://` (TLS) URL, with an optional
+/// Redis ACL user and password (`rediss://USER:PASSWORD@HOST:PORT/DB`), and for TLS an
+/// optional PEM file of CA certificates to trust instead of the system roots. Messages
+/// name the settings as the operator wrote them: `store.url` / `store.ca_file` on a
+/// node, `--store` / `--store-ca` for the commands.
+#[derive(Clone)]
+pub struct Target {
+    url: String,
+    ca_file: Option<PathBuf>,
+    url_key: &'static str,
+    ca_key: &'static str,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &redact(&self.url))
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
+}
+
+impl Target {
+    /// A node's store: `[store] url` and `ca_file`.
+    pub fn node(url: &str, ca_file: Option<&Path>) -> Target {
+        Target {
+            url: url.to_string(),
+            ca_file: ca_file.map(Path::to_path_buf),
+            url_key: "store.url",
+            ca_key: "store.ca_file",
+        }
+    }
+
+    /// The store of `turnstone users|secrets|sessions`: `--store` and `--store-ca`.
+    pub fn command(url: &str, ca_file: Option<&Path>) -> Target {
+        Target {
+            url: url.to_string(),
+            ca_file: ca_file.map(Path::to_path_buf),
+            url_key: "--store",
+            ca_key: "--store-ca",
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        self.url.starts_with("rediss://")
+    }
+
+    /// The redis client: plain, or TLS with the system roots or the CA file. Errors name
+    /// the setting (a URL that does not parse, a CA file that cannot be read or holds no
+    /// certificate, a CA file with a plain URL).
+    fn client(&self) -> anyhow::Result<redis::Client> {
+        // The redis crate builds its rustls client with the process-wide provider:
+        // make it ring, as for our TLS listeners (no second crypto library).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = redact(&self.url);
+        let Some(ca) = &self.ca_file else {
+            return redis::Client::open(self.url.as_str())
+                .map_err(|e| anyhow::anyhow!("{}: cannot use {url}: {e}", self.url_key));
+        };
+        anyhow::ensure!(
+            self.is_tls(),
+            "{}: a CA file is for TLS; {} must start with rediss://",
+            self.ca_key,
+            self.url_key
+        );
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("{}: cannot read {}: {e}", self.ca_key, ca.display()))?;
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                anyhow::anyhow!("{}: {}: invalid PEM: {e:?}", self.ca_key, ca.display())
+            })?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "{}: {}: no certificate found (expected PEM \"-----BEGIN CERTIFICATE-----\")",
+            self.ca_key,
+            ca.display()
+        );
+        redis::Client::build_with_tls(
+            self.url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            },
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} / {}: cannot use {url} with {}: {e}",
+                self.url_key,
+                self.ca_key,
+                ca.display()
+            )
+        })
+    }
+
+    /// Why a connection failed, in the operator's terms: a TLS certificate that is not
+    /// trusted names the CA setting, a server that drops a plain connection at once
+    /// suggests rediss://, a TLS handshake a plain server does not answer suggests
+    /// redis://.
+    pub fn explain(&self, e: &redis::RedisError) -> String {
+        let text = e.to_string();
+        let lower = text.to_ascii_lowercase();
+        let hint = if lower.contains("invalid peer certificate") {
+            if lower.contains("notvalidforname") {
+                format!(
+                    "the server's TLS certificate does not name the host in {}",
+                    self.url_key
+                )
+            } else if lower.contains("expired") || lower.contains("notvalidyet") {
+                "the server's TLS certificate is expired or not yet valid".to_string()
+            } else {
+                match &self.ca_file {
+                    Some(ca) => format!(
+                        "the server's TLS certificate is not trusted: it does not chain to the CA in {} ({})",
+                        self.ca_key,
+                        ca.display()
+                    ),
+                    None => format!(
+                        "the server's TLS certificate is not trusted by the system roots; for a private CA set {}",
+                        self.ca_key
+                    ),
+                }
+            }
+        } else if !self.is_tls() && is_dropped(e) {
+            format!(
+                "the server closed the connection without answering; if it accepts only TLS, {} must start with rediss://",
+                self.url_key
+            )
+        } else if self.is_tls()
+            && (e.is_timeout()
+                || [
+                    "handshake",
+                    "corrupt message",
+                    "invalid content type",
+                    "invalidmessage",
+                    "temporarily unavailable",
+                    "timed out",
+                ]
+                .iter()
+                .any(|w| lower.contains(w)))
+        {
+            format!(
+                "the TLS handshake failed or got no answer; if the server does not speak TLS on this port, {} must start with redis://",
+                self.url_key
+            )
+        } else if ["wrongpass", "noauth", "authentication"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
+            format!(
+                "the server refused the user or password in {} (rediss://USER:PASSWORD@HOST:PORT/DB for a Redis ACL user)",
+                self.url_key
+            )
+        } else {
+            return format!("{}: {text}", self.url_key);
+        };
+        format!("{}: {hint} ({text})", self.url_key)
+    }
+}
+
+/// A connection the server closed or reset before any answer (not one refused).
+fn is_dropped(e: &redis::RedisError) -> bool {
+    let lower = e.to_string().to_ascii_lowercase();
+    if lower.contains("refused") {
+        return false;
+    }
+    e.is_connection_dropped()
+        || [
+            "reset by peer",
+            "broken pipe",
+            "end of file",
+            "connection closed",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,26 +389,27 @@ pub fn advertise(config: &Config) -> SocketAddr {
 /// waits at most a second for the first synchronisation, so that store users can
 /// authenticate from the first request when Redis is up. Errors only on a bad URL.
 pub fn start(
-    url: &str,
+    store: &Target,
     node_id: String,
     advertise: SocketAddr,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let client = redis::Client::open(url)
-        .with_context(|| format!("store.url: cannot use {}", redact(url)))?;
+    let client = store.client()?;
     shared.publish_sessions.store(true, Ordering::Relaxed);
     metrics.set_store_up(false);
     let (tx, rx) = mpsc::channel();
     let sub = client.clone();
+    let sub_target = store.clone();
     std::thread::Builder::new()
         .name("turnstone-store-sub".into())
-        .spawn(move || subscriber(&sub, &tx))?;
+        .spawn(move || subscriber(&sub, &sub_target, &tx))?;
     let (ready_tx, ready_rx) = mpsc::channel();
-    let target = redact(url);
+    let target = redact(&store.url);
     tracing::info!(store = %target, node = %node_id, %advertise, "fleet store");
     let mut node = Node {
         client,
+        store: store.clone(),
         target,
         id: node_id,
         advertise,
@@ -252,12 +433,12 @@ pub fn start(
 /// The subscriber thread: (re)subscribes with backoff and forwards events; every
 /// successful subscription is followed by a `Resync` so nothing published while it was
 /// away is missed.
-fn subscriber(client: &redis::Client, tx: &mpsc::Sender<Event>) {
+fn subscriber(client: &redis::Client, store: &Target, tx: &mpsc::Sender<Event>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         match subscribe_once(client, tx, &mut backoff) {
             Ok(()) => return, // the node thread is gone
-            Err(e) => tracing::debug!(error = %e, "fleet store subscription lost"),
+            Err(e) => tracing::debug!(error = %store.explain(&e), "fleet store subscription lost"),
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -311,6 +492,7 @@ struct Snapshot {
 /// The syncing thread's state.
 struct Node {
     client: redis::Client,
+    store: Target,
     /// The URL without password, for logs.
     target: String,
     id: String,
@@ -442,12 +624,12 @@ impl Node {
         if !self.warned {
             tracing::warn!(
                 store = %self.target,
-                error = %e,
+                error = %self.store.explain(e),
                 "fleet store unreachable; authenticating from the cached users and secrets, reconnecting"
             );
             self.warned = true;
         } else {
-            tracing::debug!(error = %e, "fleet store still unreachable");
+            tracing::debug!(error = %self.store.explain(e), "fleet store still unreachable");
         }
         self.metrics.set_store_up(false);
         let cur = self.shared.store.load();
@@ -706,20 +888,25 @@ fn scan_ids(con: &mut redis::Connection, prefix: &str) -> redis::RedisResult<Vec
 // Administration (the `turnstone users|secrets|sessions` commands)
 // ---------------------------------------------------------------------------------------------
 
-fn admin_connect(url: &str) -> anyhow::Result<redis::Connection> {
-    let client =
-        redis::Client::open(url).with_context(|| format!("--store: cannot use {}", redact(url)))?;
+fn admin_connect(store: &Target) -> anyhow::Result<redis::Connection> {
+    let client = store.client()?;
     let con = client
         .get_connection_with_timeout(CONNECT_TIMEOUT)
-        .with_context(|| format!("cannot reach the fleet store at {}", redact(url)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the fleet store at {}: {}",
+                redact(&store.url),
+                store.explain(&e)
+            )
+        })?;
     con.set_read_timeout(Some(IO_TIMEOUT))?;
     con.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(con)
 }
 
 /// Runs `change` and the schema marker in one MULTI/EXEC, then publishes `event`.
-fn admin_change(url: &str, change: &mut redis::Pipeline, event: &str) -> anyhow::Result<()> {
-    let mut con = admin_connect(url)?;
+fn admin_change(store: &Target, change: &mut redis::Pipeline, event: &str) -> anyhow::Result<()> {
+    let mut con = admin_connect(store)?;
     change
         .atomic()
         .cmd("SET")
@@ -754,7 +941,7 @@ fn password_or_stdin(password: Option<String>) -> anyhow::Result<String> {
 
 /// `turnstone users add NAME --realm R [--password P]`: stores the long-term key.
 pub fn users_add(
-    url: &str,
+    store: &Target,
     name: &str,
     realm: &str,
     password: Option<String>,
@@ -766,7 +953,7 @@ pub fn users_add(
     let password = password_or_stdin(password)?;
     let key = crate::auth::long_term_key(name, realm, &password);
     admin_change(
-        url,
+        store,
         redis::pipe()
             .cmd("HSET")
             .arg(USERS_KEY)
@@ -780,8 +967,8 @@ pub fn users_add(
 }
 
 /// `turnstone users remove NAME`: every node ends the user's allocations.
-pub fn users_remove(url: &str, name: &str) -> anyhow::Result<()> {
-    let mut con = admin_connect(url)?;
+pub fn users_remove(store: &Target, name: &str) -> anyhow::Result<()> {
+    let mut con = admin_connect(store)?;
     let removed: i64 = redis::cmd("HDEL")
         .arg(USERS_KEY)
         .arg(name)
@@ -802,8 +989,8 @@ pub fn users_remove(url: &str, name: &str) -> anyhow::Result<()> {
 }
 
 /// `turnstone users list`: the user names, sorted.
-pub fn users_list(url: &str) -> anyhow::Result<()> {
-    let mut con = admin_connect(url)?;
+pub fn users_list(store: &Target) -> anyhow::Result<()> {
+    let mut con = admin_connect(store)?;
     let mut names: Vec<String> = redis::cmd("HKEYS").arg(USERS_KEY).query(&mut con)?;
     let revoked: HashSet<String> = redis::cmd("SMEMBERS").arg(REVOKED_KEY).query(&mut con)?;
     names.sort();
@@ -823,10 +1010,10 @@ pub fn users_list(url: &str) -> anyhow::Result<()> {
 }
 
 /// `turnstone users revoke ID` / `unrevoke ID`.
-pub fn users_revoke(url: &str, id: &str, revoke: bool) -> anyhow::Result<()> {
+pub fn users_revoke(store: &Target, id: &str, revoke: bool) -> anyhow::Result<()> {
     let op = if revoke { "SADD" } else { "SREM" };
     admin_change(
-        url,
+        store,
         redis::pipe().cmd(op).arg(REVOKED_KEY).arg(id).ignore(),
         "revoked",
     )?;
@@ -835,11 +1022,11 @@ pub fn users_revoke(url: &str, id: &str, revoke: bool) -> anyhow::Result<()> {
 }
 
 /// `turnstone secrets add|remove SECRET`.
-pub fn secrets_change(url: &str, secret: &str, add: bool) -> anyhow::Result<()> {
+pub fn secrets_change(store: &Target, secret: &str, add: bool) -> anyhow::Result<()> {
     anyhow::ensure!(!secret.is_empty(), "empty secret");
     let op = if add { "SADD" } else { "SREM" };
     admin_change(
-        url,
+        store,
         redis::pipe().cmd(op).arg(SECRETS_KEY).arg(secret).ignore(),
         "secrets",
     )?;
@@ -848,8 +1035,8 @@ pub fn secrets_change(url: &str, secret: &str, add: bool) -> anyhow::Result<()> 
 }
 
 /// `turnstone secrets list`.
-pub fn secrets_list(url: &str) -> anyhow::Result<()> {
-    let mut con = admin_connect(url)?;
+pub fn secrets_list(store: &Target) -> anyhow::Result<()> {
+    let mut con = admin_connect(store)?;
     let mut s: Vec<String> = redis::cmd("SMEMBERS").arg(SECRETS_KEY).query(&mut con)?;
     s.sort();
     for secret in s {
@@ -859,8 +1046,8 @@ pub fn secrets_list(url: &str) -> anyhow::Result<()> {
 }
 
 /// Every node's published sessions: (node, allocation id, record).
-pub fn fleet_sessions(url: &str) -> anyhow::Result<Vec<(String, u64, SessionRecord)>> {
-    let mut con = admin_connect(url)?;
+pub fn fleet_sessions(store: &Target) -> anyhow::Result<Vec<(String, u64, SessionRecord)>> {
+    let mut con = admin_connect(store)?;
     let mut out = Vec::new();
     let mut nodes = scan_ids(&mut con, SESSIONS_PREFIX)?;
     nodes.sort();
@@ -880,8 +1067,8 @@ pub fn fleet_sessions(url: &str) -> anyhow::Result<Vec<(String, u64, SessionReco
 }
 
 /// `turnstone sessions`: a table of every node's live allocations.
-pub fn sessions_list(url: &str) -> anyhow::Result<()> {
-    let sessions = fleet_sessions(url)?;
+pub fn sessions_list(store: &Target) -> anyhow::Result<()> {
+    let sessions = fleet_sessions(store)?;
     let now = unix_now().as_secs();
     let rows: Vec<[String; 8]> = sessions
         .into_iter()
@@ -936,12 +1123,12 @@ pub fn sessions_list(url: &str) -> anyhow::Result<()> {
 }
 
 /// `turnstone sessions kill --user U`: every node ends U's allocations.
-pub fn sessions_kill(url: &str, user: &str) -> anyhow::Result<()> {
+pub fn sessions_kill(store: &Target, user: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         !user.is_empty() && !user.contains(char::is_whitespace),
         "bad user name"
     );
-    let mut con = admin_connect(url)?;
+    let mut con = admin_connect(store)?;
     let receivers: i64 = redis::cmd("PUBLISH")
         .arg(EVENTS_CHANNEL)
         .arg(format!("kill {user}"))
@@ -977,8 +1164,24 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(redact("redis://:pw@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(
+            redact("redis://:pw@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        // A Redis ACL user name is kept; the password goes, '@' in it included.
+        assert_eq!(
+            redact("rediss://turn:p@ss@redis.example:6380/1"),
+            "rediss://turn:***@redis.example:6380/1"
+        );
+        assert_eq!(redact("rediss://tok@host:6380"), "rediss://***@host:6380");
+        assert_eq!(
+            redact("rediss://u:a/b@c@host:6380/2"),
+            "rediss://u:***@host:6380/2"
+        );
+        assert_eq!(redact("not a url"), "not a url");
+        let t = Target::node("rediss://turn:hunter2@h:1/0", None);
+        assert!(!format!("{t:?}").contains("hunter2"));
     }
 
     #[test]

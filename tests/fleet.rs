@@ -14,18 +14,21 @@
 //! - above `redirect_above`, 300 Try Alternate names the least-loaded node;
 //!   `turnstone sessions kill --user` ends a user's allocations on every node.
 //!
+//! Each scenario runs twice: against a plain `redis://` store, and against a TLS-only
+//! `rediss://` store (a test CA in `[store] ca_file` and `--store-ca`) whose only user is
+//! a Redis ACL user named in the URL (`rediss://USER:PASSWORD@...`).
+//!
 //! Timings are printed (`cargo test --test fleet -- --nocapture`). The tests run one at a
 //! time (a lock): each starts a Redis and three nodes.
 
 mod common;
 
+use common::redis_server::{Redis, RedisFlavor};
 use common::traffic::{relay_closed, udp_socket};
 use common::{
     free_tcp_port, turnstone_cli, wait_for, Backend, ServerOptions, TestServer, TurnClient,
 };
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,87 +40,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-// ---------------------------------------------------------------------------------------------
-// redis-server
-// ---------------------------------------------------------------------------------------------
-
-/// A `redis-server` on 127.0.0.1 without automatic persistence; `dir` holds the
-/// dump.rdb that an explicit SAVE writes and a restart in the same dir loads.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Redis {
-    fn start(port: u16, dir: &Path) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .args(["--dbfilename", "dump.rdb"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run redis-server ({e}); the fleet tests need it: \
-                     sudo apt-get install -y redis-server"
-                )
-            });
-        let mut r = Redis {
-            child: Some(child),
-            port,
-        };
-        wait_for("redis-server answers PING", Duration::from_secs(10), || {
-            if let Some(st) = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("redis-server exited at start: {st}");
-            }
-            let mut con = r.try_con()?;
-            redis::cmd("PING").query::<String>(&mut con).ok()
-        });
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn try_con(&self) -> Option<redis::Connection> {
-        let c = redis::Client::open(self.url()).ok()?;
-        let con = c
-            .get_connection_with_timeout(Duration::from_millis(500))
-            .ok()?;
-        con.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        Some(con)
-    }
-
-    fn con(&self) -> redis::Connection {
-        self.try_con().expect("connect to redis")
-    }
-
-    fn save(&self) {
-        let _: String = redis::cmd("SAVE").query(&mut self.con()).expect("SAVE");
-    }
-
-    /// SIGKILL: no goodbye to the clients, no save.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,6 +61,7 @@ fn node(id: &str) -> ServerOptions {
 fn three_nodes(redis: &Redis, confs: [ServerOptions; 3]) -> [TestServer; 3] {
     confs.map(|mut c| {
         c.store.as_mut().expect("a fleet node").0 = redis.url();
+        c.store_ca = redis.ca_file().map(|p| p.to_path_buf());
         TestServer::start_with(Backend::Turnstone, c)
     })
 }
@@ -147,18 +70,27 @@ fn id(node: &TestServer) -> &str {
     &node.options.store.as_ref().expect("a fleet node").1
 }
 
-fn add_user(url: &str, name: &str, password: &str) {
-    turnstone_cli(&[
-        "users",
-        "add",
-        name,
-        "--password",
-        password,
-        "--realm",
-        REALM,
-        "--store",
-        url,
-    ]);
+/// `turnstone ARGS --store URL [--store-ca FILE]` against `redis`: its output.
+fn cli(redis: &Redis, args: &[&str]) -> String {
+    let store = redis.store_args();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(store.iter().map(String::as_str));
+    turnstone_cli(&all)
+}
+
+fn add_user(redis: &Redis, name: &str, password: &str) {
+    cli(
+        redis,
+        &[
+            "users",
+            "add",
+            name,
+            "--password",
+            password,
+            "--realm",
+            REALM,
+        ],
+    );
 }
 
 fn client(node: &TestServer, user: &str, password: &str) -> TurnClient {
@@ -229,17 +161,25 @@ fn wait_closed(relays: &[SocketAddr], timeout: Duration) -> Vec<Duration> {
 
 #[test]
 fn users_added_and_removed_reach_every_node() {
+    users_added_and_removed_reach_every_node_on(&RedisFlavor::plain());
+}
+
+#[test]
+fn users_added_and_removed_reach_every_node_over_tls_with_acl_user() {
+    users_added_and_removed_reach_every_node_on(&RedisFlavor::tls_acl());
+}
+
+fn users_added_and_removed_reach_every_node_on(flavor: &RedisFlavor) {
     let _serial = serial();
     let rdir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(free_tcp_port(), rdir.path());
-    let url = redis.url();
+    let redis = Redis::start_as(flavor, free_tcp_port(), rdir.path());
     let nodes = three_nodes(&redis, [node("a"), node("b"), node("c")]);
 
     // Unknown before it is added.
     let mut probe = client(&nodes[0], "bob", "bob-pw");
     assert_eq!(probe.allocate().code(), Some(401));
 
-    add_user(&url, "bob", "bob-pw");
+    add_user(&redis, "bob", "bob-pw");
     let t0 = Instant::now();
     let mut clients: Vec<TurnClient> = nodes.iter().map(|n| client(n, "bob", "bob-pw")).collect();
     let mut relays = Vec::new();
@@ -256,9 +196,7 @@ fn users_added_and_removed_reach_every_node() {
         latency.iter().all(|l| *l < Duration::from_secs(1)),
         "not every node within a second: {latency:?}"
     );
-    assert!(turnstone_cli(&["users", "list", "--store", &url])
-        .lines()
-        .any(|l| l == "bob"));
+    assert!(cli(&redis, &["users", "list"]).lines().any(|l| l == "bob"));
 
     let peer = Peer::new();
     for (c, r) in clients.iter_mut().zip(&relays) {
@@ -271,7 +209,7 @@ fn users_added_and_removed_reach_every_node() {
         "sessions of all three nodes",
         Duration::from_secs(3),
         || {
-            let t = turnstone_cli(&["sessions", "--store", &url]);
+            let t = cli(&redis, &["sessions"]);
             nodes
                 .iter()
                 .zip(&relays)
@@ -289,7 +227,7 @@ fn users_added_and_removed_reach_every_node() {
     eprintln!("fleet: turnstone sessions:\n{table}");
     assert!(table.contains("3 session(s)"), "{table}");
 
-    turnstone_cli(&["users", "remove", "bob", "--store", &url]);
+    cli(&redis, &["users", "remove", "bob"]);
     let closed = wait_closed(&relays, Duration::from_secs(3));
     eprintln!("fleet: users remove -> relay closed on a, b, c after {closed:?}");
     assert!(
@@ -301,7 +239,7 @@ fn users_added_and_removed_reach_every_node() {
         assert_eq!(c.allocate().code(), Some(401), "node {}", id(n));
     }
     // Back with the same password: the old allocations are gone (437 on Refresh).
-    add_user(&url, "bob", "bob-pw");
+    add_user(&redis, "bob", "bob-pw");
     for (c, n) in clients.iter_mut().zip(&nodes) {
         let code = wait_for(
             "bob authenticates again",
@@ -322,13 +260,21 @@ fn users_added_and_removed_reach_every_node() {
 
 #[test]
 fn fleet_quota_and_revocation() {
+    fleet_quota_and_revocation_on(&RedisFlavor::plain());
+}
+
+#[test]
+fn fleet_quota_and_revocation_over_tls_with_acl_user() {
+    fleet_quota_and_revocation_on(&RedisFlavor::tls_acl());
+}
+
+fn fleet_quota_and_revocation_on(flavor: &RedisFlavor) {
     let _serial = serial();
     let rdir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(free_tcp_port(), rdir.path());
-    let url = redis.url();
+    let redis = Redis::start_as(flavor, free_tcp_port(), rdir.path());
     let q = |id| node(id).max_allocations_per_user(2);
     let [a, b, c] = three_nodes(&redis, [q("a"), q("b"), q("c")]);
-    add_user(&url, "carol", "carol-pw");
+    add_user(&redis, "carol", "carol-pw");
 
     // The new user reaches each node through the store's pub/sub, within milliseconds
     // but not at once: a 401 before that is expected, so allocate when known.
@@ -391,13 +337,13 @@ fn fleet_quota_and_revocation() {
     let peer = Peer::new();
     on_b.permit(peer.addr());
     assert!(peer.relays_to(relay_b, &mut on_b, b"before revocation"));
-    turnstone_cli(&["users", "revoke", "carol", "--store", &url]);
+    cli(&redis, &["users", "revoke", "carol"]);
     let closed = wait_closed(&[relay_b], Duration::from_secs(3));
     eprintln!("fleet: users revoke -> relay closed after {closed:?}");
     let mut again = client(&a, "carol", "carol-pw");
     assert_eq!(again.allocate().code(), Some(401));
-    assert!(turnstone_cli(&["users", "list", "--store", &url]).contains("carol\t(revoked)"));
-    turnstone_cli(&["users", "unrevoke", "carol", "--store", &url]);
+    assert!(cli(&redis, &["users", "list"]).contains("carol\t(revoked)"));
+    cli(&redis, &["users", "unrevoke", "carol"]);
     wait_for(
         "carol allocates after unrevoke",
         Duration::from_secs(2),
@@ -407,14 +353,22 @@ fn fleet_quota_and_revocation() {
 
 #[test]
 fn redis_outage_keeps_nodes_serving_and_resyncs() {
+    redis_outage_keeps_nodes_serving_and_resyncs_on(&RedisFlavor::plain());
+}
+
+#[test]
+fn redis_outage_keeps_nodes_serving_and_resyncs_over_tls_with_acl_user() {
+    redis_outage_keeps_nodes_serving_and_resyncs_on(&RedisFlavor::tls_acl());
+}
+
+fn redis_outage_keeps_nodes_serving_and_resyncs_on(flavor: &RedisFlavor) {
     let _serial = serial();
     let rdir = tempfile::tempdir().unwrap();
     let port = free_tcp_port();
-    let mut redis = Redis::start(port, rdir.path());
-    let url = redis.url();
+    let mut redis = Redis::start_as(flavor, port, rdir.path());
     let [a, b, _c] = three_nodes(&redis, [node("a"), node("b"), node("c")]);
-    add_user(&url, "dave", "dave-pw");
-    add_user(&url, "erin", "erin-pw");
+    add_user(&redis, "dave", "dave-pw");
+    add_user(&redis, "erin", "erin-pw");
     let peer = Peer::new();
     let (mut dave, relay) = wait_for("dave relays on a", Duration::from_secs(2), || {
         let mut c = client(&a, "dave", "dave-pw");
@@ -460,7 +414,7 @@ fn redis_outage_keeps_nodes_serving_and_resyncs() {
 
     // Redis comes back empty (no persistence): the nodes keep their cached users.
     let empty = tempfile::tempdir().unwrap();
-    let redis_empty = Redis::start(port, empty.path());
+    let redis_empty = Redis::start_as(flavor, port, empty.path());
     let t0 = Instant::now();
     wait_for("a reconnects", Duration::from_secs(8), || {
         (a.metric("turnstone_store_up", &[]) == Some(1.0)).then_some(())
@@ -477,13 +431,13 @@ fn redis_outage_keeps_nodes_serving_and_resyncs() {
     // store (a Redis on another port from the saved dump), then Redis is back on the
     // nodes' port with that data; no pub/sub event reached the nodes.
     {
-        let side = Redis::start(free_tcp_port(), rdir.path());
-        add_user(&side.url(), "frank", "frank-pw");
+        let side = Redis::start_as(flavor, free_tcp_port(), rdir.path());
+        add_user(&side, "frank", "frank-pw");
         side.save();
     }
     let mut frank_a = client(&a, "frank", "frank-pw");
     assert_eq!(frank_a.allocate().code(), Some(401));
-    let back = Redis::start(port, rdir.path());
+    let back = Redis::start_as(flavor, port, rdir.path());
     let t0 = Instant::now();
     for n in [&a, &b] {
         let mut f = client(n, "frank", "frank-pw");
@@ -505,10 +459,18 @@ fn redis_outage_keeps_nodes_serving_and_resyncs() {
 
 #[test]
 fn redirect_names_least_loaded_node_and_kill_ends_sessions() {
+    redirect_names_least_loaded_node_and_kill_ends_sessions_on(&RedisFlavor::plain());
+}
+
+#[test]
+fn redirect_names_least_loaded_node_and_kill_ends_sessions_over_tls_with_acl_user() {
+    redirect_names_least_loaded_node_and_kill_ends_sessions_on(&RedisFlavor::tls_acl());
+}
+
+fn redirect_names_least_loaded_node_and_kill_ends_sessions_on(flavor: &RedisFlavor) {
     let _serial = serial();
     let rdir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(free_tcp_port(), rdir.path());
-    let url = redis.url();
+    let redis = Redis::start_as(flavor, free_tcp_port(), rdir.path());
     let [a, b, c] = three_nodes(
         &redis,
         [
@@ -517,7 +479,7 @@ fn redirect_names_least_loaded_node_and_kill_ends_sessions() {
             node("c"),
         ],
     );
-    add_user(&url, "gina", "gina-pw");
+    add_user(&redis, "gina", "gina-pw");
     let peer = Peer::new();
     let (_ga, relay_a) = wait_for("gina relays on a", Duration::from_secs(2), || {
         let mut cl = client(&a, "gina", "gina-pw");
@@ -550,11 +512,11 @@ fn redirect_names_least_loaded_node_and_kill_ends_sessions() {
     // b is not redirecting: it allocates.
     relaying(&b, "gina", "gina-pw", &peer);
 
-    turnstone_cli(&["sessions", "kill", "--user", "gina", "--store", &url]);
+    cli(&redis, &["sessions", "kill", "--user", "gina"]);
     let closed = wait_closed(&[relay_a, relay_b1, relay_b2], Duration::from_secs(3));
     eprintln!("fleet: sessions kill -> relays closed after {closed:?}");
     let t = wait_for("registry empty", Duration::from_secs(4), || {
-        let t = turnstone_cli(&["sessions", "--store", &url]);
+        let t = cli(&redis, &["sessions"]);
         t.contains("\n0 session(s)").then_some(t)
     });
     assert!(!t.contains("gina"), "{t}");

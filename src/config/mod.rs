@@ -54,7 +54,7 @@ pub use relay::{
     DEFAULT_SOCKET_BUFFER,
 };
 pub use server::{ServerSection, DEFAULT_DRAIN_TIMEOUT, DEFAULT_NONCE_LIFETIME, DEFAULT_SOFTWARE};
-pub use store::StoreSection;
+pub use store::{redact_url, StoreSection};
 pub use tls::TlsSection;
 pub use units::parse_bandwidth;
 

@@ -345,6 +345,8 @@ fn example_documents_every_key() {
         "unauthenticated_rate",
         "redirect_above",
         "[store]",
+        "ca_file",
+        "rediss://",
         "node_id",
         "advertise",
         "[metrics]",
@@ -530,6 +532,11 @@ fn bad_values_name_their_key() {
         ("format = \"text\"", "format = \"text\"\nusage_interval = \"2days\"", "log.usage_interval", "out of range"),
         ("format = \"text\"", "format = \"text\"\nusage_interval = \"often\"", "log.usage_interval", "not a duration"),
         ("format = \"text\"", "format = \"text\"\nusage_interval = 300", "log.usage_interval", "duration string"),
+        ("format = \"text\"", "format = \"text\"\n[store]\nurl = \"http://x\"", "store.url", "must start with redis://"),
+        ("format = \"text\"", "format = \"text\"\n[store]\nurl = \"redis://x:6379\"\nca_file = \"/etc/ca.pem\"", "store.ca_file", "needs a TLS store.url (rediss://)"),
+        ("format = \"text\"", "format = \"text\"\n[store]\nca_file = \"/etc/ca.pem\"", "store.ca_file", "needs a TLS store.url"),
+        ("format = \"text\"", "format = \"text\"\n[store]\nurl = \"rediss://x:6380\"\nca_file = \"\"", "store.ca_file", "empty path"),
+        ("format = \"text\"", "format = \"text\"\n[store]\nurl = \"rediss://x:6380\"\nca_file = 3", "store.ca_file", "expected"),
     ];
     for (find, replace, key, needle) in cases {
         let errors = errs_with(find, replace);
@@ -731,6 +738,22 @@ fn debug_redacts_secrets() {
     let s = format!("{c:?}");
     assert!(!s.contains("wonderland") && !s.contains("s3cret"), "{s}");
     assert!(s.contains("alice"));
+    // The store password in the URL too.
+    let c = Config::from_toml(&format!(
+        "{GOOD}\n[store]\nurl = \"rediss://turn:hunter2@redis.example:6380/0\"\nca_file = \"/etc/ca.pem\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.store.url.as_deref(),
+        Some("rediss://turn:hunter2@redis.example:6380/0")
+    );
+    assert_eq!(
+        c.store.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/ca.pem"))
+    );
+    let s = format!("{c:?}");
+    assert!(!s.contains("hunter2"), "{s}");
+    assert!(s.contains("rediss://turn:***@redis.example:6380/0"), "{s}");
 }
 
 #[test]

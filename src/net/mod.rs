@@ -7,6 +7,7 @@
 //! workers on the relay path.
 
 mod batch;
+mod cert_watch;
 pub mod discover;
 pub mod fastpath;
 mod ports;
@@ -47,8 +48,11 @@ pub(crate) struct Common {
     pub ports: PortPool,
     /// Socket buffer size for relay sockets.
     pub buffer: usize,
-    /// The TLS configuration for `tls` listeners, swapped whole on reload.
+    /// The TLS configuration for `tls` listeners, swapped whole on reload and when the
+    /// certificate files change on disk.
     pub tls: ArcSwapOption<rustls::ServerConfig>,
+    /// The certificate and key files behind `tls`, polled for changes.
+    pub(crate) cert_watch: cert_watch::CertWatch,
     pub conns: Arc<stream::ConnCounter>,
     pub stream_limits: stream::StreamLimits,
     pub metrics: Arc<Metrics>,
@@ -109,7 +113,7 @@ pub(crate) struct WorkerSockets {
     pub streams: Vec<(std::net::TcpListener, Transport)>,
 }
 
-fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+fn load_tls(config: &Config) -> anyhow::Result<Option<cert_watch::Loaded>> {
     if !config
         .listen
         .iter()
@@ -120,7 +124,7 @@ fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>
     let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) else {
         anyhow::bail!("tls: a tls listener needs [tls] certificate and private_key");
     };
-    tls::server_config(cert, key)
+    cert_watch::Loaded::load(cert, key)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("tls: {e}"))
 }
@@ -167,13 +171,21 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
             config.relay.port_max,
         ),
         buffer: config.relay.socket_buffer,
-        tls: ArcSwapOption::new(tls_config),
+        tls: ArcSwapOption::empty(),
+        cert_watch: cert_watch::CertWatch::new(),
         conns: Arc::new(stream::ConnCounter::new()),
         stream_limits: stream::StreamLimits::default(),
         metrics: metrics.clone(),
         pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
         fast_path: kernel.map(Mutex::new),
     });
+
+    if let Some(loaded) = tls_config {
+        common
+            .cert_watch
+            .install(&common.tls, &metrics, loaded, "start");
+        cert_watch::spawn(common.clone()).context("cannot start the certificate watcher")?;
+    }
 
     // Bind every worker's sockets before announcing readiness, so a bad address is a
     // start-up error.
@@ -236,7 +248,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     }
     if let Some(url) = &config.store.url {
         crate::store::start(
-            url,
+            &crate::store::Target::node(url, config.store.ca_file.as_deref()),
             crate::store::node_id(&config),
             crate::store::advertise(&config),
             shared.clone(),
@@ -432,7 +444,9 @@ fn reload(
                 }
             };
             if let Some(t) = tls {
-                common.tls.store(Some(t));
+                common
+                    .cert_watch
+                    .install(&common.tls, &common.metrics, t, "reload");
             }
             if cfg.relay.kernel_fast_path != KernelFastPath::Off && common.fast_path.is_none() {
                 tracing::debug!("relay.kernel_fast_path: a reload does not load the kernel fast path; restart to use it");

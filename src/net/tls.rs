@@ -25,7 +25,17 @@ pub const ALPN: [&[u8]; 2] = [b"stun.turn", b"stun.nat-discovery"];
 /// Errors name the file and the reason (unreadable, no certificate, no key, unusable
 /// key, key does not match the certificate).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    server_config_and_leaf(cert, key).map(|(config, _)| config)
+}
+
+/// [`server_config`], and the end-entity certificate it presents (DER), for log lines
+/// and the expiry gauge.
+pub fn server_config_and_leaf(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<rustls::ServerConfig>, CertificateDer<'static>), String> {
     let certs = load_certs(cert)?;
+    let leaf = certs[0].clone();
     let key_der = load_key(key)?;
     let provider = Arc::new(ring::default_provider());
 
@@ -57,7 +67,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     // A TURN client keeps one long connection; resumption tickets only cost bytes.
     config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), leaf))
 }
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {

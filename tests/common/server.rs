@@ -74,6 +74,8 @@ pub struct ServerOptions {
     /// A fleet node (turnstone only): `[store]` with this url and node_id, advertising the
     /// UDP listen address.
     pub store: Option<(String, String)>,
+    /// `[store] ca_file` (a `rediss://` store with a private CA).
+    pub store_ca: Option<PathBuf>,
     /// Only the first N ports of the relay port range this server is given.
     pub relay_port_count: Option<u16>,
     /// Also a `tcp` listener on the UDP listen address (same port).
@@ -82,6 +84,9 @@ pub struct ServerOptions {
     /// `localhost` / 127.0.0.1 that the harness generates (PEM files in the server's
     /// temporary directory).
     pub tls: bool,
+    /// The certificate of the `tls` listener, instead of one generated in the server's
+    /// directory (e.g. files behind symlinks that a test swaps).
+    pub tls_cert: Option<TestCert>,
     /// Also listen on [::1] (same ports as on 127.0.0.1, for each transport enabled).
     pub ipv6_listen: bool,
     /// Relay on 127.0.0.1 and ::1 (`[relay] address = ["127.0.0.1", "::1"]`).
@@ -110,9 +115,11 @@ impl Default for ServerOptions {
             limits_toml: String::new(),
             metrics: false,
             store: None,
+            store_ca: None,
             relay_port_count: None,
             tcp: false,
             tls: false,
+            tls_cert: None,
             ipv6_listen: false,
             ipv6_relay: false,
             workers: None,
@@ -217,6 +224,12 @@ impl ServerOptions {
         self.tls = true;
         self
     }
+    /// Adds a `tls` listener serving `cert` (its files, as the test lays them out).
+    pub fn tls_with(mut self, cert: TestCert) -> Self {
+        self.tls = true;
+        self.tls_cert = Some(cert);
+        self
+    }
     /// Listens on [::1] too, relays on 127.0.0.1 and ::1, and allows ::1 peers.
     pub fn dual_stack(mut self) -> Self {
         self.ipv6_listen = true;
@@ -305,11 +318,15 @@ impl ServerOptions {
         if let Some((url, id)) = &self.store {
             let _ = writeln!(
                 t,
-                "[store]\nurl = {}\nnode_id = {}\nadvertise = \"{}\"\n",
+                "[store]\nurl = {}\nnode_id = {}\nadvertise = \"{}\"",
                 toml_str(url),
                 toml_str(id),
                 l.udp
             );
+            if let Some(ca) = &self.store_ca {
+                let _ = writeln!(t, "ca_file = {}", toml_str(&ca.display().to_string()));
+            }
+            t.push('\n');
         }
         t.push_str(&self.extra_toml);
         t
@@ -395,19 +412,24 @@ pub struct TestCert {
 impl TestCert {
     /// Generates the certificate and writes `cert.pem` / `key.pem` into `dir`.
     pub fn generate(dir: &Path) -> TestCert {
+        TestCert::generate_at(&dir.join("cert.pem"), &dir.join("key.pem"))
+    }
+
+    /// Generates a certificate and writes it to `cert_pem`, its key to `key_pem`.
+    pub fn generate_at(cert_pem: &Path, key_pem: &Path) -> TestCert {
         let ck = rcgen::generate_simple_self_signed(vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
             "::1".to_string(),
         ])
         .expect("rcgen: generate a self-signed certificate");
-        let cert_pem = dir.join("cert.pem");
-        let key_pem = dir.join("key.pem");
-        std::fs::write(&cert_pem, ck.cert.pem()).expect("write cert.pem");
-        std::fs::write(&key_pem, ck.signing_key.serialize_pem()).expect("write key.pem");
+        std::fs::write(cert_pem, ck.cert.pem())
+            .unwrap_or_else(|e| panic!("write {}: {e}", cert_pem.display()));
+        std::fs::write(key_pem, ck.signing_key.serialize_pem())
+            .unwrap_or_else(|e| panic!("write {}: {e}", key_pem.display()));
         TestCert {
-            cert_pem,
-            key_pem,
+            cert_pem: cert_pem.to_path_buf(),
+            key_pem: key_pem.to_path_buf(),
             cert_der: ck.cert.der().to_vec(),
         }
     }
@@ -550,7 +572,12 @@ impl TestServer {
             .metrics
             .then(|| SocketAddr::new(v4, other_port()))
             .filter(|_| backend == Backend::Turnstone);
-        let cert = options.tls.then(|| TestCert::generate(dir.path()));
+        let cert = options.tls.then(|| {
+            options
+                .tls_cert
+                .clone()
+                .unwrap_or_else(|| TestCert::generate(dir.path()))
+        });
         let listeners = Listeners {
             udp: addr,
             tcp: options.tcp,

@@ -32,12 +32,23 @@ pub fn tls_client_config(
     versions: &[&'static rustls::SupportedProtocolVersion],
     alpn: &[&[u8]],
 ) -> std::sync::Arc<rustls::ClientConfig> {
+    tls_client_config_trusting(&[cert], versions, alpn)
+}
+
+/// [`tls_client_config`] trusting each of `certs`.
+pub fn tls_client_config_trusting(
+    certs: &[&TestCert],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> std::sync::Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            cert.cert_der.clone(),
-        ))
-        .expect("trust the test certificate");
+    for cert in certs {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                cert.cert_der.clone(),
+            ))
+            .expect("trust the test certificate");
+    }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
