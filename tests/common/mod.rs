@@ -22,6 +22,7 @@ pub mod fastpath;
 pub mod metrics;
 pub mod netns;
 pub mod process;
+pub mod rfc6062;
 pub mod server;
 pub mod stream;
 pub mod stun;
