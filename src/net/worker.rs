@@ -690,7 +690,7 @@ impl Shard {
                     peers: &mut *peers,
                     relays: &mut *relays,
                     ports,
-                    epoll: &**epoll,
+                    epoll,
                     tag: *tag,
                     buffer,
                     clock,
