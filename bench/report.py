@@ -203,6 +203,12 @@ def render_md(results, meta):
         w(f"| `{load.replace('_', ' ')}` | {fmt(cr)} | {fmt(num(c.get('loss_pct')), 3)} | {fmt(cc)} "
           f"| {fmt(tr)} | {fmt(num(t.get('loss_pct')), 3)} | {fmt(tc)} | {ratio(tr, cr)} | {ratio(tc, cc)} |")
     w("")
+    spread = [r for r in results if r["tool"] == "uclient" and r.get("stream_conns_per_worker")]
+    if spread:
+        w("turnstone's TCP/TLS client connections per worker 9 s into each stream row "
+          "(`turnstone_worker_stream_connections`, worker 0 / 1 / ...): "
+          + "; ".join(f"`{r['load'].replace('_', ' ')}` {r['stream_conns_per_worker']}" for r in spread) + ".")
+        w("")
     if any("drops_server" in r for r in results if r["tool"] == "uclient"):
         w("Where the lost datagrams were dropped, % of datagrams sent: the kernel's per-socket "
           "drop counters (`/proc/net/udp`, a datagram arriving at a full receive buffer) of the "
