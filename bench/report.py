@@ -203,6 +203,12 @@ def render_md(results, meta):
         w(f"| `{load.replace('_', ' ')}` | {fmt(cr)} | {fmt(num(c.get('loss_pct')), 3)} | {fmt(cc)} "
           f"| {fmt(tr)} | {fmt(num(t.get('loss_pct')), 3)} | {fmt(tc)} | {ratio(tr, cr)} | {ratio(tc, cc)} |")
     w("")
+    spread = [r for r in results if r["tool"] == "uclient" and r.get("stream_conns_per_worker")]
+    if spread:
+        w("turnstone's TCP/TLS client connections per worker 9 s into each stream row "
+          "(`turnstone_worker_stream_connections`, worker 0 / 1 / ...): "
+          + "; ".join(f"`{r['load'].replace('_', ' ')}` {r['stream_conns_per_worker']}" for r in spread) + ".")
+        w("")
     if any("drops_server" in r for r in results if r["tool"] == "uclient"):
         w("Where the lost datagrams were dropped, % of datagrams sent: the kernel's per-socket "
           "drop counters (`/proc/net/udp`, a datagram arriving at a full receive buffer) of the "
@@ -224,6 +230,27 @@ def render_md(results, meta):
             w(note)
             w(runs_note(f"`{load.replace('_', ' ')}` loss %", c, t, "loss_pct", 3, ratios=False))
             w("")
+
+    # TLS handshakes
+    if any(r["tool"] == "handshake" for r in results):
+        w("## TLS full handshakes (`openssl s_time -connect 127.0.0.1:3679 -new`, two clients at once)")
+        w("")
+        w("Each connection is a full handshake (no session reuse), ECDSA P-256 certificate; "
+          "µs/handshake: server CPU (utime+stime) over the run / handshakes completed.")
+        w("")
+        w("| version | coturn /s | coturn µs/handshake | turnstone /s | turnstone µs/handshake | rate ratio | µs ratio |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        for v in ("tls1_3", "tls1_2"):
+            c = find(results, "handshake", version=v, server="coturn") or {}
+            t = find(results, "handshake", version=v, server="turnstone") or {}
+            cr, tr = num(c.get("per_s")), num(t.get("per_s"))
+            cc, tc = num(c.get("cpu_us_per_handshake")), num(t.get("cpu_us_per_handshake"))
+            if c.get("refused") == "1":
+                cr = None
+            w(f"| {v.replace('tls1_', 'TLS 1.')} | {'refused' if c.get('refused') == '1' else fmt(cr)} | {fmt(cc, 1)} "
+              f"| {'refused' if t.get('refused') == '1' else fmt(tr)} | {fmt(tc, 1)} "
+              f"| {ratio(tr, cr)} | {ratio(tc, cc)} |")
+        w("")
 
     # loadgen table
     w("## Paced load generator (`loadgen load`, 50 allocations, ChannelData unless noted)")

@@ -60,6 +60,10 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 /// - `turnstone_dropped_packets_total{reason}`
 /// - `turnstone_worker_load{worker}` gauge: busy fraction (0..1) over the last flush interval
 /// - `turnstone_worker_packets_total{worker}`
+/// - `turnstone_worker_stream_connections{worker}` gauge: TCP and TLS client connections
+///   each worker's shard holds (its listeners accepted them, or they were handed over)
+/// - `turnstone_stream_handovers_total`: RFC 6062 data connections handed from the
+///   worker that accepted them to the one holding their allocation
 /// - `turnstone_draining` gauge (1 while draining), `turnstone_reloads_total{result}`
 /// - `turnstone_kernel_fast_path_entries` gauge: entries in the kernel fast path's four
 ///   maps (a channel or permission counts once per direction), read twice a second
@@ -83,6 +87,8 @@ pub struct Metrics {
     dropped: [Counter; 7],
     worker_load: Vec<LoadGauge>,
     worker_packets: Vec<Counter>,
+    worker_streams: Vec<Gauge>,
+    stream_handovers: Counter,
     draining: Gauge,
     reloads: [Counter; 2],
     store_up: Gauge,
@@ -225,6 +231,21 @@ impl Metrics {
         let worker_packets = (0..workers)
             .map(|w| wpackets.get_or_create_owned(&[("worker", w.to_string())]))
             .collect();
+        let wstreams = Family::<[(&'static str, String); 1], Gauge>::default();
+        reg.register(
+            "worker_stream_connections",
+            "TCP and TLS client connections held by each worker",
+            wstreams.clone(),
+        );
+        let worker_streams = (0..workers)
+            .map(|w| wstreams.get_or_create_owned(&[("worker", w.to_string())]))
+            .collect();
+        let stream_handovers = Counter::default();
+        reg.register(
+            "stream_handovers",
+            "RFC 6062 data connections handed from the worker that accepted them to the worker holding their allocation",
+            stream_handovers.clone(),
+        );
 
         let draining = Gauge::default();
         reg.register(
@@ -281,6 +302,8 @@ impl Metrics {
             dropped,
             worker_load,
             worker_packets,
+            worker_streams,
+            stream_handovers,
             draining,
             reloads,
             store_up,
@@ -291,6 +314,18 @@ impl Metrics {
             epoch: Instant::now(),
             draining_flag: AtomicBool::new(false),
         }
+    }
+
+    /// Worker `worker` holds `n` stream client connections now.
+    pub fn set_worker_streams(&self, worker: usize, n: usize) {
+        if let Some(g) = self.worker_streams.get(worker) {
+            g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A stream connection was handed over to another worker.
+    pub fn stream_handed_over(&self) {
+        self.stream_handovers.inc();
     }
 
     /// Number of workers these metrics were made for.

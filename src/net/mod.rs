@@ -190,7 +190,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     // Bind every worker's sockets before announcing readiness, so a bad address is a
     // start-up error.
     let mut sockets = Vec::with_capacity(workers);
-    for worker in 0..workers {
+    for _ in 0..workers {
         let mut w = WorkerSockets {
             udp: Vec::new(),
             streams: Vec::new(),
@@ -202,9 +202,9 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
                     socket::udp_listener(addr, config.relay.socket_buffer)
                         .with_context(|| format!("listen: cannot bind UDP {addr}"))?,
                 ),
-                // TCP and TLS clients are served by worker 0 alone: an RFC 6062 data
-                // connection must reach the worker that holds its allocation.
-                ListenTransport::Tcp | ListenTransport::Tls if worker > 0 => {}
+                // Every worker has its own TCP and TLS listeners too (SO_REUSEPORT: the
+                // kernel spreads connections); an RFC 6062 data connection accepted by
+                // another worker than its allocation's is handed over to that one.
                 ListenTransport::Tcp => w.streams.push((
                     socket::tcp_listener(addr)
                         .with_context(|| format!("listen: cannot bind TCP {addr}"))?,

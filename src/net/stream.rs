@@ -130,10 +130,23 @@ impl ConnCounter {
 /// appends to `reply` is sent back on the same connection, after the frames of the same
 /// read (one write for a burst of pipelined requests).
 /// Called with each complete frame (or, on a raw connection, each chunk of bytes) and a
-/// buffer for the reply. Returns true when the connection carries raw bytes from now on
-/// (an RFC 6062 data connection after its ConnectionBind): what follows the frame is
-/// then handed over unframed.
-pub type OnFrame<'a> = dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>) -> bool + 'a;
+/// buffer for the reply; says what comes next (see [`After`]).
+pub type OnFrame<'a> = dyn FnMut(FiveTuple, &[u8], &mut Vec<u8>) -> After + 'a;
+
+/// What the frame callback wants done after a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Go on framing.
+    Next,
+    /// The connection carries raw bytes from now on (an RFC 6062 data connection after
+    /// its ConnectionBind): what follows the frame is then handed over unframed.
+    Raw,
+    /// The frame was not taken: the connection, with this frame and everything after it
+    /// still unread, leaves this set ([`Streams::take_handed_over`]) for another worker's
+    /// ([`Streams::adopt`]), as an RFC 6062 data connection whose ConnectionBind names an
+    /// allocation held elsewhere.
+    HandOver,
+}
 
 /// Why a connection is closed (logged at debug level).
 enum Close {
@@ -178,6 +191,34 @@ struct Conn {
     broken: bool,
     /// An RFC 6062 data connection: bytes pass through unframed, no timers.
     raw: bool,
+    /// The frame callback asked for a hand-over: read nothing more here.
+    handover: bool,
+}
+
+/// A stream connection on its way from one worker's [`Streams`] to another's, whole:
+/// socket, 5-tuple, TLS state, unread bytes, unsent bytes and timers. It stays counted
+/// in the shared [`ConnCounter`] meanwhile.
+pub struct HandedOver(Box<Conn>);
+
+impl HandedOver {
+    /// The connection's 5-tuple.
+    pub fn five_tuple(&self) -> FiveTuple {
+        self.0.ft
+    }
+
+    /// The bytes it had read but not framed yet; the first is the frame it was handed
+    /// over on.
+    pub fn unread(&self) -> &[u8] {
+        &self.0.rbuf
+    }
+}
+
+impl std::fmt::Debug for HandedOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandedOver")
+            .field("ft", &self.0.ft)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Conn {
@@ -314,6 +355,12 @@ impl Conn {
             self.last_frame = now;
             return Ok(());
         }
+        if self.handover {
+            // Read after a hand-over was asked for (TLS plaintext): keep it for the
+            // worker that adopts the connection.
+            self.rbuf.extend_from_slice(data);
+            return Ok(());
+        }
         let result = if self.rbuf.is_empty() {
             let r = split_frames(self.ft, data, limits.max_frame, reply, on_frame);
             if let Ok((used, _)) = r {
@@ -335,8 +382,12 @@ impl Conn {
             }
             r
         };
-        let (used, went_raw) = result?;
-        if went_raw {
+        let (used, after) = result?;
+        if after == After::HandOver {
+            self.handover = true;
+            return Ok(());
+        }
+        if after == After::Raw {
             // What followed the ConnectionBind is already application data.
             self.raw = true;
             self.partial_since = None;
@@ -382,7 +433,7 @@ impl Conn {
             // Answer what was complete even when the stream then turned bad.
             self.send_replies(reply, limits)?;
             framed?;
-            if n < scratch.len() {
+            if n < scratch.len() || self.handover {
                 break;
             }
         }
@@ -456,8 +507,46 @@ impl Conn {
             if closed {
                 return Err(Close::PeerClosed);
             }
+            if self.handover {
+                break;
+            }
         }
         Ok(())
+    }
+
+    /// Frames what an adopted connection brought along: the bytes it had read but not
+    /// framed and (TLS) the plaintext rustls still holds. New bytes on the socket come
+    /// as the usual readiness events.
+    fn resume(
+        &mut self,
+        scratch: &mut [u8],
+        limits: &StreamLimits,
+        now: Instant,
+        reply: &mut Vec<u8>,
+        on_frame: &mut OnFrame<'_>,
+    ) -> Result<(), Close> {
+        let carried = std::mem::take(&mut self.rbuf);
+        let framed = self.ingest(&carried, limits, now, reply, on_frame);
+        self.send_replies(reply, limits)?;
+        framed?;
+        while !self.handover {
+            let Some(tls) = self.tls.as_mut() else {
+                break;
+            };
+            match tls.reader().read(scratch) {
+                Ok(0) => return Err(Close::PeerClosed),
+                Ok(m) => {
+                    let data = scratch.get(..m).unwrap_or_default();
+                    let framed = self.ingest(data, limits, now, reply, on_frame);
+                    self.send_replies(reply, limits)?;
+                    framed?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(Close::PeerClosed),
+            }
+        }
+        self.drain_tls().map_err(Close::Io)?;
+        self.flush().map_err(Close::Io)
     }
 
     /// Before a close we decide on: TLS close_notify, best effort.
@@ -477,31 +566,36 @@ fn split_frames(
     max_frame: usize,
     reply: &mut Vec<u8>,
     on_frame: &mut OnFrame<'_>,
-) -> Result<(usize, bool), Close> {
+) -> Result<(usize, After), Close> {
     let mut off = 0;
     loop {
         let rest = buf.get(off..).unwrap_or_default();
         let n = match next_frame(rest, max_frame) {
-            Frame::NeedMore => return Ok((off, false)),
+            Frame::NeedMore => return Ok((off, After::Next)),
             Frame::Stun(n) | Frame::ChannelData { total: n } => n,
             Frame::Invalid => return Err(Close::BadFrame),
         };
         let Some(frame) = rest.get(..n).filter(|f| !f.is_empty()) else {
             return Err(Close::BadFrame);
         };
-        let raw = on_frame(ft, frame, reply);
-        off += n;
-        if raw {
-            return Ok((off, true));
+        match on_frame(ft, frame, reply) {
+            After::Next => off += n,
+            After::Raw => return Ok((off + n, After::Raw)),
+            // Not taken: the frame stays unread.
+            After::HandOver => return Ok((off, After::HandOver)),
         }
     }
 }
 
 /// All stream connections of one worker. Connection `slot` is registered with epoll under
-/// token `token_base + slot`.
+/// token `tag + token_base + slot` (`tag` is 0 unless [`Streams::move_to`] set one); the
+/// tokens given to [`Streams::owns`] and [`Streams::on_event`] are without the tag.
 pub struct Streams {
     limits: StreamLimits,
     token_base: u64,
+    tag: u64,
+    /// Connections that left for another worker, until taken.
+    handed: Vec<HandedOver>,
     slots: Vec<Option<Conn>>,
     free: Vec<usize>,
     by_five_tuple: HashMap<FiveTuple, usize>,
@@ -523,6 +617,8 @@ impl Streams {
         Streams {
             limits,
             token_base,
+            tag: 0,
+            handed: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
             by_five_tuple: HashMap::new(),
@@ -634,7 +730,7 @@ impl Streams {
                 self.slots.len() - 1
             }
         };
-        let token = self.token_base + slot as u64;
+        let token = self.tag + self.token_base + slot as u64;
         if let Err(e) = epoll.add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, token)) {
             self.free.push(slot);
             return Err(e.into());
@@ -654,6 +750,7 @@ impl Streams {
                 out_interest: false,
                 broken: false,
                 raw: false,
+                handover: false,
             });
         }
         self.by_five_tuple.insert(ft, slot);
@@ -704,6 +801,10 @@ impl Streams {
             if self.reply.capacity() > self.limits.max_write_buffer {
                 self.reply = Vec::new();
             }
+        }
+        if result.is_ok() && conn.handover && !conn.broken {
+            self.detach(slot, epoll);
+            return None;
         }
         match result {
             Ok(()) if !conn.broken => {
@@ -803,6 +904,127 @@ impl Streams {
         closed
     }
 
+    /// Takes connection `slot` out of this set (and `epoll`) for another worker; it stays
+    /// counted in the shared counter.
+    fn detach(&mut self, slot: usize, epoll: &Epoll) {
+        let Some(mut conn) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let _ = epoll.delete(&conn.socket);
+        self.by_five_tuple.remove(&conn.ft);
+        self.free.push(slot);
+        self.live = self.live.saturating_sub(1);
+        conn.handover = false;
+        conn.out_interest = false;
+        self.handed.push(HandedOver(Box::new(conn)));
+    }
+
+    /// The connections the frame callback handed over (see [`After::HandOver`]) since the
+    /// last call; pass each to the owning worker's [`Streams::adopt`]. A connection
+    /// dropped instead must be given back with [`Streams::drop_handed_over`].
+    pub fn take_handed_over(&mut self) -> Vec<HandedOver> {
+        std::mem::take(&mut self.handed)
+    }
+
+    /// Closes a handed-over connection that no worker adopts (uncounts it).
+    pub fn drop_handed_over(&self, h: HandedOver) {
+        self.counter.remove(h.0.ft.client.ip());
+    }
+
+    /// Takes on a connection another worker handed over: registers it with `epoll` and
+    /// frames what it brought along (the frame it was handed over on first) through
+    /// `on_frame`, as [`Streams::on_event`] would. Returns its 5-tuple if it was closed
+    /// meanwhile (or could not be registered). Both sets must share one [`ConnCounter`].
+    pub fn adopt(
+        &mut self,
+        handed: HandedOver,
+        epoll: &Epoll,
+        now: Instant,
+        on_frame: &mut OnFrame<'_>,
+    ) -> Option<FiveTuple> {
+        let mut conn = handed.0;
+        let ft = conn.ft;
+        if self.by_five_tuple.contains_key(&ft) {
+            self.counter.remove(ft.client.ip());
+            return Some(ft);
+        }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        conn.token = self.tag + self.token_base + slot as u64;
+        if epoll
+            .add(
+                &conn.socket,
+                EpollEvent::new(EpollFlags::EPOLLIN, conn.token),
+            )
+            .is_err()
+        {
+            self.free.push(slot);
+            self.counter.remove(ft.client.ip());
+            return Some(ft);
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(*conn);
+        }
+        self.by_five_tuple.insert(ft, slot);
+        self.live += 1;
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return None;
+        };
+        self.reply.clear();
+        let result = conn.resume(
+            &mut self.scratch,
+            &self.limits,
+            now,
+            &mut self.reply,
+            on_frame,
+        );
+        if result.is_ok() && conn.handover && !conn.broken {
+            self.detach(slot, epoll);
+            return None;
+        }
+        match result {
+            Ok(()) if !conn.broken => {
+                conn.update_interest(epoll);
+                if !conn.broken {
+                    return None;
+                }
+            }
+            Ok(()) => {}
+            Err(why) => {
+                if matches!(why, Close::BadFrame | Close::ReplyOverflow) {
+                    conn.goodbye();
+                }
+                tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason = %why, "stream connection closed");
+            }
+        }
+        self.close_slot(slot, epoll)
+    }
+
+    /// Moves every connection from `from` to `to` under token tag `tag` (a worker's
+    /// shard moving between threads), keeping each one's interest.
+    pub fn move_to(&mut self, from: &Epoll, to: &Epoll, tag: u64) {
+        self.tag = tag;
+        for (slot, conn) in self.slots.iter_mut().enumerate() {
+            let Some(conn) = conn else {
+                continue;
+            };
+            let _ = from.delete(&conn.socket);
+            conn.token = tag + self.token_base + slot as u64;
+            let flags = if conn.out_interest {
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            if let Err(e) = to.add(&conn.socket, EpollEvent::new(flags, conn.token)) {
+                tracing::error!(error = %e, client = %conn.ft.client, "cannot move a stream connection between epoll sets");
+                // Closed on the next tick.
+                conn.broken = true;
+            }
+        }
+    }
+
     fn close_slot(&mut self, slot: usize, epoll: &Epoll) -> Option<FiveTuple> {
         let conn = self.slots.get_mut(slot)?.take()?;
         let _ = epoll.delete(&conn.socket);
@@ -867,7 +1089,7 @@ mod tests {
                 let mut next_tick = Instant::now();
                 let mut echo = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
                     reply.extend_from_slice(frame);
-                    false
+                    After::Next
                 };
                 while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
                     let n = epoll
@@ -1354,7 +1576,7 @@ mod tests {
             }
             let mut echo = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
                 reply.extend_from_slice(frame);
-                false
+                After::Next
             };
             let mut done = 0;
             let end = Instant::now() + IO_TIMEOUT;
@@ -1398,6 +1620,113 @@ mod tests {
             for c in clients {
                 c.join().unwrap();
             }
+        }
+    }
+
+    /// A connection handed over mid-read (the hand-over frame and the ones after it in
+    /// the same write) to another set, over TCP and TLS (the rustls state moves too):
+    /// every frame is answered once, in order, by the set that holds the connection
+    /// then; the shared counter counts it once throughout.
+    #[test]
+    fn hand_over_moves_the_connection_whole() {
+        const HAND_OVER: u8 = 0xB0;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, der) = crate::net::tls::tests::self_signed(dir.path());
+        let server_cfg = crate::net::tls::server_config(&cert, &key).unwrap();
+        for transport in [Transport::Tcp, Transport::Tls] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let counter = Arc::new(ConnCounter::new());
+            let log = Arc::new(Mutex::new(Vec::<(char, u8)>::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (stop2, log2, counter2, cfg2) = (
+                stop.clone(),
+                log.clone(),
+                counter.clone(),
+                server_cfg.clone(),
+            );
+            let server = std::thread::spawn(move || {
+                let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+                epoll
+                    .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+                    .unwrap();
+                let limits = StreamLimits::default();
+                let mut a = Streams::with_counter(limits.clone(), BASE, counter2.clone());
+                let mut b = Streams::with_counter(limits, 100_000, counter2);
+                let mut events = [EpollEvent::empty(); 64];
+                let end = Instant::now() + Duration::from_secs(30);
+                let log_a = log2.clone();
+                let mut on_a = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
+                    if frame[8] == HAND_OVER {
+                        return After::HandOver;
+                    }
+                    log_a.lock().unwrap().push(('a', frame[8]));
+                    reply.extend_from_slice(frame);
+                    After::Next
+                };
+                let mut on_b = |_ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| {
+                    log2.lock().unwrap().push(('b', frame[8]));
+                    reply.extend_from_slice(frame);
+                    After::Next
+                };
+                while !stop2.load(Ordering::Relaxed) && Instant::now() < end {
+                    let n = epoll
+                        .wait(&mut events, EpollTimeout::from(10u16))
+                        .unwrap_or(0);
+                    for ev in &events[..n] {
+                        let now = Instant::now();
+                        if ev.data() == LISTENER {
+                            a.accept(&listener, transport, Some(&cfg2), &epoll, now);
+                        } else if a.owns(ev.data()) {
+                            a.on_event(ev.data(), ev.events(), &epoll, now, &mut on_a);
+                            for h in a.take_handed_over() {
+                                assert!(b.adopt(h, &epoll, now, &mut on_b).is_none());
+                            }
+                        } else {
+                            assert!(b.owns(ev.data()));
+                            b.on_event(ev.data(), ev.events(), &epoll, now, &mut on_b);
+                        }
+                    }
+                }
+                (a.len(), b.len())
+            });
+            let tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut c: Box<dyn ReadWrite> = if transport == Transport::Tls {
+                let cfg = tls_client_config(der.clone(), &[b"stun.turn"], &rustls::version::TLS13);
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+                Box::new(rustls::StreamOwned::new(conn, tcp))
+            } else {
+                Box::new(tcp)
+            };
+            c.write_all(&stun(1, 0)).unwrap();
+            assert_eq!(read_exact_timeout(&mut c, 20), stun(1, 0));
+            // The hand-over frame with two more in one write, the last one incomplete.
+            let mut burst = stun(HAND_OVER, 8);
+            burst.extend(stun(2, 0));
+            let third = stun(3, 4);
+            burst.extend_from_slice(&third[..10]);
+            c.write_all(&burst).unwrap();
+            c.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            c.write_all(&third[10..]).unwrap();
+            let mut want = stun(HAND_OVER, 8);
+            want.extend(stun(2, 0));
+            want.extend(third);
+            assert_eq!(read_exact_timeout(&mut c, want.len()), want);
+            c.write_all(&stun(4, 0)).unwrap();
+            assert_eq!(read_exact_timeout(&mut c, 20), stun(4, 0));
+            assert_eq!(counter.total(), 1, "{transport:?}: counted once");
+            assert_eq!(
+                *log.lock().unwrap(),
+                [('a', 1), ('b', HAND_OVER), ('b', 2), ('b', 3), ('b', 4)],
+                "{transport:?}"
+            );
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(server.join().unwrap(), (0, 1), "{transport:?}");
+            drop(c);
         }
     }
 

@@ -20,11 +20,11 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::batch::{RecvBatch, SendBatch, BATCH};
 use super::ports::PortPool;
 use super::socket;
-use super::stream::Streams;
+use super::stream::{After, HandedOver, Streams};
 use super::{Common, WorkerSockets};
 use crate::server::{
-    BindError, BindResult, Clock, Command, Event, FiveTuple, Output, RelayBinder, RelayHandle,
-    Server, Transport, PEER_HEADROOM, PEER_TAILROOM,
+    connection_bind_shard, BindError, BindResult, Clock, Command, Event, FiveTuple, Output,
+    RelayBinder, RelayHandle, Server, Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
 /// Largest UDP payload plus room to frame it in place.
@@ -276,6 +276,9 @@ pub(crate) struct Pool {
     to_host: Mutex<Vec<Shard>>,
     /// Shards on their way home, by thread.
     home: Vec<Mutex<Option<Shard>>>,
+    /// Stream connections handed over to each shard (RFC 6062 data connections whose
+    /// ConnectionBind names an allocation of that shard), by shard index.
+    inbox: Vec<Inbox>,
     /// Whether to gather at all (`[server] adaptive_workers`).
     adaptive: bool,
     /// Testing aid: flip between gathered and spread this often, whatever the load.
@@ -285,6 +288,14 @@ pub(crate) struct Pool {
     stopping: AtomicBool,
     /// Shards that have done so.
     stopped: AtomicUsize,
+}
+
+/// Connections on their way to one shard; `pending` is checked (one relaxed load) on
+/// every pass of the shard's loop, wherever the shard is served.
+#[derive(Default)]
+struct Inbox {
+    items: Mutex<Vec<HandedOver>>,
+    pending: AtomicBool,
 }
 
 /// A thread's CPU nanoseconds, alone on its cache line (no false sharing).
@@ -340,6 +351,7 @@ impl Pool {
             gathered: AtomicBool::new(adaptive && threads > 1),
             to_host: Mutex::new(Vec::new()),
             home: (0..threads).map(|_| Mutex::new(None)).collect(),
+            inbox: (0..threads).map(|_| Inbox::default()).collect(),
             adaptive: adaptive && threads > 1,
             flip_every,
             stopping: AtomicBool::new(false),
@@ -376,6 +388,40 @@ impl Pool {
     fn gathered(&self) -> bool {
         self.gathered.load(Ordering::Acquire)
     }
+
+    /// Queues `conn` for shard `k` and wakes both threads that may be serving it (its
+    /// own, and thread 0 while it may be a guest there): a shard on the move finds it
+    /// on its next pass wherever it lands.
+    fn deliver(&self, k: usize, conn: HandedOver) -> Result<(), HandedOver> {
+        let Some(inbox) = self.inbox.get(k) else {
+            return Err(conn);
+        };
+        inbox
+            .items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        inbox.pending.store(true, Ordering::Release);
+        self.signal(k);
+        if k != 0 {
+            self.signal(0);
+        }
+        Ok(())
+    }
+
+    fn has_mail(&self, k: usize) -> bool {
+        self.inbox
+            .get(k)
+            .is_some_and(|i| i.pending.load(Ordering::Acquire))
+    }
+
+    fn take_mail(&self, k: usize) -> Vec<HandedOver> {
+        let Some(inbox) = self.inbox.get(k) else {
+            return Vec::new();
+        };
+        inbox.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *inbox.items.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Per-thread scratch: receive and send batches and buffers (not `Send`, so they stay
@@ -409,9 +455,9 @@ impl Scratch {
     }
 }
 
-/// One shard: a listener socket per configured UDP address (and, on shard 0, the TCP and
-/// TLS listeners and their connections), the TURN core and its relay sockets, all in one
-/// epoll set.
+/// One shard: a listener socket per configured address (UDP, TCP and TLS, all
+/// `SO_REUSEPORT`), its TCP and TLS client connections, the TURN core, its relay sockets
+/// and RFC 6062 peer connections, all in one epoll set.
 pub(crate) struct Shard {
     index: usize,
     /// The epoll set this shard's sockets are registered in: its own, or thread 0's
@@ -464,7 +510,11 @@ impl Shard {
             listeners,
             stream_listeners,
             streams,
-            core: Server::new(common.shared.clone()),
+            core: {
+                let mut core = Server::new(common.shared.clone());
+                core.set_shard(index);
+                core
+            },
             relays: Relays::default(),
             closed: Vec::new(),
             peers: PeerConns::default(),
@@ -478,17 +528,19 @@ impl Shard {
     }
 
     /// Moves this shard's sockets into `to` under token tag `tag` (thread 0's set as a
-    /// guest, or back into its own set with tag 0). A guest holds only UDP sockets: its
-    /// listeners and its allocations' relay sockets (TCP and TLS clients, and so RFC 6062
-    /// allocations, live on shard 0, which never moves). Two `epoll_ctl` calls per socket;
-    /// datagrams that arrive meanwhile wait in the socket buffers.
+    /// guest, or back into its own set with tag 0): its UDP and stream listeners, its
+    /// allocations' relay sockets, its TCP and TLS client connections and its RFC 6062
+    /// peer connections (these two keep their interest). Two `epoll_ctl` calls per
+    /// socket; what arrives meanwhile waits in the socket buffers, and a connection
+    /// whose handshake or frame was half-read keeps its state in the shard.
     fn register_in(&mut self, to: Arc<Epoll>, tag: u64) {
         let from = std::mem::replace(&mut self.epoll, to);
         self.tag = tag;
         if Arc::ptr_eq(&from, &self.epoll) {
             return;
         }
-        debug_assert!(self.stream_listeners.is_empty() && self.peers.slots.is_empty());
+        self.streams.move_to(&from, &self.epoll, tag);
+        self.peers.move_to(&from, &self.epoll, tag);
         let epoll = &self.epoll;
         let moved = |fd: std::os::fd::BorrowedFd<'_>, token: u64| {
             let _ = from.delete(fd);
@@ -517,8 +569,9 @@ impl Shard {
     fn process(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent], clock: Clock) {
         let ports = &common.ports;
         let buffer = common.buffer;
+        let workers = common.pool.inbox.len();
         let Shard {
-            index: _,
+            index,
             epoll,
             own: _,
             tag,
@@ -661,38 +714,60 @@ impl Shard {
             } else if streams.owns(token) {
                 // A client's TCP or TLS connection: complete frames go to the core; a
                 // spliced RFC 6062 data connection's bytes go to its peer.
+                let mut ctx = FrameCtx {
+                    index: *index,
+                    workers,
+                    core: &mut *core,
+                    peers: &mut *peers,
+                    relays: &mut *relays,
+                    ports,
+                    epoll,
+                    tag: *tag,
+                    buffer,
+                    clock,
+                };
                 let gone = streams.on_event(
                     token,
                     ev.events(),
                     epoll,
                     clock.now,
-                    &mut |ft, frame, reply| {
-                        if let Some(id) = core.data_connection(&ft) {
-                            peers.write(id, frame, epoll);
-                            return true;
-                        }
-                        let mut binder = Binder {
-                            relays,
-                            ports,
-                            epoll,
-                            tag: *tag,
-                            buffer,
-                        };
-                        match core.handle_client(ft, frame, clock, &mut binder) {
-                            Output::Nothing => {}
-                            Output::ToClient(d) => reply.extend_from_slice(d),
-                            Output::ToPeer { relay, peer, data } => {
-                                if let Some(s) = relays.get(relay).and_then(RelayEntry::udp) {
-                                    let _ = s.send_to(data, peer);
-                                }
-                            }
-                        }
-                        // A successful ConnectionBind: what follows is application data.
-                        core.data_connection(&ft).is_some()
-                    },
+                    &mut |ft, frame, reply| ctx.frame(ft, frame, reply),
                 );
                 closed.extend(gone);
+                for h in streams.take_handed_over() {
+                    hand_over(common, *index, streams, h);
+                }
             }
+        }
+    }
+
+    /// Takes on the stream connections other shards handed over to this one.
+    fn adopt_mail(&mut self, common: &Common, clock: Clock) {
+        let workers = common.pool.inbox.len();
+        for h in common.pool.take_mail(self.index) {
+            let mut ctx = FrameCtx {
+                index: self.index,
+                workers,
+                core: &mut self.core,
+                peers: &mut self.peers,
+                relays: &mut self.relays,
+                ports: &common.ports,
+                epoll: &self.epoll,
+                tag: self.tag,
+                buffer: common.buffer,
+                clock,
+            };
+            tracing::debug!(shard = self.index, client = %h.five_tuple().client, "stream connection handed over to this shard");
+            let gone = self
+                .streams
+                .adopt(h, &self.epoll, clock.now, &mut |ft, frame, reply| {
+                    ctx.frame(ft, frame, reply)
+                });
+            self.closed.extend(gone);
+        }
+        // Handed on again (a later ConnectionBind naming yet another shard).
+        for h in self.streams.take_handed_over() {
+            hand_over(common, self.index, &mut self.streams, h);
         }
     }
 
@@ -707,6 +782,7 @@ impl Shard {
         if now >= self.next_tick {
             self.next_tick = now + TICK;
             common.metrics.flush(index, &mut self.core.counters);
+            common.metrics.set_worker_streams(index, self.streams.len());
             self.closed.extend(self.streams.tick(now, &self.epoll));
             let mut binder = Binder {
                 relays: &mut self.relays,
@@ -839,10 +915,92 @@ impl Shard {
     fn run_once(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent]) {
         let clock = clock();
         self.process(common, s, events, clock);
+        if common.pool.has_mail(self.index) {
+            self.adopt_mail(common, clock);
+        }
         self.maintain(common, s, clock);
         self.core
             .counters
             .busy(Instant::now().saturating_duration_since(clock.now));
+    }
+}
+
+/// What the frames of a shard's stream connections reach: its core, its RFC 6062 peer
+/// connections and its relay sockets.
+struct FrameCtx<'a> {
+    index: usize,
+    workers: usize,
+    core: &'a mut Server,
+    peers: &'a mut PeerConns,
+    relays: &'a mut Relays,
+    ports: &'a PortPool,
+    epoll: &'a Epoll,
+    tag: u64,
+    buffer: usize,
+    clock: Clock,
+}
+
+impl FrameCtx<'_> {
+    /// One frame (or, on a spliced RFC 6062 data connection, a chunk of bytes) from
+    /// client connection `ft`. A ConnectionBind naming a CONNECTION-ID of another shard,
+    /// on a connection without an allocation here, is not taken: the connection goes to
+    /// that shard, which holds the peer connection and the allocation.
+    fn frame(&mut self, ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>) -> After {
+        if let Some(id) = self.core.data_connection(&ft) {
+            self.peers.write(id, frame, self.epoll);
+            return After::Raw;
+        }
+        if let Some(owner) = connection_bind_shard(frame) {
+            if owner != self.index
+                && owner < self.workers
+                && self.core.allocation_by_five_tuple(&ft).is_none()
+            {
+                return After::HandOver;
+            }
+        }
+        let mut binder = Binder {
+            relays: self.relays,
+            ports: self.ports,
+            epoll: self.epoll,
+            tag: self.tag,
+            buffer: self.buffer,
+        };
+        match self.core.handle_client(ft, frame, self.clock, &mut binder) {
+            Output::Nothing => {}
+            Output::ToClient(d) => reply.extend_from_slice(d),
+            Output::ToPeer { relay, peer, data } => {
+                if let Some(s) = self.relays.get(relay).and_then(RelayEntry::udp) {
+                    let _ = s.send_to(data, peer);
+                }
+            }
+        }
+        // A successful ConnectionBind: what follows is application data.
+        if self.core.data_connection(&ft).is_some() {
+            After::Raw
+        } else {
+            After::Next
+        }
+    }
+}
+
+/// Sends a connection that shard `from`'s frame callback handed over to the shard its
+/// ConnectionBind (the first unread frame) names; closes it if there is none.
+fn hand_over(common: &Common, from: usize, streams: &mut Streams, h: HandedOver) {
+    let unread = h.unread();
+    let owner = unread
+        .get(2..4)
+        .map(|l| 20 + usize::from(u16::from_be_bytes([l[0], l[1]])))
+        .and_then(|n| unread.get(..n))
+        .and_then(connection_bind_shard);
+    let client = h.five_tuple().client;
+    let Some(to) = owner else {
+        streams.drop_handed_over(h);
+        return;
+    };
+    tracing::debug!(from, to, %client, "RFC 6062 data connection handed over to the shard of its allocation");
+    common.metrics.stream_handed_over();
+    if let Err(h) = common.pool.deliver(to, h) {
+        streams.drop_handed_over(h);
     }
 }
 
@@ -916,9 +1074,8 @@ fn home_loop(common: &Common, shard: Shard) -> io::Result<()> {
     }
 }
 
-/// Thread 0: serves shard 0 (which never moves: it holds the TCP and TLS connections)
-/// and, while the pool is gathered, the other shards as guests; decides when to gather
-/// and when to spread.
+/// Thread 0: serves shard 0 (which never moves) and, while the pool is gathered, the
+/// other shards as guests; decides when to gather and when to spread.
 fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
     let pool = &common.pool;
     let mut s = Scratch::new();
@@ -967,12 +1124,11 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         }
         home.run_once(common, &mut s, ready);
         s.events = events;
-        // Guests' timers run even when they had no traffic.
+        // Guests' timers run even when they had no traffic, and their hand-overs.
         let now = Instant::now();
-        for g in guests
-            .iter_mut()
-            .filter(|g| now >= g.next_tick || (pool.stopping() && !g.stopped))
-        {
+        for g in guests.iter_mut().filter(|g| {
+            now >= g.next_tick || (pool.stopping() && !g.stopped) || pool.has_mail(g.index)
+        }) {
             g.run_once(common, &mut s, &[]);
         }
         s.sbatch.flush(&home.listeners);
@@ -1149,6 +1305,8 @@ fn send_home(pool: &Pool, shard: Shard) {
 struct PeerConn {
     id: u32,
     stream: TcpStream,
+    /// Its epoll token (with the shard's tag).
+    token: u64,
     /// Set while the outgoing connection is being established.
     connecting: Option<Instant>,
     /// The client's data connection, once bound.
@@ -1159,9 +1317,11 @@ struct PeerConn {
 }
 
 /// The RFC 6062 peer connections of one worker; connection `slot` is epoll token
-/// `PEER_BASE + slot`.
+/// `tag + PEER_BASE + slot`.
 #[derive(Default)]
 struct PeerConns {
+    /// The shard's token tag (see [`guest_tag`]).
+    tag: u64,
     slots: Vec<Option<PeerConn>>,
     free: Vec<usize>,
     by_id: HashMap<u32, usize>,
@@ -1181,8 +1341,9 @@ impl PeerConns {
         } else {
             EpollFlags::empty()
         };
+        let token = self.tag + PEER_BASE + slot as u64;
         if epoll
-            .add(&stream, EpollEvent::new(interest, PEER_BASE + slot as u64))
+            .add(&stream, EpollEvent::new(interest, token))
             .is_err()
         {
             self.free.push(slot);
@@ -1191,6 +1352,7 @@ impl PeerConns {
         self.slots[slot] = Some(PeerConn {
             id,
             stream,
+            token,
             connecting,
             data: None,
             wbuf: Vec::new(),
@@ -1199,7 +1361,26 @@ impl PeerConns {
         self.by_id.insert(id, slot);
     }
 
-    fn set_interest(conn: &mut PeerConn, slot: usize, epoll: &Epoll) {
+    /// Moves every connection from `from` to `to` under token tag `tag`, keeping each
+    /// one's interest.
+    fn move_to(&mut self, from: &Epoll, to: &Epoll, tag: u64) {
+        self.tag = tag;
+        for (slot, conn) in self.slots.iter_mut().enumerate() {
+            let Some(conn) = conn else {
+                continue;
+            };
+            let _ = from.delete(&conn.stream);
+            conn.token = tag + PEER_BASE + slot as u64;
+            if let Err(e) = to.add(&conn.stream, EpollEvent::new(conn.interest, conn.token)) {
+                tracing::error!(error = %e, "cannot move a peer connection between epoll sets");
+                // It gets no more events: end it (the peer sees the close); the core's
+                // entry goes with its allocation.
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    fn set_interest(conn: &mut PeerConn, _slot: usize, epoll: &Epoll) {
         let mut want = EpollFlags::empty();
         if conn.data.is_some() {
             want |= EpollFlags::EPOLLIN;
@@ -1208,7 +1389,7 @@ impl PeerConns {
             want |= EpollFlags::EPOLLOUT;
         }
         if want != conn.interest {
-            let mut ev = EpollEvent::new(want, PEER_BASE + slot as u64);
+            let mut ev = EpollEvent::new(want, conn.token);
             if epoll.modify(&conn.stream, &mut ev).is_ok() {
                 conn.interest = want;
             }

@@ -31,7 +31,7 @@ pub use fastpath::{
 pub use shared::{
     Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
 };
-pub use tcp::{Command, CONNECTION_BIND_TIMEOUT};
+pub use tcp::{connection_bind_shard, connection_shard, Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, LookupError, NonceCheck};
 use crate::counters::{AuthFailure, Direction, DropReason, RelayPath, WorkerCounters};
@@ -201,6 +201,9 @@ pub struct Server {
     /// RFC 6062 peer connections by CONNECTION-ID.
     tcp_conns: HashMap<u32, tcp::TcpConn, RandomState>,
     next_conn_id: u32,
+    /// This core's shard index, carried in the CONNECTION-IDs it hands out
+    /// ([`connection_shard`]) so that the shell can route a ConnectionBind to it.
+    shard: u32,
     /// Client data connections spliced to a peer connection.
     data_conns: HashMap<FiveTuple, u32, RandomState>,
     commands: Vec<Command>,
@@ -419,6 +422,7 @@ impl Server {
             collect_events: true,
             tcp_conns: HashMap::default(),
             next_conn_id: rand::random(),
+            shard: 0,
             data_conns: HashMap::default(),
             commands: Vec::new(),
             fast_path: Vec::new(),

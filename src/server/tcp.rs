@@ -55,11 +55,49 @@ pub(super) struct TcpConn {
     pub state: TcpState,
 }
 
+/// Bits of a CONNECTION-ID that carry the shard index of the core that handed it out
+/// (the high bits; `[server] workers` is at most 1024).
+const SHARD_BITS: u32 = 10;
+const SERIAL_BITS: u32 = 32 - SHARD_BITS;
+const SERIAL_MASK: u32 = (1 << SERIAL_BITS) - 1;
+
+/// The shard index a CONNECTION-ID names: the core that handed it out holds its peer
+/// connection and allocation.
+pub fn connection_shard(id: u32) -> usize {
+    (id >> SERIAL_BITS) as usize
+}
+
+/// If `frame` is a ConnectionBind request (RFC 6062 section 5.4) with a well-formed
+/// CONNECTION-ID, the shard index that id names ([`connection_shard`]). The shell
+/// calls this on the first frames of a new stream connection to hand a data connection
+/// to the shard that holds its allocation; anything else is `None`.
+pub fn connection_bind_shard(frame: &[u8]) -> Option<usize> {
+    if frame.first().is_none_or(|&b| b > 3) {
+        return None;
+    }
+    let msg = Message::parse(frame).ok()?;
+    if msg.method() != method::CONNECTION_BIND || msg.class() != Class::Request {
+        return None;
+    }
+    let id = msg
+        .get(attr::CONNECTION_ID)
+        .and_then(|v| <[u8; 4]>::try_from(v).ok())
+        .map(u32::from_be_bytes)?;
+    Some(connection_shard(id))
+}
+
 impl Server {
+    /// Sets this core's shard index (0 unless called), which every CONNECTION-ID it
+    /// hands out from now on carries ([`connection_shard`]). Indexes above 1023 are
+    /// taken modulo 1024.
+    pub fn set_shard(&mut self, index: usize) {
+        self.shard = (index as u32) & ((1 << SHARD_BITS) - 1);
+    }
+
     fn next_connection_id(&mut self) -> u32 {
         loop {
-            self.next_conn_id = self.next_conn_id.wrapping_add(1);
-            let id = self.next_conn_id;
+            self.next_conn_id = self.next_conn_id.wrapping_add(1) & SERIAL_MASK;
+            let id = (self.shard << SERIAL_BITS) | self.next_conn_id;
             if id != 0 && !self.tcp_conns.contains_key(&id) {
                 return id;
             }
@@ -334,5 +372,43 @@ impl Server {
             self.tcp_conns.remove(&id);
             self.commands.push(Command::ClosePeer { id });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(m: u16, id: Option<u32>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = MessageWriter::new(&mut buf, m, Class::Request, TransactionId([7; 12]));
+        if let Some(id) = id {
+            w.u32_attr(attr::CONNECTION_ID, id);
+        }
+        w.finish();
+        buf
+    }
+
+    #[test]
+    fn connection_ids_name_their_shard() {
+        for shard in [0usize, 1, 3, 1023] {
+            let id = ((shard as u32) << SERIAL_BITS) | 0x1234;
+            assert_eq!(connection_shard(id), shard);
+            assert_eq!(
+                connection_bind_shard(&request(method::CONNECTION_BIND, Some(id))),
+                Some(shard)
+            );
+        }
+        // Not a ConnectionBind request with a CONNECTION-ID: nothing to route.
+        assert_eq!(
+            connection_bind_shard(&request(method::CONNECTION_BIND, None)),
+            None
+        );
+        assert_eq!(
+            connection_bind_shard(&request(method::BINDING, Some(1 << 22))),
+            None
+        );
+        assert_eq!(connection_bind_shard(&[0x40, 0, 0, 4, 1, 2, 3, 4]), None);
+        assert_eq!(connection_bind_shard(&[0, 0x0B, 0]), None);
     }
 }

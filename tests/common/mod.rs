@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod redis_server;
+pub mod rfc6062;
 pub mod server;
 pub mod stream;
 pub mod stun;
