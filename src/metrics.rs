@@ -65,6 +65,8 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 ///   maps (a channel or permission counts once per direction), read twice a second
 ///   (every 10 s above 4096 entries)
 /// - `turnstone_store_up` gauge (1 while the fleet store is reachable; always 0 without `[store]`)
+/// - `turnstone_stream_connections_dropped_total{reason}`: TCP/TLS connections refused or
+///   closed by the stream limits ([`crate::net::stream::Dropped`]), counted as they happen
 pub struct Metrics {
     registry: Registry,
     active: [[Gauge; 2]; 3],
@@ -83,6 +85,7 @@ pub struct Metrics {
     reloads: [Counter; 2],
     store_up: Gauge,
     kernel_entries: Gauge,
+    stream_drops: crate::net::stream::DropCounters,
     /// Per worker: milliseconds since `epoch` of its last flush.
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -247,8 +250,17 @@ impl Metrics {
             kernel_entries.clone(),
         );
 
+        let drops = Family::<Labels1, Counter>::default();
+        reg.register(
+            "stream_connections_dropped",
+            "TCP/TLS client connections refused or closed by the stream limits, by reason",
+            drops.clone(),
+        );
+        let stream_drops = crate::net::stream::DropCounters::new(|r| one(&drops, "reason", r));
+
         Metrics {
             registry: reg,
+            stream_drops,
             active,
             created,
             ended,
@@ -269,6 +281,12 @@ impl Metrics {
             epoch: Instant::now(),
             draining_flag: AtomicBool::new(false),
         }
+    }
+
+    /// The counters of dropped stream connections, for the connection counter
+    /// ([`crate::net::stream::ConnCounter::with_drops`]), which counts into them directly.
+    pub fn stream_drops(&self) -> crate::net::stream::DropCounters {
+        self.stream_drops.clone()
     }
 
     /// Number of workers these metrics were made for.

@@ -343,6 +343,11 @@ fn example_documents_every_key() {
         "max_total_bandwidth",
         "unauthenticated_rate",
         "redirect_above",
+        "max_connections_per_source",
+        "max_unauthenticated_per_source",
+        "max_connections",
+        "stream_handshake_timeout",
+        "stream_idle_timeout",
         "[store]",
         "node_id",
         "advertise",
@@ -399,6 +404,11 @@ default_lifetime = "5m"
 max_bandwidth_per_allocation = "2Mbit"
 max_total_bandwidth = "1GB"
 unauthenticated_rate = 0
+max_connections_per_source = 10000
+max_unauthenticated_per_source = 16
+max_connections = 30000
+stream_handshake_timeout = "5s"
+stream_idle_timeout = "15m"
 [metrics]
 listen = "[::1]:9641"
 [log]
@@ -424,6 +434,11 @@ private_key = "/etc/turnstone/key.pem"
     assert_eq!(c.limits.max_bandwidth_per_allocation, 250_000);
     assert_eq!(c.limits.max_total_bandwidth, 1_000_000_000);
     assert_eq!(c.limits.unauthenticated_rate, 0);
+    assert_eq!(c.limits.max_connections_per_source, 10_000);
+    assert_eq!(c.limits.max_unauthenticated_per_source, 16);
+    assert_eq!(c.limits.max_connections, 30_000);
+    assert_eq!(c.limits.stream_handshake_timeout, Duration::from_secs(5));
+    assert_eq!(c.limits.stream_idle_timeout, Duration::from_secs(900));
     assert_eq!(c.metrics.listen, Some("[::1]:9641".parse().unwrap()));
     assert_eq!(c.listen.len(), 3);
     assert_eq!(c.listen[2].transport, ListenTransport::Tls);
@@ -519,6 +534,14 @@ fn bad_values_name_their_key() {
         ("max_allocations = 100000", "max_allocations = 1\nmax_lifetime = \"5m\"", "limits.max_lifetime", "shorter than limits.default_lifetime"),
         ("max_allocations = 100000", "max_allocations = 1\ndefault_lifetime = \"0s\"", "limits.default_lifetime", "at least 1s"),
         ("max_allocations = 100000", "max_allocations = 1\ndefault_lifetime = \"soon\"", "limits.default_lifetime", "not a duration"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections_per_source = 0", "limits.max_connections_per_source", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_unauthenticated_per_source = 0", "limits.max_unauthenticated_per_source", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections = 0", "limits.max_connections", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections = -1", "limits.max_connections", "-1"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_handshake_timeout = \"soon\"", "limits.stream_handshake_timeout", "not a duration"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_handshake_timeout = \"10ms\"", "limits.stream_handshake_timeout", "at least 100ms"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_idle_timeout = \"0s\"", "limits.stream_idle_timeout", "at least 100ms"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_idle_timeout = \"5s\"", "limits.stream_idle_timeout", "shorter than limits.stream_handshake_timeout"),
         ("level = \"info\"", "level = \"inof\"", "log.level", "\"inof\""),
         ("level = \"info\"", "level = \"\"", "log.level", "empty"),
         ("level = \"info\"", "level = \"info,turnstone=loud\"", "log.level", "\"loud\""),

@@ -3,6 +3,14 @@
 //! and ChannelData frames, writing replies with backpressure, and the stream safety rules
 //! (slow-loris deadline, maximum frame size, idle timeout, per-address and total caps).
 //!
+//! A connection is *established* once it has sent a complete first message (TCP) or
+//! finished its TLS handshake (TLS). Until then it has the short deadline
+//! ([`StreamLimits::handshake_and_partial_deadline`]) and counts against the small cap of
+//! unestablished connections per source address; after that the long idle timeout
+//! applies and it counts against the large per-source cap, so that thousands of clients
+//! behind one NAT address are served while one address cannot hold many silent or
+//! half-open connections.
+//!
 //! Driven by the worker's level-triggered epoll loop: non-blocking std sockets, one epoll
 //! token per connection (`token_base + slot`), no tokio. Protocol logic stays in the core:
 //! each complete frame is handed to a callback together with the connection's 5-tuple.
@@ -11,6 +19,7 @@
 //! connection of a few KiB. Read and write buffers are empty `Vec`s until a partial frame
 //! or an unsent reply needs them, and are given back once drained.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -37,19 +46,29 @@ const KEEP_CAPACITY: usize = 4 * 1024;
 const TLS_RECORD_OVERHEAD: usize = 5 + 16 + 1 + 256;
 const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
 
-/// Stream safety limits (issue 4: slow-loris, frame size, idle, caps, backpressure).
+/// Stream safety limits (issue 4: slow-loris, frame size, idle, caps, backpressure;
+/// issue 16: caps that hold thousands of clients behind one address). From `[limits]`
+/// ([`StreamLimits::from_config`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamLimits {
     /// Largest frame accepted (STUN: 20 + length; ChannelData: 4 + length padded to 4).
     /// A frame header announcing more closes the connection.
     pub max_frame: usize,
-    /// An incomplete frame, or an unfinished TLS handshake, must complete within this.
+    /// A new connection must be established (a complete first frame on TCP, the TLS
+    /// handshake finished) within this, and an incomplete frame must complete within it
+    /// (`limits.stream_handshake_timeout`).
     pub handshake_and_partial_deadline: Duration,
-    /// A connection that delivers no complete frame for this long is closed.
+    /// An established connection that delivers no complete frame for this long is closed
+    /// (`limits.stream_idle_timeout`).
     pub idle_timeout: Duration,
-    /// Connections from one source IP address (excess connections are closed at once).
-    pub max_per_source_ip: usize,
-    /// Connections in total (counted by the [`ConnCounter`], which may be shared).
+    /// Established connections from one source IP address; one that would exceed it is
+    /// closed when it becomes established (`limits.max_connections_per_source`).
+    pub max_per_source: usize,
+    /// Connections from one source IP address not yet established; excess connections
+    /// are closed at once (`limits.max_unauthenticated_per_source`).
+    pub max_unestablished_per_source: usize,
+    /// Connections in total (counted by the [`ConnCounter`], which may be shared;
+    /// `limits.max_connections`).
     pub max_total: usize,
     /// Unsent bytes queued per connection. Peer data beyond it is dropped (the frame, not
     /// the connection: [`Streams::send`] returns false); a reply to the client's own
@@ -62,27 +81,138 @@ impl Default for StreamLimits {
         StreamLimits {
             // The largest ChannelData (65535 bytes of data, padded), RFC 8656 12.5.
             max_frame: 4 + 65536,
-            handshake_and_partial_deadline: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(600),
-            max_per_source_ip: 64,
-            max_total: 10_000,
+            handshake_and_partial_deadline: crate::config::DEFAULT_STREAM_HANDSHAKE_TIMEOUT,
+            idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
+            max_per_source: crate::config::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_unestablished_per_source: crate::config::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            max_total: crate::config::DEFAULT_MAX_CONNECTIONS,
             max_write_buffer: 1024 * 1024,
         }
     }
 }
 
-/// Connection counts per source address and in total. One per worker by default
-/// ([`Streams::new`]); share one between workers ([`Streams::with_counter`]) to make the
-/// caps process-wide. Locked only on accept and close, never on the data path.
+impl StreamLimits {
+    /// The limits `[limits]` of `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> StreamLimits {
+        let l = &config.limits;
+        StreamLimits {
+            handshake_and_partial_deadline: l.stream_handshake_timeout,
+            idle_timeout: l.stream_idle_timeout,
+            max_per_source: l.max_connections_per_source,
+            max_unestablished_per_source: l.max_unauthenticated_per_source,
+            max_total: l.max_connections,
+            ..StreamLimits::default()
+        }
+    }
+}
+
+/// Why the server refused or dropped a stream connection, as counted in
+/// `turnstone_stream_connections_dropped_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// `limits.max_connections` reached: refused at accept.
+    TotalLimit,
+    /// `limits.max_connections_per_source` reached: closed when it became established.
+    SourceLimit,
+    /// `limits.max_unauthenticated_per_source` reached: refused at accept.
+    UnauthenticatedLimit,
+    /// Not established within `limits.stream_handshake_timeout`.
+    HandshakeTimeout,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 4] = [
+        Dropped::TotalLimit,
+        Dropped::SourceLimit,
+        Dropped::UnauthenticatedLimit,
+        Dropped::HandshakeTimeout,
+    ];
+
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::TotalLimit => "total_limit",
+            Dropped::SourceLimit => "source_limit",
+            Dropped::UnauthenticatedLimit => "unauthenticated_limit",
+            Dropped::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Dropped::TotalLimit => "total connection limit (limits.max_connections)",
+            Dropped::SourceLimit => {
+                "per-address connection limit (limits.max_connections_per_source)"
+            }
+            Dropped::UnauthenticatedLimit => {
+                "per-address limit of unestablished connections (limits.max_unauthenticated_per_source)"
+            }
+            Dropped::HandshakeTimeout => "deadline for the first message or TLS handshake",
+        }
+    }
+}
+
+/// The counters of [`Dropped`] connections, one per reason (shared with the metrics
+/// endpoint; see [`crate::metrics::Metrics::stream_drops`]).
+#[derive(Clone, Debug, Default)]
+pub struct DropCounters {
+    counters: [prometheus_client::metrics::counter::Counter; Dropped::ALL.len()],
+}
+
+impl DropCounters {
+    /// Counters built from `make(reason label)`.
+    pub fn new(
+        mut make: impl FnMut(&'static str) -> prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        DropCounters {
+            counters: Dropped::ALL.map(|d| make(d.label())),
+        }
+    }
+
+    pub fn count(&self, why: Dropped) {
+        if let Some(c) = self.counters.get(why as usize) {
+            c.inc();
+        }
+    }
+
+    pub fn get(&self, why: Dropped) -> u64 {
+        self.counters.get(why as usize).map_or(0, |c| c.get())
+    }
+}
+
+/// Connection counts per source address and in total, the drop counters, and the limits
+/// a reload set. One per worker by default ([`Streams::new`]); share one between workers
+/// ([`Streams::with_counter`]) to make the caps process-wide. Locked only on accept,
+/// establishment and close, never on the data path.
 #[derive(Debug, Default)]
 pub struct ConnCounter {
     inner: Mutex<CounterInner>,
+    drops: DropCounters,
+    /// Limits set by [`ConnCounter::set_limits`] (a reload), with a generation number
+    /// that every [`Streams`] compares on its tick.
+    reloaded: Mutex<(u64, Option<StreamLimits>)>,
 }
 
 #[derive(Debug, Default)]
 struct CounterInner {
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HashMap<IpAddr, PerSource>,
     total: usize,
+}
+
+/// One source address's connections.
+#[derive(Debug, Default, Clone, Copy)]
+struct PerSource {
+    unestablished: usize,
+    established: usize,
+}
+
+/// How a connection is counted in the [`ConnCounter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// Not yet established, under its source address.
+    Unestablished(IpAddr),
+    /// Established, under its source address.
+    Established(IpAddr),
 }
 
 impl ConnCounter {
@@ -90,36 +220,95 @@ impl ConnCounter {
         Self::default()
     }
 
+    /// A counter that counts drops in `drops` (the metrics' counters).
+    pub fn with_drops(drops: DropCounters) -> Self {
+        ConnCounter {
+            drops,
+            ..Self::default()
+        }
+    }
+
     /// Connections counted now.
     pub fn total(&self) -> usize {
         self.lock().total
+    }
+
+    /// Connections counted drops of each reason.
+    pub fn drops(&self) -> &DropCounters {
+        &self.drops
+    }
+
+    /// New limits for every [`Streams`] sharing this counter (a reload); each takes them
+    /// on its next tick. Caps apply to new connections (and establishments), timeouts to
+    /// every connection from then on.
+    pub fn set_limits(&self, limits: StreamLimits) {
+        let mut r = self.reloaded.lock().unwrap_or_else(|p| p.into_inner());
+        r.0 += 1;
+        r.1 = Some(limits);
+    }
+
+    /// The limits set since generation `seen`, if any, and the generation now.
+    fn limits_since(&self, seen: u64) -> (u64, Option<StreamLimits>) {
+        let r = self.reloaded.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0 == seen {
+            (seen, None)
+        } else {
+            (r.0, r.1.clone())
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CounterInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a new connection from `ip` if both caps allow it.
-    fn try_add(&self, ip: IpAddr, limits: &StreamLimits) -> Result<(), &'static str> {
+    /// Counts a new, unestablished connection from `ip` if the caps allow it.
+    fn open(&self, ip: IpAddr, limits: &StreamLimits) -> Result<Counted, Dropped> {
         let mut c = self.lock();
         if c.total >= limits.max_total {
-            return Err("total connection limit");
+            return Err(Dropped::TotalLimit);
         }
-        let n = c.per_ip.entry(ip).or_insert(0);
-        if *n >= limits.max_per_source_ip {
-            return Err("per-address connection limit");
+        let n = c.per_ip.entry(ip).or_default();
+        if n.unestablished >= limits.max_unestablished_per_source {
+            if n.unestablished == 0 && n.established == 0 {
+                c.per_ip.remove(&ip);
+            }
+            return Err(Dropped::UnauthenticatedLimit);
         }
-        *n += 1;
+        n.unestablished += 1;
         c.total += 1;
-        Ok(())
+        Ok(Counted::Unestablished(ip))
     }
 
-    fn remove(&self, ip: IpAddr) {
+    /// Moves an unestablished connection to the established ones of its address, if
+    /// the per-source cap allows it (otherwise nothing changes).
+    fn establish(&self, counted: Counted, limits: &StreamLimits) -> Result<Counted, Dropped> {
+        let Counted::Unestablished(ip) = counted else {
+            return Ok(counted);
+        };
+        let mut c = self.lock();
+        let n = c.per_ip.entry(ip).or_default();
+        if n.established >= limits.max_per_source {
+            return Err(Dropped::SourceLimit);
+        }
+        n.unestablished = n.unestablished.saturating_sub(1);
+        n.established += 1;
+        Ok(Counted::Established(ip))
+    }
+
+    fn remove(&self, counted: Counted) {
         let mut c = self.lock();
         c.total = c.total.saturating_sub(1);
+        let (ip, established) = match counted {
+            Counted::Unestablished(ip) => (ip, false),
+            Counted::Established(ip) => (ip, true),
+        };
         if let Some(n) = c.per_ip.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            if established {
+                n.established = n.established.saturating_sub(1);
+            } else {
+                n.unestablished = n.unestablished.saturating_sub(1);
+            }
+            if n.established == 0 && n.unestablished == 0 {
                 c.per_ip.remove(&ip);
             }
         }
@@ -144,6 +333,8 @@ enum Close {
     BadFrame,
     /// A reply to the client's own request did not fit in the write buffer.
     ReplyOverflow,
+    /// A connection cap (see [`Dropped`]).
+    Limit(Dropped),
 }
 
 impl std::fmt::Display for Close {
@@ -154,6 +345,7 @@ impl std::fmt::Display for Close {
             Close::Tls(e) => write!(f, "TLS: {e}"),
             Close::BadFrame => f.write_str("not STUN/ChannelData, or frame too long"),
             Close::ReplyOverflow => f.write_str("replies not read (write buffer full)"),
+            Close::Limit(d) => f.write_str(d.describe()),
         }
     }
 }
@@ -178,6 +370,10 @@ struct Conn {
     broken: bool,
     /// An RFC 6062 data connection: bytes pass through unframed, no timers.
     raw: bool,
+    /// A complete frame has been received.
+    framed: bool,
+    /// How the connection is counted (established or not, under which address).
+    counted: Counted,
 }
 
 impl Conn {
@@ -336,6 +532,9 @@ impl Conn {
             r
         };
         let (used, went_raw) = result?;
+        if used > 0 || went_raw {
+            self.framed = true;
+        }
         if went_raw {
             // What followed the ConnectionBind is already application data.
             self.raw = true;
@@ -460,6 +659,15 @@ impl Conn {
         Ok(())
     }
 
+    /// Has the connection become established (a complete frame on TCP, the handshake
+    /// finished on TLS)?
+    fn is_established_now(&self) -> bool {
+        match &self.tls {
+            Some(tls) => !tls.is_handshaking(),
+            None => self.framed,
+        }
+    }
+
     /// Before a close we decide on: TLS close_notify, best effort.
     fn goodbye(&mut self) {
         if let Some(tls) = self.tls.as_mut() {
@@ -509,6 +717,8 @@ pub struct Streams {
     scratch: Box<[u8]>,
     reply: Vec<u8>,
     live: usize,
+    /// The generation of the counter's reloaded limits last taken.
+    limits_seen: u64,
 }
 
 impl Streams {
@@ -517,10 +727,19 @@ impl Streams {
         Self::with_counter(limits, token_base, Arc::new(ConnCounter::new()))
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> &StreamLimits {
+        &self.limits
+    }
+
     /// Connections of one worker, with caps counted in `counter` (share one between
     /// workers for process-wide per-address and total caps).
     pub fn with_counter(limits: StreamLimits, token_base: u64, counter: Arc<ConnCounter>) -> Self {
+        // Limits a reload set before this worker started win over `limits`.
+        let (limits_seen, reloaded) = counter.limits_since(0);
+        let limits = reloaded.unwrap_or(limits);
         Streams {
+            limits_seen,
             limits,
             token_base,
             slots: Vec::new(),
@@ -578,15 +797,19 @@ impl Streams {
                     break;
                 }
             };
-            if let Err(why) = self.counter.try_add(peer.ip(), &self.limits) {
-                tracing::debug!(client = %peer, reason = why, "stream connection refused");
-                reject(socket);
-                continue;
-            }
-            match self.register(socket, peer, transport, tls, epoll, now) {
+            let counted = match self.counter.open(peer.ip(), &self.limits) {
+                Ok(c) => c,
+                Err(why) => {
+                    self.counter.drops.count(why);
+                    tracing::debug!(client = %peer, reason = why.describe(), "stream connection refused");
+                    reject(socket);
+                    continue;
+                }
+            };
+            match self.register(socket, peer, transport, tls, epoll, now, counted) {
                 Ok(()) => taken += 1,
                 Err(e) => {
-                    self.counter.remove(peer.ip());
+                    self.counter.remove(counted);
                     tracing::debug!(client = %peer, error = %e, "stream connection dropped");
                 }
             }
@@ -594,6 +817,7 @@ impl Streams {
         taken
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         socket: TcpStream,
@@ -602,6 +826,7 @@ impl Streams {
         tls: Option<&Arc<rustls::ServerConfig>>,
         epoll: &Epoll,
         now: Instant,
+        counted: Counted,
     ) -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_nodelay(true)?;
@@ -639,7 +864,10 @@ impl Streams {
             self.free.push(slot);
             return Err(e.into());
         }
-        let partial_since = tls.is_some().then_some(now);
+        // The short deadline runs from the accept until the connection is established
+        // (TCP: a complete first frame; TLS: the handshake), so a silent connection is
+        // closed after it rather than the idle timeout.
+        let partial_since = Some(now);
         if let Some(s) = self.slots.get_mut(slot) {
             *s = Some(Conn {
                 socket,
@@ -654,6 +882,8 @@ impl Streams {
                 out_interest: false,
                 broken: false,
                 raw: false,
+                framed: false,
+                counted,
             });
         }
         self.by_five_tuple.insert(ft, slot);
@@ -684,25 +914,52 @@ impl Streams {
             && flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
         {
             self.reply.clear();
-            result = if conn.tls.is_some() {
-                conn.read_tls(
-                    &mut self.scratch,
-                    &self.limits,
-                    now,
-                    &mut self.reply,
-                    on_frame,
-                )
-            } else {
-                conn.read_tcp(
-                    &mut self.scratch,
-                    &self.limits,
-                    now,
-                    &mut self.reply,
-                    on_frame,
-                )
+            // The first complete frame establishes the connection (if the handshake has
+            // not): checked against the per-source cap before the core sees the frame,
+            // so a connection over it never reaches the core.
+            let counted = Cell::new(conn.counted);
+            let refused = Cell::new(None);
+            let (counter, limits) = (&self.counter, &self.limits);
+            let mut gate = |ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| -> bool {
+                if refused.get().is_some() {
+                    return false;
+                }
+                if let c @ Counted::Unestablished(_) = counted.get() {
+                    match counter.establish(c, limits) {
+                        Ok(c) => counted.set(c),
+                        Err(why) => {
+                            refused.set(Some(why));
+                            return false;
+                        }
+                    }
+                }
+                on_frame(ft, frame, reply)
             };
+            result = if conn.tls.is_some() {
+                conn.read_tls(&mut self.scratch, limits, now, &mut self.reply, &mut gate)
+            } else {
+                conn.read_tcp(&mut self.scratch, limits, now, &mut self.reply, &mut gate)
+            };
+            conn.counted = counted.get();
+            if let Some(why) = refused.get() {
+                self.counter.drops.count(why);
+                result = Err(Close::Limit(why));
+            }
             if self.reply.capacity() > self.limits.max_write_buffer {
                 self.reply = Vec::new();
+            }
+        }
+        // A TLS handshake that finished establishes the connection too.
+        if result.is_ok()
+            && matches!(conn.counted, Counted::Unestablished(_))
+            && conn.is_established_now()
+        {
+            match self.counter.establish(conn.counted, &self.limits) {
+                Ok(c) => conn.counted = c,
+                Err(why) => {
+                    self.counter.drops.count(why);
+                    result = Err(Close::Limit(why));
+                }
             }
         }
         match result {
@@ -768,6 +1025,11 @@ impl Streams {
     /// handshake is older than the deadline, that have been idle too long, or whose writes
     /// failed. Returns their 5-tuples.
     pub fn tick(&mut self, now: Instant, epoll: &Epoll) -> Vec<FiveTuple> {
+        let (seen, reloaded) = self.counter.limits_since(self.limits_seen);
+        self.limits_seen = seen;
+        if let Some(l) = reloaded {
+            self.limits = l;
+        }
         let mut closed = Vec::new();
         for slot in 0..self.slots.len() {
             let Some(Some(conn)) = self.slots.get_mut(slot) else {
@@ -783,15 +1045,21 @@ impl Streams {
             if !(slow || idle || conn.broken) {
                 continue;
             }
+            let unestablished = matches!(conn.counted, Counted::Unestablished(_));
             let reason = if conn.broken {
                 "write failed"
             } else if slow && conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
                 "TLS handshake deadline"
+            } else if slow && unestablished {
+                "first message deadline"
             } else if slow {
                 "incomplete message deadline"
             } else {
                 "idle timeout"
             };
+            if slow && unestablished && !conn.broken {
+                self.counter.drops.count(Dropped::HandshakeTimeout);
+            }
             tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason, "stream connection closed");
             if !conn.broken {
                 conn.goodbye();
@@ -807,7 +1075,7 @@ impl Streams {
         let conn = self.slots.get_mut(slot)?.take()?;
         let _ = epoll.delete(&conn.socket);
         self.by_five_tuple.remove(&conn.ft);
-        self.counter.remove(conn.ft.client.ip());
+        self.counter.remove(conn.counted);
         self.free.push(slot);
         self.live = self.live.saturating_sub(1);
         Some(conn.ft)
@@ -823,7 +1091,7 @@ fn reject(socket: TcpStream) {
 mod tests {
     use super::*;
     use nix::sys::epoll::{EpollCreateFlags, EpollTimeout};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::thread::JoinHandle;
 
@@ -839,6 +1107,7 @@ mod tests {
         closed: Arc<Mutex<Vec<FiveTuple>>>,
         sends: mpsc::Sender<(FiveTuple, Vec<u8>)>,
         sent: mpsc::Receiver<bool>,
+        live: Arc<AtomicUsize>,
         thread: Option<JoinHandle<()>>,
     }
 
@@ -856,6 +1125,8 @@ mod tests {
             let (sends, send_rx) = mpsc::channel::<(FiveTuple, Vec<u8>)>();
             let (sent_tx, sent) = mpsc::channel();
             let (stop2, closed2) = (stop.clone(), closed.clone());
+            let live = Arc::new(AtomicUsize::new(0));
+            let live2 = live.clone();
             let thread = std::thread::spawn(move || {
                 let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
                 epoll
@@ -886,6 +1157,7 @@ mod tests {
                             }
                         }
                     }
+                    live2.store(streams.len(), Ordering::Relaxed);
                     while let Ok((ft, bytes)) = send_rx.try_recv() {
                         let _ = sent_tx.send(streams.send(&ft, &bytes, &epoll));
                     }
@@ -903,8 +1175,14 @@ mod tests {
                 closed,
                 sends,
                 sent,
+                live,
                 thread: Some(thread),
             }
+        }
+
+        /// Open connections, as of the loop's last round.
+        fn accepted(&self) -> usize {
+            self.live.load(Ordering::Relaxed)
         }
 
         fn connect(&self) -> TcpStream {
@@ -1105,7 +1383,7 @@ mod tests {
     #[test]
     fn per_ip_cap_refuses_extra_connection_only() {
         let limits = StreamLimits {
-            max_per_source_ip: 3,
+            max_per_source: 3,
             ..StreamLimits::default()
         };
         let h = Harness::start(limits, Transport::Tcp, None);
@@ -1114,9 +1392,16 @@ mod tests {
             c.write_all(&stun(i as u8, 0)).unwrap();
             assert_eq!(read_exact_timeout(c, 20), stun(i as u8, 0));
         }
+        // The fourth is taken on, but closed at its first frame, unanswered (the core
+        // never sees it).
         let mut extra = h.connect();
         let _ = extra.write_all(&stun(9, 0));
-        assert_closed(&mut extra);
+        let mut got = Vec::new();
+        let _ = extra.read_to_end(&mut got);
+        assert!(
+            got.is_empty(),
+            "a frame over the cap was answered: {got:02x?}"
+        );
         for (i, c) in conns.iter_mut().enumerate() {
             c.write_all(&stun(i as u8 + 10, 0)).unwrap();
             assert_eq!(read_exact_timeout(c, 20), stun(i as u8 + 10, 0));
@@ -1129,6 +1414,94 @@ mod tests {
         let mut again = h.connect();
         again.write_all(&stun(20, 0)).unwrap();
         assert_eq!(read_exact_timeout(&mut again, 20), stun(20, 0));
+    }
+
+    #[test]
+    fn unestablished_cap_and_silent_connections() {
+        let limits = StreamLimits {
+            max_unestablished_per_source: 2,
+            handshake_and_partial_deadline: Duration::from_millis(400),
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let mut served = h.connect();
+        served.write_all(&stun(1, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut served, 20), stun(1, 0));
+        // Two silent connections fill the cap; a third is refused at once.
+        let mut a = h.connect();
+        let b = h.connect();
+        wait_until("two accepted", || h.accepted() >= 3);
+        let t = Instant::now();
+        let mut c = h.connect();
+        assert_closed(&mut c);
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        // Established connections are not counted there: one more served client.
+        let mut a_frame = stun(2, 0);
+        a.write_all(&a_frame).unwrap();
+        assert_eq!(read_exact_timeout(&mut a, 20), a_frame);
+        let mut d = h.connect();
+        a_frame = stun(3, 0);
+        d.write_all(&a_frame).unwrap();
+        assert_eq!(read_exact_timeout(&mut d, 20), a_frame);
+        // The silent one is closed after the short deadline, not the idle timeout;
+        // the established ones stay.
+        let mut b = b;
+        let t = Instant::now();
+        assert_closed(&mut b);
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        for (s, tid) in [(&mut a, 4), (&mut served, 5), (&mut d, 6)] {
+            s.write_all(&stun(tid, 0)).unwrap();
+            assert_eq!(read_exact_timeout(s, 20), stun(tid, 0));
+        }
+    }
+
+    #[test]
+    fn counter_counts_and_reloads() {
+        let counter = ConnCounter::new();
+        let limits = StreamLimits {
+            max_per_source: 1,
+            max_unestablished_per_source: 1,
+            max_total: 3,
+            ..StreamLimits::default()
+        };
+        let ip1: IpAddr = "192.0.2.1".parse().unwrap();
+        let ip2: IpAddr = "192.0.2.2".parse().unwrap();
+        let c1 = counter.open(ip1, &limits).unwrap();
+        assert_eq!(
+            counter.open(ip1, &limits),
+            Err(Dropped::UnauthenticatedLimit)
+        );
+        let c1 = counter.establish(c1, &limits).unwrap();
+        assert_eq!(c1, Counted::Established(ip1));
+        let c2 = counter.open(ip1, &limits).unwrap();
+        assert_eq!(counter.establish(c2, &limits), Err(Dropped::SourceLimit));
+        let c3 = counter.open(ip2, &limits).unwrap();
+        assert_eq!(counter.total(), 3);
+        assert_eq!(counter.open(ip2, &limits), Err(Dropped::TotalLimit));
+        for c in [c1, c2, c3] {
+            counter.remove(c);
+        }
+        assert_eq!(counter.total(), 0);
+        assert!(counter.lock().per_ip.is_empty());
+        // Reloaded limits reach a Streams on its tick.
+        let counter = Arc::new(counter);
+        let mut streams = Streams::with_counter(StreamLimits::default(), BASE, counter.clone());
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        counter.set_limits(limits.clone());
+        assert_eq!(streams.limits(), &StreamLimits::default());
+        streams.tick(Instant::now(), &epoll);
+        assert_eq!(streams.limits(), &limits);
+        // A Streams made after the reload starts with them.
+        let later = Streams::with_counter(StreamLimits::default(), BASE, counter);
+        assert_eq!(later.limits(), &limits);
     }
 
     #[test]
