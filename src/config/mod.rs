@@ -153,10 +153,10 @@ impl Config {
                 realm: "turnstone.local".to_owned(),
                 ..ServerSection::default()
             },
-            listen: vec![Listen {
-                transport: ListenTransport::Udp,
-                address: SocketAddr::from((Ipv4Addr::LOCALHOST, 3478)),
-            }],
+            listen: vec![Listen::new(
+                ListenTransport::Udp,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 3478)),
+            )],
             relay: RelaySection {
                 addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
                 ..RelaySection::default()

@@ -63,10 +63,10 @@ fn good_config_and_defaults() {
     assert_eq!(c.server.workers, 0);
     assert_eq!(
         c.listen,
-        vec![Listen {
-            transport: ListenTransport::Udp,
-            address: "127.0.0.1:3478".parse().unwrap()
-        }]
+        vec![Listen::new(
+            ListenTransport::Udp,
+            "127.0.0.1:3478".parse().unwrap()
+        )]
     );
     assert_eq!(c.relay.addresses, vec![ip("127.0.0.1")]);
     assert!(c.relay.external_addresses.is_empty());
@@ -313,6 +313,8 @@ fn example_documents_every_key() {
         "adaptive_workers",
         "[[listen]]",
         "transport",
+        "proxy_protocol",
+        "proxy_from",
         "address",
         "external_address",
         "ports",
@@ -598,6 +600,64 @@ fn listen_problems() {
         1,
     );
     assert!(Config::from_toml(&ok_tls).is_ok());
+}
+
+#[test]
+fn listen_proxy_protocol() {
+    let with = |entry: &str| {
+        GOOD.replacen(
+            "[relay]",
+            &format!("[[listen]]\n{entry}\n[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[relay]"),
+            1,
+        )
+    };
+    let c = Config::from_toml(&with(
+        "transport = \"tls\"\naddress = \"0.0.0.0:443\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\", \"192.0.2.7\"]",
+    ))
+    .unwrap();
+    assert!(c.listen[1].proxy_protocol);
+    assert_eq!(
+        c.listen[1].proxy_from,
+        vec![
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            "192.0.2.7/32".parse().unwrap()
+        ]
+    );
+    assert!(!c.listen[0].proxy_protocol);
+    let tcp = "transport = \"tcp\"\naddress = \"127.0.0.1:3479\"\n";
+    for (entry, key, needle) in [
+        ("proxy_protocol = true", "listen[1].proxy_from", "missing"),
+        (
+            "proxy_protocol = true\nproxy_from = []",
+            "listen[1].proxy_from",
+            "missing",
+        ),
+        (
+            "proxy_from = [\"10.0.0.0/8\"]",
+            "listen[1].proxy_from",
+            "only with proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = true\nproxy_from = [\"10.0.0.0/33\"]",
+            "listen[1].proxy_from[0]",
+            "not a CIDR",
+        ),
+        (
+            "proxy_protocol = \"yes\"",
+            "listen[1].proxy_protocol",
+            "bool",
+        ),
+    ] {
+        let e = one(&errs(&with(&format!("{tcp}{entry}"))), key);
+        assert!(e.message.contains(needle), "{entry}: {e}");
+    }
+    let e = one(
+        &errs(&with(
+            "transport = \"udp\"\naddress = \"127.0.0.1:3479\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\"]",
+        )),
+        "listen[1].proxy_protocol",
+    );
+    assert!(e.message.contains("only for tcp and tls"), "{e}");
 }
 
 #[test]

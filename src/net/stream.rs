@@ -11,6 +11,15 @@
 //! behind one NAT address are served while one address cannot hold many silent or
 //! half-open connections.
 //!
+//! A listener with `proxy_protocol` ([`StreamLimits::proxy`]) takes connections only from
+//! its `proxy_from` sources, and each must start with a PROXY protocol header
+//! ([`crate::proto::proxy`]) before anything else (before the TLS handshake on a tls
+//! listener). The header's source address becomes the connection's client address: its
+//! 5-tuple, the per-source caps, logs and whatever the core does with it. Until the
+//! header is complete the connection counts only in the total, under the short deadline;
+//! a missing, malformed, oversized or slow header closes it, and nothing of it is ever
+//! framed as STUN.
+//!
 //! Driven by the worker's level-triggered epoll loop: non-blocking std sockets, one epoll
 //! token per connection (`token_base + slot`), no tokio. Protocol logic stays in the core:
 //! each complete frame is handed to a callback together with the connection's 5-tuple.
@@ -29,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use rustls::ServerConnection;
 
-use crate::proto::{next_frame, Frame};
+use crate::proto::{next_frame, parse_proxy_header, Frame, ProxyAddresses, ProxyHeader};
 use crate::server::{FiveTuple, Transport};
 
 /// Connections accepted per readiness event of a listener (level-triggered: the rest are
@@ -70,6 +79,10 @@ pub struct StreamLimits {
     /// Connections in total (counted by the [`ConnCounter`], which may be shared;
     /// `limits.max_connections`).
     pub max_total: usize,
+    /// Listeners (by their configured address) whose connections must start with a PROXY
+    /// protocol header, and the sources allowed to connect to them
+    /// (`listen[N].proxy_protocol`, `listen[N].proxy_from`).
+    pub proxy: Vec<(SocketAddr, Vec<ipnet::IpNet>)>,
     /// Unsent bytes queued per connection. Peer data beyond it is dropped (the frame, not
     /// the connection: [`Streams::send`] returns false); a reply to the client's own
     /// request that does not fit closes the connection.
@@ -86,6 +99,7 @@ impl Default for StreamLimits {
             max_per_source: crate::config::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_unestablished_per_source: crate::config::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
             max_total: crate::config::DEFAULT_MAX_CONNECTIONS,
+            proxy: Vec::new(),
             max_write_buffer: 1024 * 1024,
         }
     }
@@ -101,6 +115,12 @@ impl StreamLimits {
             max_per_source: l.max_connections_per_source,
             max_unestablished_per_source: l.max_unauthenticated_per_source,
             max_total: l.max_connections,
+            proxy: config
+                .listen
+                .iter()
+                .filter(|l| l.proxy_protocol && l.transport.is_stream())
+                .map(|l| (l.address, l.proxy_from.clone()))
+                .collect(),
             ..StreamLimits::default()
         }
     }
@@ -118,14 +138,25 @@ pub enum Dropped {
     UnauthenticatedLimit,
     /// Not established within `limits.stream_handshake_timeout`.
     HandshakeTimeout,
+    /// On a `proxy_protocol` listener, from a source not in its `proxy_from`.
+    ProxyUntrusted,
+    /// On a `proxy_protocol` listener, no valid PROXY header first (missing, malformed,
+    /// oversized).
+    ProxyInvalid,
+    /// On a `proxy_protocol` listener, the header not complete within
+    /// `limits.stream_handshake_timeout`.
+    ProxyTimeout,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 4] = [
+    pub const ALL: [Dropped; 7] = [
         Dropped::TotalLimit,
         Dropped::SourceLimit,
         Dropped::UnauthenticatedLimit,
         Dropped::HandshakeTimeout,
+        Dropped::ProxyUntrusted,
+        Dropped::ProxyInvalid,
+        Dropped::ProxyTimeout,
     ];
 
     /// The metric's `reason` label.
@@ -135,6 +166,9 @@ impl Dropped {
             Dropped::SourceLimit => "source_limit",
             Dropped::UnauthenticatedLimit => "unauthenticated_limit",
             Dropped::HandshakeTimeout => "handshake_timeout",
+            Dropped::ProxyUntrusted => "proxy_untrusted",
+            Dropped::ProxyInvalid => "proxy_invalid",
+            Dropped::ProxyTimeout => "proxy_timeout",
         }
     }
 
@@ -148,6 +182,11 @@ impl Dropped {
                 "per-address limit of unestablished connections (limits.max_unauthenticated_per_source)"
             }
             Dropped::HandshakeTimeout => "deadline for the first message or TLS handshake",
+            Dropped::ProxyUntrusted => {
+                "not from a load balancer in the listener's proxy_from (PROXY protocol)"
+            }
+            Dropped::ProxyInvalid => "no valid PROXY protocol header",
+            Dropped::ProxyTimeout => "deadline for the PROXY protocol header",
         }
     }
 }
@@ -209,6 +248,8 @@ struct PerSource {
 /// How a connection is counted in the [`ConnCounter`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Counted {
+    /// Waiting for its PROXY header (and so for its client address): in the total only.
+    Awaiting,
     /// Not yet established, under its source address.
     Unestablished(IpAddr),
     /// Established, under its source address.
@@ -279,6 +320,40 @@ impl ConnCounter {
         Ok(Counted::Unestablished(ip))
     }
 
+    /// Counts a new connection whose client address a PROXY header will give, if the
+    /// total allows it.
+    fn open_awaiting(&self, limits: &StreamLimits) -> Result<Counted, Dropped> {
+        let mut c = self.lock();
+        if c.total >= limits.max_total {
+            return Err(Dropped::TotalLimit);
+        }
+        c.total += 1;
+        Ok(Counted::Awaiting)
+    }
+
+    /// Counts an awaiting connection under the client address its header gave, if the
+    /// unestablished cap of that address allows it (otherwise nothing changes).
+    fn assign(
+        &self,
+        counted: Counted,
+        ip: IpAddr,
+        limits: &StreamLimits,
+    ) -> Result<Counted, Dropped> {
+        if counted != Counted::Awaiting {
+            return Ok(counted);
+        }
+        let mut c = self.lock();
+        let n = c.per_ip.entry(ip).or_default();
+        if n.unestablished >= limits.max_unestablished_per_source {
+            if n.unestablished == 0 && n.established == 0 {
+                c.per_ip.remove(&ip);
+            }
+            return Err(Dropped::UnauthenticatedLimit);
+        }
+        n.unestablished += 1;
+        Ok(Counted::Unestablished(ip))
+    }
+
     /// Moves an unestablished connection to the established ones of its address, if
     /// the per-source cap allows it (otherwise nothing changes).
     fn establish(&self, counted: Counted, limits: &StreamLimits) -> Result<Counted, Dropped> {
@@ -299,6 +374,7 @@ impl ConnCounter {
         let mut c = self.lock();
         c.total = c.total.saturating_sub(1);
         let (ip, established) = match counted {
+            Counted::Awaiting => return,
             Counted::Unestablished(ip) => (ip, false),
             Counted::Established(ip) => (ip, true),
         };
@@ -335,6 +411,10 @@ enum Close {
     ReplyOverflow,
     /// A connection cap (see [`Dropped`]).
     Limit(Dropped),
+    /// Not a valid PROXY protocol header.
+    Proxy(&'static str),
+    /// The PROXY header gave the 5-tuple of a connection that exists.
+    DuplicateFiveTuple,
 }
 
 impl std::fmt::Display for Close {
@@ -346,6 +426,10 @@ impl std::fmt::Display for Close {
             Close::BadFrame => f.write_str("not STUN/ChannelData, or frame too long"),
             Close::ReplyOverflow => f.write_str("replies not read (write buffer full)"),
             Close::Limit(d) => f.write_str(d.describe()),
+            Close::Proxy(why) => write!(f, "PROXY protocol: {why}"),
+            Close::DuplicateFiveTuple => {
+                f.write_str("PROXY header gave the addresses of an open connection")
+            }
         }
     }
 }
@@ -374,6 +458,10 @@ struct Conn {
     framed: bool,
     /// How the connection is counted (established or not, under which address).
     counted: Counted,
+    /// On a `proxy_protocol` listener, until its header is complete: what has come of it.
+    proxy_header: Option<Vec<u8>>,
+    /// Bytes that came after the PROXY header in its last read, taken before the socket's.
+    early: Vec<u8>,
 }
 
 impl Conn {
@@ -568,6 +656,12 @@ impl Conn {
         reply: &mut Vec<u8>,
         on_frame: &mut OnFrame<'_>,
     ) -> Result<(), Close> {
+        if !self.early.is_empty() {
+            let early = std::mem::take(&mut self.early);
+            let framed = self.ingest(&early, limits, now, reply, on_frame);
+            self.send_replies(reply, limits)?;
+            framed?;
+        }
         for _ in 0..READS_PER_EVENT {
             let n = match self.socket.read(scratch) {
                 Ok(0) => return Err(Close::PeerClosed),
@@ -597,12 +691,37 @@ impl Conn {
         reply: &mut Vec<u8>,
         on_frame: &mut OnFrame<'_>,
     ) -> Result<(), Close> {
-        for _ in 0..READS_PER_EVENT {
+        let mut reads = 0;
+        loop {
+            // Ciphertext that came after a PROXY header first, then the socket's.
+            let from_early = !self.early.is_empty();
+            if !from_early {
+                if reads >= READS_PER_EVENT {
+                    break;
+                }
+                reads += 1;
+            }
             let Some(tls) = self.tls.as_mut() else {
                 return Err(Close::PeerClosed);
             };
             let was_handshaking = tls.is_handshaking();
-            let (n, eof) = match tls.read_tls(&mut self.socket) {
+            let read = if from_early {
+                let mut rest: &[u8] = &self.early;
+                let r = tls.read_tls(&mut rest);
+                let used = self.early.len() - rest.len();
+                self.early.drain(..used);
+                match r {
+                    // rustls took nothing (its buffer is full): not a TLS client.
+                    Ok(0) => return Err(Close::BadFrame),
+                    r => r,
+                }
+            } else {
+                tls.read_tls(&mut self.socket)
+            };
+            let Some(tls) = self.tls.as_mut() else {
+                return Err(Close::PeerClosed);
+            };
+            let (n, eof) = match read {
                 Ok(0) => (0, true),
                 Ok(n) => (n, false),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -657,6 +776,47 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Reads what has come of a PROXY header. `Ok(Some(addresses))` once it is complete
+    /// (what followed it is kept in `early`), `Ok(None)` while it is not.
+    fn read_proxy_header(
+        &mut self,
+        scratch: &mut [u8],
+    ) -> Result<Option<Option<ProxyAddresses>>, Close> {
+        for _ in 0..READS_PER_EVENT {
+            let Some(buf) = self.proxy_header.as_mut() else {
+                return Ok(Some(None));
+            };
+            // Never more than a header can be, so a flood of bytes costs nothing.
+            let room = crate::proto::proxy::MAX_HEADER
+                .saturating_sub(buf.len())
+                .clamp(1, scratch.len());
+            let Some(into) = scratch.get_mut(..room) else {
+                return Err(Close::Proxy("no room"));
+            };
+            let n = match self.socket.read(into) {
+                Ok(0) => return Err(Close::PeerClosed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Close::Io(e)),
+            };
+            buf.extend_from_slice(into.get(..n).unwrap_or_default());
+            match parse_proxy_header(buf) {
+                ProxyHeader::Incomplete => {}
+                ProxyHeader::Invalid(why) => return Err(Close::Proxy(why)),
+                ProxyHeader::Done {
+                    header_len,
+                    addresses,
+                } => {
+                    self.early = buf.get(header_len..).unwrap_or_default().to_vec();
+                    self.proxy_header = None;
+                    return Ok(Some(addresses));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Has the connection become established (a complete frame on TCP, the handshake
@@ -786,6 +946,16 @@ impl Streams {
         now: Instant,
     ) -> usize {
         let mut taken = 0;
+        // A PROXY protocol listener: which entry of `limits.proxy` (looked up by the
+        // listener's own address).
+        let proxy = if self.limits.proxy.is_empty() {
+            None
+        } else {
+            listener
+                .local_addr()
+                .ok()
+                .and_then(|a| self.limits.proxy.iter().position(|(l, _)| *l == a))
+        };
         for _ in 0..ACCEPT_BATCH {
             let (socket, peer) = match listener.accept() {
                 Ok(a) => a,
@@ -797,7 +967,20 @@ impl Streams {
                     break;
                 }
             };
-            let counted = match self.counter.open(peer.ip(), &self.limits) {
+            let opened = match proxy.and_then(|i| self.limits.proxy.get(i)) {
+                Some((_, from)) => {
+                    let ip = peer.ip().to_canonical();
+                    if !from.iter().any(|n| n.contains(&ip)) {
+                        self.counter.drops.count(Dropped::ProxyUntrusted);
+                        tracing::debug!(client = %peer, reason = Dropped::ProxyUntrusted.describe(), "stream connection refused");
+                        reject(socket);
+                        continue;
+                    }
+                    self.counter.open_awaiting(&self.limits)
+                }
+                None => self.counter.open(peer.ip(), &self.limits),
+            };
+            let counted = match opened {
                 Ok(c) => c,
                 Err(why) => {
                     self.counter.drops.count(why);
@@ -806,7 +989,16 @@ impl Streams {
                     continue;
                 }
             };
-            match self.register(socket, peer, transport, tls, epoll, now, counted) {
+            match self.register(
+                socket,
+                peer,
+                transport,
+                tls,
+                epoll,
+                now,
+                counted,
+                proxy.is_some(),
+            ) {
                 Ok(()) => taken += 1,
                 Err(e) => {
                     self.counter.remove(counted);
@@ -827,6 +1019,7 @@ impl Streams {
         epoll: &Epoll,
         now: Instant,
         counted: Counted,
+        proxy_header: bool,
     ) -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_nodelay(true)?;
@@ -884,6 +1077,8 @@ impl Streams {
                 raw: false,
                 framed: false,
                 counted,
+                proxy_header: proxy_header.then(Vec::new),
+                early: Vec::new(),
             });
         }
         self.by_five_tuple.insert(ft, slot);
@@ -905,6 +1100,19 @@ impl Streams {
         on_frame: &mut OnFrame<'_>,
     ) -> Option<FiveTuple> {
         let slot = usize::try_from(token.checked_sub(self.token_base)?).ok()?;
+        let readable =
+            flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+        if readable && self.slots.get(slot)?.as_ref()?.proxy_header.is_some() {
+            match self.proxy_header(slot) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(why) => {
+                    let conn = self.slots.get(slot)?.as_ref()?;
+                    tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason = %why, "stream connection closed");
+                    return self.close_slot(slot, epoll);
+                }
+            }
+        }
         let conn = self.slots.get_mut(slot)?.as_mut()?;
         let mut result = Ok(());
         if flags.contains(EpollFlags::EPOLLOUT) && conn.pending() > 0 {
@@ -983,6 +1191,49 @@ impl Streams {
         self.close_slot(slot, epoll)
     }
 
+    /// Reads the PROXY header of connection `slot`: `Ok(true)` once it is complete (the
+    /// connection then has its client's address, and is counted under it), `Ok(false)`
+    /// while it is not.
+    fn proxy_header(&mut self, slot: usize) -> Result<bool, Close> {
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return Err(Close::PeerClosed);
+        };
+        let addresses = match conn.read_proxy_header(&mut self.scratch) {
+            Ok(None) => return Ok(false),
+            Ok(Some(a)) => a,
+            Err(e) => {
+                if matches!(e, Close::Proxy(_)) {
+                    self.counter.drops.count(Dropped::ProxyInvalid);
+                }
+                return Err(e);
+            }
+        };
+        let via = conn.ft.client;
+        // LOCAL (a health check), UNKNOWN and non-TCP families keep the connection's own.
+        let client = addresses.map_or(via, |a| {
+            SocketAddr::new(a.source.ip().to_canonical(), a.source.port())
+        });
+        if let Err(why) = self
+            .counter
+            .assign(conn.counted, client.ip(), &self.limits)
+            .map(|c| conn.counted = c)
+        {
+            self.counter.drops.count(why);
+            return Err(Close::Limit(why));
+        }
+        let ft = FiveTuple { client, ..conn.ft };
+        if ft != conn.ft {
+            if self.by_five_tuple.contains_key(&ft) {
+                return Err(Close::DuplicateFiveTuple);
+            }
+            self.by_five_tuple.remove(&conn.ft);
+            self.by_five_tuple.insert(ft, slot);
+            conn.ft = ft;
+        }
+        tracing::debug!(client = %client, via = %via, transport = ft.transport.as_str(), "PROXY protocol header");
+        Ok(true)
+    }
+
     /// Sends `bytes` (a whole frame: a response, or peer data the core framed and padded)
     /// to the client on connection `ft`. Returns false, sending nothing, if there is no such
     /// connection or its write buffer has no room for the whole frame (dropped: UDP-like
@@ -1045,9 +1296,11 @@ impl Streams {
             if !(slow || idle || conn.broken) {
                 continue;
             }
-            let unestablished = matches!(conn.counted, Counted::Unestablished(_));
+            let unestablished = !matches!(conn.counted, Counted::Established(_));
             let reason = if conn.broken {
                 "write failed"
+            } else if slow && conn.proxy_header.is_some() {
+                "PROXY header deadline"
             } else if slow && conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
                 "TLS handshake deadline"
             } else if slow && unestablished {
@@ -1057,8 +1310,12 @@ impl Streams {
             } else {
                 "idle timeout"
             };
-            if slow && unestablished && !conn.broken {
-                self.counter.drops.count(Dropped::HandshakeTimeout);
+            if slow && !conn.broken {
+                if conn.proxy_header.is_some() {
+                    self.counter.drops.count(Dropped::ProxyTimeout);
+                } else if unestablished {
+                    self.counter.drops.count(Dropped::HandshakeTimeout);
+                }
             }
             tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason, "stream connection closed");
             if !conn.broken {
