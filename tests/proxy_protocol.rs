@@ -338,11 +338,11 @@ fn behind_haproxy(version: ProxyVersion) {
     // The harness's client from 127.0.0.3 through haproxy: turnstone sees 127.0.0.3 and
     // its port, not haproxy's address.
     let s = tcp_connect_from(Some(CLIENT), lb_tcp.addr).expect("connect to haproxy");
-    let own = s.local_addr().unwrap();
+    let own_tcp = s.local_addr().unwrap();
     let mut c = TurnClient::stream(Stream::Tcp(s), USER, PASSWORD);
     assert_eq!(
         mapped(&mut c, "TCP through haproxy"),
-        own,
+        own_tcp,
         "{}",
         lb_tcp.output()
     );
@@ -401,6 +401,17 @@ fn behind_haproxy(version: ProxyVersion) {
         .expect("TCP client through haproxy, at the end");
     ct.try_refresh(600)
         .expect("TLS client through haproxy, at the end");
+    // The usage record names the client's own address, not haproxy's.
+    c.try_refresh(0).expect("Refresh 0 through haproxy");
+    let client = format!("client={own_tcp}");
+    server.wait_log(
+        "the usage record with the client's address",
+        Duration::from_secs(3),
+        |l| {
+            l.lines()
+                .any(|x| x.contains("allocation ended") && x.contains(&client))
+        },
+    );
 }
 
 #[test]

@@ -334,3 +334,45 @@ fn a_flood_of_silent_and_half_open_connections_from_one_address_is_stopped() {
     t.try_allocate()
         .expect("TLS Allocate from 127.0.0.1 after the flood");
 }
+
+#[test]
+fn a_reload_changes_the_stream_limits() {
+    let options = ServerOptions::default().tcp();
+    let server = TestServer::start(options.clone());
+    let tcp = server.tcp_addr.expect("tcp listener");
+    // Is a third silent connection from 127.0.0.1 (beside two) refused at once?
+    let third_refused = || {
+        let held: Vec<TcpStream> = (0..2)
+            .map(|_| tcp_connect_from(None, tcp).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let refused = match tcp_connect_from(None, tcp) {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+            Err(e) => panic!("connect: {e}"),
+            Ok(s) => {
+                std::thread::sleep(Duration::from_millis(300));
+                probe(&s) == State::Closed
+            }
+        };
+        drop(held);
+        std::thread::sleep(Duration::from_millis(200));
+        refused
+    };
+    assert!(!third_refused(), "refused under the default cap of 64");
+    server.reload(
+        &options
+            .clone()
+            .limits_toml("max_unauthenticated_per_source = 2"),
+    );
+    // Every worker takes the new limits on its next tick (within a second).
+    common::wait_for("the reloaded cap applies", Duration::from_secs(5), || {
+        third_refused().then_some(())
+    });
+    // And back.
+    server.reload(&options);
+    common::wait_for(
+        "the default cap applies again",
+        Duration::from_secs(5),
+        || (!third_refused()).then_some(()),
+    );
+}
