@@ -1,4 +1,4 @@
-//! The PROXY protocol on tcp and tls listeners: behind haproxy (`send-proxy` and `send-proxy-v2`, TCP and TLS passed through) coturn's uclient relays and the server sees each client's own address; raw headers (v1, v2, LOCAL, TLVs) give the client address everywhere, including the per-source caps, while untrusted sources and missing, malformed, oversized or slow headers are closed and counted.
+//! The PROXY protocol on tcp and tls listeners: behind haproxy (`send-proxy` and `send-proxy-v2`, TCP and TLS passed through) coturn's uclient and headless Chromium relay and the server sees each client's own address; raw headers (v1, v2, LOCAL, TLVs) give the client address everywhere, including the per-source caps, while untrusted sources and missing, malformed, oversized or slow headers are closed and counted.
 
 mod common;
 
@@ -422,4 +422,77 @@ fn behind_haproxy_send_proxy_v2() {
 #[test]
 fn behind_haproxy_send_proxy_v1() {
     behind_haproxy(ProxyVersion::V1);
+}
+
+/// Headless Chromium (two relay-only peer connections exchanging data-channel messages,
+/// `tests/browser/index.html`) with `turn` as its only ICE server; both selected pairs
+/// must be relay candidates allocated over `protocol`.
+fn chromium_relays(turn: &str, protocol: &str, extra_args: &[&str]) {
+    use common::browser::{percent_encode, run_page};
+    let page = format!(
+        "/index.html?turn={}&username={}&credential={}&messages=20",
+        percent_encode(turn),
+        percent_encode(USER),
+        percent_encode(PASSWORD)
+    );
+    let r = run_page(&page, extra_args, Duration::from_secs(30));
+    assert_eq!(r.v["ok"].as_bool(), Some(true), "{turn}\n{}", r.context());
+    for (count, in_order) in [("messagesAtoB", "inOrderB"), ("messagesBtoA", "inOrderA")] {
+        assert_eq!(
+            r.v[count].as_u64(),
+            Some(20),
+            "{turn} {count}\n{}",
+            r.context()
+        );
+        assert_eq!(
+            r.v[in_order].as_bool(),
+            Some(true),
+            "{turn}\n{}",
+            r.context()
+        );
+    }
+    for pc in ["a", "b"] {
+        let local = &r.v[pc]["local"];
+        assert_eq!(
+            local["candidateType"].as_str(),
+            Some("relay"),
+            "{turn}\n{}",
+            r.context()
+        );
+        assert_eq!(
+            local["relayProtocol"].as_str(),
+            Some(protocol),
+            "{turn}\n{}",
+            r.context()
+        );
+    }
+}
+
+#[test]
+fn chromium_behind_haproxy() {
+    let server = TestServer::start(
+        ServerOptions::default()
+            .tcp()
+            .tls()
+            .metrics()
+            .proxy_protocol(&[TRUSTED]),
+    );
+    let lb_tcp = Haproxy::start(server.tcp_addr.expect("tcp"), ProxyVersion::V1);
+    let lb_tls = Haproxy::start(server.tls_addr.expect("tls"), ProxyVersion::V2);
+    chromium_relays(
+        &format!("turn:127.0.0.1:{}?transport=tcp", lb_tcp.addr.port()),
+        "tcp",
+        &[],
+    );
+    // The certificate is self-signed (for localhost and 127.0.0.1).
+    chromium_relays(
+        &format!("turns:localhost:{}?transport=tcp", lb_tls.addr.port()),
+        "tls",
+        &["--ignore-certificate-errors"],
+    );
+    assert_eq!(
+        dropped(&server, "proxy_invalid"),
+        0.0,
+        "haproxy's headers refused"
+    );
 }
