@@ -140,6 +140,13 @@ pub(super) fn load(top: &Table, errors: &mut Errors) -> Vec<Listen> {
                         "only with proxy_protocol = true",
                     );
                 }
+                if proxy_protocol && address.is_some_and(|a| a.port() == 0) {
+                    // The server finds a PROXY protocol listener by this address.
+                    errors.push(
+                        &join(&path, "address"),
+                        "port 0 with proxy_protocol = true; give the port",
+                    );
+                }
                 if let (Some(transport), Some(address)) = (transport, address) {
                     listen.push(Listen {
                         transport,

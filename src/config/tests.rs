@@ -658,6 +658,13 @@ fn listen_proxy_protocol() {
         "listen[1].proxy_protocol",
     );
     assert!(e.message.contains("only for tcp and tls"), "{e}");
+    let e = one(
+        &errs(&with(
+            "transport = \"tcp\"\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\"]",
+        )),
+        "listen[1].address",
+    );
+    assert!(e.message.contains("port 0"), "{e}");
 }
 
 #[test]
