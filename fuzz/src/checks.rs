@@ -344,7 +344,7 @@ pub fn check_stream_framing(data: &[u8]) {
 
 /// The PROXY protocol header at the start of `stream`: the parser never panics, decides
 /// consistently on prefixes (an incomplete input's prefixes are incomplete, an invalid
-/// input stays invalid with more bytes), never takes more than [`MAX_HEADER`] bytes, and
+/// input stays invalid with more bytes), never takes more than `proto::proxy::MAX_HEADER` bytes, and
 /// a complete header is exactly its own length. Returns what follows a complete header.
 fn check_proxy_header(stream: &[u8]) -> Option<&[u8]> {
     use proto::proxy::{parse_proxy_header, ProxyHeader, MAX_HEADER};
