@@ -73,6 +73,8 @@ type LoadGauge = Gauge<f64, AtomicU64>;
 ///   or refused after their files changed on disk (not SIGHUP reloads)
 /// - `turnstone_tls_certificate_expiry_timestamp_seconds` gauge: the served
 ///   certificate's notAfter (Unix time; 0 without TLS)
+/// - `turnstone_stream_connections_dropped_total{reason}`: TCP/TLS connections refused or
+///   closed by the stream limits ([`crate::net::stream::Dropped`]), counted as they happen
 pub struct Metrics {
     registry: Registry,
     active: [[Gauge; 2]; 3],
@@ -95,6 +97,7 @@ pub struct Metrics {
     kernel_entries: Gauge,
     cert_reloads: [Counter; 2],
     cert_expiry: Gauge,
+    stream_drops: crate::net::stream::DropCounters,
     /// Per worker: milliseconds since `epoch` of its last flush.
     heartbeats: Vec<AtomicU64>,
     epoch: Instant,
@@ -287,9 +290,17 @@ impl Metrics {
             "notAfter of the TLS certificate new handshakes get (Unix time), 0 without TLS",
             cert_expiry.clone(),
         );
+        let drops = Family::<Labels1, Counter>::default();
+        reg.register(
+            "stream_connections_dropped",
+            "TCP/TLS client connections refused or closed by the stream limits, by reason",
+            drops.clone(),
+        );
+        let stream_drops = crate::net::stream::DropCounters::new(|r| one(&drops, "reason", r));
 
         Metrics {
             registry: reg,
+            stream_drops,
             active,
             created,
             ended,
@@ -326,6 +337,12 @@ impl Metrics {
     /// A stream connection was handed over to another worker.
     pub fn stream_handed_over(&self) {
         self.stream_handovers.inc();
+    }
+
+    /// The counters of dropped stream connections, for the connection counter
+    /// ([`crate::net::stream::ConnCounter::with_drops`]), which counts into them directly.
+    pub fn stream_drops(&self) -> crate::net::stream::DropCounters {
+        self.stream_drops.clone()
     }
 
     /// Number of workers these metrics were made for.

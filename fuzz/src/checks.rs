@@ -283,6 +283,16 @@ pub fn check_stream_framing(data: &[u8]) {
         None => return,
     };
     let max_frame = [64usize, 1500, 4096, HEADER_LEN + 0xFFFF][usize::from(sel % 4)];
+    // With the selector's high bit: a connection on a PROXY protocol listener, whose
+    // header comes first.
+    let stream = if sel & 0x80 != 0 {
+        match check_proxy_header(stream) {
+            Some(rest) => rest,
+            None => return,
+        }
+    } else {
+        stream
+    };
     let mut rest = stream;
     let mut consumed = 0usize;
     loop {
@@ -330,6 +340,48 @@ pub fn check_stream_framing(data: &[u8]) {
     }
     assert!(consumed <= stream.len());
     assert_eq!(consumed + rest.len(), stream.len());
+}
+
+/// The PROXY protocol header at the start of `stream`: the parser never panics, decides
+/// consistently on prefixes (an incomplete input's prefixes are incomplete, an invalid
+/// input stays invalid with more bytes), never takes more than `proto::proxy::MAX_HEADER` bytes, and
+/// a complete header is exactly its own length. Returns what follows a complete header.
+fn check_proxy_header(stream: &[u8]) -> Option<&[u8]> {
+    use proto::proxy::{parse_proxy_header, ProxyHeader, MAX_HEADER};
+    match parse_proxy_header(stream) {
+        ProxyHeader::Incomplete => {
+            assert!(stream.len() < MAX_HEADER);
+            if let Some(shorter) = stream.len().checked_sub(1) {
+                assert_eq!(
+                    parse_proxy_header(&stream[..shorter]),
+                    ProxyHeader::Incomplete
+                );
+            }
+            None
+        }
+        ProxyHeader::Invalid(_) => {
+            assert!(!stream.is_empty());
+            let mut more = stream.to_vec();
+            more.extend_from_slice(b"\r\n\0");
+            assert!(matches!(parse_proxy_header(&more), ProxyHeader::Invalid(_)));
+            None
+        }
+        done @ ProxyHeader::Done {
+            header_len,
+            addresses,
+        } => {
+            assert!(header_len >= 15 && header_len <= stream.len() && header_len <= MAX_HEADER);
+            assert_eq!(parse_proxy_header(&stream[..header_len]), done);
+            assert_eq!(
+                parse_proxy_header(&stream[..header_len - 1]),
+                ProxyHeader::Incomplete
+            );
+            if let Some(a) = addresses {
+                assert_eq!(a.source.is_ipv4(), a.destination.is_ipv4());
+            }
+            Some(&stream[header_len..])
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

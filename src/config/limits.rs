@@ -1,4 +1,5 @@
-//! `[limits]`: allocation counts, lifetimes, bandwidth and the unauthenticated answer rate.
+//! `[limits]`: allocation counts, lifetimes, bandwidth, the unauthenticated answer rate,
+//! and the stream (TCP/TLS) connection caps and timeouts.
 
 use std::time::Duration;
 
@@ -28,6 +29,25 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(600);
 pub const DEFAULT_UNAUTHENTICATED_RATE: u32 = 500;
 /// Largest `limits.unauthenticated_rate` accepted.
 const MAX_UNAUTHENTICATED_RATE: u32 = 1_000_000;
+/// Default `limits.max_connections_per_source`: established TCP/TLS connections from one
+/// source address. Thousands of users of an enterprise or campus network reach TURN over
+/// TLS on 443 from one NAT address; 5,000 of them fit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 5_000;
+/// Default `limits.max_unauthenticated_per_source`: TCP/TLS connections from one source
+/// address that have not yet sent a complete first message (TCP) or finished the TLS
+/// handshake.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// Default `limits.max_connections`: TCP/TLS client connections in total.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default `limits.stream_handshake_timeout`: how long a new connection has to send its
+/// first complete message (TCP) or finish the TLS handshake, and an incomplete message to
+/// complete.
+pub const DEFAULT_STREAM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `limits.stream_idle_timeout`: an established connection that delivers no
+/// complete message for this long is closed.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Smallest `limits.stream_handshake_timeout` / `limits.stream_idle_timeout`.
+const MIN_STREAM_TIMEOUT: Duration = Duration::from_millis(100);
 /// Smallest non-zero bandwidth limit: one full-size (1500-byte) packet per second.
 const MIN_BANDWIDTH: u64 = 1500;
 /// Channel numbers 0x4000..=0x4FFF (RFC 8656 12.): at most this many channels per allocation.
@@ -56,6 +76,18 @@ pub struct LimitsSection {
     /// With a fleet store: above this many active allocations, new Allocates are sent
     /// to the least-loaded node (300 Try Alternate). 0 (default): never.
     pub redirect_above: usize,
+    /// Established TCP/TLS connections per source IP address (a complete first message
+    /// received (TCP), or the TLS handshake finished).
+    pub max_connections_per_source: usize,
+    /// TCP/TLS connections per source IP address not yet established.
+    pub max_unauthenticated_per_source: usize,
+    /// TCP/TLS client connections in total.
+    pub max_connections: usize,
+    /// The short deadline: a first message (TCP), the TLS handshake, an incomplete
+    /// message, a PROXY protocol header.
+    pub stream_handshake_timeout: Duration,
+    /// An established connection without a complete message for this long is closed.
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -72,6 +104,11 @@ impl Default for LimitsSection {
             max_total_bandwidth: 0,
             unauthenticated_rate: DEFAULT_UNAUTHENTICATED_RATE,
             redirect_above: 0,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_unauthenticated_per_source: DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            stream_handshake_timeout: DEFAULT_STREAM_HANDSHAKE_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
 }
@@ -90,6 +127,11 @@ struct RawLimits {
     max_total_bandwidth: Option<BandwidthText>,
     unauthenticated_rate: Option<u32>,
     redirect_above: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    max_unauthenticated_per_source: Option<usize>,
+    max_connections: Option<usize>,
+    stream_handshake_timeout: Option<DurationText>,
+    stream_idle_timeout: Option<DurationText>,
 }
 
 impl LimitsSection {
@@ -142,6 +184,25 @@ impl LimitsSection {
             }
             l.unauthenticated_rate = raw.unauthenticated_rate.unwrap_or(d.unauthenticated_rate);
             l.redirect_above = raw.redirect_above.unwrap_or(d.redirect_above);
+            l.max_connections_per_source = raw
+                .max_connections_per_source
+                .unwrap_or(d.max_connections_per_source);
+            l.max_unauthenticated_per_source = raw
+                .max_unauthenticated_per_source
+                .unwrap_or(d.max_unauthenticated_per_source);
+            l.max_connections = raw.max_connections.unwrap_or(d.max_connections);
+            l.stream_handshake_timeout = duration_or(
+                raw.stream_handshake_timeout,
+                d.stream_handshake_timeout,
+                "limits.stream_handshake_timeout",
+                errors,
+            );
+            l.stream_idle_timeout = duration_or(
+                raw.stream_idle_timeout,
+                d.stream_idle_timeout,
+                "limits.stream_idle_timeout",
+                errors,
+            );
         }
         l
     }
@@ -165,6 +226,15 @@ impl LimitsSection {
                 "limits.max_channels_per_allocation",
                 self.max_channels_per_allocation,
             ),
+            (
+                "limits.max_connections_per_source",
+                self.max_connections_per_source,
+            ),
+            (
+                "limits.max_unauthenticated_per_source",
+                self.max_unauthenticated_per_source,
+            ),
+            ("limits.max_connections", self.max_connections),
         ] {
             if v == 0 {
                 errors.push(key, "must be at least 1");
@@ -194,6 +264,33 @@ impl LimitsSection {
                     "{} is shorter than limits.default_lifetime ({})",
                     humantime::format_duration(self.max_lifetime),
                     humantime::format_duration(self.default_lifetime)
+                ),
+            );
+        }
+
+        for (key, v) in [
+            (
+                "limits.stream_handshake_timeout",
+                self.stream_handshake_timeout,
+            ),
+            ("limits.stream_idle_timeout", self.stream_idle_timeout),
+        ] {
+            if v < MIN_STREAM_TIMEOUT {
+                errors.push(
+                    key,
+                    "must be at least 100ms (10s is usual for the handshake, 10m for idle)",
+                );
+            }
+        }
+        if self.stream_idle_timeout >= MIN_STREAM_TIMEOUT
+            && self.stream_idle_timeout < self.stream_handshake_timeout
+        {
+            errors.push(
+                "limits.stream_idle_timeout",
+                format!(
+                    "{} is shorter than limits.stream_handshake_timeout ({})",
+                    humantime::format_duration(self.stream_idle_timeout),
+                    humantime::format_duration(self.stream_handshake_timeout)
                 ),
             );
         }

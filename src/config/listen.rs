@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::{Table, Value};
 
 use super::errors::{index, join, shape, Errors};
-use super::units::parse_socket_addr;
+use super::units::{net_list, parse_socket_addr};
 
 /// Transport of a `[[listen]]` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -42,10 +43,28 @@ impl fmt::Display for ListenTransport {
 }
 
 /// One `[[listen]]` entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Listen {
     pub transport: ListenTransport,
     pub address: SocketAddr,
+    /// Connections must start with a PROXY protocol header (v1 or v2) that gives the
+    /// client's address (tcp and tls only).
+    pub proxy_protocol: bool,
+    /// The load balancers allowed to connect when `proxy_protocol` is on; connections
+    /// from elsewhere are closed. Required with it.
+    pub proxy_from: Vec<IpNet>,
+}
+
+impl Listen {
+    /// A listener without the PROXY protocol.
+    pub fn new(transport: ListenTransport, address: SocketAddr) -> Listen {
+        Listen {
+            transport,
+            address,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -53,6 +72,8 @@ pub struct Listen {
 struct RawListen {
     transport: Option<ListenTransport>,
     address: Option<String>,
+    proxy_protocol: Option<bool>,
+    proxy_from: Option<Vec<Value>>,
 }
 
 /// Reads the `[[listen]]` entries from the top-level table; an entry with a problem is left out.
@@ -94,8 +115,45 @@ pub(super) fn load(top: &Table, errors: &mut Errors) -> Vec<Listen> {
                         None
                     }
                 };
+                let proxy_from_given = raw.proxy_from.is_some();
+                let proxy_from = net_list(raw.proxy_from, &join(&path, "proxy_from"), errors);
+                let proxy_protocol = raw.proxy_protocol.unwrap_or(false);
+                if proxy_protocol {
+                    if transport == Some(ListenTransport::Udp) {
+                        errors.push(
+                            &join(&path, "proxy_protocol"),
+                            "only for tcp and tls listeners (the PROXY protocol header starts a TCP stream)",
+                        );
+                    } else if !proxy_from_given
+                        || proxy_from.is_empty()
+                            && !errors.has_at_or_under(&join(&path, "proxy_from"))
+                    {
+                        errors.push(
+                            &join(&path, "proxy_from"),
+                            "missing; with proxy_protocol = true, list the load balancers' addresses \
+                             allowed to send the header, such as [\"10.0.0.0/8\"]",
+                        );
+                    }
+                } else if proxy_from_given {
+                    errors.push(
+                        &join(&path, "proxy_from"),
+                        "only with proxy_protocol = true",
+                    );
+                }
+                if proxy_protocol && address.is_some_and(|a| a.port() == 0) {
+                    // The server finds a PROXY protocol listener by this address.
+                    errors.push(
+                        &join(&path, "address"),
+                        "port 0 with proxy_protocol = true; give the port",
+                    );
+                }
                 if let (Some(transport), Some(address)) = (transport, address) {
-                    listen.push(Listen { transport, address });
+                    listen.push(Listen {
+                        transport,
+                        address,
+                        proxy_protocol,
+                        proxy_from,
+                    });
                 }
             }
         }

@@ -42,8 +42,10 @@ pub use auth::AuthSection;
 pub use errors::ConfigError;
 pub use limits::{
     LimitsSection, DEFAULT_LIFETIME, DEFAULT_MAX_ALLOCATIONS,
-    DEFAULT_MAX_ALLOCATIONS_PER_REST_USER, DEFAULT_MAX_CHANNELS, DEFAULT_MAX_LIFETIME,
-    DEFAULT_MAX_PERMISSIONS, DEFAULT_UNAUTHENTICATED_RATE, MAX_CHANNEL_NUMBERS,
+    DEFAULT_MAX_ALLOCATIONS_PER_REST_USER, DEFAULT_MAX_CHANNELS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_SOURCE, DEFAULT_MAX_LIFETIME, DEFAULT_MAX_PERMISSIONS,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE, DEFAULT_STREAM_HANDSHAKE_TIMEOUT,
+    DEFAULT_STREAM_IDLE_TIMEOUT, DEFAULT_UNAUTHENTICATED_RATE, MAX_CHANNEL_NUMBERS,
 };
 pub use listen::{Listen, ListenTransport};
 pub use log::{LogFormat, LogSection};
@@ -151,10 +153,10 @@ impl Config {
                 realm: "turnstone.local".to_owned(),
                 ..ServerSection::default()
             },
-            listen: vec![Listen {
-                transport: ListenTransport::Udp,
-                address: SocketAddr::from((Ipv4Addr::LOCALHOST, 3478)),
-            }],
+            listen: vec![Listen::new(
+                ListenTransport::Udp,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 3478)),
+            )],
             relay: RelaySection {
                 addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
                 ..RelaySection::default()

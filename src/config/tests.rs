@@ -63,10 +63,10 @@ fn good_config_and_defaults() {
     assert_eq!(c.server.workers, 0);
     assert_eq!(
         c.listen,
-        vec![Listen {
-            transport: ListenTransport::Udp,
-            address: "127.0.0.1:3478".parse().unwrap()
-        }]
+        vec![Listen::new(
+            ListenTransport::Udp,
+            "127.0.0.1:3478".parse().unwrap()
+        )]
     );
     assert_eq!(c.relay.addresses, vec![ip("127.0.0.1")]);
     assert!(c.relay.external_addresses.is_empty());
@@ -313,6 +313,8 @@ fn example_documents_every_key() {
         "adaptive_workers",
         "[[listen]]",
         "transport",
+        "proxy_protocol",
+        "proxy_from",
         "address",
         "external_address",
         "ports",
@@ -344,6 +346,11 @@ fn example_documents_every_key() {
         "max_total_bandwidth",
         "unauthenticated_rate",
         "redirect_above",
+        "max_connections_per_source",
+        "max_unauthenticated_per_source",
+        "max_connections",
+        "stream_handshake_timeout",
+        "stream_idle_timeout",
         "[store]",
         "ca_file",
         "rediss://",
@@ -402,6 +409,11 @@ default_lifetime = "5m"
 max_bandwidth_per_allocation = "2Mbit"
 max_total_bandwidth = "1GB"
 unauthenticated_rate = 0
+max_connections_per_source = 10000
+max_unauthenticated_per_source = 16
+max_connections = 30000
+stream_handshake_timeout = "5s"
+stream_idle_timeout = "15m"
 [metrics]
 listen = "[::1]:9641"
 [log]
@@ -428,6 +440,11 @@ private_key = "/etc/turnstone/key.pem"
     assert_eq!(c.limits.max_bandwidth_per_allocation, 250_000);
     assert_eq!(c.limits.max_total_bandwidth, 1_000_000_000);
     assert_eq!(c.limits.unauthenticated_rate, 0);
+    assert_eq!(c.limits.max_connections_per_source, 10_000);
+    assert_eq!(c.limits.max_unauthenticated_per_source, 16);
+    assert_eq!(c.limits.max_connections, 30_000);
+    assert_eq!(c.limits.stream_handshake_timeout, Duration::from_secs(5));
+    assert_eq!(c.limits.stream_idle_timeout, Duration::from_secs(900));
     assert_eq!(c.metrics.listen, Some("[::1]:9641".parse().unwrap()));
     assert_eq!(c.listen.len(), 3);
     assert_eq!(c.listen[2].transport, ListenTransport::Tls);
@@ -524,6 +541,14 @@ fn bad_values_name_their_key() {
         ("max_allocations = 100000", "max_allocations = 1\nmax_lifetime = \"5m\"", "limits.max_lifetime", "shorter than limits.default_lifetime"),
         ("max_allocations = 100000", "max_allocations = 1\ndefault_lifetime = \"0s\"", "limits.default_lifetime", "at least 1s"),
         ("max_allocations = 100000", "max_allocations = 1\ndefault_lifetime = \"soon\"", "limits.default_lifetime", "not a duration"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections_per_source = 0", "limits.max_connections_per_source", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_unauthenticated_per_source = 0", "limits.max_unauthenticated_per_source", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections = 0", "limits.max_connections", "at least 1"),
+        ("max_allocations = 100000", "max_allocations = 1\nmax_connections = -1", "limits.max_connections", "-1"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_handshake_timeout = \"soon\"", "limits.stream_handshake_timeout", "not a duration"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_handshake_timeout = \"10ms\"", "limits.stream_handshake_timeout", "at least 100ms"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_idle_timeout = \"0s\"", "limits.stream_idle_timeout", "at least 100ms"),
+        ("max_allocations = 100000", "max_allocations = 1\nstream_idle_timeout = \"5s\"", "limits.stream_idle_timeout", "shorter than limits.stream_handshake_timeout"),
         ("level = \"info\"", "level = \"inof\"", "log.level", "\"inof\""),
         ("level = \"info\"", "level = \"\"", "log.level", "empty"),
         ("level = \"info\"", "level = \"info,turnstone=loud\"", "log.level", "\"loud\""),
@@ -589,6 +614,71 @@ fn listen_problems() {
         1,
     );
     assert!(Config::from_toml(&ok_tls).is_ok());
+}
+
+#[test]
+fn listen_proxy_protocol() {
+    let with = |entry: &str| {
+        GOOD.replacen(
+            "[relay]",
+            &format!("[[listen]]\n{entry}\n[tls]\ncertificate = \"c.pem\"\nprivate_key = \"k.pem\"\n[relay]"),
+            1,
+        )
+    };
+    let c = Config::from_toml(&with(
+        "transport = \"tls\"\naddress = \"0.0.0.0:443\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\", \"192.0.2.7\"]",
+    ))
+    .unwrap();
+    assert!(c.listen[1].proxy_protocol);
+    assert_eq!(
+        c.listen[1].proxy_from,
+        vec![
+            "10.0.0.0/8".parse::<IpNet>().unwrap(),
+            "192.0.2.7/32".parse().unwrap()
+        ]
+    );
+    assert!(!c.listen[0].proxy_protocol);
+    let tcp = "transport = \"tcp\"\naddress = \"127.0.0.1:3479\"\n";
+    for (entry, key, needle) in [
+        ("proxy_protocol = true", "listen[1].proxy_from", "missing"),
+        (
+            "proxy_protocol = true\nproxy_from = []",
+            "listen[1].proxy_from",
+            "missing",
+        ),
+        (
+            "proxy_from = [\"10.0.0.0/8\"]",
+            "listen[1].proxy_from",
+            "only with proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = true\nproxy_from = [\"10.0.0.0/33\"]",
+            "listen[1].proxy_from[0]",
+            "not a CIDR",
+        ),
+        (
+            "proxy_protocol = \"yes\"",
+            "listen[1].proxy_protocol",
+            "bool",
+        ),
+    ] {
+        let e = one(&errs(&with(&format!("{tcp}{entry}"))), key);
+        assert!(e.message.contains(needle), "{entry}: {e}");
+    }
+    let e = one(
+        &errs(&with(
+            "transport = \"udp\"\naddress = \"127.0.0.1:3479\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\"]",
+        )),
+        "listen[1].proxy_protocol",
+    );
+    assert!(e.message.contains("only for tcp and tls"), "{e}");
+    let e = one(
+        &errs(&with(
+            "transport = \"tcp\"\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\nproxy_from = [\"10.0.0.0/8\"]",
+        )),
+        "listen[1].address",
+    );
+    assert!(e.message.contains("port 0"), "{e}");
 }
 
 #[test]

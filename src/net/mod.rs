@@ -146,6 +146,13 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
              limits.max_allocations; raise it (LimitNOFILE= in the systemd unit, ulimit -n) \
              or lower limits.max_allocations"
         ),
+        Ok(n) if n < config.limits.max_connections as u64 + 1024 => tracing::warn!(
+            open_files = n,
+            max_connections = config.limits.max_connections,
+            "the open-file limit (RLIMIT_NOFILE) holds fewer TCP/TLS connections than \
+             limits.max_connections; raise it (LimitNOFILE= in the systemd unit, ulimit -n) \
+             or lower limits.max_connections"
+        ),
         Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
@@ -173,8 +180,8 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         buffer: config.relay.socket_buffer,
         tls: ArcSwapOption::empty(),
         cert_watch: cert_watch::CertWatch::new(),
-        conns: Arc::new(stream::ConnCounter::new()),
-        stream_limits: stream::StreamLimits::default(),
+        conns: Arc::new(stream::ConnCounter::with_drops(metrics.stream_drops())),
+        stream_limits: stream::StreamLimits::from_config(&config),
         metrics: metrics.clone(),
         pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
         fast_path: kernel.map(Mutex::new),
@@ -455,6 +462,10 @@ fn reload(
             runtime.kernel_fast_path =
                 common.fast_path.is_some() && cfg.relay.kernel_fast_path != KernelFastPath::Off;
             common.shared.runtime.store(Arc::new(runtime));
+            // Stream caps and timeouts: every worker takes them on its next tick.
+            common
+                .conns
+                .set_limits(stream::StreamLimits::from_config(&cfg));
             if let Some(set) = log_level {
                 if std::env::var_os("RUST_LOG").is_none() {
                     if let Err(e) = set(&cfg.log.level) {

@@ -3,6 +3,23 @@
 //! and ChannelData frames, writing replies with backpressure, and the stream safety rules
 //! (slow-loris deadline, maximum frame size, idle timeout, per-address and total caps).
 //!
+//! A connection is *established* once it has sent a complete first message (TCP) or
+//! finished its TLS handshake (TLS). Until then it has the short deadline
+//! ([`StreamLimits::handshake_and_partial_deadline`]) and counts against the small cap of
+//! unestablished connections per source address; after that the long idle timeout
+//! applies and it counts against the large per-source cap, so that thousands of clients
+//! behind one NAT address are served while one address cannot hold many silent or
+//! half-open connections.
+//!
+//! A listener with `proxy_protocol` ([`StreamLimits::proxy`]) takes connections only from
+//! its `proxy_from` sources, and each must start with a PROXY protocol header
+//! ([`crate::proto::proxy`]) before anything else (before the TLS handshake on a tls
+//! listener). The header's source address becomes the connection's client address: its
+//! 5-tuple, the per-source caps, logs and whatever the core does with it. Until the
+//! header is complete the connection counts only in the total, under the short deadline;
+//! a missing, malformed, oversized or slow header closes it, and nothing of it is ever
+//! framed as STUN.
+//!
 //! Driven by the worker's level-triggered epoll loop: non-blocking std sockets, one epoll
 //! token per connection (`token_base + slot`), no tokio. Protocol logic stays in the core:
 //! each complete frame is handed to a callback together with the connection's 5-tuple.
@@ -11,6 +28,7 @@
 //! connection of a few KiB. Read and write buffers are empty `Vec`s until a partial frame
 //! or an unsent reply needs them, and are given back once drained.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -20,7 +38,7 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use rustls::ServerConnection;
 
-use crate::proto::{next_frame, Frame};
+use crate::proto::{next_frame, parse_proxy_header, Frame, ProxyAddresses, ProxyHeader};
 use crate::server::{FiveTuple, Transport};
 
 /// Connections accepted per readiness event of a listener (level-triggered: the rest are
@@ -37,20 +55,34 @@ const KEEP_CAPACITY: usize = 4 * 1024;
 const TLS_RECORD_OVERHEAD: usize = 5 + 16 + 1 + 256;
 const TLS_RECORD_PAYLOAD: usize = 16 * 1024;
 
-/// Stream safety limits (issue 4: slow-loris, frame size, idle, caps, backpressure).
+/// Stream safety limits (issue 4: slow-loris, frame size, idle, caps, backpressure;
+/// issue 16: caps that hold thousands of clients behind one address). From `[limits]`
+/// ([`StreamLimits::from_config`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamLimits {
     /// Largest frame accepted (STUN: 20 + length; ChannelData: 4 + length padded to 4).
     /// A frame header announcing more closes the connection.
     pub max_frame: usize,
-    /// An incomplete frame, or an unfinished TLS handshake, must complete within this.
+    /// A new connection must be established (a complete first frame on TCP, the TLS
+    /// handshake finished) within this, and an incomplete frame must complete within it
+    /// (`limits.stream_handshake_timeout`).
     pub handshake_and_partial_deadline: Duration,
-    /// A connection that delivers no complete frame for this long is closed.
+    /// An established connection that delivers no complete frame for this long is closed
+    /// (`limits.stream_idle_timeout`).
     pub idle_timeout: Duration,
-    /// Connections from one source IP address (excess connections are closed at once).
-    pub max_per_source_ip: usize,
-    /// Connections in total (counted by the [`ConnCounter`], which may be shared).
+    /// Established connections from one source IP address; one that would exceed it is
+    /// closed when it becomes established (`limits.max_connections_per_source`).
+    pub max_per_source: usize,
+    /// Connections from one source IP address not yet established; excess connections
+    /// are closed at once (`limits.max_unauthenticated_per_source`).
+    pub max_unestablished_per_source: usize,
+    /// Connections in total (counted by the [`ConnCounter`], which may be shared;
+    /// `limits.max_connections`).
     pub max_total: usize,
+    /// Listeners (by their configured address) whose connections must start with a PROXY
+    /// protocol header, and the sources allowed to connect to them
+    /// (`listen[N].proxy_protocol`, `listen[N].proxy_from`).
+    pub proxy: Vec<(SocketAddr, Vec<ipnet::IpNet>)>,
     /// Unsent bytes queued per connection. Peer data beyond it is dropped (the frame, not
     /// the connection: [`Streams::send`] returns false); a reply to the client's own
     /// request that does not fit closes the connection.
@@ -62,27 +94,166 @@ impl Default for StreamLimits {
         StreamLimits {
             // The largest ChannelData (65535 bytes of data, padded), RFC 8656 12.5.
             max_frame: 4 + 65536,
-            handshake_and_partial_deadline: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(600),
-            max_per_source_ip: 64,
-            max_total: 10_000,
+            handshake_and_partial_deadline: crate::config::DEFAULT_STREAM_HANDSHAKE_TIMEOUT,
+            idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
+            max_per_source: crate::config::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_unestablished_per_source: crate::config::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
+            max_total: crate::config::DEFAULT_MAX_CONNECTIONS,
+            proxy: Vec::new(),
             max_write_buffer: 1024 * 1024,
         }
     }
 }
 
-/// Connection counts per source address and in total. One per worker by default
-/// ([`Streams::new`]); share one between workers ([`Streams::with_counter`]) to make the
-/// caps process-wide. Locked only on accept and close, never on the data path.
+impl StreamLimits {
+    /// The limits `[limits]` of `config` sets.
+    pub fn from_config(config: &crate::config::Config) -> StreamLimits {
+        let l = &config.limits;
+        StreamLimits {
+            handshake_and_partial_deadline: l.stream_handshake_timeout,
+            idle_timeout: l.stream_idle_timeout,
+            max_per_source: l.max_connections_per_source,
+            max_unestablished_per_source: l.max_unauthenticated_per_source,
+            max_total: l.max_connections,
+            proxy: config
+                .listen
+                .iter()
+                .filter(|l| l.proxy_protocol && l.transport.is_stream())
+                .map(|l| (l.address, l.proxy_from.clone()))
+                .collect(),
+            ..StreamLimits::default()
+        }
+    }
+}
+
+/// Why the server refused or dropped a stream connection, as counted in
+/// `turnstone_stream_connections_dropped_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// `limits.max_connections` reached: refused at accept.
+    TotalLimit,
+    /// `limits.max_connections_per_source` reached: closed when it became established.
+    SourceLimit,
+    /// `limits.max_unauthenticated_per_source` reached: refused at accept.
+    UnauthenticatedLimit,
+    /// Not established within `limits.stream_handshake_timeout`.
+    HandshakeTimeout,
+    /// On a `proxy_protocol` listener, from a source not in its `proxy_from`.
+    ProxyUntrusted,
+    /// On a `proxy_protocol` listener, no valid PROXY header first (missing, malformed,
+    /// oversized).
+    ProxyInvalid,
+    /// On a `proxy_protocol` listener, the header not complete within
+    /// `limits.stream_handshake_timeout`.
+    ProxyTimeout,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 7] = [
+        Dropped::TotalLimit,
+        Dropped::SourceLimit,
+        Dropped::UnauthenticatedLimit,
+        Dropped::HandshakeTimeout,
+        Dropped::ProxyUntrusted,
+        Dropped::ProxyInvalid,
+        Dropped::ProxyTimeout,
+    ];
+
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::TotalLimit => "total_limit",
+            Dropped::SourceLimit => "source_limit",
+            Dropped::UnauthenticatedLimit => "unauthenticated_limit",
+            Dropped::HandshakeTimeout => "handshake_timeout",
+            Dropped::ProxyUntrusted => "proxy_untrusted",
+            Dropped::ProxyInvalid => "proxy_invalid",
+            Dropped::ProxyTimeout => "proxy_timeout",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Dropped::TotalLimit => "total connection limit (limits.max_connections)",
+            Dropped::SourceLimit => {
+                "per-address connection limit (limits.max_connections_per_source)"
+            }
+            Dropped::UnauthenticatedLimit => {
+                "per-address limit of unestablished connections (limits.max_unauthenticated_per_source)"
+            }
+            Dropped::HandshakeTimeout => "deadline for the first message or TLS handshake",
+            Dropped::ProxyUntrusted => {
+                "not from a load balancer in the listener's proxy_from (PROXY protocol)"
+            }
+            Dropped::ProxyInvalid => "no valid PROXY protocol header",
+            Dropped::ProxyTimeout => "deadline for the PROXY protocol header",
+        }
+    }
+}
+
+/// The counters of [`Dropped`] connections, one per reason (shared with the metrics
+/// endpoint; see [`crate::metrics::Metrics::stream_drops`]).
+#[derive(Clone, Debug, Default)]
+pub struct DropCounters {
+    counters: [prometheus_client::metrics::counter::Counter; Dropped::ALL.len()],
+}
+
+impl DropCounters {
+    /// Counters built from `make(reason label)`.
+    pub fn new(
+        mut make: impl FnMut(&'static str) -> prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        DropCounters {
+            counters: Dropped::ALL.map(|d| make(d.label())),
+        }
+    }
+
+    pub fn count(&self, why: Dropped) {
+        if let Some(c) = self.counters.get(why as usize) {
+            c.inc();
+        }
+    }
+
+    pub fn get(&self, why: Dropped) -> u64 {
+        self.counters.get(why as usize).map_or(0, |c| c.get())
+    }
+}
+
+/// Connection counts per source address and in total, the drop counters, and the limits
+/// a reload set. One per worker by default ([`Streams::new`]); share one between workers
+/// ([`Streams::with_counter`]) to make the caps process-wide. Locked only on accept,
+/// establishment and close, never on the data path.
 #[derive(Debug, Default)]
 pub struct ConnCounter {
     inner: Mutex<CounterInner>,
+    drops: DropCounters,
+    /// Limits set by [`ConnCounter::set_limits`] (a reload), with a generation number
+    /// that every [`Streams`] compares on its tick.
+    reloaded: Mutex<(u64, Option<StreamLimits>)>,
 }
 
 #[derive(Debug, Default)]
 struct CounterInner {
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HashMap<IpAddr, PerSource>,
     total: usize,
+}
+
+/// One source address's connections.
+#[derive(Debug, Default, Clone, Copy)]
+struct PerSource {
+    unestablished: usize,
+    established: usize,
+}
+
+/// How a connection is counted in the [`ConnCounter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// Waiting for its PROXY header (and so for its client address): in the total only.
+    Awaiting,
+    /// Not yet established, under its source address.
+    Unestablished(IpAddr),
+    /// Established, under its source address.
+    Established(IpAddr),
 }
 
 impl ConnCounter {
@@ -90,36 +261,130 @@ impl ConnCounter {
         Self::default()
     }
 
+    /// A counter that counts drops in `drops` (the metrics' counters).
+    pub fn with_drops(drops: DropCounters) -> Self {
+        ConnCounter {
+            drops,
+            ..Self::default()
+        }
+    }
+
     /// Connections counted now.
     pub fn total(&self) -> usize {
         self.lock().total
+    }
+
+    /// Connections counted drops of each reason.
+    pub fn drops(&self) -> &DropCounters {
+        &self.drops
+    }
+
+    /// New limits for every [`Streams`] sharing this counter (a reload); each takes them
+    /// on its next tick. Caps apply to new connections (and establishments), timeouts to
+    /// every connection from then on.
+    pub fn set_limits(&self, limits: StreamLimits) {
+        let mut r = self.reloaded.lock().unwrap_or_else(|p| p.into_inner());
+        r.0 += 1;
+        r.1 = Some(limits);
+    }
+
+    /// The limits set since generation `seen`, if any, and the generation now.
+    fn limits_since(&self, seen: u64) -> (u64, Option<StreamLimits>) {
+        let r = self.reloaded.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0 == seen {
+            (seen, None)
+        } else {
+            (r.0, r.1.clone())
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CounterInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a new connection from `ip` if both caps allow it.
-    fn try_add(&self, ip: IpAddr, limits: &StreamLimits) -> Result<(), &'static str> {
+    /// Counts a new, unestablished connection from `ip` if the caps allow it.
+    fn open(&self, ip: IpAddr, limits: &StreamLimits) -> Result<Counted, Dropped> {
         let mut c = self.lock();
         if c.total >= limits.max_total {
-            return Err("total connection limit");
+            return Err(Dropped::TotalLimit);
         }
-        let n = c.per_ip.entry(ip).or_insert(0);
-        if *n >= limits.max_per_source_ip {
-            return Err("per-address connection limit");
+        let n = c.per_ip.entry(ip).or_default();
+        if n.unestablished >= limits.max_unestablished_per_source {
+            if n.unestablished == 0 && n.established == 0 {
+                c.per_ip.remove(&ip);
+            }
+            return Err(Dropped::UnauthenticatedLimit);
         }
-        *n += 1;
+        n.unestablished += 1;
         c.total += 1;
-        Ok(())
+        Ok(Counted::Unestablished(ip))
     }
 
-    fn remove(&self, ip: IpAddr) {
+    /// Counts a new connection whose client address a PROXY header will give, if the
+    /// total allows it.
+    fn open_awaiting(&self, limits: &StreamLimits) -> Result<Counted, Dropped> {
+        let mut c = self.lock();
+        if c.total >= limits.max_total {
+            return Err(Dropped::TotalLimit);
+        }
+        c.total += 1;
+        Ok(Counted::Awaiting)
+    }
+
+    /// Counts an awaiting connection under the client address its header gave, if the
+    /// unestablished cap of that address allows it (otherwise nothing changes).
+    fn assign(
+        &self,
+        counted: Counted,
+        ip: IpAddr,
+        limits: &StreamLimits,
+    ) -> Result<Counted, Dropped> {
+        if counted != Counted::Awaiting {
+            return Ok(counted);
+        }
+        let mut c = self.lock();
+        let n = c.per_ip.entry(ip).or_default();
+        if n.unestablished >= limits.max_unestablished_per_source {
+            if n.unestablished == 0 && n.established == 0 {
+                c.per_ip.remove(&ip);
+            }
+            return Err(Dropped::UnauthenticatedLimit);
+        }
+        n.unestablished += 1;
+        Ok(Counted::Unestablished(ip))
+    }
+
+    /// Moves an unestablished connection to the established ones of its address, if
+    /// the per-source cap allows it (otherwise nothing changes).
+    fn establish(&self, counted: Counted, limits: &StreamLimits) -> Result<Counted, Dropped> {
+        let Counted::Unestablished(ip) = counted else {
+            return Ok(counted);
+        };
+        let mut c = self.lock();
+        let n = c.per_ip.entry(ip).or_default();
+        if n.established >= limits.max_per_source {
+            return Err(Dropped::SourceLimit);
+        }
+        n.unestablished = n.unestablished.saturating_sub(1);
+        n.established += 1;
+        Ok(Counted::Established(ip))
+    }
+
+    fn remove(&self, counted: Counted) {
         let mut c = self.lock();
         c.total = c.total.saturating_sub(1);
+        let (ip, established) = match counted {
+            Counted::Awaiting => return,
+            Counted::Unestablished(ip) => (ip, false),
+            Counted::Established(ip) => (ip, true),
+        };
         if let Some(n) = c.per_ip.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            if established {
+                n.established = n.established.saturating_sub(1);
+            } else {
+                n.unestablished = n.unestablished.saturating_sub(1);
+            }
+            if n.established == 0 && n.unestablished == 0 {
                 c.per_ip.remove(&ip);
             }
         }
@@ -157,6 +422,12 @@ enum Close {
     BadFrame,
     /// A reply to the client's own request did not fit in the write buffer.
     ReplyOverflow,
+    /// A connection cap (see [`Dropped`]).
+    Limit(Dropped),
+    /// Not a valid PROXY protocol header.
+    Proxy(&'static str),
+    /// The PROXY header gave the 5-tuple of a connection that exists.
+    DuplicateFiveTuple,
 }
 
 impl std::fmt::Display for Close {
@@ -167,6 +438,11 @@ impl std::fmt::Display for Close {
             Close::Tls(e) => write!(f, "TLS: {e}"),
             Close::BadFrame => f.write_str("not STUN/ChannelData, or frame too long"),
             Close::ReplyOverflow => f.write_str("replies not read (write buffer full)"),
+            Close::Limit(d) => f.write_str(d.describe()),
+            Close::Proxy(why) => write!(f, "PROXY protocol: {why}"),
+            Close::DuplicateFiveTuple => {
+                f.write_str("PROXY header gave the addresses of an open connection")
+            }
         }
     }
 }
@@ -193,6 +469,14 @@ struct Conn {
     raw: bool,
     /// The frame callback asked for a hand-over: read nothing more here.
     handover: bool,
+    /// A complete frame has been received.
+    framed: bool,
+    /// How the connection is counted (established or not, under which address).
+    counted: Counted,
+    /// On a `proxy_protocol` listener, until its header is complete: what has come of it.
+    proxy_header: Option<Vec<u8>>,
+    /// Bytes that came after the PROXY header in its last read, taken before the socket's.
+    early: Vec<u8>,
 }
 
 /// A stream connection on its way from one worker's [`Streams`] to another's, whole:
@@ -383,6 +667,9 @@ impl Conn {
             r
         };
         let (used, after) = result?;
+        if used > 0 || after == After::Raw {
+            self.framed = true;
+        }
         if after == After::HandOver {
             self.handover = true;
             return Ok(());
@@ -420,6 +707,12 @@ impl Conn {
         reply: &mut Vec<u8>,
         on_frame: &mut OnFrame<'_>,
     ) -> Result<(), Close> {
+        if !self.early.is_empty() {
+            let early = std::mem::take(&mut self.early);
+            let framed = self.ingest(&early, limits, now, reply, on_frame);
+            self.send_replies(reply, limits)?;
+            framed?;
+        }
         for _ in 0..READS_PER_EVENT {
             let n = match self.socket.read(scratch) {
                 Ok(0) => return Err(Close::PeerClosed),
@@ -449,12 +742,37 @@ impl Conn {
         reply: &mut Vec<u8>,
         on_frame: &mut OnFrame<'_>,
     ) -> Result<(), Close> {
-        for _ in 0..READS_PER_EVENT {
+        let mut reads = 0;
+        loop {
+            // Ciphertext that came after a PROXY header first, then the socket's.
+            let from_early = !self.early.is_empty();
+            if !from_early {
+                if reads >= READS_PER_EVENT {
+                    break;
+                }
+                reads += 1;
+            }
             let Some(tls) = self.tls.as_mut() else {
                 return Err(Close::PeerClosed);
             };
             let was_handshaking = tls.is_handshaking();
-            let (n, eof) = match tls.read_tls(&mut self.socket) {
+            let read = if from_early {
+                let mut rest: &[u8] = &self.early;
+                let r = tls.read_tls(&mut rest);
+                let used = self.early.len() - rest.len();
+                self.early.drain(..used);
+                match r {
+                    // rustls took nothing (its buffer is full): not a TLS client.
+                    Ok(0) => return Err(Close::BadFrame),
+                    r => r,
+                }
+            } else {
+                tls.read_tls(&mut self.socket)
+            };
+            let Some(tls) = self.tls.as_mut() else {
+                return Err(Close::PeerClosed);
+            };
+            let (n, eof) = match read {
                 Ok(0) => (0, true),
                 Ok(n) => (n, false),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -549,6 +867,56 @@ impl Conn {
         self.flush().map_err(Close::Io)
     }
 
+    /// Reads what has come of a PROXY header. `Ok(Some(addresses))` once it is complete
+    /// (what followed it is kept in `early`), `Ok(None)` while it is not.
+    fn read_proxy_header(
+        &mut self,
+        scratch: &mut [u8],
+    ) -> Result<Option<Option<ProxyAddresses>>, Close> {
+        for _ in 0..READS_PER_EVENT {
+            let Some(buf) = self.proxy_header.as_mut() else {
+                return Ok(Some(None));
+            };
+            // Never more than a header can be, so a flood of bytes costs nothing.
+            let room = crate::proto::proxy::MAX_HEADER
+                .saturating_sub(buf.len())
+                .clamp(1, scratch.len());
+            let Some(into) = scratch.get_mut(..room) else {
+                return Err(Close::Proxy("no room"));
+            };
+            let n = match self.socket.read(into) {
+                Ok(0) => return Err(Close::PeerClosed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Close::Io(e)),
+            };
+            buf.extend_from_slice(into.get(..n).unwrap_or_default());
+            match parse_proxy_header(buf) {
+                ProxyHeader::Incomplete => {}
+                ProxyHeader::Invalid(why) => return Err(Close::Proxy(why)),
+                ProxyHeader::Done {
+                    header_len,
+                    addresses,
+                } => {
+                    self.early = buf.get(header_len..).unwrap_or_default().to_vec();
+                    self.proxy_header = None;
+                    return Ok(Some(addresses));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Has the connection become established (a complete frame on TCP, the handshake
+    /// finished on TLS)?
+    fn is_established_now(&self) -> bool {
+        match &self.tls {
+            Some(tls) => !tls.is_handshaking(),
+            None => self.framed,
+        }
+    }
+
     /// Before a close we decide on: TLS close_notify, best effort.
     fn goodbye(&mut self) {
         if let Some(tls) = self.tls.as_mut() {
@@ -603,6 +971,8 @@ pub struct Streams {
     scratch: Box<[u8]>,
     reply: Vec<u8>,
     live: usize,
+    /// The generation of the counter's reloaded limits last taken.
+    limits_seen: u64,
 }
 
 impl Streams {
@@ -611,10 +981,19 @@ impl Streams {
         Self::with_counter(limits, token_base, Arc::new(ConnCounter::new()))
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> &StreamLimits {
+        &self.limits
+    }
+
     /// Connections of one worker, with caps counted in `counter` (share one between
     /// workers for process-wide per-address and total caps).
     pub fn with_counter(limits: StreamLimits, token_base: u64, counter: Arc<ConnCounter>) -> Self {
+        // Limits a reload set before this worker started win over `limits`.
+        let (limits_seen, reloaded) = counter.limits_since(0);
+        let limits = reloaded.unwrap_or(limits);
         Streams {
+            limits_seen,
             limits,
             token_base,
             tag: 0,
@@ -663,6 +1042,16 @@ impl Streams {
         now: Instant,
     ) -> usize {
         let mut taken = 0;
+        // A PROXY protocol listener: which entry of `limits.proxy` (looked up by the
+        // listener's own address).
+        let proxy = if self.limits.proxy.is_empty() {
+            None
+        } else {
+            listener
+                .local_addr()
+                .ok()
+                .and_then(|a| self.limits.proxy.iter().position(|(l, _)| *l == a))
+        };
         for _ in 0..ACCEPT_BATCH {
             let (socket, peer) = match listener.accept() {
                 Ok(a) => a,
@@ -674,15 +1063,41 @@ impl Streams {
                     break;
                 }
             };
-            if let Err(why) = self.counter.try_add(peer.ip(), &self.limits) {
-                tracing::debug!(client = %peer, reason = why, "stream connection refused");
-                reject(socket);
-                continue;
-            }
-            match self.register(socket, peer, transport, tls, epoll, now) {
+            let opened = match proxy.and_then(|i| self.limits.proxy.get(i)) {
+                Some((_, from)) => {
+                    let ip = peer.ip().to_canonical();
+                    if !from.iter().any(|n| n.contains(&ip)) {
+                        self.counter.drops.count(Dropped::ProxyUntrusted);
+                        tracing::debug!(client = %peer, reason = Dropped::ProxyUntrusted.describe(), "stream connection refused");
+                        reject(socket);
+                        continue;
+                    }
+                    self.counter.open_awaiting(&self.limits)
+                }
+                None => self.counter.open(peer.ip(), &self.limits),
+            };
+            let counted = match opened {
+                Ok(c) => c,
+                Err(why) => {
+                    self.counter.drops.count(why);
+                    tracing::debug!(client = %peer, reason = why.describe(), "stream connection refused");
+                    reject(socket);
+                    continue;
+                }
+            };
+            match self.register(
+                socket,
+                peer,
+                transport,
+                tls,
+                epoll,
+                now,
+                counted,
+                proxy.is_some(),
+            ) {
                 Ok(()) => taken += 1,
                 Err(e) => {
-                    self.counter.remove(peer.ip());
+                    self.counter.remove(counted);
                     tracing::debug!(client = %peer, error = %e, "stream connection dropped");
                 }
             }
@@ -690,6 +1105,7 @@ impl Streams {
         taken
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         socket: TcpStream,
@@ -698,6 +1114,8 @@ impl Streams {
         tls: Option<&Arc<rustls::ServerConfig>>,
         epoll: &Epoll,
         now: Instant,
+        counted: Counted,
+        proxy_header: bool,
     ) -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_nodelay(true)?;
@@ -735,7 +1153,10 @@ impl Streams {
             self.free.push(slot);
             return Err(e.into());
         }
-        let partial_since = tls.is_some().then_some(now);
+        // The short deadline runs from the accept until the connection is established
+        // (TCP: a complete first frame; TLS: the handshake), so a silent connection is
+        // closed after it rather than the idle timeout.
+        let partial_since = Some(now);
         if let Some(s) = self.slots.get_mut(slot) {
             *s = Some(Conn {
                 socket,
@@ -751,6 +1172,10 @@ impl Streams {
                 broken: false,
                 raw: false,
                 handover: false,
+                framed: false,
+                counted,
+                proxy_header: proxy_header.then(Vec::new),
+                early: Vec::new(),
             });
         }
         self.by_five_tuple.insert(ft, slot);
@@ -772,6 +1197,19 @@ impl Streams {
         on_frame: &mut OnFrame<'_>,
     ) -> Option<FiveTuple> {
         let slot = usize::try_from(token.checked_sub(self.token_base)?).ok()?;
+        let readable =
+            flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+        if readable && self.slots.get(slot)?.as_ref()?.proxy_header.is_some() {
+            match self.proxy_header(slot) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(why) => {
+                    let conn = self.slots.get(slot)?.as_ref()?;
+                    tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason = %why, "stream connection closed");
+                    return self.close_slot(slot, epoll);
+                }
+            }
+        }
         let conn = self.slots.get_mut(slot)?.as_mut()?;
         let mut result = Ok(());
         if flags.contains(EpollFlags::EPOLLOUT) && conn.pending() > 0 {
@@ -781,23 +1219,39 @@ impl Streams {
             && flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR)
         {
             self.reply.clear();
-            result = if conn.tls.is_some() {
-                conn.read_tls(
-                    &mut self.scratch,
-                    &self.limits,
-                    now,
-                    &mut self.reply,
-                    on_frame,
-                )
-            } else {
-                conn.read_tcp(
-                    &mut self.scratch,
-                    &self.limits,
-                    now,
-                    &mut self.reply,
-                    on_frame,
-                )
+            // The first complete frame establishes the connection (if the handshake has
+            // not): checked against the per-source cap before the core sees the frame,
+            // so a connection over it never reaches the core.
+            let counted = Cell::new(conn.counted);
+            let refused = Cell::new(None);
+            let (counter, limits) = (&self.counter, &self.limits);
+            // A connection handed over on a frame is established here first: it moves
+            // counted as such.
+            let mut gate = |ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>| -> After {
+                if refused.get().is_some() {
+                    return After::Next;
+                }
+                if let c @ Counted::Unestablished(_) = counted.get() {
+                    match counter.establish(c, limits) {
+                        Ok(c) => counted.set(c),
+                        Err(why) => {
+                            refused.set(Some(why));
+                            return After::Next;
+                        }
+                    }
+                }
+                on_frame(ft, frame, reply)
             };
+            result = if conn.tls.is_some() {
+                conn.read_tls(&mut self.scratch, limits, now, &mut self.reply, &mut gate)
+            } else {
+                conn.read_tcp(&mut self.scratch, limits, now, &mut self.reply, &mut gate)
+            };
+            conn.counted = counted.get();
+            if let Some(why) = refused.get() {
+                self.counter.drops.count(why);
+                result = Err(Close::Limit(why));
+            }
             if self.reply.capacity() > self.limits.max_write_buffer {
                 self.reply = Vec::new();
             }
@@ -805,6 +1259,19 @@ impl Streams {
         if result.is_ok() && conn.handover && !conn.broken {
             self.detach(slot, epoll);
             return None;
+        }
+        // A TLS handshake that finished establishes the connection too.
+        if result.is_ok()
+            && matches!(conn.counted, Counted::Unestablished(_))
+            && conn.is_established_now()
+        {
+            match self.counter.establish(conn.counted, &self.limits) {
+                Ok(c) => conn.counted = c,
+                Err(why) => {
+                    self.counter.drops.count(why);
+                    result = Err(Close::Limit(why));
+                }
+            }
         }
         match result {
             Ok(()) if !conn.broken => {
@@ -825,6 +1292,49 @@ impl Streams {
             }
         }
         self.close_slot(slot, epoll)
+    }
+
+    /// Reads the PROXY header of connection `slot`: `Ok(true)` once it is complete (the
+    /// connection then has its client's address, and is counted under it), `Ok(false)`
+    /// while it is not.
+    fn proxy_header(&mut self, slot: usize) -> Result<bool, Close> {
+        let Some(Some(conn)) = self.slots.get_mut(slot) else {
+            return Err(Close::PeerClosed);
+        };
+        let addresses = match conn.read_proxy_header(&mut self.scratch) {
+            Ok(None) => return Ok(false),
+            Ok(Some(a)) => a,
+            Err(e) => {
+                if matches!(e, Close::Proxy(_)) {
+                    self.counter.drops.count(Dropped::ProxyInvalid);
+                }
+                return Err(e);
+            }
+        };
+        let via = conn.ft.client;
+        // LOCAL (a health check), UNKNOWN and non-TCP families keep the connection's own.
+        let client = addresses.map_or(via, |a| {
+            SocketAddr::new(a.source.ip().to_canonical(), a.source.port())
+        });
+        if let Err(why) = self
+            .counter
+            .assign(conn.counted, client.ip(), &self.limits)
+            .map(|c| conn.counted = c)
+        {
+            self.counter.drops.count(why);
+            return Err(Close::Limit(why));
+        }
+        let ft = FiveTuple { client, ..conn.ft };
+        if ft != conn.ft {
+            if self.by_five_tuple.contains_key(&ft) {
+                return Err(Close::DuplicateFiveTuple);
+            }
+            self.by_five_tuple.remove(&conn.ft);
+            self.by_five_tuple.insert(ft, slot);
+            conn.ft = ft;
+        }
+        tracing::debug!(client = %client, via = %via, transport = ft.transport.as_str(), "PROXY protocol header");
+        Ok(true)
     }
 
     /// Sends `bytes` (a whole frame: a response, or peer data the core framed and padded)
@@ -869,6 +1379,11 @@ impl Streams {
     /// handshake is older than the deadline, that have been idle too long, or whose writes
     /// failed. Returns their 5-tuples.
     pub fn tick(&mut self, now: Instant, epoll: &Epoll) -> Vec<FiveTuple> {
+        let (seen, reloaded) = self.counter.limits_since(self.limits_seen);
+        self.limits_seen = seen;
+        if let Some(l) = reloaded {
+            self.limits = l;
+        }
         let mut closed = Vec::new();
         for slot in 0..self.slots.len() {
             let Some(Some(conn)) = self.slots.get_mut(slot) else {
@@ -884,15 +1399,27 @@ impl Streams {
             if !(slow || idle || conn.broken) {
                 continue;
             }
+            let unestablished = !matches!(conn.counted, Counted::Established(_));
             let reason = if conn.broken {
                 "write failed"
+            } else if slow && conn.proxy_header.is_some() {
+                "PROXY header deadline"
             } else if slow && conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
                 "TLS handshake deadline"
+            } else if slow && unestablished {
+                "first message deadline"
             } else if slow {
                 "incomplete message deadline"
             } else {
                 "idle timeout"
             };
+            if slow && !conn.broken {
+                if conn.proxy_header.is_some() {
+                    self.counter.drops.count(Dropped::ProxyTimeout);
+                } else if unestablished {
+                    self.counter.drops.count(Dropped::HandshakeTimeout);
+                }
+            }
             tracing::debug!(client = %conn.ft.client, transport = conn.ft.transport.as_str(), reason, "stream connection closed");
             if !conn.broken {
                 conn.goodbye();
@@ -928,7 +1455,7 @@ impl Streams {
 
     /// Closes a handed-over connection that no worker adopts (uncounts it).
     pub fn drop_handed_over(&self, h: HandedOver) {
-        self.counter.remove(h.0.ft.client.ip());
+        self.counter.remove(h.0.counted);
     }
 
     /// Takes on a connection another worker handed over: registers it with `epoll` and
@@ -945,7 +1472,7 @@ impl Streams {
         let mut conn = handed.0;
         let ft = conn.ft;
         if self.by_five_tuple.contains_key(&ft) {
-            self.counter.remove(ft.client.ip());
+            self.counter.remove(conn.counted);
             return Some(ft);
         }
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -961,7 +1488,7 @@ impl Streams {
             .is_err()
         {
             self.free.push(slot);
-            self.counter.remove(ft.client.ip());
+            self.counter.remove(conn.counted);
             return Some(ft);
         }
         if let Some(s) = self.slots.get_mut(slot) {
@@ -1029,7 +1556,7 @@ impl Streams {
         let conn = self.slots.get_mut(slot)?.take()?;
         let _ = epoll.delete(&conn.socket);
         self.by_five_tuple.remove(&conn.ft);
-        self.counter.remove(conn.ft.client.ip());
+        self.counter.remove(conn.counted);
         self.free.push(slot);
         self.live = self.live.saturating_sub(1);
         Some(conn.ft)
@@ -1045,7 +1572,7 @@ fn reject(socket: TcpStream) {
 mod tests {
     use super::*;
     use nix::sys::epoll::{EpollCreateFlags, EpollTimeout};
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::mpsc;
     use std::thread::JoinHandle;
 
@@ -1061,6 +1588,7 @@ mod tests {
         closed: Arc<Mutex<Vec<FiveTuple>>>,
         sends: mpsc::Sender<(FiveTuple, Vec<u8>)>,
         sent: mpsc::Receiver<bool>,
+        live: Arc<AtomicUsize>,
         thread: Option<JoinHandle<()>>,
     }
 
@@ -1078,6 +1606,8 @@ mod tests {
             let (sends, send_rx) = mpsc::channel::<(FiveTuple, Vec<u8>)>();
             let (sent_tx, sent) = mpsc::channel();
             let (stop2, closed2) = (stop.clone(), closed.clone());
+            let live = Arc::new(AtomicUsize::new(0));
+            let live2 = live.clone();
             let thread = std::thread::spawn(move || {
                 let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
                 epoll
@@ -1108,6 +1638,7 @@ mod tests {
                             }
                         }
                     }
+                    live2.store(streams.len(), Ordering::Relaxed);
                     while let Ok((ft, bytes)) = send_rx.try_recv() {
                         let _ = sent_tx.send(streams.send(&ft, &bytes, &epoll));
                     }
@@ -1125,8 +1656,14 @@ mod tests {
                 closed,
                 sends,
                 sent,
+                live,
                 thread: Some(thread),
             }
+        }
+
+        /// Open connections, as of the loop's last round.
+        fn accepted(&self) -> usize {
+            self.live.load(Ordering::Relaxed)
         }
 
         fn connect(&self) -> TcpStream {
@@ -1327,7 +1864,7 @@ mod tests {
     #[test]
     fn per_ip_cap_refuses_extra_connection_only() {
         let limits = StreamLimits {
-            max_per_source_ip: 3,
+            max_per_source: 3,
             ..StreamLimits::default()
         };
         let h = Harness::start(limits, Transport::Tcp, None);
@@ -1336,9 +1873,16 @@ mod tests {
             c.write_all(&stun(i as u8, 0)).unwrap();
             assert_eq!(read_exact_timeout(c, 20), stun(i as u8, 0));
         }
+        // The fourth is taken on, but closed at its first frame, unanswered (the core
+        // never sees it).
         let mut extra = h.connect();
         let _ = extra.write_all(&stun(9, 0));
-        assert_closed(&mut extra);
+        let mut got = Vec::new();
+        let _ = extra.read_to_end(&mut got);
+        assert!(
+            got.is_empty(),
+            "a frame over the cap was answered: {got:02x?}"
+        );
         for (i, c) in conns.iter_mut().enumerate() {
             c.write_all(&stun(i as u8 + 10, 0)).unwrap();
             assert_eq!(read_exact_timeout(c, 20), stun(i as u8 + 10, 0));
@@ -1351,6 +1895,94 @@ mod tests {
         let mut again = h.connect();
         again.write_all(&stun(20, 0)).unwrap();
         assert_eq!(read_exact_timeout(&mut again, 20), stun(20, 0));
+    }
+
+    #[test]
+    fn unestablished_cap_and_silent_connections() {
+        let limits = StreamLimits {
+            max_unestablished_per_source: 2,
+            handshake_and_partial_deadline: Duration::from_millis(400),
+            ..StreamLimits::default()
+        };
+        let h = Harness::start(limits, Transport::Tcp, None);
+        let mut served = h.connect();
+        served.write_all(&stun(1, 0)).unwrap();
+        assert_eq!(read_exact_timeout(&mut served, 20), stun(1, 0));
+        // Two silent connections fill the cap; a third is refused at once.
+        let mut a = h.connect();
+        let b = h.connect();
+        wait_until("two accepted", || h.accepted() >= 3);
+        let t = Instant::now();
+        let mut c = h.connect();
+        assert_closed(&mut c);
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        // Established connections are not counted there: one more served client.
+        let mut a_frame = stun(2, 0);
+        a.write_all(&a_frame).unwrap();
+        assert_eq!(read_exact_timeout(&mut a, 20), a_frame);
+        let mut d = h.connect();
+        a_frame = stun(3, 0);
+        d.write_all(&a_frame).unwrap();
+        assert_eq!(read_exact_timeout(&mut d, 20), a_frame);
+        // The silent one is closed after the short deadline, not the idle timeout;
+        // the established ones stay.
+        let mut b = b;
+        let t = Instant::now();
+        assert_closed(&mut b);
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        for (s, tid) in [(&mut a, 4), (&mut served, 5), (&mut d, 6)] {
+            s.write_all(&stun(tid, 0)).unwrap();
+            assert_eq!(read_exact_timeout(s, 20), stun(tid, 0));
+        }
+    }
+
+    #[test]
+    fn counter_counts_and_reloads() {
+        let counter = ConnCounter::new();
+        let limits = StreamLimits {
+            max_per_source: 1,
+            max_unestablished_per_source: 1,
+            max_total: 3,
+            ..StreamLimits::default()
+        };
+        let ip1: IpAddr = "192.0.2.1".parse().unwrap();
+        let ip2: IpAddr = "192.0.2.2".parse().unwrap();
+        let c1 = counter.open(ip1, &limits).unwrap();
+        assert_eq!(
+            counter.open(ip1, &limits),
+            Err(Dropped::UnauthenticatedLimit)
+        );
+        let c1 = counter.establish(c1, &limits).unwrap();
+        assert_eq!(c1, Counted::Established(ip1));
+        let c2 = counter.open(ip1, &limits).unwrap();
+        assert_eq!(counter.establish(c2, &limits), Err(Dropped::SourceLimit));
+        let c3 = counter.open(ip2, &limits).unwrap();
+        assert_eq!(counter.total(), 3);
+        assert_eq!(counter.open(ip2, &limits), Err(Dropped::TotalLimit));
+        for c in [c1, c2, c3] {
+            counter.remove(c);
+        }
+        assert_eq!(counter.total(), 0);
+        assert!(counter.lock().per_ip.is_empty());
+        // Reloaded limits reach a Streams on its tick.
+        let counter = Arc::new(counter);
+        let mut streams = Streams::with_counter(StreamLimits::default(), BASE, counter.clone());
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        counter.set_limits(limits.clone());
+        assert_eq!(streams.limits(), &StreamLimits::default());
+        streams.tick(Instant::now(), &epoll);
+        assert_eq!(streams.limits(), &limits);
+        // A Streams made after the reload starts with them.
+        let later = Streams::with_counter(StreamLimits::default(), BASE, counter);
+        assert_eq!(later.limits(), &limits);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! Layout: `message` ([`Message`]: reader, integrity checks), `writer`
 //! ([`MessageWriter`], [`reason_phrase`]), `addr` (address value codecs), `channel`
 //! (ChannelData, demultiplexing), `framing` ([`next_frame`]), [`attr`] (attribute
-//! type registry), [`method`] (method registry).
+//! type registry), [`method`] (method registry), [`proxy`] (the PROXY protocol header a
+//! load balancer puts before a TCP or TLS stream).
 
 pub mod attr;
 
@@ -19,6 +20,7 @@ mod channel;
 mod framing;
 mod integrity;
 mod message;
+pub mod proxy;
 mod writer;
 
 #[cfg(test)]
@@ -31,6 +33,7 @@ pub use channel::{
 pub use framing::{next_frame, Frame};
 pub use integrity::IntegrityKey;
 pub use message::{AttrIter, Message, MAX_NONCE_LEN, MAX_REALM_LEN, MAX_USERNAME_LEN};
+pub use proxy::{parse_proxy_header, ProxyAddresses, ProxyHeader};
 pub use writer::{reason_phrase, MessageWriter};
 
 /// The magic cookie, bytes 4..8 of every RFC 5389/8489 message header (RFC 8489 5).

@@ -989,8 +989,11 @@ impl Server {
         let m = msg.method();
         // Answers that cost the sender nothing (Binding, challenges, errors before
         // authentication) are limited per source IP: no amplification toward a
-        // spoofed victim.
-        let unauthenticated = m == method::BINDING || !msg.has_message_integrity();
+        // spoofed victim. Over UDP only: a TCP or TLS client's address is proven by
+        // its handshake, and thousands of them may share one NAT address, each
+        // allocation costing one 401 that a stream client does not send again.
+        let unauthenticated = ft.transport == Transport::Udp
+            && (m == method::BINDING || !msg.has_message_integrity());
         if unauthenticated
             && !self.shared.unauthenticated_allowed(
                 ft.client.ip(),

@@ -990,6 +990,14 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
     };
     assert!(h.send(other, &buf, 0).is_some());
     assert!(h.send(ft(1), &buf, 1).is_some());
+    // TCP and TLS clients (their address proven by the handshake) are not limited.
+    for transport in [Transport::Tcp, Transport::Tls] {
+        let stream = FiveTuple { transport, ..ft(1) };
+        let answered = (0..50)
+            .filter(|_| h.send(stream, &buf, 1).is_some())
+            .count();
+        assert_eq!(answered, 50, "{transport:?}");
+    }
     // Authenticated requests are not limited.
     let answered = (0..20u8)
         .filter(|i| h.refresh(ft(7), 600, 100 + i, 1).code() == Some(437))

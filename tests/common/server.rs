@@ -98,6 +98,9 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Environment variables removed for the server process (turnstone only).
     pub env_remove: Vec<String>,
+    /// `proxy_protocol = true` with these `proxy_from` CIDRs on the tcp and tls listeners
+    /// (turnstone only); `None`: no PROXY protocol.
+    pub proxy_from: Option<Vec<String>>,
 }
 
 impl Default for ServerOptions {
@@ -125,6 +128,7 @@ impl Default for ServerOptions {
             workers: None,
             env: Vec::new(),
             env_remove: Vec::new(),
+            proxy_from: None,
         }
     }
 }
@@ -214,6 +218,13 @@ impl ServerOptions {
         self
     }
 
+    /// The tcp and tls listeners take the PROXY protocol, from the load balancers in
+    /// `nets` (CIDRs).
+    pub fn proxy_protocol(mut self, nets: &[&str]) -> Self {
+        self.proxy_from = Some(nets.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
     /// Adds a `tcp` listener on the UDP listen address.
     pub fn tcp(mut self) -> Self {
         self.tcp = true;
@@ -254,10 +265,19 @@ impl ServerOptions {
             let _ = writeln!(t, "workers = {w}");
         }
         let _ = writeln!(t, "{}", self.server_toml);
+        let proxy = match &self.proxy_from {
+            Some(nets) => format!("proxy_protocol = true\nproxy_from = {}\n", toml_list(nets)),
+            None => String::new(),
+        };
         let mut listen = |transport: &str, addr: SocketAddr| {
+            let proxy = if transport == "udp" {
+                ""
+            } else {
+                proxy.as_str()
+            };
             let _ = writeln!(
                 t,
-                "[[listen]]\ntransport = \"{transport}\"\naddress = \"{addr}\"\n"
+                "[[listen]]\ntransport = \"{transport}\"\naddress = \"{addr}\"\n{proxy}"
             );
         };
         for udp in l.udp_addrs() {

@@ -69,8 +69,21 @@ pub fn tls_connect(
     name: &str,
     cfg: std::sync::Arc<rustls::ClientConfig>,
 ) -> Result<TlsStream, String> {
-    let mut tcp =
+    let tcp =
         tcp_connect_from(None, server).map_err(|e| format!("TCP connect to {server}: {e}"))?;
+    tls_handshake(tcp, name, cfg)
+}
+
+/// Completes a TLS handshake (server name `name`) on the connection `tcp`, for example
+/// after a PROXY protocol header written on it.
+pub fn tls_handshake(
+    mut tcp: TcpStream,
+    name: &str,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<TlsStream, String> {
+    let server = tcp
+        .peer_addr()
+        .map_err(|e| format!("TLS: not connected: {e}"))?;
     let sni = rustls::pki_types::ServerName::try_from(name.to_string())
         .map_err(|e| format!("server name {name}: {e}"))?;
     let mut conn = rustls::ClientConnection::new(cfg, sni).map_err(|e| e.to_string())?;
