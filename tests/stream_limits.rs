@@ -1,4 +1,4 @@
-//! The stream limits under their defaults fit thousands of TCP/TLS clients behind one address (2,000 concurrent TLS allocations from 127.0.0.1; coturn's `turnutils_uclient -t -S -m 50`), while a flood of silent and half-open connections from one address is held to 64 and closed by the short deadline, a client from another address allocating at once and the server's open files returning to their level.
+//! The stream limits under their defaults fit thousands of TCP/TLS clients behind one address (2,000 concurrent TLS allocations from 127.0.0.1; coturn's `turnutils_uclient -t -S -m 50`), while a flood of silent and half-open connections from one address is held to 256 (the default max_unauthenticated_per_source) and closed by the short deadline, a client from another address allocating at once and the server's open files returning to their level.
 
 mod common;
 
@@ -18,7 +18,7 @@ const OTHER_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// The default `limits.stream_handshake_timeout`.
 const DEADLINE: Duration = Duration::from_secs(10);
 /// The default `limits.max_unauthenticated_per_source`.
-const UNESTABLISHED_CAP: usize = 64;
+const UNESTABLISHED_CAP: usize = 256;
 
 /// Raises this process's open-file limit (soft, up to the hard one) so that it holds
 /// `need` sockets; the servers it starts inherit it. Panics if the hard limit is lower.
@@ -255,7 +255,7 @@ fn a_flood_of_silent_and_half_open_connections_from_one_address_is_stopped() {
         .try_refresh(600)
         .expect("the established client from 127.0.0.1 during the flood");
 
-    // The server keeps at most 64 of them (the default cap), refusing the rest at once.
+    // The server keeps at most 256 of them (the default cap), refusing the rest at once.
     std::thread::sleep(Duration::from_millis(500));
     let open = flood.iter().filter(|s| probe(s) == State::Open).count();
     eprintln!(
@@ -358,7 +358,7 @@ fn a_reload_changes_the_stream_limits() {
         std::thread::sleep(Duration::from_millis(200));
         refused
     };
-    assert!(!third_refused(), "refused under the default cap of 64");
+    assert!(!third_refused(), "refused under the default cap of 256");
     server.reload(
         &options
             .clone()

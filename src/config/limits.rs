@@ -35,8 +35,10 @@ const MAX_UNAUTHENTICATED_RATE: u32 = 1_000_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 5_000;
 /// Default `limits.max_unauthenticated_per_source`: TCP/TLS connections from one source
 /// address that have not yet sent a complete first message (TCP) or finished the TLS
-/// handshake.
-pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// handshake. Users behind one NAT address arrive together (coturn's `turnutils_uclient
+/// -t -S -m 50` opens 100 at once), while 256 silent connections held for the handshake
+/// timeout cost one address little more than 256 file descriptors for ten seconds.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 256;
 /// Default `limits.max_connections`: TCP/TLS client connections in total.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 /// Default `limits.stream_handshake_timeout`: how long a new connection has to send its

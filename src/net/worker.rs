@@ -23,8 +23,8 @@ use super::socket;
 use super::stream::{After, HandedOver, Streams};
 use super::{Common, WorkerSockets};
 use crate::server::{
-    connection_bind_shard, BindError, BindResult, Clock, Command, Event, FiveTuple, Output,
-    RelayBinder, RelayHandle, Server, Transport, PEER_HEADROOM, PEER_TAILROOM,
+    owner_shard, BindError, BindResult, Clock, Command, Event, FiveTuple, Output, RelayBinder,
+    RelayHandle, Server, Transport, PEER_HEADROOM, PEER_TAILROOM,
 };
 
 /// Largest UDP payload plus room to frame it in place.
@@ -943,14 +943,15 @@ struct FrameCtx<'a> {
 impl FrameCtx<'_> {
     /// One frame (or, on a spliced RFC 6062 data connection, a chunk of bytes) from
     /// client connection `ft`. A ConnectionBind naming a CONNECTION-ID of another shard,
-    /// on a connection without an allocation here, is not taken: the connection goes to
-    /// that shard, which holds the peer connection and the allocation.
+    /// or an Allocate naming a RESERVATION-TOKEN of another shard, on a connection
+    /// without an allocation here, is not taken: the connection goes to that shard, which
+    /// holds the peer connection and allocation, or the reserved relay socket.
     fn frame(&mut self, ft: FiveTuple, frame: &[u8], reply: &mut Vec<u8>) -> After {
         if let Some(id) = self.core.data_connection(&ft) {
             self.peers.write(id, frame, self.epoll);
             return After::Raw;
         }
-        if let Some(owner) = connection_bind_shard(frame) {
+        if let Some(owner) = owner_shard(frame) {
             if owner != self.index
                 && owner < self.workers
                 && self.core.allocation_by_five_tuple(&ft).is_none()
@@ -984,20 +985,21 @@ impl FrameCtx<'_> {
 }
 
 /// Sends a connection that shard `from`'s frame callback handed over to the shard its
-/// ConnectionBind (the first unread frame) names; closes it if there is none.
+/// ConnectionBind or Allocate with a RESERVATION-TOKEN (the first unread frame) names;
+/// closes it if there is none.
 fn hand_over(common: &Common, from: usize, streams: &mut Streams, h: HandedOver) {
     let unread = h.unread();
     let owner = unread
         .get(2..4)
         .map(|l| 20 + usize::from(u16::from_be_bytes([l[0], l[1]])))
         .and_then(|n| unread.get(..n))
-        .and_then(connection_bind_shard);
+        .and_then(owner_shard);
     let client = h.five_tuple().client;
     let Some(to) = owner else {
         streams.drop_handed_over(h);
         return;
     };
-    tracing::debug!(from, to, %client, "RFC 6062 data connection handed over to the shard of its allocation");
+    tracing::debug!(from, to, %client, "stream connection handed over to the shard that holds what it names");
     common.metrics.stream_handed_over();
     if let Err(h) = common.pool.deliver(to, h) {
         streams.drop_handed_over(h);

@@ -7,6 +7,7 @@
 
 mod allocation;
 mod fastpath;
+mod shard;
 mod shared;
 mod tcp;
 #[cfg(test)]
@@ -28,6 +29,7 @@ pub use fastpath::{
     ChannelEntry, ClientChannelKey, ClientPermissionKey, FastPathCommand, PermissionEntry,
     RelayPeerKey, RelayPermissionKey,
 };
+pub use shard::{owner_shard, reservation_shard};
 pub use shared::{
     Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
 };
@@ -1450,7 +1452,7 @@ impl Server {
         let advertised = rt.relay.advertised(relay_addr);
         let mut reservation_token = None;
         if let Some((rh, raddr)) = reserved {
-            let token: [u8; 8] = rand::random();
+            let token = shard::new_reservation_token(self.shard);
             self.reservations.push(Reservation {
                 token,
                 relay: rh,
