@@ -496,3 +496,31 @@ fn chromium_behind_haproxy() {
         "haproxy's headers refused"
     );
 }
+
+#[test]
+fn a_reload_cannot_take_the_proxy_requirement_off_a_running_listener() {
+    let options = ServerOptions::default()
+        .tcp()
+        .metrics()
+        .proxy_protocol(&[TRUSTED]);
+    let server = TestServer::start(options);
+    let tcp = server.tcp_addr.expect("tcp");
+    // The new file drops proxy_protocol from the entry; the listener, bound at start,
+    // keeps requiring a header (a reload binds no listener), and the log says so.
+    server.reload(&ServerOptions::default().tcp().metrics());
+    assert!(
+        server
+            .stderr()
+            .contains("proxy_protocol and proxy_from changes take effect at restart"),
+        "{}",
+        server.stderr()
+    );
+    // Workers take reloaded stream limits at their next tick.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut s = with_header(tcp, &binding_request());
+    assert_closed_unanswered(&mut s, PROMPT, "a headerless Binding after the reload");
+    let src: SocketAddr = "192.0.2.8:40000".parse().unwrap();
+    let s = with_header(tcp, &v2_header(1, src, tcp, &[]));
+    let mut c = TurnClient::stream(Stream::Tcp(s), USER, PASSWORD);
+    assert_eq!(mapped(&mut c, "v2 after the reload"), src);
+}

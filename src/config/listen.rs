@@ -197,3 +197,26 @@ pub(super) fn check(listen: &[Listen], errors: &mut Errors) {
         }
     }
 }
+
+/// Warnings about `[[listen]]` entries that load but are probably not meant: a
+/// `proxy_from` holding a prefix of length 0 trusts every source to name its own address,
+/// which gets around every per-source limit.
+pub(super) fn warnings(listen: &[Listen], out: &mut Vec<super::errors::ConfigError>) {
+    for (i, l) in listen.iter().enumerate() {
+        if l.proxy_protocol && l.proxy_from.iter().any(|n| n.prefix_len() == 0) {
+            out.push(super::errors::ConfigError::new(
+                format!("listen[{i}].proxy_from"),
+                format!(
+                    "{} trusts every source to send a PROXY header, so any client can claim \
+                     any address and get around the per-source limits; list only the load \
+                     balancers' addresses",
+                    l.proxy_from
+                        .iter()
+                        .find(|n| n.prefix_len() == 0)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+    }
+}

@@ -194,6 +194,7 @@ impl Config {
     pub fn warnings(&self) -> Vec<ConfigError> {
         let mut out = Vec::new();
         self.relay.warnings(&mut out);
+        listen::warnings(&self.listen, &mut out);
         out
     }
 

@@ -638,6 +638,22 @@ fn listen_proxy_protocol() {
         ]
     );
     assert!(!c.listen[0].proxy_protocol);
+    assert!(
+        !c.warnings().iter().any(|w| w.key.starts_with("listen")),
+        "{:?}",
+        c.warnings()
+    );
+    // Trusting every source loads, with a warning naming the key.
+    let open = Config::from_toml(&with(
+        "transport = \"tls\"\naddress = \"0.0.0.0:443\"\nproxy_protocol = true\nproxy_from = [\"0.0.0.0/0\"]",
+    ))
+    .unwrap();
+    let w = open.warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.key == "listen[1].proxy_from" && w.message.contains("0.0.0.0/0")),
+        "{w:?}"
+    );
     let tcp = "transport = \"tcp\"\naddress = \"127.0.0.1:3479\"\n";
     for (entry, key, needle) in [
         ("proxy_protocol = true", "listen[1].proxy_from", "missing"),

@@ -462,10 +462,19 @@ fn reload(
             runtime.kernel_fast_path =
                 common.fast_path.is_some() && cfg.relay.kernel_fast_path != KernelFastPath::Off;
             common.shared.runtime.store(Arc::new(runtime));
-            // Stream caps and timeouts: every worker takes them on its next tick.
-            common
-                .conns
-                .set_limits(stream::StreamLimits::from_config(&cfg));
+            // Stream caps and timeouts: every worker takes them on its next tick. The
+            // PROXY protocol settings stay those of the listeners bound at start (a
+            // reload binds no listener): taken from the new file, a changed address would
+            // leave a running proxy_protocol listener open to headerless connections.
+            let mut limits = stream::StreamLimits::from_config(&cfg);
+            if limits.proxy != common.stream_limits.proxy {
+                tracing::warn!(
+                    "listen: proxy_protocol and proxy_from changes take effect at restart, as \
+                     listeners do; the running listeners keep theirs"
+                );
+            }
+            limits.proxy = common.stream_limits.proxy.clone();
+            common.conns.set_limits(limits);
             if let Some(set) = log_level {
                 if std::env::var_os("RUST_LOG").is_none() {
                     if let Err(e) = set(&cfg.log.level) {

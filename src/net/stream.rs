@@ -256,6 +256,21 @@ enum Counted {
     Established(IpAddr),
 }
 
+impl Counted {
+    /// `self`, or [`Counted::Awaiting`] (which nothing establishes) when `frame` is not
+    /// a STUN message (a first byte with its top two bits clear and the magic cookie).
+    fn filter_stun(self, frame: &[u8]) -> Counted {
+        let stun = frame.len() >= 20
+            && frame.first().is_some_and(|&b| b & 0xc0 == 0)
+            && frame.get(4..8) == Some(&[0x21, 0x12, 0xa4, 0x42][..]);
+        if stun {
+            self
+        } else {
+            Counted::Awaiting
+        }
+    }
+}
+
 impl ConnCounter {
     pub fn new() -> Self {
         Self::default()
@@ -469,8 +484,9 @@ struct Conn {
     raw: bool,
     /// The frame callback asked for a hand-over: read nothing more here.
     handover: bool,
-    /// A complete frame has been received.
-    framed: bool,
+    /// When it was accepted: until it is established it must be within the short
+    /// deadline of this, whatever it sends.
+    accepted: Instant,
     /// How the connection is counted (established or not, under which address).
     counted: Counted,
     /// On a `proxy_protocol` listener, until its header is complete: what has come of it.
@@ -667,9 +683,6 @@ impl Conn {
             r
         };
         let (used, after) = result?;
-        if used > 0 || after == After::Raw {
-            self.framed = true;
-        }
         if after == After::HandOver {
             self.handover = true;
             return Ok(());
@@ -908,13 +921,11 @@ impl Conn {
         Ok(None)
     }
 
-    /// Has the connection become established (a complete frame on TCP, the handshake
-    /// finished on TLS)?
+    /// Has a TLS connection become established (its handshake finished)? A TCP
+    /// connection is established by its first STUN message, in the frame gate of
+    /// [`Streams::on_event`].
     fn is_established_now(&self) -> bool {
-        match &self.tls {
-            Some(tls) => !tls.is_handshaking(),
-            None => self.framed,
-        }
+        self.tls.as_ref().is_some_and(|tls| !tls.is_handshaking())
     }
 
     /// Before a close we decide on: TLS close_notify, best effort.
@@ -1172,7 +1183,7 @@ impl Streams {
                 broken: false,
                 raw: false,
                 handover: false,
-                framed: false,
+                accepted: now,
                 counted,
                 proxy_header: proxy_header.then(Vec::new),
                 early: Vec::new(),
@@ -1231,7 +1242,10 @@ impl Streams {
                 if refused.get().is_some() {
                     return After::Next;
                 }
-                if let c @ Counted::Unestablished(_) = counted.get() {
+                // Only a STUN message establishes a connection: ChannelData or zeros
+                // (which the core ignores before an allocation) do not lift the short
+                // deadline or move it under the larger cap.
+                if let c @ Counted::Unestablished(_) = counted.get().filter_stun(frame) {
                     match counter.establish(c, limits) {
                         Ok(c) => counted.set(c),
                         Err(why) => {
@@ -1389,17 +1403,19 @@ impl Streams {
             let Some(Some(conn)) = self.slots.get_mut(slot) else {
                 continue;
             };
+            let deadline = self.limits.handshake_and_partial_deadline;
+            let unestablished = !matches!(conn.counted, Counted::Established(_));
             let slow = !conn.raw
-                && conn.partial_since.is_some_and(|t| {
-                    now.saturating_duration_since(t) >= self.limits.handshake_and_partial_deadline
-                });
+                && (conn
+                    .partial_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= deadline)
+                    || (unestablished && now.saturating_duration_since(conn.accepted) >= deadline));
             // Data connections live as long as their allocation and peer connection.
             let idle = !conn.raw
                 && now.saturating_duration_since(conn.last_frame) >= self.limits.idle_timeout;
             if !(slow || idle || conn.broken) {
                 continue;
             }
-            let unestablished = !matches!(conn.counted, Counted::Established(_));
             let reason = if conn.broken {
                 "write failed"
             } else if slow && conn.proxy_header.is_some() {
@@ -1472,8 +1488,11 @@ impl Streams {
         let mut conn = handed.0;
         let ft = conn.ft;
         if self.by_five_tuple.contains_key(&ft) {
+            // The 5-tuple is a live connection's here (two load-balanced connections
+            // given one client address): close the newcomer alone, leaving that
+            // connection and its allocation alone.
             self.counter.remove(conn.counted);
-            return Some(ft);
+            return None;
         }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
@@ -1833,6 +1852,9 @@ mod tests {
         let mut slow = h.connect();
         let mut idle = h.connect();
         let mut busy = h.connect();
+        // Complete frames that are not STUN messages (empty ChannelData) every 100 ms do
+        // not establish a connection: it gets the short deadline as a silent one does.
+        let mut junk = h.connect();
         let start = Instant::now();
         slow.write_all(&stun(6, 0)[..10]).unwrap();
         idle.write_all(&stun(7, 0)).unwrap();
@@ -1842,17 +1864,24 @@ mod tests {
         // frame every 100 ms, is untouched.
         let slow_ft = h.ft(&slow, Transport::Tcp);
         let idle_ft = h.ft(&idle, Transport::Tcp);
+        let junk_ft = h.ft(&junk, Transport::Tcp);
         while !h.was_closed(&idle_ft) {
             assert!(start.elapsed() < IO_TIMEOUT, "idle connection not closed");
             busy.write_all(&stun(8, 0)).unwrap();
             assert_eq!(read_exact_timeout(&mut busy, 20), stun(8, 0));
+            let _ = junk.write_all(&channel_data(&[]));
             if start.elapsed() < Duration::from_millis(250) {
                 assert!(!h.was_closed(&slow_ft), "closed too early");
+                assert!(!h.was_closed(&junk_ft), "closed too early");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let idle_after = start.elapsed();
         assert!(h.was_closed(&slow_ft));
+        assert!(
+            h.was_closed(&junk_ft),
+            "non-STUN frames kept the connection open"
+        );
         assert!(idle_after >= Duration::from_millis(1100), "{idle_after:?}");
         assert_closed(&mut slow);
         assert_closed(&mut idle);

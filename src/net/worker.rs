@@ -951,12 +951,13 @@ impl FrameCtx<'_> {
             self.peers.write(id, frame, self.epoll);
             return After::Raw;
         }
-        if let Some(owner) = owner_shard(frame) {
-            if owner != self.index
-                && owner < self.workers
-                && self.core.allocation_by_five_tuple(&ft).is_none()
-            {
-                return After::HandOver;
+        // Only a connection without an allocation here may move (checked first: most
+        // frames are on connections with one, and need no parse for this).
+        if self.core.allocation_by_five_tuple(&ft).is_none() {
+            if let Some(owner) = owner_shard(frame) {
+                if owner != self.index && owner < self.workers {
+                    return After::HandOver;
+                }
             }
         }
         let mut binder = Binder {
