@@ -256,6 +256,25 @@ enum Counted {
     Established(IpAddr),
 }
 
+/// The source the per-source caps count a client address under: an IPv4 address (an
+/// IPv4-mapped IPv6 one too) as it is, an IPv6 address by its /64, which one host or site
+/// holds whole (counted by full address, one IPv6 host could take a new source address
+/// per connection and get around every per-source cap).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let seg = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(
+                    seg[0], seg[1], seg[2], seg[3], 0, 0, 0, 0,
+                ))
+            }
+        },
+    }
+}
+
 impl Counted {
     /// `self`, or [`Counted::Awaiting`] (which nothing establishes) when `frame` is not
     /// a STUN message (a first byte with its top two bits clear and the magic cookie).
@@ -319,6 +338,7 @@ impl ConnCounter {
 
     /// Counts a new, unestablished connection from `ip` if the caps allow it.
     fn open(&self, ip: IpAddr, limits: &StreamLimits) -> Result<Counted, Dropped> {
+        let ip = source(ip);
         let mut c = self.lock();
         if c.total >= limits.max_total {
             return Err(Dropped::TotalLimit);
@@ -357,6 +377,7 @@ impl ConnCounter {
         if counted != Counted::Awaiting {
             return Ok(counted);
         }
+        let ip = source(ip);
         let mut c = self.lock();
         let n = c.per_ip.entry(ip).or_default();
         if n.unestablished >= limits.max_unestablished_per_source {
@@ -1888,6 +1909,34 @@ mod tests {
         assert!(!h.was_closed(&h.ft(&busy, Transport::Tcp)));
         busy.write_all(&stun(9, 0)).unwrap();
         assert_eq!(read_exact_timeout(&mut busy, 20), stun(9, 0));
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(other));
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(source(v4), v4);
+        assert_eq!(source("::ffff:192.0.2.1".parse().unwrap()), v4);
+        // One /64 holds the unestablished cap whatever addresses it uses.
+        let limits = StreamLimits {
+            max_unestablished_per_source: 2,
+            ..StreamLimits::default()
+        };
+        let counter = ConnCounter::new();
+        let one = counter.open(a, &limits).expect("first");
+        let two = counter.open(b, &limits).expect("second");
+        assert_eq!(
+            counter.open("2001:db8:1:2::9".parse().unwrap(), &limits),
+            Err(Dropped::UnauthenticatedLimit)
+        );
+        assert!(counter.open(other, &limits).is_ok(), "another /64");
+        counter.remove(one);
+        assert!(counter.open(a, &limits).is_ok(), "room again");
+        let _ = two;
     }
 
     #[test]
