@@ -46,6 +46,12 @@ use crate::server::{FiveTuple, Transport};
 const ACCEPT_BATCH: usize = 64;
 /// Socket reads per readiness event of a connection.
 const READS_PER_EVENT: usize = 4;
+/// TLS connections still handshaking that one pass of the worker's loop reads from (a
+/// full handshake costs about 170-190 µs of CPU, most of it on the ClientHello): more are
+/// left for the next pass (level-triggered epoll reports them again at once), so a burst
+/// of handshakes delays the relaying on the same worker by at most this many of them
+/// per pass, not by all of them.
+const HANDSHAKES_PER_PASS: u32 = 4;
 /// Size of the worker-wide read buffer.
 const SCRATCH_LEN: usize = 64 * 1024;
 /// A drained buffer larger than this is freed rather than kept for the next message.
@@ -1005,6 +1011,10 @@ pub struct Streams {
     live: usize,
     /// The generation of the counter's reloaded limits last taken.
     limits_seen: u64,
+    /// Handshaking TLS connections read from in this pass ([`HANDSHAKES_PER_PASS`]).
+    handshakes: u32,
+    /// Reads of handshaking connections left for a later pass, in all.
+    deferred: u64,
 }
 
 impl Streams {
@@ -1018,6 +1028,17 @@ impl Streams {
         &self.limits
     }
 
+    /// A new pass of the worker's loop begins: [`HANDSHAKES_PER_PASS`] handshaking
+    /// connections may be read from again.
+    pub fn new_pass(&mut self) {
+        self.handshakes = 0;
+    }
+
+    /// How many times a handshaking connection's readiness was left for a later pass.
+    pub fn handshakes_deferred(&self) -> u64 {
+        self.deferred
+    }
+
     /// Connections of one worker, with caps counted in `counter` (share one between
     /// workers for process-wide per-address and total caps).
     pub fn with_counter(limits: StreamLimits, token_base: u64, counter: Arc<ConnCounter>) -> Self {
@@ -1026,6 +1047,8 @@ impl Streams {
         let limits = reloaded.unwrap_or(limits);
         Streams {
             limits_seen,
+            handshakes: 0,
+            deferred: 0,
             limits,
             token_base,
             tag: 0,
@@ -1243,6 +1266,13 @@ impl Streams {
             }
         }
         let conn = self.slots.get_mut(slot)?.as_mut()?;
+        if readable && conn.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            if self.handshakes >= HANDSHAKES_PER_PASS {
+                self.deferred += 1;
+                return None;
+            }
+            self.handshakes += 1;
+        }
         let mut result = Ok(());
         if flags.contains(EpollFlags::EPOLLOUT) && conn.pending() > 0 {
             result = conn.flush().map_err(Close::Io);
@@ -1665,6 +1695,7 @@ mod tests {
                     let n = epoll
                         .wait(&mut events, EpollTimeout::from(10u16))
                         .unwrap_or(0);
+                    streams.new_pass();
                     for ev in &events[..n] {
                         let now = Instant::now();
                         if ev.data() == LISTENER {
@@ -2150,6 +2181,77 @@ mod tests {
     type CertificateDerStatic = rustls::pki_types::CertificateDer<'static>;
 
     #[test]
+    fn handshakes_are_spread_over_passes_and_none_is_lost() {
+        const N: usize = 10;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, der) = crate::net::tls::tests::self_signed(dir.path());
+        let server_cfg = crate::net::tls::server_config(&cert, &key).unwrap();
+        let client_cfg = tls_client_config(der, &[], &rustls::version::TLS13);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let mut streams = Streams::new(StreamLimits::default(), BASE);
+        // N clients, each with its ClientHello sent, before the server reads any.
+        let mut clients: Vec<TcpStream> = (0..N)
+            .map(|_| {
+                let mut sock = TcpStream::connect(addr).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let mut conn = rustls::ClientConnection::new(client_cfg.clone(), name).unwrap();
+                conn.write_tls(&mut sock).unwrap();
+                sock.set_nonblocking(true).unwrap();
+                sock
+            })
+            .collect();
+        let now = Instant::now();
+        for _ in 0..100 {
+            if streams.len() == N {
+                break;
+            }
+            streams.accept(&listener, Transport::Tls, Some(&server_cfg), &epoll, now);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(streams.len(), N);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut ignore = |_: FiveTuple, _: &[u8], _: &mut Vec<u8>| After::Next;
+        let mut events = [EpollEvent::empty(); 64];
+        let answered = |clients: &mut [TcpStream]| {
+            clients
+                .iter_mut()
+                .filter(|c| c.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0))
+                .count()
+        };
+        // One pass: every connection is readable, HANDSHAKES_PER_PASS are served.
+        let n = epoll
+            .wait(&mut events, EpollTimeout::from(1000u16))
+            .unwrap();
+        assert_eq!(n, N, "every ClientHello readable");
+        streams.new_pass();
+        for ev in &events[..n] {
+            assert_eq!(
+                streams.on_event(ev.data(), ev.events(), &epoll, now, &mut ignore),
+                None
+            );
+        }
+        let per_pass = HANDSHAKES_PER_PASS as usize;
+        assert_eq!(streams.handshakes_deferred(), (N - per_pass) as u64);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(answered(&mut clients), per_pass, "served in the first pass");
+        // The rest come up again at once (level-triggered) and are served in later
+        // passes: none is lost.
+        for _ in 0..N {
+            let n = epoll.wait(&mut events, EpollTimeout::from(100u16)).unwrap();
+            streams.new_pass();
+            for ev in &events[..n] {
+                streams.on_event(ev.data(), ev.events(), &epoll, now, &mut ignore);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(answered(&mut clients), N, "every ClientHello answered");
+        assert_eq!(streams.len(), N);
+    }
+
+    #[test]
     fn tls_frames_alpn_and_versions() {
         let (h, der, _dir) = tls_harness(StreamLimits::default());
         let all = three_frames();
@@ -2295,6 +2397,7 @@ mod tests {
                     let n = epoll
                         .wait(&mut events, EpollTimeout::from(10u16))
                         .unwrap_or(0);
+                    streams.new_pass();
                     for ev in &events[..n] {
                         let now = Instant::now();
                         if ev.data() == LISTENER {
@@ -2384,6 +2487,8 @@ mod tests {
                     let n = epoll
                         .wait(&mut events, EpollTimeout::from(10u16))
                         .unwrap_or(0);
+                    a.new_pass();
+                    b.new_pass();
                     for ev in &events[..n] {
                         let now = Instant::now();
                         if ev.data() == LISTENER {

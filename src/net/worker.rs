@@ -914,6 +914,7 @@ impl Shard {
     /// or not).
     fn run_once(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent]) {
         let clock = clock();
+        self.streams.new_pass();
         self.process(common, s, events, clock);
         if common.pool.has_mail(self.index) {
             self.adopt_mail(common, clock);
