@@ -1549,6 +1549,51 @@ impl PeerConns {
 /// `kernel`: what the kernel fast path relayed for the allocation in the same span
 /// (packets and bytes to the peer, then to the client), included in the counts and shown
 /// apart as `kernel_*`.
+/// One usage record's fields, as [`log_event`] writes both kinds.
+struct UsageRecord<'a> {
+    worker: usize,
+    id: u64,
+    five_tuple: &'a FiveTuple,
+    relay: &'a std::net::SocketAddr,
+    username: &'a str,
+    duration: Duration,
+    usage: &'a crate::server::Usage,
+}
+
+impl UsageRecord<'_> {
+    /// Logs the record: the final one ("allocation ended", `kind="final"`) with the end
+    /// `reason`, an interim one ("allocation usage", `kind="interim"`) without.
+    fn log(&self, kernel: Option<[u64; 4]>, reason: Option<&str>) {
+        let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
+        let (kind, message) = match reason {
+            Some(_) => ("final", "allocation ended"),
+            None => ("interim", "allocation usage"),
+        };
+        let (ft, u) = (self.five_tuple, self.usage);
+        tracing::info!(
+            worker = self.worker,
+            allocation = self.id,
+            client = %ft.client,
+            server = %ft.server,
+            transport = ft.transport.as_str(),
+            relay = %self.relay,
+            user = %self.username,
+            duration_ms = self.duration.as_millis() as u64,
+            packets_to_peer = u.packets_to_peer + kp,
+            bytes_to_peer = u.bytes_to_peer + kb,
+            packets_to_client = u.packets_to_client + kcp,
+            bytes_to_client = u.bytes_to_client + kcb,
+            kernel_packets_to_peer = kp,
+            kernel_bytes_to_peer = kb,
+            kernel_packets_to_client = kcp,
+            kernel_bytes_to_client = kcb,
+            reason,
+            kind,
+            "{message}"
+        )
+    }
+}
+
 fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
     let span = |id: u64, ft: &FiveTuple, user: &str| {
         tracing::info_span!(
@@ -1587,28 +1632,16 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
             usage,
             reason,
         } => span(*id, five_tuple, username).in_scope(|| {
-            let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
-            tracing::info!(
+            let record = UsageRecord {
                 worker,
-                allocation = id,
-                client = %five_tuple.client,
-                server = %five_tuple.server,
-                transport = five_tuple.transport.as_str(),
-                %relay,
-                user = %username,
-                duration_ms = duration.as_millis() as u64,
-                packets_to_peer = usage.packets_to_peer + kp,
-                bytes_to_peer = usage.bytes_to_peer + kb,
-                packets_to_client = usage.packets_to_client + kcp,
-                bytes_to_client = usage.bytes_to_client + kcb,
-                kernel_packets_to_peer = kp,
-                kernel_bytes_to_peer = kb,
-                kernel_packets_to_client = kcp,
-                kernel_bytes_to_client = kcb,
-                reason = reason.as_str(),
-                kind = "final",
-                "allocation ended"
-            )
+                id: *id,
+                five_tuple,
+                relay,
+                username,
+                duration: *duration,
+                usage,
+            };
+            record.log(kernel, Some(reason.as_str()))
         }),
         Event::AllocationUsage {
             id,
@@ -1618,27 +1651,16 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
             duration,
             usage,
         } => span(*id, five_tuple, username).in_scope(|| {
-            let [kp, kb, kcp, kcb] = kernel.unwrap_or_default();
-            tracing::info!(
+            let record = UsageRecord {
                 worker,
-                allocation = id,
-                client = %five_tuple.client,
-                server = %five_tuple.server,
-                transport = five_tuple.transport.as_str(),
-                %relay,
-                user = %username,
-                duration_ms = duration.as_millis() as u64,
-                packets_to_peer = usage.packets_to_peer + kp,
-                bytes_to_peer = usage.bytes_to_peer + kb,
-                packets_to_client = usage.packets_to_client + kcp,
-                bytes_to_client = usage.bytes_to_client + kcb,
-                kernel_packets_to_peer = kp,
-                kernel_bytes_to_peer = kb,
-                kernel_packets_to_client = kcp,
-                kernel_bytes_to_client = kcb,
-                kind = "interim",
-                "allocation usage"
-            )
+                id: *id,
+                five_tuple,
+                relay,
+                username,
+                duration: *duration,
+                usage,
+            };
+            record.log(kernel, None)
         }),
         Event::ErrorResponse { method, code } => {
             tracing::debug!(worker, method, code, "error response")
