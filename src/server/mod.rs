@@ -33,7 +33,7 @@ pub use shard::{owner_shard, reservation_shard};
 pub use shared::{
     Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
 };
-pub use tcp::{connection_bind_shard, connection_shard, Command, CONNECTION_BIND_TIMEOUT};
+pub use tcp::{connection_shard, Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, LookupError, NonceCheck};
 use crate::counters::{AuthFailure, Direction, DropReason, RelayPath, WorkerCounters};

@@ -1,6 +1,6 @@
-//! Which shard a request belongs to: the RESERVATION-TOKENs a core hands out carry its shard index, as CONNECTION-IDs do ([`super::tcp`]), so the shell can take a stream connection to the core that holds what it names.
+//! Which shard a request belongs to: the RESERVATION-TOKENs a core hands out carry its shard index, as CONNECTION-IDs do ([`super::tcp::connection_shard`]), so the shell can take a stream connection to the core that holds what it names.
 
-use crate::proto::{method, Class, Message};
+use crate::proto::{attr, method, Class, Message};
 
 /// Bits of a RESERVATION-TOKEN's first two bytes that hold the shard index (the rest
 /// of its 8 bytes are random).
@@ -26,26 +26,32 @@ pub fn reservation_shard(token: [u8; 8]) -> usize {
 /// a client may send on another connection, and so to another worker). Anything else is
 /// `None`.
 pub fn owner_shard(frame: &[u8]) -> Option<usize> {
-    if let Some(shard) = super::tcp::connection_bind_shard(frame) {
-        return Some(shard);
-    }
     if frame.first().is_none_or(|&b| b > 3) {
         return None;
     }
+    // One parse for both kinds of request.
     let msg = Message::parse(frame).ok()?;
-    if msg.method() != method::ALLOCATE || msg.class() != Class::Request {
+    if msg.class() != Class::Request {
         return None;
     }
-    msg.reservation_token()
-        .ok()
-        .flatten()
-        .map(reservation_shard)
+    match msg.method() {
+        method::CONNECTION_BIND => msg
+            .get(attr::CONNECTION_ID)
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map(|id| super::tcp::connection_shard(u32::from_be_bytes(id))),
+        method::ALLOCATE => msg
+            .reservation_token()
+            .ok()
+            .flatten()
+            .map(reservation_shard),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{attr, MessageWriter, TransactionId};
+    use crate::proto::{MessageWriter, TransactionId};
 
     fn request(m: u16, token: Option<[u8; 8]>) -> Vec<u8> {
         let mut buf = Vec::new();

@@ -67,25 +67,6 @@ pub fn connection_shard(id: u32) -> usize {
     (id >> SERIAL_BITS) as usize
 }
 
-/// If `frame` is a ConnectionBind request (RFC 6062 section 5.4) with a well-formed
-/// CONNECTION-ID, the shard index that id names ([`connection_shard`]). The shell
-/// calls this on the first frames of a new stream connection to hand a data connection
-/// to the shard that holds its allocation; anything else is `None`.
-pub fn connection_bind_shard(frame: &[u8]) -> Option<usize> {
-    if frame.first().is_none_or(|&b| b > 3) {
-        return None;
-    }
-    let msg = Message::parse(frame).ok()?;
-    if msg.method() != method::CONNECTION_BIND || msg.class() != Class::Request {
-        return None;
-    }
-    let id = msg
-        .get(attr::CONNECTION_ID)
-        .and_then(|v| <[u8; 4]>::try_from(v).ok())
-        .map(u32::from_be_bytes)?;
-    Some(connection_shard(id))
-}
-
 impl Server {
     /// Sets this core's shard index (0 unless called), which every CONNECTION-ID it
     /// hands out from now on carries ([`connection_shard`]). Indexes above 1023 are
@@ -395,20 +376,23 @@ mod tests {
             let id = ((shard as u32) << SERIAL_BITS) | 0x1234;
             assert_eq!(connection_shard(id), shard);
             assert_eq!(
-                connection_bind_shard(&request(method::CONNECTION_BIND, Some(id))),
+                super::super::owner_shard(&request(method::CONNECTION_BIND, Some(id))),
                 Some(shard)
             );
         }
         // Not a ConnectionBind request with a CONNECTION-ID: nothing to route.
         assert_eq!(
-            connection_bind_shard(&request(method::CONNECTION_BIND, None)),
+            super::super::owner_shard(&request(method::CONNECTION_BIND, None)),
             None
         );
         assert_eq!(
-            connection_bind_shard(&request(method::BINDING, Some(1 << 22))),
+            super::super::owner_shard(&request(method::BINDING, Some(1 << 22))),
             None
         );
-        assert_eq!(connection_bind_shard(&[0x40, 0, 0, 4, 1, 2, 3, 4]), None);
-        assert_eq!(connection_bind_shard(&[0, 0x0B, 0]), None);
+        assert_eq!(
+            super::super::owner_shard(&[0x40, 0, 0, 4, 1, 2, 3, 4]),
+            None
+        );
+        assert_eq!(super::super::owner_shard(&[0, 0x0B, 0]), None);
     }
 }
