@@ -21,6 +21,18 @@ pub struct Cli {
 pub enum Command {
     /// Validate a configuration file: exit 0, or print every problem with its key.
     CheckConfig { file: PathBuf },
+    /// Upgrade the running server to the binary now installed at its path without
+    /// dropping a call: the new process takes the listening sockets, every UDP
+    /// allocation and its relay socket; TCP/TLS clients stay with the old process until
+    /// they end or its drain timeout passes. Exit 0 once the new process serves (its pid
+    /// and what it took over are printed); otherwise the old process goes on serving
+    /// and the reason is printed. `kill -USR2 <pid>` does the same without an answer.
+    Upgrade {
+        /// The server's control socket (default: $RUNTIME_DIRECTORY/control.sock, else
+        /// /run/turnstone/control.sock; `[server] control_socket` in its configuration).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Print a TURN REST API username and password for a shared secret.
     Credentials {
         /// The shared secret (one of `[auth] secrets`).

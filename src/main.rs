@@ -46,6 +46,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Upgrade { socket }) => {
+            let path = socket.unwrap_or_else(net::control::default_client_path);
+            match net::control::request_upgrade(&path, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("turnstone upgrade: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Credentials {
             secret,
             user,

@@ -515,9 +515,35 @@ pub fn serve_on(
     metrics: Arc<Metrics>,
     health: Health,
 ) -> io::Result<JoinHandle<()>> {
+    serve_until(listener, metrics, health, None)
+}
+
+/// [`serve_on`], until `stop` is set (checked four times a second: the listener was
+/// handed to a new process in an upgrade).
+pub fn serve_until(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Health,
+    stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> io::Result<JoinHandle<()>> {
+    use std::os::fd::AsFd;
     std::thread::Builder::new()
         .name("turnstone-metrics".to_owned())
         .spawn(move || loop {
+            if let Some(stop) = &stop {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                let mut fds = [nix::poll::PollFd::new(
+                    listener.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                if !matches!(nix::poll::poll(&mut fds, 250u16), Ok(n) if n > 0)
+                    || stop.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    continue;
+                }
+            }
             match listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = handle(stream, &metrics, &health) {

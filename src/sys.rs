@@ -78,6 +78,32 @@ impl MemoryTrim {
     }
 }
 
+/// Takes ownership of a file descriptor this process was given by number: one received
+/// in an `SCM_RIGHTS` message (the kernel installed it in our table for us, nobody else
+/// owns it), or the hand-over socket an upgrading parent left open across `exec` and
+/// named in `TURNSTONE_UPGRADE_FD`. Returns `None` for a number that is not an open
+/// descriptor of this process (checked with `F_GETFD` first), so a wrong number from
+/// the environment cannot make two owners of one descriptor that is open elsewhere in
+/// the process: the caller takes it only once, at start, before opening anything else.
+pub fn adopt_fd(raw: std::os::fd::RawFd) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: F_GETFD reads the descriptor's flags and has no precondition.
+    #[allow(unsafe_code)]
+    let open = unsafe { nix::libc::fcntl(raw, nix::libc::F_GETFD) } != -1;
+    if !open {
+        return None;
+    }
+    // SAFETY: `raw` is open (just checked) and, per this function's contract, owned by
+    // nothing else in the process: the kernel just gave it to us, or it was inherited
+    // and is taken once.
+    #[allow(unsafe_code)]
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    Some(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::MemoryTrim;

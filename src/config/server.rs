@@ -40,6 +40,10 @@ pub struct ServerSection {
     pub alternate_servers: Vec<SocketAddr>,
     /// How long SIGTERM lets existing allocations run before the process exits.
     pub drain_timeout: Duration,
+    /// The control socket `turnstone upgrade` talks to (an absolute path; its directory
+    /// must be the server user's own, mode 0700). `None`: `$RUNTIME_DIRECTORY/control.sock`
+    /// under systemd (`RuntimeDirectory=`), else none.
+    pub control_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerSection {
@@ -53,6 +57,7 @@ impl Default for ServerSection {
             adaptive_workers: true,
             alternate_servers: Vec::new(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            control_socket: None,
         }
     }
 }
@@ -67,6 +72,7 @@ struct RawServer {
     adaptive_workers: Option<bool>,
     alternate_servers: Option<Vec<Value>>,
     drain_timeout: Option<DurationText>,
+    control_socket: Option<String>,
     /// Moved to `[relay]`: only named to say so.
     kernel_fast_path: Option<Value>,
 }
@@ -120,6 +126,17 @@ impl ServerSection {
             "server.drain_timeout",
             errors,
         );
+        if let Some(path) = raw.control_socket {
+            let p = std::path::PathBuf::from(&path);
+            if !p.is_absolute() || p.file_name().is_none() {
+                errors.push(
+                    "server.control_socket",
+                    format!("{path:?} is not an absolute path to a socket file"),
+                );
+            } else {
+                server.control_socket = Some(p);
+            }
+        }
         if raw.kernel_fast_path.is_some() {
             errors.push(
                 "server.kernel_fast_path",

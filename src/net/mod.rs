@@ -8,15 +8,18 @@
 
 mod batch;
 mod cert_watch;
+pub mod control;
 pub mod discover;
 pub mod fastpath;
+pub mod handover;
 mod ports;
 mod socket;
 pub mod stream;
 pub mod tls;
+pub mod upgrade;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,16 +160,210 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
     let sig = Signals::install()?;
-    let nonce_secret: [u8; 32] = rand::random();
-    // Loaded (and so its maps empty: the core's Clear) before any worker serves.
-    let kernel = load_fast_path(&config)?;
-    let mut runtime = Runtime::from_config(&config, nonce_secret);
+    // Started by an upgrade: the old process's state first (it has frozen its UDP
+    // traffic for us). Any failure from here to `Ready` is said to it, and it goes on.
+    let inherited = match handover::Channel::inherited() {
+        None => None,
+        Some(Ok(ch)) => Some(ch),
+        Some(Err(e)) => anyhow::bail!("upgrade: {e}"),
+    };
+    let started = match start(&mut config, inherited.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(ch) = &inherited {
+                let _ = ch.refuse(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    let Started {
+        common,
+        shards,
+        nonce_secret,
+        metrics_listener,
+        control_listener,
+    } = started;
+    if let Some(ch) = &inherited {
+        // Nothing is served before the old process commits: it may still take over
+        // again.
+        ch.set_timeout(Duration::from_secs(60))
+            .map_err(anyhow::Error::msg)?;
+        match ch.recv().map_err(anyhow::Error::msg)? {
+            handover::Message::Commit => {}
+            handover::Message::Refuse(why) => {
+                anyhow::bail!("upgrade: the old process gave up: {why}")
+            }
+            _ => anyhow::bail!("upgrade: the old process said something else than commit"),
+        }
+    }
+    for shard in shards {
+        let common = common.clone();
+        std::thread::Builder::new()
+            .name(format!("turnstone-w{}", shard.index()))
+            .spawn(move || worker::run(common, shard))?;
+    }
+    let metrics = common.metrics.clone();
+    let stop_listeners = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(l) = &metrics_listener {
+        let m = metrics.clone();
+        let health: crate::metrics::Health =
+            Arc::new(move || m.workers_alive(Duration::from_secs(5)) && !m.is_draining());
+        let addr = l.local_addr()?;
+        crate::metrics::serve_until(
+            l.try_clone()?,
+            metrics.clone(),
+            health,
+            Some(stop_listeners.clone()),
+        )?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
+    }
+    if let Some(url) = &config.store.url {
+        crate::store::start(
+            &crate::store::Target::node(url, config.store.ca_file.as_deref()),
+            crate::store::node_id(&config),
+            crate::store::advertise(&config),
+            common.shared.clone(),
+            metrics.clone(),
+        )?;
+    }
+    let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Some(l) = &control_listener {
+        control::serve(l.try_clone()?, control_tx, stop_listeners.clone())?;
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(path = ?addr.as_pathname(), "control socket (turnstone upgrade)");
+        }
+    }
+    let workers = common.shared.workers();
+    for l in &config.listen {
+        tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
+    }
+    let notified = if inherited.is_some() {
+        // The unit's main process is this one now (NotifyAccess=all lets it say so).
+        notify::Notifier::from_env().send(&format!("MAINPID={}\nREADY=1", std::process::id()))
+    } else {
+        notify::ready()
+    };
+    if let Err(e) = notified {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+    if let Some(ch) = inherited {
+        let _ = ch.serving();
+        tracing::info!("upgrade: serving; the old process lets go");
+    }
+    let (exe, args) = upgrade::Context::from_env();
+    let ctx = upgrade::Context {
+        exe,
+        args,
+        listen: config
+            .listen
+            .iter()
+            .map(|l| (l.transport, l.address))
+            .collect(),
+        nonce_secret,
+        metrics: metrics_listener,
+        control: control_listener,
+        config: config.clone(),
+    };
+    signals(
+        sig,
+        common,
+        launch.path,
+        ctx,
+        config.server.drain_timeout,
+        launch.log_level,
+        Control {
+            requests: control_rx,
+            stop_listeners,
+        },
+    )
+}
+
+/// Everything [`start`] built, not yet serving.
+struct Started {
+    common: Arc<Common>,
+    shards: Vec<worker::Shard>,
+    nonce_secret: [u8; 32],
+    metrics_listener: Option<std::net::TcpListener>,
+    control_listener: Option<std::os::unix::net::UnixListener>,
+}
+
+/// The state an upgrade's old process handed over, checked against this configuration.
+struct Taken {
+    state: handover::Handover,
+    fds: Vec<Option<std::os::fd::OwnedFd>>,
+}
+
+/// Says hello to the old process and receives its state; refuses a state whose
+/// listeners are not those of this configuration (an upgrade keeps the listening
+/// sockets: a change of `[[listen]]` needs a restart).
+fn receive(ch: &handover::Channel, config: &Config) -> anyhow::Result<Taken> {
+    ch.hello(&handover::Hello {
+        pid: std::process::id(),
+        reads: handover::READS.to_vec(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    ch.set_timeout(Duration::from_secs(60))
+        .map_err(anyhow::Error::msg)?;
+    let (state, fds) = ch.recv_state().map_err(anyhow::Error::msg)?;
+    let ours: Vec<(String, std::net::SocketAddr)> = config
+        .listen
+        .iter()
+        .map(|l| (upgrade::transport_name(l.transport).to_owned(), l.address))
+        .collect();
+    let theirs: Vec<(String, std::net::SocketAddr)> = state
+        .listeners
+        .iter()
+        .map(|l| (l.transport.clone(), l.address))
+        .collect();
+    if ours != theirs {
+        anyhow::bail!(
+            "listen: the configuration's listeners {ours:?} are not the running server's \
+             {theirs:?}; an upgrade keeps the listening sockets, so changing [[listen]] \
+             needs a restart"
+        );
+    }
+    if config.server.workers != 0 && config.server.workers != state.workers {
+        tracing::warn!(
+            configured = config.server.workers,
+            running = state.workers,
+            "server.workers: an upgrade keeps the running number of workers (each has its \
+             own listening sockets); restart to change it"
+        );
+    }
+    tracing::info!(
+        from = state.from_pid,
+        workers = state.workers,
+        descriptors = state.fds,
+        "upgrade: state received"
+    );
+    Ok(Taken {
+        state,
+        fds: fds.into_iter().map(Some).collect(),
+    })
+}
+
+/// Builds the server without serving: the shared state, the listeners (bound, or taken
+/// over in an upgrade), every worker's shard with the allocations taken over.
+fn start(config: &mut Config, inherited: Option<&handover::Channel>) -> anyhow::Result<Started> {
+    let mut taken = match inherited {
+        Some(ch) => Some(receive(ch, config)?),
+        None => None,
+    };
+    let nonce_secret: [u8; 32] = taken
+        .as_ref()
+        .map_or_else(rand::random, |t| t.state.nonce_secret);
+    // Loaded (and so its maps empty: the core's Clear) before any worker serves. In an
+    // upgrade, the old process has detached its program before sending the state.
+    let kernel = load_fast_path(config)?;
+    let mut runtime = Runtime::from_config(config, nonce_secret);
     runtime.kernel_fast_path = kernel.is_some();
     let shared = Shared::new(runtime);
-    let tls_config = load_tls(&config)?;
-    let workers = match config.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
+    let tls_config = load_tls(config)?;
+    let workers = match (&taken, config.server.workers) {
+        (Some(t), _) => t.state.workers,
+        (None, 0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        (None, n) => n,
     };
     shared.set_workers(workers);
     let metrics = Arc::new(Metrics::new(workers));
@@ -181,7 +378,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         tls: ArcSwapOption::empty(),
         cert_watch: cert_watch::CertWatch::new(),
         conns: Arc::new(stream::ConnCounter::with_drops(metrics.stream_drops())),
-        stream_limits: stream::StreamLimits::from_config(&config),
+        stream_limits: stream::StreamLimits::from_config(config),
         metrics: metrics.clone(),
         pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
         fast_path: kernel.map(Mutex::new),
@@ -194,8 +391,91 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         cert_watch::spawn(common.clone()).context("cannot start the certificate watcher")?;
     }
 
-    // Bind every worker's sockets before announcing readiness, so a bad address is a
+    // Every worker's sockets before announcing readiness, so a bad address is a
     // start-up error.
+    let sockets = match &mut taken {
+        Some(t) => inherited_sockets(config, t)?,
+        None => bind_sockets(config, workers)?,
+    };
+    if let Some(first) = sockets.first().and_then(|w| w.udp.first()) {
+        let want = config.relay.socket_buffer;
+        let (rcv, snd) = socket::granted_buffers(first);
+        if rcv < want || snd < want {
+            tracing::warn!(
+                asked = want,
+                receive = rcv,
+                send = snd,
+                "the kernel capped UDP socket buffers below relay.socket_buffer; raise \
+                 net.core.rmem_max and net.core.wmem_max (sysctl) to avoid drops under load"
+            );
+        }
+    }
+    let mut shards = Vec::with_capacity(workers);
+    for (i, socks) in sockets.into_iter().enumerate() {
+        shards.push(worker::Shard::new(i, &common, socks)?);
+    }
+    let mut metrics_listener = None;
+    let mut control_listener = None;
+    if let Some(t) = &mut taken {
+        let mut allocations = 0;
+        for (shard, state) in shards.iter_mut().zip(&t.state.shards) {
+            allocations += shard
+                .import(&common, state, &mut t.fds)
+                .map_err(|e| anyhow::anyhow!("upgrade: {e}"))?;
+        }
+        // The old process's metrics and control listeners, where this configuration
+        // still wants them there.
+        let mut take = |i: Option<u32>| i.and_then(|i| t.fds.get_mut(i as usize)?.take());
+        if let Some(fd) = take(t.state.metrics) {
+            let l = std::net::TcpListener::from(fd);
+            if config.metrics.listen.is_some() && l.local_addr().ok() == config.metrics.listen {
+                metrics_listener = Some(l);
+            }
+        }
+        if let Some(fd) = take(t.state.control) {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            let want = control::socket_path(config.server.control_socket.as_deref());
+            let have = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_owned));
+            if want.is_some() && want == have {
+                control_listener = Some(l);
+            }
+        }
+        if let Some(ch) = inherited {
+            ch.ready(&handover::Ready { allocations })
+                .map_err(anyhow::Error::msg)?;
+        }
+        tracing::info!(
+            allocations,
+            "upgrade: allocations taken over; waiting for the old process to let go"
+        );
+    }
+    if metrics_listener.is_none() {
+        if let Some(addr) = config.metrics.listen {
+            metrics_listener = Some(
+                std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("metrics.listen: cannot bind {addr}"))?,
+            );
+        }
+    }
+    if control_listener.is_none() {
+        if let Some(path) = control::socket_path(config.server.control_socket.as_deref()) {
+            control_listener = Some(control::bind(&path, "server.control_socket")?);
+        }
+    }
+    Ok(Started {
+        common,
+        shards,
+        nonce_secret,
+        metrics_listener,
+        control_listener,
+    })
+}
+
+/// Binds every worker's listeners.
+fn bind_sockets(config: &Config, workers: usize) -> anyhow::Result<Vec<WorkerSockets>> {
     let mut sockets = Vec::with_capacity(workers);
     for _ in 0..workers {
         let mut w = WorkerSockets {
@@ -226,56 +506,39 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         }
         sockets.push(w);
     }
-    if let Some(first) = sockets.first().and_then(|w| w.udp.first()) {
-        let want = config.relay.socket_buffer;
-        let (rcv, snd) = socket::granted_buffers(first);
-        if rcv < want || snd < want {
-            tracing::warn!(
-                asked = want,
-                receive = rcv,
-                send = snd,
-                "the kernel capped UDP socket buffers below relay.socket_buffer; raise \
-                 net.core.rmem_max and net.core.wmem_max (sysctl) to avoid drops under load"
-            );
+    Ok(sockets)
+}
+
+/// Every worker's listeners as the old process handed them over (same order as the
+/// configuration, checked by [`receive`]).
+fn inherited_sockets(config: &Config, t: &mut Taken) -> anyhow::Result<Vec<WorkerSockets>> {
+    let mut sockets = Vec::with_capacity(t.state.workers);
+    for w in 0..t.state.workers {
+        let mut ws = WorkerSockets {
+            udp: Vec::new(),
+            streams: Vec::new(),
+        };
+        for (l, st) in config.listen.iter().zip(&t.state.listeners) {
+            let fd = st
+                .sockets
+                .get(w)
+                .and_then(|&i| t.fds.get_mut(i as usize)?.take())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("upgrade: listener {} of worker {w} missing", l.address)
+                })?;
+            match l.transport {
+                ListenTransport::Udp => ws.udp.push(std::net::UdpSocket::from(fd)),
+                ListenTransport::Tcp => ws
+                    .streams
+                    .push((std::net::TcpListener::from(fd), Transport::Tcp)),
+                ListenTransport::Tls => ws
+                    .streams
+                    .push((std::net::TcpListener::from(fd), Transport::Tls)),
+            }
         }
+        sockets.push(ws);
     }
-    for (i, socks) in sockets.into_iter().enumerate() {
-        let common = common.clone();
-        std::thread::Builder::new()
-            .name(format!("turnstone-w{i}"))
-            .spawn(move || worker::run(i, common, socks))?;
-    }
-    if let Some(addr) = config.metrics.listen {
-        let m = metrics.clone();
-        let health: crate::metrics::Health =
-            Arc::new(move || m.workers_alive(Duration::from_secs(5)) && !m.is_draining());
-        crate::metrics::serve(addr, metrics.clone(), health)
-            .with_context(|| format!("metrics.listen: cannot bind {addr}"))?;
-        tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
-    }
-    if let Some(url) = &config.store.url {
-        crate::store::start(
-            &crate::store::Target::node(url, config.store.ca_file.as_deref()),
-            crate::store::node_id(&config),
-            crate::store::advertise(&config),
-            shared.clone(),
-            metrics.clone(),
-        )?;
-    }
-    for l in &config.listen {
-        tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
-    }
-    if let Err(e) = notify::ready() {
-        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
-    }
-    signals(
-        sig,
-        common,
-        launch.path,
-        nonce_secret,
-        config.server.drain_timeout,
-        launch.log_level,
-    )
+    Ok(sockets)
 }
 
 /// The main thread waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop.
@@ -286,6 +549,7 @@ pub(crate) struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -294,33 +558,57 @@ impl Signals {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (hup, term, int) = {
+        let (hup, term, int, usr2) = {
             let _enter = rt.enter();
             (
                 signal(SignalKind::hangup())?,
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::user_defined2())?,
             )
         };
-        Ok(Signals { rt, hup, term, int })
+        Ok(Signals {
+            rt,
+            hup,
+            term,
+            int,
+            usr2,
+        })
     }
+}
+
+/// The control socket's requests, and the flag that stops the control and metrics
+/// threads once a new process has their listeners.
+struct Control {
+    requests: tokio::sync::mpsc::UnboundedReceiver<control::Request>,
+    stop_listeners: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn signals(
     sig: Signals,
     common: Arc<Common>,
     path: Option<PathBuf>,
-    nonce_secret: [u8; 32],
+    ctx: upgrade::Context,
     mut drain_timeout: Duration,
     log_level: Option<LogLevelSetter>,
+    mut control: Control,
 ) -> anyhow::Result<()> {
     let Signals {
         rt,
         mut hup,
         mut term,
         mut int,
+        mut usr2,
     } = sig;
+    let nonce_secret = ctx.nonce_secret;
+    let ctx = Arc::new(ctx);
     rt.block_on(async move {
+        // An upgrade runs on its own thread; its result comes back here, to everyone
+        // who asked for it meanwhile.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiting: Vec<std::sync::mpsc::Sender<Result<String, String>>> = Vec::new();
+        let mut upgrading = false;
+        let mut handed_over = None;
         // systemd's watchdog: ping at half its interval while every worker is alive.
         let wd = notify::watchdog_interval();
         let mut watchdog =
@@ -355,6 +643,31 @@ fn signals(
                     }
                     let _ = notify::ready();
                 }
+                _ = usr2.recv() => {
+                    if !upgrading {
+                        upgrading = true;
+                        start_upgrade(&common, &ctx, done_tx.clone());
+                    }
+                }
+                Some(req) = control.requests.recv() => {
+                    waiting.push(req.reply);
+                    if !upgrading {
+                        upgrading = true;
+                        start_upgrade(&common, &ctx, done_tx.clone());
+                    }
+                }
+                Some(result) = done_rx.recv() => {
+                    upgrading = false;
+                    let answer = result.as_ref().map(|r: &upgrade::Report| serde_json::to_string(r).unwrap_or_default()).map_err(Clone::clone);
+                    for w in waiting.drain(..) {
+                        let _ = w.send(answer.clone());
+                    }
+                    if let Ok(report) = result {
+                        control.stop_listeners.store(true, std::sync::atomic::Ordering::Release);
+                        handed_over = Some(report);
+                        break;
+                    }
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = watchdog.tick() => {
@@ -365,8 +678,21 @@ fn signals(
             }
         }
         // Drain: refuse new allocations, let the live ones run until they end or the
-        // drain timeout passes, then exit.
-        let _ = notify::stopping();
+        // drain timeout passes, then exit. After an upgrade, the live ones are the TCP
+        // and TLS clients' (the new process serves the rest and is the unit's main
+        // process now: no STOPPING=1 from here).
+        if let Some(r) = &handed_over {
+            tracing::info!(
+                pid = r.pid,
+                allocations = r.allocations,
+                pause_ms = r.pause_ms,
+                kept = r.kept_stream_allocations,
+                "upgraded: the new process serves; this one keeps its TCP/TLS clients until \
+                 they end or the drain timeout passes"
+            );
+        } else {
+            let _ = notify::stopping();
+        }
         common.shared.set_draining(true);
         common.metrics.set_draining(true);
         let deadline = tokio::time::Instant::now() + drain_timeout;
@@ -404,7 +730,7 @@ fn signals(
         if !common.pool.all_stopped() {
             tracing::warn!("stopping: not every worker wrote its usage records in time");
         }
-        if let Some(k) = &common.fast_path {
+        if let (Some(k), None) = (&common.fast_path, &handed_over) {
             k.lock().unwrap_or_else(|e| e.into_inner()).shutdown(&common.metrics);
             tracing::info!("kernel fast path detached and its maps emptied");
         }
@@ -412,6 +738,24 @@ fn signals(
         tokio::time::sleep(Duration::from_millis(20)).await;
         Ok(())
     })
+}
+
+/// Starts an upgrade on its own thread; its result goes to `done`.
+fn start_upgrade(
+    common: &Arc<Common>,
+    ctx: &Arc<upgrade::Context>,
+    done: tokio::sync::mpsc::UnboundedSender<Result<upgrade::Report, String>>,
+) {
+    let (common, ctx) = (common.clone(), ctx.clone());
+    tracing::info!(binary = %ctx.exe.display(), "upgrade requested");
+    let spawned = std::thread::Builder::new()
+        .name("turnstone-upgrade".to_owned())
+        .spawn(move || {
+            let _ = done.send(upgrade::upgrade(&common, &ctx));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "upgrade: cannot start its thread");
+    }
 }
 
 /// Changes the log filter at run time (`[log] level` on reload).

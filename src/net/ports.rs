@@ -75,6 +75,19 @@ impl PortPool {
         Some(port)
     }
 
+    /// Marks a port as taken by a socket that already exists (taken over in an upgrade).
+    pub fn mark_taken(&self, ip: IpAddr, port: u16) {
+        if let Some(mut p) = self.pool(ip) {
+            let low = p.low;
+            if let Some(u) = port
+                .checked_sub(low)
+                .and_then(|i| p.used.get_mut(usize::from(i)))
+            {
+                *u = true;
+            }
+        }
+    }
+
     /// Returns a port to the pool.
     pub fn give_back(&self, ip: IpAddr, port: u16) {
         if let Some(mut p) = self.pool(ip) {

@@ -195,6 +195,20 @@ impl RelayBinder for Binder<'_> {
     }
 }
 
+/// `now` with the `CLOCK_MONOTONIC` reading of the same moment (for state another
+/// process reads).
+fn mono_clock(now: Instant) -> crate::server::MonoClock {
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64)
+    });
+    crate::server::MonoClock {
+        now: Instant::now().max(now),
+        mono_ns: mono,
+    }
+}
+
 fn clock() -> Clock {
     Clock {
         now: Instant::now(),
@@ -204,17 +218,11 @@ fn clock() -> Clock {
     }
 }
 
-/// Runs worker thread `index` until the process exits. The thread starts with its own
-/// shard (listener sockets, TURN core, relay sockets); see [`Pool`] for how shards
-/// gather on thread 0 when the load is light.
-pub(crate) fn run(index: usize, common: Arc<Common>, sockets: WorkerSockets) {
-    let shard = match Shard::new(index, &common, sockets) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(worker = index, error = %e, "worker stopped");
-            return;
-        }
-    };
+/// Runs the worker thread of `shard` (built by [`Shard::new`] on the main thread) until
+/// the process exits. See [`Pool`] for how shards gather on thread 0 when the load is
+/// light.
+pub(crate) fn run(common: Arc<Common>, shard: Shard) {
+    let index = shard.index;
     let result = if index == 0 {
         host_loop(&common, shard)
     } else {
@@ -288,6 +296,51 @@ pub(crate) struct Pool {
     stopping: AtomicBool,
     /// Shards that have done so.
     stopped: AtomicUsize,
+    /// An upgrade's requests to the shards ([`Pool::upgrade`]).
+    upgrade: UpgradeSync,
+}
+
+/// What the main thread asks every shard during an upgrade; each shard acts once on
+/// each request (by generation) at its next pass, wherever it is served.
+#[derive(Default)]
+struct UpgradeSync {
+    generation: AtomicU64,
+    request: std::sync::atomic::AtomicU8,
+    /// Shards that acted on the current request.
+    done: AtomicUsize,
+    exports: Mutex<Vec<ShardExport>>,
+    /// An upgrade is in progress: shards stay where they are.
+    active: AtomicBool,
+}
+
+/// Upgrade requests ([`Pool::upgrade`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpgradeStep {
+    /// Stop reading the UDP listeners and the UDP allocations' relay sockets, and
+    /// export them with the allocations' state.
+    Freeze = 1,
+    /// The upgrade failed: read them again, as before.
+    Resume = 2,
+    /// The new process serves them: close this process's copies and forget the
+    /// allocations (no usage record: they go on there).
+    Commit = 3,
+}
+
+/// One shard's part of the hand-over: duplicates of its sockets and its state, with
+/// socket indexes into `fds`.
+pub(crate) struct ShardExport {
+    pub index: usize,
+    /// The UDP listeners, then the stream listeners, in configuration order.
+    pub udp: Vec<u32>,
+    pub streams: Vec<u32>,
+    pub state: crate::server::ShardState,
+    pub fds: Vec<std::os::fd::OwnedFd>,
+}
+
+/// What a shard took out of its epoll set for an upgrade.
+#[derive(Default)]
+struct Frozen {
+    relays: std::collections::HashSet<u32>,
 }
 
 /// Connections on their way to one shard; `pending` is checked (one relaxed load) on
@@ -356,6 +409,7 @@ impl Pool {
             flip_every,
             stopping: AtomicBool::new(false),
             stopped: AtomicUsize::new(0),
+            upgrade: UpgradeSync::default(),
         })
     }
 
@@ -367,6 +421,46 @@ impl Pool {
         for k in 0..self.wake.len() {
             self.signal(k);
         }
+    }
+
+    /// Asks every shard for `step` and waits up to `timeout` for all of them to act;
+    /// returns the exports (for [`UpgradeStep::Freeze`]), or an error naming how many
+    /// did not act in time.
+    pub(crate) fn upgrade(
+        &self,
+        step: UpgradeStep,
+        timeout: Duration,
+    ) -> Result<Vec<ShardExport>, String> {
+        let u = &self.upgrade;
+        u.active.store(true, Ordering::Release);
+        u.done.store(0, Ordering::Release);
+        u.request.store(step as u8, Ordering::Release);
+        u.generation.fetch_add(1, Ordering::AcqRel);
+        for k in 0..self.wake.len() {
+            self.signal(k);
+        }
+        let until = Instant::now() + timeout;
+        while u.done.load(Ordering::Acquire) < self.wake.len() {
+            if Instant::now() >= until {
+                return Err(format!(
+                    "{} of {} workers did not answer within {timeout:?}",
+                    self.wake.len() - u.done.load(Ordering::Acquire),
+                    self.wake.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if step != UpgradeStep::Freeze {
+            u.active.store(false, Ordering::Release);
+        }
+        let mut exports = std::mem::take(&mut *u.exports.lock().unwrap_or_else(|e| e.into_inner()));
+        exports.sort_by_key(|e| e.index);
+        Ok(exports)
+    }
+
+    /// Has a shard that last acted on generation `seen` an upgrade request to act on?
+    fn upgrade_pending(&self, seen: u64) -> bool {
+        self.upgrade.generation.load(Ordering::Acquire) != seen
     }
 
     fn stopping(&self) -> bool {
@@ -479,10 +573,13 @@ pub(crate) struct Shard {
     handoff: bool,
     /// Its allocations were ended for the process stopping ([`Pool::begin_stop`]).
     stopped: bool,
+    /// The last upgrade request acted on, and what a freeze took out of the epoll set.
+    upgrade_seen: u64,
+    frozen: Option<Frozen>,
 }
 
 impl Shard {
-    fn new(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<Shard> {
+    pub(crate) fn new(index: usize, common: &Common, sockets: WorkerSockets) -> io::Result<Shard> {
         let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
         let mut listeners = Vec::with_capacity(sockets.udp.len());
         for (i, s) in sockets.udp.into_iter().enumerate() {
@@ -524,6 +621,8 @@ impl Shard {
             // the kernel path: TURNSTONE_NO_HANDOFF=1 turns it off.
             handoff: std::env::var_os("TURNSTONE_NO_HANDOFF").is_none(),
             stopped: false,
+            upgrade_seen: common.pool.upgrade.generation.load(Ordering::Acquire),
+            frozen: None,
         })
     }
 
@@ -548,13 +647,29 @@ impl Shard {
                 tracing::error!(error = %e, shard = self.index, "cannot move a socket between epoll sets");
             }
         };
+        // What an upgrade froze stays out of every epoll set until it resumes.
+        let frozen = self.frozen.as_ref();
         for (i, (_, sock)) in self.listeners.iter().enumerate() {
-            moved(sock.as_fd(), i as u64);
+            if frozen.is_none() {
+                moved(sock.as_fd(), i as u64);
+            }
         }
         for (i, (l, _)) in self.stream_listeners.iter().enumerate() {
-            moved(l.as_fd(), STREAM_LISTENER_BASE + i as u64);
+            if frozen.is_none() {
+                moved(l.as_fd(), STREAM_LISTENER_BASE + i as u64);
+            }
         }
         for (i, entry) in self.relays.entries.iter().enumerate() {
+            if frozen.is_some_and(|f| f.relays.contains(&(i as u32))) {
+                let _ = from.delete(match entry {
+                    Some(e) => match &e.socket {
+                        RelaySock::Udp(s) => s.as_fd(),
+                        RelaySock::Tcp(l) => l.as_fd(),
+                    },
+                    None => continue,
+                });
+                continue;
+            }
             if let Some(e) = entry {
                 let fd = match &e.socket {
                     RelaySock::Udp(s) => s.as_fd(),
@@ -563,6 +678,186 @@ impl Shard {
                 moved(fd, RELAY_BASE + i as u64);
             }
         }
+    }
+
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Acts on the pool's current upgrade request ([`UpgradeStep`]).
+    fn upgrade_step(&mut self, common: &Common, clock: Clock) {
+        let u = &common.pool.upgrade;
+        self.upgrade_seen = u.generation.load(Ordering::Acquire);
+        let step = u.request.load(Ordering::Acquire);
+        if step == UpgradeStep::Freeze as u8 && self.frozen.is_none() {
+            match self.freeze(common, clock) {
+                Ok(export) => u
+                    .exports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(export),
+                Err(e) => {
+                    // Not counted as done: the upgrade times out and resumes.
+                    tracing::error!(shard = self.index, error = %e, "upgrade: cannot export this worker's sockets");
+                    return;
+                }
+            }
+        } else if step == UpgradeStep::Resume as u8 {
+            if let Some(f) = self.frozen.take() {
+                self.thaw(&f);
+                if common.fast_path.is_some() {
+                    // The kernel program was given up and loaded again: empty maps.
+                    self.core.reinstall_fast_path();
+                }
+            }
+        } else if step == UpgradeStep::Commit as u8 && self.frozen.take().is_some() {
+            // The new process reads them now: close this process's copies.
+            self.listeners.clear();
+            self.stream_listeners.clear();
+            let mut binder = Binder {
+                relays: &mut self.relays,
+                ports: &common.ports,
+                epoll: &self.epoll,
+                tag: self.tag,
+                buffer: common.buffer,
+            };
+            let n = self.core.forget_udp(&mut binder);
+            tracing::debug!(shard = self.index, allocations = n, "upgrade: handed over");
+        }
+        u.done.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes the UDP listeners, stream listeners and UDP allocations' relay sockets out
+    /// of the epoll set (what arrives waits in their buffers) and exports duplicates of
+    /// them with the allocations' state. The kernel fast path's counts of these
+    /// allocations are folded into their usage first (the program was detached).
+    fn freeze(&mut self, common: &Common, clock: Clock) -> io::Result<ShardExport> {
+        if let Some(k) = &common.fast_path {
+            let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+            self.core.fold_kernel_usage(&mut |id| k.take_usage(id));
+        }
+        let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
+        let mut udp = Vec::new();
+        for (_, sock) in &self.listeners {
+            udp.push(fds.len() as u32);
+            fds.push(sock.as_fd().try_clone_to_owned()?);
+        }
+        let mut streams = Vec::new();
+        for (l, _) in &self.stream_listeners {
+            streams.push(fds.len() as u32);
+            fds.push(l.as_fd().try_clone_to_owned()?);
+        }
+        let mut frozen = Frozen::default();
+        let mut failed = None;
+        let mono = mono_clock(clock.now);
+        let relays = &self.relays;
+        let state = self.core.export_udp(mono, &mut |h| {
+            let i = fds.len() as u32;
+            match relays.get(h).map(|e| match &e.socket {
+                RelaySock::Udp(s) => s.as_fd().try_clone_to_owned(),
+                RelaySock::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            }) {
+                Some(Ok(fd)) => fds.push(fd),
+                Some(Err(e)) => failed = Some(e),
+                None => failed = Some(io::Error::other(format!("relay {} has no socket", h.0))),
+            }
+            frozen.relays.insert(h.0);
+            i
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (_, sock) in &self.listeners {
+            let _ = self.epoll.delete(sock);
+        }
+        for (l, _) in &self.stream_listeners {
+            let _ = self.epoll.delete(l);
+        }
+        for &h in &frozen.relays {
+            if let Some(e) = self.relays.get(RelayHandle(h)) {
+                let _ = match &e.socket {
+                    RelaySock::Udp(s) => self.epoll.delete(s),
+                    RelaySock::Tcp(l) => self.epoll.delete(l),
+                };
+            }
+        }
+        self.frozen = Some(frozen);
+        Ok(ShardExport {
+            index: self.index,
+            udp,
+            streams,
+            state,
+            fds,
+        })
+    }
+
+    /// Puts what [`Shard::freeze`] took out back into the epoll set.
+    fn thaw(&mut self, f: &Frozen) {
+        let add = |fd: std::os::fd::BorrowedFd<'_>, token: u64| {
+            if let Err(e) = self
+                .epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, self.tag + token))
+            {
+                tracing::error!(error = %e, shard = self.index, "upgrade: cannot resume a socket");
+            }
+        };
+        for (i, (_, sock)) in self.listeners.iter().enumerate() {
+            add(sock.as_fd(), i as u64);
+        }
+        for (i, (l, _)) in self.stream_listeners.iter().enumerate() {
+            add(l.as_fd(), STREAM_LISTENER_BASE + i as u64);
+        }
+        for &h in &f.relays {
+            if let Some(e) = self.relays.get(RelayHandle(h)) {
+                let fd = match &e.socket {
+                    RelaySock::Udp(s) => s.as_fd(),
+                    RelaySock::Tcp(l) => l.as_fd(),
+                };
+                add(fd, RELAY_BASE + u64::from(h));
+            }
+        }
+    }
+
+    /// Takes over a shard's state from the process before (an upgrade): registers the
+    /// relay sockets of `state` (taken out of `fds` by index) and imports the
+    /// allocations into the core.
+    pub(crate) fn import(
+        &mut self,
+        common: &Common,
+        state: &crate::server::ShardState,
+        fds: &mut [Option<std::os::fd::OwnedFd>],
+    ) -> Result<usize, String> {
+        let mut handles: HashMap<u32, RelayHandle> = HashMap::new();
+        let wanted = state
+            .allocations
+            .iter()
+            .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|r| r.socket))
+            .chain(state.reservations.iter().map(|r| r.socket));
+        let mut binder = Binder {
+            relays: &mut self.relays,
+            ports: &common.ports,
+            epoll: &self.epoll,
+            tag: self.tag,
+            buffer: common.buffer,
+        };
+        for i in wanted {
+            let Some(fd) = fds.get_mut(i as usize).and_then(Option::take) else {
+                return Err(format!("relay socket {i} missing or named twice"));
+            };
+            let sock = UdpSocket::from(fd);
+            let addr = sock
+                .local_addr()
+                .map_err(|e| format!("relay socket {i}: {e}"))?;
+            let _ = sock.set_nonblocking(true);
+            let (h, _) = binder
+                .register(RelaySock::Udp(sock))
+                .map_err(|e| format!("relay socket {i}: {e}"))?;
+            common.ports.mark_taken(addr.ip(), addr.port());
+            handles.insert(i, h);
+        }
+        let clock = mono_clock(Instant::now());
+        self.core
+            .import_udp(state, clock, &mut |i| handles.get(&i).copied())
     }
 
     /// Handles a batch of this shard's epoll events, then its timers and queued work.
@@ -586,6 +881,8 @@ impl Shard {
             next_tick: _,
             handoff,
             stopped: _,
+            upgrade_seen: _,
+            frozen: _,
         } = self;
         let Scratch {
             buf,
@@ -920,6 +1217,9 @@ impl Shard {
             self.adopt_mail(common, clock);
         }
         self.maintain(common, s, clock);
+        if common.pool.upgrade_pending(self.upgrade_seen) {
+            self.upgrade_step(common, clock);
+        }
         self.core
             .counters
             .busy(Instant::now().saturating_duration_since(clock.now));
@@ -1131,7 +1431,10 @@ fn host_loop(common: &Common, mut home: Shard) -> io::Result<()> {
         // Guests' timers run even when they had no traffic, and their hand-overs.
         let now = Instant::now();
         for g in guests.iter_mut().filter(|g| {
-            now >= g.next_tick || (pool.stopping() && !g.stopped) || pool.has_mail(g.index)
+            now >= g.next_tick
+                || (pool.stopping() && !g.stopped)
+                || pool.has_mail(g.index)
+                || pool.upgrade_pending(g.upgrade_seen)
         }) {
             g.run_once(common, &mut s, &[]);
         }
@@ -1237,7 +1540,7 @@ impl Balance {
             return if gathered { Move::Spread } else { Move::Gather };
         }
         self.next = now + Self::CHECK;
-        if !pool.adaptive {
+        if !pool.adaptive || pool.upgrade.active.load(Ordering::Acquire) {
             return Move::Stay;
         }
         let span = now.duration_since(self.check_start).as_secs_f64().max(1e-3);

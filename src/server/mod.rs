@@ -9,6 +9,7 @@ mod allocation;
 mod fastpath;
 mod shard;
 mod shared;
+mod snapshot;
 mod tcp;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ pub use shard::{owner_shard, reservation_shard};
 pub use shared::{
     Limits, NodeLoad, QuotaError, RelayAddrs, Runtime, SessionInfo, Shared, StoreView,
 };
+pub use snapshot::{MonoClock, ShardState};
 pub use tcp::{connection_shard, Command, CONNECTION_BIND_TIMEOUT};
 
 use crate::auth::{Key, LookupError, NonceCheck};

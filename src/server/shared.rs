@@ -367,6 +367,20 @@ impl Shared {
         Ok(())
     }
 
+    /// Counts an allocation taken over from another process (an upgrade): it exists
+    /// already, so no quota refuses it.
+    pub fn adopt(&self, user: &str) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        *per_user.entry(user.into()).or_insert(0) += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// New allocation ids start above `id` (ids taken over from another process).
+    pub fn ids_above(&self, id: u64) {
+        self.next_id
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+
     pub fn release(&self, user: &str) {
         let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = per_user.get_mut(user) {
