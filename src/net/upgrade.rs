@@ -37,15 +37,23 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    /// The binary and arguments this process was started with. The path is resolved
-    /// now: after a package upgrade `/proc/self/exe` names the deleted old file.
+    /// The binary and arguments this process was started with. The path is the one it
+    /// was started by (`argv[0]` made absolute, symlinks kept: a deployment that swaps a
+    /// symlink upgrades to the new target), else `/proc/self/exe` as resolved now (after
+    /// a package upgrade it would name the deleted old file).
     pub fn from_env() -> (PathBuf, Vec<OsString>) {
         let mut args = std::env::args_os();
-        let argv0 = args.next().unwrap_or_default();
-        let exe = std::env::current_exe()
-            .ok()
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from(&argv0));
+        let argv0 = PathBuf::from(args.next().unwrap_or_default());
+        let exe = if argv0.components().count() > 1 {
+            std::env::current_dir()
+                .map(|d| d.join(&argv0))
+                .unwrap_or(argv0)
+        } else {
+            std::env::current_exe()
+                .ok()
+                .filter(|p| p.exists())
+                .unwrap_or(argv0)
+        };
         (exe, args.collect())
     }
 }

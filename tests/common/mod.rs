@@ -30,6 +30,7 @@ pub mod stream;
 pub mod stun;
 pub mod traffic;
 pub mod turn;
+pub mod upgrade;
 
 // Every test binary uses a part of these.
 #[allow(unused_imports)]

@@ -101,6 +101,11 @@ pub struct ServerOptions {
     /// `proxy_protocol = true` with these `proxy_from` CIDRs on the tcp and tls listeners
     /// (turnstone only); `None`: no PROXY protocol.
     pub proxy_from: Option<Vec<String>>,
+    /// Run from a binary path of the server's own (`bin/turnstone` in its directory, a
+    /// symlink to the built binary that a test may replace) with a control socket in a
+    /// 0700 directory (`run/control.sock`): what `turnstone upgrade` needs (see
+    /// `upgrade.rs`).
+    pub upgradable: bool,
 }
 
 impl Default for ServerOptions {
@@ -129,6 +134,7 @@ impl Default for ServerOptions {
             env: Vec::new(),
             env_remove: Vec::new(),
             proxy_from: None,
+            upgradable: false,
         }
     }
 }
@@ -541,6 +547,8 @@ pub struct TestServer {
     /// The server's certificate, when `options.tls`.
     pub cert: Option<TestCert>,
     pub listeners: Listeners,
+    /// The process serving after the last upgrade (`upgrade.rs`).
+    pub serving_pid: std::cell::Cell<Option<u32>>,
     process: ChildGuard,
     dir: tempfile::TempDir,
 }
@@ -564,11 +572,14 @@ impl TestServer {
     }
 
     /// Starts the server without waiting for it ([`Self::wait_ready`] does).
-    pub fn launch(backend: Backend, options: ServerOptions) -> TestServer {
+    pub fn launch(backend: Backend, mut options: ServerOptions) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("turnstone-test-")
             .tempdir()
             .expect("create temp dir");
+        if options.upgradable {
+            super::upgrade::prepare(dir.path(), &mut options);
+        }
         let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut ips = vec![v4];
         if options.ipv6_listen {
@@ -619,7 +630,11 @@ impl TestServer {
                 let config = dir.path().join(CONFIG);
                 std::fs::write(&config, options.to_toml_with(&listeners, relay_ports))
                     .expect("write config");
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_turnstone"));
+                let mut cmd = if options.upgradable {
+                    Command::new(super::upgrade::binary(dir.path()))
+                } else {
+                    Command::new(env!("CARGO_BIN_EXE_turnstone"))
+                };
                 cmd.arg("--config").arg(&config);
                 for k in ["RUST_LOG", "NOTIFY_SOCKET"]
                     .into_iter()
@@ -648,6 +663,7 @@ impl TestServer {
             cert,
             listeners,
             options,
+            serving_pid: std::cell::Cell::new(None),
             process,
             dir,
         }
@@ -662,9 +678,10 @@ impl TestServer {
         self.tls_addr.expect("server started without .tls()").port()
     }
 
-    /// The server process id (while it runs).
+    /// The server process id (while it runs): the process started, or after an
+    /// upgrade the one serving now.
     pub fn pid(&self) -> Option<u32> {
-        self.process.id()
+        self.serving_pid.get().or_else(|| self.process.id())
     }
 
     /// Has the server process exited? (`Some(status)` if so.)
