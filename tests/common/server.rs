@@ -548,7 +548,7 @@ pub struct TestServer {
     pub cert: Option<TestCert>,
     pub listeners: Listeners,
     /// The process serving after the last upgrade (`upgrade.rs`).
-    pub serving_pid: std::cell::Cell<Option<u32>>,
+    pub serving_pid: std::sync::atomic::AtomicU32,
     process: ChildGuard,
     dir: tempfile::TempDir,
 }
@@ -663,7 +663,7 @@ impl TestServer {
             cert,
             listeners,
             options,
-            serving_pid: std::cell::Cell::new(None),
+            serving_pid: std::sync::atomic::AtomicU32::new(0),
             process,
             dir,
         }
@@ -681,7 +681,9 @@ impl TestServer {
     /// The server process id (while it runs): the process started, or after an
     /// upgrade the one serving now.
     pub fn pid(&self) -> Option<u32> {
-        self.serving_pid.get().or_else(|| self.process.id())
+        Some(self.serving_pid.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&p| p != 0)
+            .or_else(|| self.process.id())
     }
 
     /// Has the server process exited? (`Some(status)` if so.)

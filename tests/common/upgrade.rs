@@ -107,7 +107,8 @@ impl TestServer {
             pause_ms: num("pause_ms"),
             output: text.clone(),
         };
-        self.serving_pid.set(Some(up.pid));
+        self.serving_pid
+            .store(up.pid, std::sync::atomic::Ordering::Relaxed);
         Ok(up)
     }
 
