@@ -77,6 +77,10 @@ pub struct Handover {
     pub shards: Vec<ShardState>,
     /// How many descriptors were sent (indexes run from 0).
     pub fds: u32,
+    /// The name each descriptor is kept under in systemd's fd store (the journal's
+    /// copy of the state names its sockets this way; empty in a hand-over).
+    #[serde(default)]
+    pub fd_names: Vec<String>,
 }
 
 /// A message on the channel.

@@ -11,6 +11,7 @@ mod cert_watch;
 pub mod control;
 pub mod discover;
 pub mod fastpath;
+mod fdstore;
 pub mod handover;
 mod ports;
 mod socket;
@@ -22,6 +23,8 @@ mod worker;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use std::os::fd::AsFd;
 
 use anyhow::Context;
 
@@ -63,6 +66,8 @@ pub(crate) struct Common {
     pub(crate) pool: worker::Pool,
     /// The kernel fast path, when `relay.kernel_fast_path` loaded it.
     pub(crate) fast_path: Option<Mutex<fastpath::Kernel>>,
+    /// systemd's file descriptor store, when the unit has one.
+    pub(crate) fd_store: Option<fdstore::FdStore>,
 }
 
 /// Loads the kernel fast path as `relay.kernel_fast_path` asks: `None` when off or
@@ -167,7 +172,20 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         Some(Ok(ch)) => Some(ch),
         Some(Err(e)) => anyhow::bail!("upgrade: {e}"),
     };
-    let started = match start(&mut config, inherited.as_ref()) {
+    // Restarted by systemd with its fd store: the sockets and journals it kept.
+    let restored = match inherited {
+        None => fdstore::listen_fds(),
+        Some(_) => None,
+    };
+    // Read before the store takes the journals back for its own writes.
+    let restored = restored.map(|mut r| {
+        let state = r.state();
+        (r, state)
+    });
+    let mut restored = restored;
+    let store = fdstore::FdStore::from_env(restored.as_mut().map(|(r, _)| r));
+    let upgraded = inherited.is_some();
+    let started = match start(&mut config, inherited.as_ref(), restored, store) {
         Ok(s) => s,
         Err(e) => {
             if let Some(ch) = &inherited {
@@ -264,6 +282,13 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
         control: control_listener,
         config: config.clone(),
     };
+    if let Some(store) = &common.fd_store {
+        if upgraded {
+            // The old process's journals go; this one's take their names.
+            fdstore::forget_journals(store);
+        }
+        keep_in_store(store, &common, &ctx);
+    }
     signals(
         sig,
         common,
@@ -343,12 +368,159 @@ fn receive(ch: &handover::Channel, config: &Config) -> anyhow::Result<Taken> {
     })
 }
 
+/// The state systemd's fd store kept across a restart or a crash, checked against this
+/// configuration: allocations whose relay sockets are no longer there (they ended
+/// after the journal was written) are left out, stored relay sockets no allocation
+/// names (made after it) are closed and removed from the store. `None` (and the store
+/// emptied of what is unusable) when there is no usable state or the listeners changed.
+fn restore(
+    config: &Config,
+    mut r: fdstore::Restored,
+    state: fdstore::StoredState,
+    store: Option<&fdstore::FdStore>,
+) -> Option<Taken> {
+    let mut state = match state {
+        Ok((seq, h)) => {
+            if let Some(s) = store {
+                s.continue_from(seq);
+            }
+            h
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fd store: no usable state; starting afresh");
+            fdstore::forget_rest(r, store);
+            return None;
+        }
+    };
+    let ours: Vec<(String, std::net::SocketAddr)> = config
+        .listen
+        .iter()
+        .map(|l| (upgrade::transport_name(l.transport).to_owned(), l.address))
+        .collect();
+    let theirs: Vec<(String, std::net::SocketAddr)> = state
+        .listeners
+        .iter()
+        .map(|l| (l.transport.clone(), l.address))
+        .collect();
+    let mut fds: Vec<Option<std::os::fd::OwnedFd>> = (0..state.fds as usize)
+        .map(|i| state.fd_names.get(i).and_then(|n| r.take(n)))
+        .collect();
+    let listeners_whole = state.listeners.iter().all(|l| {
+        l.sockets
+            .iter()
+            .all(|&i| fds.get(i as usize).is_some_and(Option::is_some))
+    });
+    if ours != theirs || !listeners_whole {
+        tracing::warn!(
+            configured = ?ours,
+            stored = ?theirs,
+            "fd store: the stored listeners are not this configuration's (or not all \
+             there); the allocations kept there are dropped"
+        );
+        for (i, fd) in fds.into_iter().enumerate() {
+            if let (Some(_), Some(name), Some(s)) = (fd, state.fd_names.get(i), store) {
+                s.remove(name);
+            }
+        }
+        fdstore::forget_rest(r, store);
+        return None;
+    }
+    let mut dropped = 0;
+    for sh in &mut state.shards {
+        let before = sh.allocations.len();
+        sh.allocations.retain(|a| {
+            std::iter::once(&a.relay)
+                .chain(&a.second)
+                .all(|x| fds.get(x.socket as usize).is_some_and(Option::is_some))
+        });
+        sh.reservations
+            .retain(|x| fds.get(x.socket as usize).is_some_and(Option::is_some));
+        dropped += before - sh.allocations.len();
+    }
+    // Sockets of what was left out: closed, and out of the store.
+    let used: std::collections::HashSet<u32> = state
+        .shards
+        .iter()
+        .flat_map(|sh| {
+            sh.allocations
+                .iter()
+                .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|x| x.socket))
+                .chain(sh.reservations.iter().map(|x| x.socket))
+        })
+        .chain(
+            state
+                .listeners
+                .iter()
+                .flat_map(|l| l.sockets.iter().copied()),
+        )
+        .chain(state.metrics)
+        .chain(state.control)
+        .collect();
+    for (i, fd) in fds.iter_mut().enumerate() {
+        if !used.contains(&(i as u32)) && fd.take().is_some() {
+            if let (Some(name), Some(s)) = (state.fd_names.get(i), store) {
+                s.remove(name);
+            }
+        }
+    }
+    fdstore::forget_rest(r, store);
+    let kept: usize = state.shards.iter().map(|s| s.allocations.len()).sum();
+    tracing::info!(
+        allocations = kept,
+        dropped,
+        "fd store: restored the allocations kept across the restart"
+    );
+    Some(Taken { state, fds })
+}
+
+/// Puts the listeners, the metrics and control listeners and the journals in systemd's
+/// fd store (the relay sockets go there as they are made), and writes the first state.
+fn keep_in_store(store: &fdstore::FdStore, common: &Common, ctx: &upgrade::Context) {
+    store.add_journals();
+    if let Some(l) = &ctx.metrics {
+        store.add("metrics", l.as_fd());
+    }
+    if let Some(l) = &ctx.control {
+        store.add("control", l.as_fd());
+    }
+    write_journal(store, common, ctx);
+    tracing::info!("fd store: sockets and state kept by systemd across restarts and crashes");
+}
+
+/// Writes the workers' current state to the fd store's journal.
+fn write_journal(store: &fdstore::FdStore, common: &Common, ctx: &upgrade::Context) {
+    let exports = match common
+        .pool
+        .upgrade(worker::UpgradeStep::Snapshot, Duration::from_secs(5))
+    {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "fd store: no snapshot of the workers");
+            return;
+        }
+    };
+    match upgrade::build_state(ctx, &exports) {
+        Ok((h, _)) => {
+            if let Err(e) = store.write_state(&h) {
+                tracing::warn!(error = %e, "fd store: cannot write the state journal");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "fd store: cannot build the state"),
+    }
+}
+
 /// Builds the server without serving: the shared state, the listeners (bound, or taken
 /// over in an upgrade), every worker's shard with the allocations taken over.
-fn start(config: &mut Config, inherited: Option<&handover::Channel>) -> anyhow::Result<Started> {
-    let mut taken = match inherited {
-        Some(ch) => Some(receive(ch, config)?),
-        None => None,
+fn start(
+    config: &mut Config,
+    inherited: Option<&handover::Channel>,
+    restored: Option<(fdstore::Restored, fdstore::StoredState)>,
+    fd_store: Option<fdstore::FdStore>,
+) -> anyhow::Result<Started> {
+    let mut taken = match (inherited, restored) {
+        (Some(ch), _) => Some(receive(ch, config)?),
+        (None, Some((r, state))) => restore(config, r, state, fd_store.as_ref()),
+        (None, None) => None,
     };
     let nonce_secret: [u8; 32] = taken
         .as_ref()
@@ -382,6 +554,7 @@ fn start(config: &mut Config, inherited: Option<&handover::Channel>) -> anyhow::
         metrics: metrics.clone(),
         pool: worker::Pool::new(workers, config.server.adaptive_workers)?,
         fast_path: kernel.map(Mutex::new),
+        fd_store,
     });
 
     if let Some(loaded) = tls_config {
@@ -397,6 +570,20 @@ fn start(config: &mut Config, inherited: Option<&handover::Channel>) -> anyhow::
         Some(t) => inherited_sockets(config, t)?,
         None => bind_sockets(config, workers)?,
     };
+    if let Some(store) = &common.fd_store {
+        for (w, socks) in sockets.iter().enumerate() {
+            let (mut udp, mut streams) = (socks.udp.iter(), socks.streams.iter());
+            for (i, l) in config.listen.iter().enumerate() {
+                let fd = match l.transport {
+                    ListenTransport::Udp => udp.next().map(|s| s.as_fd()),
+                    _ => streams.next().map(|(s, _)| s.as_fd()),
+                };
+                if let Some(fd) = fd {
+                    store.add(&fdstore::listener_name(w, i), fd);
+                }
+            }
+        }
+    }
     if let Some(first) = sockets.first().and_then(|w| w.udp.first()) {
         let want = config.relay.socket_buffer;
         let (rcv, snd) = socket::granted_buffers(first);
@@ -549,6 +736,7 @@ pub(crate) struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
     usr2: tokio::signal::unix::Signal,
 }
 
@@ -558,12 +746,13 @@ impl Signals {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (hup, term, int, usr2) = {
+        let (hup, term, int, usr1, usr2) = {
             let _enter = rt.enter();
             (
                 signal(SignalKind::hangup())?,
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::user_defined1())?,
                 signal(SignalKind::user_defined2())?,
             )
         };
@@ -572,6 +761,7 @@ impl Signals {
             hup,
             term,
             int,
+            usr1,
             usr2,
         })
     }
@@ -598,6 +788,7 @@ fn signals(
         mut hup,
         mut term,
         mut int,
+        mut usr1,
         mut usr2,
     } = sig;
     let nonce_secret = ctx.nonce_secret;
@@ -617,9 +808,24 @@ fn signals(
         let mut trim = crate::sys::MemoryTrim::default();
         let mut trim_tick = tokio::time::interval(Duration::from_millis(500));
         let (mut entries, mut entries_ticks) = (0usize, 0u32);
+        // The fd store's journal: within 100 ms of a request that may have changed an
+        // allocation, and every second (usage counts).
+        let mut journal_tick = tokio::time::interval(Duration::from_millis(100));
+        let (mut journal_seen, mut journal_at) = (u64::MAX, tokio::time::Instant::now());
         loop {
             tokio::select! {
+                _ = journal_tick.tick(), if common.fd_store.is_some() => {
+                    let changes = common.shared.changes();
+                    if changes != journal_seen || journal_at.elapsed() >= Duration::from_secs(1) {
+                        if let Some(store) = &common.fd_store {
+                            write_journal(store, &common, &ctx);
+                        }
+                        journal_seen = changes;
+                        journal_at = tokio::time::Instant::now();
+                    }
+                }
                 _ = trim_tick.tick() => {
+
                     if let Some(k) = &common.fast_path {
                         let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
                         k.read_counters(&common.metrics);
@@ -642,6 +848,20 @@ fn signals(
                         drain_timeout = t;
                     }
                     let _ = notify::ready();
+                }
+                // systemd's RestartKillSignal=: keep everything in its fd store, exit.
+                _ = usr1.recv() => {
+                    match &common.fd_store {
+                        None => tracing::warn!("SIGUSR1 (restart keeping calls) needs systemd's fd store (FileDescriptorStoreMax=, systemd >= 254); ignored"),
+                        Some(store) if !upgrading => match upgrade::keep_for_restart(&common, &ctx, store) {
+                            Ok(n) => {
+                                tracing::info!(allocations = n, "restart: sockets and state are in systemd's fd store; exiting");
+                                return Ok(());
+                            }
+                            Err(e) => tracing::error!(error = %e, "restart: cannot keep the state; going on serving"),
+                        },
+                        Some(_) => tracing::warn!("SIGUSR1 during an upgrade: ignored"),
+                    }
                 }
                 _ = usr2.recv() => {
                     if !upgrading {

@@ -181,13 +181,12 @@ fn talk(
     Ok(report)
 }
 
-/// Sends everything, waits for `Ready`, commits, waits for `Serving`.
-fn hand_over(
-    common: &Common,
-    ctx: &Context,
-    ch: &Channel,
-    exports: Vec<super::worker::ShardExport>,
-) -> Result<Report, String> {
+/// The state of `exports` as one document, and the sockets its numbers name (none for
+/// a snapshot's exports, which copy no socket).
+pub(crate) fn build_state<'a>(
+    ctx: &'a Context,
+    exports: &'a [super::worker::ShardExport],
+) -> Result<(Handover, Vec<BorrowedFd<'a>>), String> {
     let workers = exports.len();
     let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
     let mut listeners: Vec<ListenerState> = ctx
@@ -200,8 +199,8 @@ fn hand_over(
         })
         .collect();
     let mut shards = Vec::with_capacity(workers);
-    for e in &exports {
-        let base = fds.len() as u32;
+    let mut base = 0u32;
+    for e in exports {
         fds.extend(e.fds.iter().map(AsFd::as_fd));
         let (mut udp, mut streams) = (e.udp.iter(), e.streams.iter());
         for (l, (t, _)) in listeners.iter_mut().zip(&ctx.listen) {
@@ -223,17 +222,21 @@ fn hand_over(
             r.socket += base;
         }
         shards.push(state);
+        base += e.count;
     }
-    let metrics = ctx.metrics.as_ref().map(|l| {
-        fds.push(l.as_fd());
-        fds.len() as u32 - 1
-    });
-    let control = ctx.control.as_ref().map(|l| {
-        fds.push(l.as_fd());
-        fds.len() as u32 - 1
-    });
-    let allocations = shards.iter().map(|s| s.allocations.len()).sum();
-    let state = Handover {
+    let mut next = base;
+    let mut extra = |l: Option<BorrowedFd<'a>>| {
+        l.map(|fd| {
+            if fds.len() as u32 == next {
+                fds.push(fd);
+            }
+            next += 1;
+            next - 1
+        })
+    };
+    let metrics = extra(ctx.metrics.as_ref().map(AsFd::as_fd));
+    let control = extra(ctx.control.as_ref().map(AsFd::as_fd));
+    let mut h = Handover {
         version: FORMAT_VERSION,
         from_pid: std::process::id(),
         nonce_secret: ctx.nonce_secret,
@@ -242,8 +245,55 @@ fn hand_over(
         metrics,
         control,
         shards,
-        fds: fds.len() as u32,
+        fds: next,
+        fd_names: Vec::new(),
     };
+    h.fd_names = fd_names(&h);
+    Ok((h, fds))
+}
+
+/// The fd store's name of each socket number of `h`.
+fn fd_names(h: &Handover) -> Vec<String> {
+    use super::fdstore::{listener_name, relay_name};
+    let mut names = vec![String::new(); h.fds as usize];
+    let mut set = |i: u32, name: String| {
+        if let Some(n) = names.get_mut(i as usize) {
+            *n = name;
+        }
+    };
+    for (i, l) in h.listeners.iter().enumerate() {
+        for (w, &s) in l.sockets.iter().enumerate() {
+            set(s, listener_name(w, i));
+        }
+    }
+    for sh in &h.shards {
+        for a in &sh.allocations {
+            for r in std::iter::once(&a.relay).chain(&a.second) {
+                set(r.socket, relay_name(r.bound));
+            }
+        }
+        for r in &sh.reservations {
+            set(r.socket, relay_name(r.addr));
+        }
+    }
+    if let Some(m) = h.metrics {
+        set(m, "metrics".into());
+    }
+    if let Some(c) = h.control {
+        set(c, "control".into());
+    }
+    names
+}
+
+/// Sends everything, waits for `Ready`, commits, waits for `Serving`.
+fn hand_over(
+    common: &Common,
+    ctx: &Context,
+    ch: &Channel,
+    exports: Vec<super::worker::ShardExport>,
+) -> Result<Report, String> {
+    let (state, fds) = build_state(ctx, &exports)?;
+    let allocations = state.shards.iter().map(|s| s.allocations.len()).sum();
     ch.send_fds(&fds)?;
     ch.send_state(&state)?;
     ch.set_timeout(READY_TIMEOUT)?;
@@ -276,6 +326,38 @@ fn hand_over(
         pause_ms: 0.0,
         kept_stream_allocations: common.shared.total_allocations(),
     })
+}
+
+/// A restart by systemd (`RestartKillSignal=SIGUSR1`): freezes the UDP traffic, writes
+/// the state to the fd store's journal (the sockets are there already) and returns the
+/// number of allocations kept, for the caller to exit at once. On failure everything
+/// resumes.
+pub(crate) fn keep_for_restart(
+    common: &Common,
+    ctx: &Context,
+    store: &super::fdstore::FdStore,
+) -> Result<usize, String> {
+    let kernel = match &common.fast_path {
+        Some(k) => {
+            k.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .shutdown(&common.metrics);
+            true
+        }
+        None => false,
+    };
+    let result = common
+        .pool
+        .upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)
+        .and_then(|exports| {
+            let (h, _) = build_state(ctx, &exports)?;
+            store.write_state(&h).map_err(|e| e.to_string())?;
+            Ok(h.shards.iter().map(|s| s.allocations.len()).sum())
+        });
+    if result.is_err() {
+        resume(common, ctx, kernel);
+    }
+    result
 }
 
 /// Takes everything back after a failed upgrade: the workers read their sockets again,

@@ -101,6 +101,8 @@ struct Binder<'a> {
     /// The shard's token tag (see [`guest_tag`]).
     tag: u64,
     buffer: usize,
+    /// systemd's fd store, which keeps every relay socket while it is open.
+    store: Option<&'a super::fdstore::FdStore>,
 }
 
 impl Binder<'_> {
@@ -128,6 +130,12 @@ impl Binder<'_> {
         {
             self.relays.free.push(idx);
             return Err(e.into());
+        }
+        if let Some(store) = self.store {
+            match &sock {
+                RelaySock::Udp(s) => store.add(&super::fdstore::relay_name(addr), s.as_fd()),
+                RelaySock::Tcp(l) => store.add(&super::fdstore::relay_name(addr), l.as_fd()),
+            }
         }
         self.relays.entries[idx as usize] = Some(RelayEntry { socket: sock, addr });
         Ok((RelayHandle(idx), addr))
@@ -189,6 +197,9 @@ impl RelayBinder for Binder<'_> {
                 RelaySock::Udp(s) => self.epoll.delete(s),
                 RelaySock::Tcp(l) => self.epoll.delete(l),
             };
+            if let Some(store) = self.store {
+                store.remove(&super::fdstore::relay_name(e.addr));
+            }
             self.ports.give_back(e.addr.ip(), e.addr.port());
             self.relays.free.push(relay.0);
         }
@@ -311,6 +322,8 @@ struct UpgradeSync {
     exports: Mutex<Vec<ShardExport>>,
     /// An upgrade is in progress: shards stay where they are.
     active: AtomicBool,
+    /// One request at a time (an upgrade's and the journal's snapshots).
+    one: Mutex<()>,
 }
 
 /// Upgrade requests ([`Pool::upgrade`]).
@@ -324,6 +337,9 @@ pub(crate) enum UpgradeStep {
     /// The new process serves them: close this process's copies and forget the
     /// allocations (no usage record: they go on there).
     Commit = 3,
+    /// Export the state only (no socket copies, nothing frozen), for the fd store's
+    /// journal: sockets are numbered in the order [`Shard::freeze`] would copy them.
+    Snapshot = 4,
 }
 
 /// One shard's part of the hand-over: duplicates of its sockets and its state, with
@@ -334,7 +350,10 @@ pub(crate) struct ShardExport {
     pub udp: Vec<u32>,
     pub streams: Vec<u32>,
     pub state: crate::server::ShardState,
+    /// The copies (empty for a snapshot).
     pub fds: Vec<std::os::fd::OwnedFd>,
+    /// How many socket numbers the export uses.
+    pub count: u32,
 }
 
 /// What a shard took out of its epoll set for an upgrade.
@@ -432,7 +451,12 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Vec<ShardExport>, String> {
         let u = &self.upgrade;
-        u.active.store(true, Ordering::Release);
+        let _one = u.one.lock().unwrap_or_else(|e| e.into_inner());
+        match step {
+            UpgradeStep::Freeze => u.active.store(true, Ordering::Release),
+            UpgradeStep::Resume | UpgradeStep::Commit => u.active.store(false, Ordering::Release),
+            UpgradeStep::Snapshot => {}
+        }
         u.done.store(0, Ordering::Release);
         u.request.store(step as u8, Ordering::Release);
         u.generation.fetch_add(1, Ordering::AcqRel);
@@ -449,9 +473,6 @@ impl Pool {
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
-        if step != UpgradeStep::Freeze {
-            u.active.store(false, Ordering::Release);
         }
         let mut exports = std::mem::take(&mut *u.exports.lock().unwrap_or_else(|e| e.into_inner()));
         exports.sort_by_key(|e| e.index);
@@ -689,7 +710,13 @@ impl Shard {
         let u = &common.pool.upgrade;
         self.upgrade_seen = u.generation.load(Ordering::Acquire);
         let step = u.request.load(Ordering::Acquire);
-        if step == UpgradeStep::Freeze as u8 && self.frozen.is_none() {
+        if step == UpgradeStep::Snapshot as u8 {
+            let export = self.snapshot(clock);
+            u.exports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(export);
+        } else if step == UpgradeStep::Freeze as u8 && self.frozen.is_none() {
             match self.freeze(common, clock) {
                 Ok(export) => u
                     .exports
@@ -720,6 +747,7 @@ impl Shard {
                 epoll: &self.epoll,
                 tag: self.tag,
                 buffer: common.buffer,
+                store: None,
             };
             let n = self.core.forget_udp(&mut binder);
             tracing::debug!(shard = self.index, allocations = n, "upgrade: handed over");
@@ -787,8 +815,29 @@ impl Shard {
             udp,
             streams,
             state,
+            count: fds.len() as u32,
             fds,
         })
+    }
+
+    /// The state [`Shard::freeze`] would export, without copying or freezing anything.
+    fn snapshot(&self, clock: Clock) -> ShardExport {
+        let mut n = 0u32;
+        let mut next = || {
+            n += 1;
+            n - 1
+        };
+        let udp = self.listeners.iter().map(|_| next()).collect();
+        let streams = self.stream_listeners.iter().map(|_| next()).collect();
+        let state = self.core.export_udp(mono_clock(clock.now), &mut |_| next());
+        ShardExport {
+            index: self.index,
+            udp,
+            streams,
+            state,
+            fds: Vec::new(),
+            count: n,
+        }
     }
 
     /// Puts what [`Shard::freeze`] took out back into the epoll set.
@@ -839,6 +888,7 @@ impl Shard {
             epoll: &self.epoll,
             tag: self.tag,
             buffer: common.buffer,
+            store: common.fd_store.as_ref(),
         };
         for i in wanted {
             let Some(fd) = fds.get_mut(i as usize).and_then(Option::take) else {
@@ -863,6 +913,7 @@ impl Shard {
     /// Handles a batch of this shard's epoll events, then its timers and queued work.
     fn process(&mut self, common: &Common, s: &mut Scratch, events: &[EpollEvent], clock: Clock) {
         let ports = &common.ports;
+        let store = common.fd_store.as_ref();
         let buffer = common.buffer;
         let workers = common.pool.inbox.len();
         let Shard {
@@ -923,6 +974,7 @@ impl Shard {
                         epoll,
                         tag: *tag,
                         buffer,
+                        store,
                     };
                     let (relay, peer, len) = match core.handle_client(ft, data, clock, &mut binder)
                     {
@@ -1012,6 +1064,7 @@ impl Shard {
                 // A client's TCP or TLS connection: complete frames go to the core; a
                 // spliced RFC 6062 data connection's bytes go to its peer.
                 let mut ctx = FrameCtx {
+                    store: common.fd_store.as_ref(),
                     index: *index,
                     workers,
                     core: &mut *core,
@@ -1043,6 +1096,7 @@ impl Shard {
         let workers = common.pool.inbox.len();
         for h in common.pool.take_mail(self.index) {
             let mut ctx = FrameCtx {
+                store: common.fd_store.as_ref(),
                 index: self.index,
                 workers,
                 core: &mut self.core,
@@ -1087,6 +1141,7 @@ impl Shard {
                 epoll: &self.epoll,
                 tag: self.tag,
                 buffer,
+                store: common.fd_store.as_ref(),
             };
             self.core.handle_timeout(now, &mut binder);
             self.relays.compact();
@@ -1105,6 +1160,7 @@ impl Shard {
                 epoll: &self.epoll,
                 tag: self.tag,
                 buffer,
+                store: common.fd_store.as_ref(),
             };
             for ft in self.closed.drain(..) {
                 self.core.client_closed(&ft, now, &mut binder);
@@ -1120,6 +1176,7 @@ impl Shard {
                 epoll: &self.epoll,
                 tag: self.tag,
                 buffer,
+                store: common.fd_store.as_ref(),
             };
             self.core.close_all(now, &mut binder);
         }
@@ -1239,6 +1296,7 @@ struct FrameCtx<'a> {
     tag: u64,
     buffer: usize,
     clock: Clock,
+    store: Option<&'a super::fdstore::FdStore>,
 }
 
 impl FrameCtx<'_> {
@@ -1267,6 +1325,7 @@ impl FrameCtx<'_> {
             epoll: self.epoll,
             tag: self.tag,
             buffer: self.buffer,
+            store: self.store,
         };
         match self.core.handle_client(ft, frame, self.clock, &mut binder) {
             Output::Nothing => {}

@@ -539,10 +539,17 @@ impl Server {
                     Output::Nothing
                 }
             }
-            Class::Request => match self.request(ft, &msg, clock, binder) {
-                Reply::Done => Output::ToClient(&self.out),
-                Reply::Drop => Output::Nothing,
-            },
+            Class::Request => {
+                // The state may change: the fd store's journal is written soon after
+                // (not for Binding, which changes nothing).
+                if msg.method() != method::BINDING {
+                    self.shared.changed();
+                }
+                match self.request(ft, &msg, clock, binder) {
+                    Reply::Done => Output::ToClient(&self.out),
+                    Reply::Drop => Output::Nothing,
+                }
+            }
             // Responses to us: we send no requests.
             _ => Output::Nothing,
         }

@@ -219,6 +219,7 @@ pub struct Shared {
     per_user: Mutex<HashMap<Box<str>, usize>>,
     total: AtomicUsize,
     next_id: AtomicU64,
+    changes: AtomicU64,
     /// SIGTERM received: new Allocates are turned away.
     draining: AtomicBool,
     /// How many workers share the total bandwidth.
@@ -251,6 +252,7 @@ impl Shared {
             per_user: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            changes: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             workers: AtomicUsize::new(1),
             publish_sessions: AtomicBool::new(false),
@@ -314,6 +316,16 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .allow(ip, rate, now)
+    }
+
+    /// A request may have changed an allocation (counted for the fd store's journal).
+    pub fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times [`Shared::changed`] was called.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     pub fn set_draining(&self, on: bool) {

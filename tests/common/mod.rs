@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod call;
 pub mod corpus;
 
 pub mod coturn;
