@@ -98,11 +98,11 @@ impl CallReport {
 
 impl std::fmt::Display for CallReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for k in 0..4 {
+        for (k, name) in NAMES.iter().enumerate() {
             writeln!(
                 f,
-                "{}: sent {}, received {}, longest gap {:?}",
-                NAMES[k], self.sent[k], self.received[k], self.longest_gap[k]
+                "{name}: sent {}, received {}, longest gap {:?}",
+                self.sent[k], self.received[k], self.longest_gap[k]
             )?;
         }
         Ok(())
