@@ -27,6 +27,7 @@ pub mod process;
 pub mod redis_server;
 pub mod rfc6062;
 pub mod server;
+pub mod service_manager;
 pub mod stream;
 pub mod stun;
 pub mod traffic;

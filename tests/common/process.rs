@@ -79,6 +79,33 @@ impl ChildGuard {
         }
     }
 
+    /// [`ChildGuard::spawn_in`], appending to `stdout.log` and `stderr.log` in `logs`
+    /// (a service started again after a restart writes after its predecessor).
+    pub fn spawn_appending(name: &str, cmd: &mut Command, logs: &Path) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
+        let open = |f: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(logs.join(f))
+                .unwrap_or_else(|e| panic!("{f}: {e}"))
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(open("stdout.log")))
+            .stderr(Stdio::from(open("stderr.log")))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+            logs: logs.to_path_buf(),
+            _dir: None,
+            report: false,
+        }
+    }
+
     pub fn id(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
