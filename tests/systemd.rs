@@ -209,7 +209,12 @@ fn unit_has_the_required_settings() {
     let get = |k: &str| s.get(k).map(|v| v.join(" ")).unwrap_or_default();
     for (key, want) in [
         ("Type", "notify"),
-        ("NotifyAccess", "main"),
+        ("NotifyAccess", "all"),
+        ("RestartKillSignal", "SIGUSR1"),
+        ("FileDescriptorStoreMax", "16384"),
+        ("Environment", "FDSTORE=16384"),
+        ("RuntimeDirectory", "turnstone"),
+        ("RuntimeDirectoryMode", "0700"),
         (
             "ExecStart",
             "/usr/local/bin/turnstone --config /etc/turnstone/turnstone.toml",

@@ -59,7 +59,7 @@ pub(crate) fn bind(path: &Path, key: &str) -> anyhow::Result<UnixListener> {
         );
     }
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
+        if answers(path) {
             anyhow::bail!("{key}: {} is in use by a running server", path.display());
         }
         std::fs::remove_file(path)
@@ -69,6 +69,20 @@ pub(crate) fn bind(path: &Path, key: &str) -> anyhow::Result<UnixListener> {
         .map_err(|e| anyhow::anyhow!("{key}: cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+/// Does a server answer at `path`? (A socket that only accepts, such as a previous
+/// process's listener still held by systemd's fd store, does not.)
+fn answers(path: &Path) -> bool {
+    let Ok(mut s) = UnixStream::connect(path) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    matches!(std::io::Read::read(&mut s, &mut b), Ok(1))
 }
 
 /// Serves `listener` on a thread until `stop` is set (the socket was handed to a new
@@ -122,6 +136,12 @@ fn handle(
             "error refused: uid {} may not control this server",
             cred.uid()
         )?;
+        // Closing now would lose the answer: a client that has not written its request
+        // yet gets EPIPE when it does, one that has gets the connection reset (its request
+        // unread here). End this side and let the request in (bounded) first.
+        let _ = out.shutdown(std::net::Shutdown::Write);
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let _ = std::io::copy(&mut std::io::Read::take(stream, 256), &mut std::io::sink());
         return Ok(());
     }
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -161,7 +181,8 @@ pub fn request_upgrade(path: &Path, out: &mut dyn Write) -> Result<(), String> {
             path.display()
         )
     })?;
-    s.write_all(b"upgrade\n").map_err(|e| e.to_string())?;
+    // A refusal may come before the request is read: its answer is still read below.
+    let _ = s.write_all(b"upgrade\n");
     s.set_read_timeout(Some(Duration::from_secs(330)))
         .map_err(|e| e.to_string())?;
     let mut last = String::new();

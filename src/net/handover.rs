@@ -220,6 +220,9 @@ impl Channel {
     pub fn recv(&self) -> Result<Message, String> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut cmsg = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
+        // A peer that exits with messages of ours unread resets the connection: the
+        // kernel reports that once, then delivers what the peer sent before (its Refuse).
+        let mut reset = false;
         let (n, fds, truncated) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
             match recvmsg::<()>(
@@ -245,6 +248,10 @@ impl Channel {
                     break (m.bytes, fds, truncated);
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECONNRESET) if !reset => {
+                    reset = true;
+                    continue;
+                }
                 Err(nix::errno::Errno::EAGAIN) => {
                     return Err("hand-over channel: timed out waiting for the other process".into())
                 }

@@ -453,9 +453,10 @@ fn restore(
                 .iter()
                 .flat_map(|l| l.sockets.iter().copied()),
         )
+        // The control socket is bound again: its path went with the runtime directory.
         .chain(state.metrics)
-        .chain(state.control)
         .collect();
+    state.control = None;
     for (i, fd) in fds.iter_mut().enumerate() {
         if !used.contains(&(i as u32)) && fd.take().is_some() {
             if let (Some(name), Some(s)) = (state.fd_names.get(i), store) {
