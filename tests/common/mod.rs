@@ -20,6 +20,7 @@ pub mod corpus;
 pub mod coturn;
 pub mod debian;
 pub mod fastpath;
+pub mod handover;
 pub mod haproxy;
 pub mod metrics;
 pub mod netns;
