@@ -20,24 +20,13 @@
 
 mod common;
 
-use common::browser::{self, percent_encode, PageResult};
+use common::browser::{self, percent_encode, PageResult, CALL_FLAGS};
 use common::{parse_credentials, run_turnstone, ServerOptions, TestServer, PASSWORD, USER};
 use serde_json::{json, Value};
 use std::sync::Mutex;
 use std::time::Duration;
 
 const MESSAGES: usize = 20;
-
-/// Chromium flags of every call: fake camera and microphone, no permission prompt, and
-/// timers and rendering kept going in a page nobody looks at.
-const CALL_FLAGS: &[&str] = &[
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    "--disable-background-timer-throttling",
-    "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows",
-];
 
 /// One Chromium call at a time in this process.
 static BROWSER: Mutex<()> = Mutex::new(());

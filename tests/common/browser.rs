@@ -28,6 +28,17 @@ const FLAGS: &[&str] = &[
     "--remote-debugging-port=0",
 ];
 
+/// Chromium flags of a call: fake camera and microphone, no permission prompt, and
+/// timers and rendering kept going in a page nobody looks at.
+pub const CALL_FLAGS: &[&str] = &[
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+];
+
 /// At most this much of a result goes into an assertion message.
 const CONTEXT_MAX: usize = 8000;
 
@@ -69,6 +80,8 @@ pub struct Chromium {
     pages: PageServer,
     profile: tempfile::TempDir,
     started: Instant,
+    /// The page's log lines taken by [`Self::wait_log`], not yet in a result.
+    log: Vec<String>,
 }
 
 impl Chromium {
@@ -111,6 +124,41 @@ impl Chromium {
             pages,
             profile,
             started,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits until the page logs a line containing `needle` (within `timeout` from
+    /// now) and returns it; panics (with the log) if none comes, the page reports its
+    /// result first, or Chromium exits. The lines stay in the log of the result.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                failed(
+                    &format!("the page logged no {needle:?} within {timeout:?}"),
+                    &self.log,
+                );
+            }
+            match self.pages.recv(left.min(Duration::from_millis(200))) {
+                Ok(Posted::Log(l)) => {
+                    let found = l.contains(needle);
+                    self.log.push(l);
+                    if found {
+                        return self.log[self.log.len() - 1].clone();
+                    }
+                }
+                Ok(Posted::Result(r)) => failed(
+                    &format!("the page reported before logging {needle:?}: {r}"),
+                    &self.log,
+                ),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => failed("the page server ended", &self.log),
+            }
+            if let Some(st) = self.process.try_wait() {
+                failed(&format!("chromium exited early ({st})"), &self.log);
+            }
         }
     }
 
@@ -119,7 +167,7 @@ impl Chromium {
     /// is not JSON. Chromium keeps running (e.g. for [`Self::screenshot`]).
     pub fn wait_result(&mut self, timeout: Duration) -> PageResult {
         let deadline = self.started + timeout;
-        let mut log = Vec::new();
+        let mut log = std::mem::take(&mut self.log);
         let raw = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
