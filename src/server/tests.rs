@@ -1293,6 +1293,90 @@ fn without_usage_interval_only_the_final_record() {
 
 /// The kernel fast-path command queue: exact sequences per scenario, and a replay check
 /// that the installed entries are exactly the live permissions and bindings.
+/// An allocation exported from one core and imported into another (an upgrade) is the
+/// same allocation: same relayed address, permission, channel, expiry and usage; the
+/// first core forgets it without a usage record.
+#[test]
+fn allocation_state_moves_between_cores_whole() {
+    let rt = || runtime(&["127.0.0.0/8"], 10, 100);
+    let mut a = Harness::new(rt());
+    let f = ft(40000);
+    let r = a.allocate(f, 1, 0);
+    let relayed = a.relayed(&r);
+    assert_eq!(a.permission(f, peer(), 2, 1).class(), Class::Success);
+    assert_eq!(a.channel(f, 0x4001, peer(), 3, 2).class(), Class::Success);
+    assert!(a.channel_data(f, 0x4001, b"hello", 3).is_some());
+    let handle = a.server.allocations().next().unwrap().relay;
+    let mono = |h: &Harness, secs: u64| MonoClock {
+        now: h.t0 + Duration::from_secs(secs),
+        mono_ns: 5_000_000_000_000 + secs * 1_000_000_000,
+    };
+    let state = a.server.export_udp(mono(&a, 10), &mut |h| h.0 + 100);
+    assert_eq!(state.allocations.len(), 1);
+    assert_eq!(state.allocations[0].relay.socket, handle.0 + 100);
+    // JSON both ways (the hand-over format), as the shell sends it.
+    let state: ShardState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let mut b = Harness::new(rt());
+    let taken = RelayHandle(7);
+    // An unknown socket number refuses the whole state, changing nothing.
+    assert!(b
+        .server
+        .import_udp(&state, mono(&b, 10), &mut |_| None)
+        .is_err());
+    assert_eq!(b.server.allocation_count(), 0);
+    let n = b
+        .server
+        .import_udp(&state, mono(&b, 10), &mut |i| {
+            (i == handle.0 + 100).then_some(taken)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(b.shared().total_allocations(), 1);
+    // The same 5-tuple: 437; the permission and channel work from the peer's side.
+    assert_eq!(b.allocate(f, 4, 11).code(), Some(437));
+    let (to, bytes) = b.peer_sends(taken, peer(), b"back", 12).expect("relayed");
+    assert_eq!(to, f);
+    assert_eq!(&bytes[..2], &[0x40, 0x01], "as ChannelData on the channel");
+    assert!(b.channel_data(f, 0x4001, b"again", 12).is_some());
+    let moved = b.server.allocations().next().unwrap();
+    assert_eq!(moved.advertised, relayed);
+    assert_eq!(
+        moved.usage.packets_to_peer, 2,
+        "usage carried over and counted on"
+    );
+    // Expiry as before: 600 s after the Allocate at 0.
+    b.tick(599);
+    assert_eq!(b.server.allocation_count(), 1);
+    b.server.drain_events().count();
+    b.tick(601);
+    assert_eq!(b.server.allocation_count(), 0);
+    let ended = b
+        .server
+        .drain_events()
+        .find(|e| matches!(e, Event::AllocationEnded { .. }));
+    match ended {
+        Some(Event::AllocationEnded { usage, reason, .. }) => {
+            assert_eq!(reason, EndReason::Expired);
+            assert_eq!(usage.packets_to_peer, 2);
+            assert_eq!(usage.packets_to_client, 1);
+        }
+        other => panic!("expected the end of the moved allocation: {other:?}"),
+    }
+    assert!(b.binder.released.contains(&taken));
+
+    // The first core lets go: no record, its socket copy released, quota freed.
+    a.server.drain_events().count();
+    assert_eq!(a.server.forget_udp(&mut a.binder), 1);
+    assert_eq!(a.server.allocation_count(), 0);
+    assert_eq!(a.shared().total_allocations(), 0);
+    assert!(a.binder.released.contains(&handle));
+    assert!(!a
+        .server
+        .drain_events()
+        .any(|e| matches!(e, Event::AllocationEnded { .. })));
+}
+
 mod fast_path {
     use super::*;
     use std::collections::HashMap;
