@@ -142,7 +142,16 @@ fn upgrade_hands_the_unit_to_the_new_process() {
     // Its journals and sockets are the new process's: a restart after the upgrade
     // restores the call from them.
     signal(up.pid, "USR1");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the upgraded process to exit",
+        Duration::from_secs(10),
+        || {
+            (!std::path::Path::new(&format!("/proc/{}", up.pid)).exists()
+                || std::fs::read_to_string(format!("/proc/{}/stat", up.pid))
+                    .is_ok_and(|s| s.contains(") Z ")))
+            .then_some(())
+        },
+    );
     let _next = start_again(&manager, &server);
     server.wait_log("restored", Duration::from_secs(10), |l| {
         l.contains("restored the allocations kept across the restart")

@@ -677,6 +677,12 @@ impl Kernel {
         }
     }
 
+    /// What [`Kernel::take_usage`] would give now, left in place (for the fd store's
+    /// journal: a crash must not lose what the kernel relayed).
+    pub fn peek_usage(&self, allocation: u64) -> Option<[u64; 4]> {
+        self.usage.get(&allocation).copied()
+    }
+
     /// What the kernel relayed for `allocation` (packets and bytes to the peer, then to
     /// the client), taken out: call when its usage record is written, after its entries
     /// were removed.

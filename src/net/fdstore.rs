@@ -232,11 +232,16 @@ pub(crate) fn forget_journals(store: &FdStore) {
     }
 }
 
-/// Closes what was passed back and not used, and removes it from the store (the
-/// journals excepted: [`FdStore::from_env`] took those).
-pub(crate) fn forget_rest(r: Restored, store: Option<&FdStore>) {
+/// Closes what was passed back and not used, and removes its names from the store
+/// (the journals' and `keep`'s excepted: copies under a name still in use are only
+/// closed, since removing a name removes every descriptor stored under it).
+pub(crate) fn forget_rest(
+    r: Restored,
+    store: Option<&FdStore>,
+    keep: &std::collections::HashSet<String>,
+) {
     for (name, _fds) in r.fds {
-        if JOURNALS.contains(&name.as_str()) {
+        if JOURNALS.contains(&name.as_str()) || keep.contains(&name) {
             continue;
         }
         if let Some(s) = store {

@@ -388,7 +388,7 @@ fn restore(
         }
         Err(e) => {
             tracing::warn!(error = %e, "fd store: no usable state; starting afresh");
-            fdstore::forget_rest(r, store);
+            fdstore::forget_rest(r, store, &Default::default());
             return None;
         }
     };
@@ -422,7 +422,7 @@ fn restore(
                 s.remove(name);
             }
         }
-        fdstore::forget_rest(r, store);
+        fdstore::forget_rest(r, store, &Default::default());
         return None;
     }
     let mut dropped = 0;
@@ -464,7 +464,13 @@ fn restore(
             }
         }
     }
-    fdstore::forget_rest(r, store);
+    let in_use: std::collections::HashSet<String> = fds
+        .iter()
+        .enumerate()
+        .filter(|(_, fd)| fd.is_some())
+        .filter_map(|(i, _)| state.fd_names.get(i).cloned())
+        .collect();
+    fdstore::forget_rest(r, store, &in_use);
     let kept: usize = state.shards.iter().map(|s| s.allocations.len()).sum();
     tracing::info!(
         allocations = kept,

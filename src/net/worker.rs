@@ -711,7 +711,18 @@ impl Shard {
         self.upgrade_seen = u.generation.load(Ordering::Acquire);
         let step = u.request.load(Ordering::Acquire);
         if step == UpgradeStep::Snapshot as u8 {
-            let export = self.snapshot(clock);
+            let mut export = self.snapshot(clock);
+            if let Some(k) = &common.fast_path {
+                // What the kernel relayed and no record holds yet, in the copy only.
+                let k = k.lock().unwrap_or_else(|e| e.into_inner());
+                for a in &mut export.state.allocations {
+                    if let Some(u) = k.peek_usage(a.id) {
+                        for (x, y) in a.usage.iter_mut().zip(u) {
+                            *x += y;
+                        }
+                    }
+                }
+            }
             u.exports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

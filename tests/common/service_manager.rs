@@ -76,8 +76,18 @@ impl ServiceManager {
                     let mut r = received.lock().unwrap();
                     if field("FDSTORE=") == Some("1".into()) {
                         let name = field("FDNAME=").unwrap_or_else(|| "stored".into());
+                        // systemd keeps one copy of each open file (same device and
+                        // inode), whatever name it is sent under again.
+                        let id = |fd: &OwnedFd| {
+                            nix::sys::stat::fstat(fd)
+                                .map(|st| (st.st_dev, st.st_ino))
+                                .ok()
+                        };
                         for fd in fds {
-                            r.store.push((name.clone(), fd));
+                            let new = id(&fd);
+                            if new.is_none() || !r.store.iter().any(|(_, f)| id(f) == new) {
+                                r.store.push((name.clone(), fd));
+                            }
                         }
                     }
                     if field("FDSTOREREMOVE=") == Some("1".into()) {
