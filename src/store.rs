@@ -528,6 +528,11 @@ impl Node {
         let mut ready = Some(ready);
         let mut next_beat = Instant::now();
         loop {
+            if self.shared.is_retired() {
+                // Upgraded: the new process publishes this node from now on.
+                tracing::info!("fleet store: handed to the new process");
+                return;
+            }
             if self.con.is_none() && Instant::now() >= self.next_attempt {
                 self.connect();
                 if self.con.is_some() {

@@ -891,6 +891,7 @@ fn signals(
                     }
                     if let Ok(report) = result {
                         control.stop_listeners.store(true, std::sync::atomic::Ordering::Release);
+                        common.shared.retire();
                         handed_over = Some(report);
                         break;
                     }

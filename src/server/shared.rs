@@ -220,6 +220,7 @@ pub struct Shared {
     total: AtomicUsize,
     next_id: AtomicU64,
     changes: AtomicU64,
+    retired: AtomicBool,
     /// SIGTERM received: new Allocates are turned away.
     draining: AtomicBool,
     /// How many workers share the total bandwidth.
@@ -253,6 +254,7 @@ impl Shared {
             total: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             changes: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             workers: AtomicUsize::new(1),
             publish_sessions: AtomicBool::new(false),
@@ -326,6 +328,16 @@ impl Shared {
     /// How many times [`Shared::changed`] was called.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Relaxed)
+    }
+
+    /// This process handed its allocations to a new one (an upgrade): it no longer
+    /// speaks for the node in the fleet store.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn set_draining(&self, on: bool) {
