@@ -43,6 +43,8 @@ fn unix_now() -> u64 {
 }
 
 fn main() -> ExitCode {
+    // Before anything opens a descriptor: an upgrade's hand-over socket, if any.
+    let inherited = net::handover::Channel::inherited();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
@@ -124,7 +126,7 @@ fn main() -> ExitCode {
             None => turnstone::store::sessions_list(url),
             Some(SessionsAction::Kill { user }) => turnstone::store::sessions_kill(url, &user),
         }),
-        None => serve(cli.config),
+        None => serve(cli.config, inherited),
     }
 }
 
@@ -150,7 +152,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>) -> ExitCode {
+fn serve(
+    path: Option<PathBuf>,
+    inherited: Option<Result<net::handover::Channel, String>>,
+) -> ExitCode {
     let (config, dev_credential) = match &path {
         Some(p) => match Config::load(p) {
             Ok(c) => (c, None),
@@ -201,6 +206,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     match net::run(Launch {
         config,
         path,
+        inherited,
         log_level: Some(log_level),
     }) {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ fn unit_options(manager: &ServiceManager) -> ServerOptions {
     ServerOptions {
         workers: Some(2),
         upgradable: true,
+        tcp: true,
         ..ServerOptions::default()
     }
     .env("NOTIFY_SOCKET", &manager.path.display().to_string())
@@ -51,7 +52,7 @@ fn restart_and_crash_keep_a_call() {
     std::thread::sleep(Duration::from_millis(1500));
     // Everything the next process needs is in the store.
     let names = manager.stored_names();
-    let relay = format!("r-{}-{}", call.relayed.ip(), call.relayed.port());
+    let relay = format!("ru-{}-{}", call.relayed.ip(), call.relayed.port());
     for want in [
         "l-0-0",
         "l-1-0",
@@ -63,6 +64,11 @@ fn restart_and_crash_keep_a_call() {
         assert!(names.iter().any(|n| n == want), "{want} stored: {names:?}");
     }
 
+    // A TCP client: its connection ends with the process, and its allocation with a
+    // usage record.
+    let mut tcp = TurnClient::tcp(None, server.addr).unwrap();
+    tcp.must_allocate();
+
     // systemctl restart: SIGUSR1 (the unit's RestartKillSignal=), then a new start.
     let first = server.pid().unwrap();
     signal(first, "USR1");
@@ -72,6 +78,18 @@ fn restart_and_crash_keep_a_call() {
         status.is_some_and(|s| s.success()),
         "SIGUSR1: exits 0 at once ({status:?})\n{}",
         server.logs()
+    );
+    let ended: Vec<String> = server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("allocation ended"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        ended.len() == 1
+            && ended[0].contains("transport=\"tcp\"")
+            && ended[0].contains("reason=\"shutdown\""),
+        "only the TCP client's allocation ended at the restart, with its record: {ended:#?}"
     );
     let mut second = start_again(&manager, &server);
     server.wait_log("restored", Duration::from_secs(10), |l| {
@@ -125,9 +143,13 @@ fn upgrade_hands_the_unit_to_the_new_process() {
     // The new process says it is the main process now, and ready; the old one never
     // says it is stopping (the unit stays active).
     let mainpid = format!("MAINPID={}", up.pid);
-    manager.wait_message("MAINPID", Duration::from_secs(5), |m| {
-        m.contains(&mainpid) && m.contains("READY=1")
-    });
+    manager.wait_message("MAINPID", Duration::from_secs(5), |m| m.contains(&mainpid));
+    let ready = manager
+        .messages()
+        .iter()
+        .filter(|m| m.contains("READY=1"))
+        .count();
+    assert!(ready >= 2, "READY=1 from both processes");
     std::thread::sleep(Duration::from_millis(1500));
     // The old process has exited (it had no TCP/TLS clients to keep).
     let mut server = server;

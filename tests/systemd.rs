@@ -211,8 +211,8 @@ fn unit_has_the_required_settings() {
         ("Type", "notify"),
         ("NotifyAccess", "all"),
         ("RestartKillSignal", "SIGUSR1"),
-        ("FileDescriptorStoreMax", "16384"),
-        ("Environment", "FDSTORE=16384"),
+        ("FileDescriptorStoreMax", "40000"),
+        ("Environment", "FDSTORE=40000"),
         ("RuntimeDirectory", "turnstone"),
         ("RuntimeDirectoryMode", "0700"),
         (

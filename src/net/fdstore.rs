@@ -19,20 +19,29 @@ use super::handover::{self, Handover};
 /// The names of the two state journals in the store.
 const JOURNALS: [&str; 2] = ["state-a", "state-b"];
 
-/// The service manager's store, when the unit has one.
+/// The service manager's store, when the unit has one. Messages go out from a thread
+/// of their own, in order: a worker never waits for the service manager.
 pub(crate) struct FdStore {
-    sock: UnixDatagram,
-    addr: UnixAddr,
+    ops: std::sync::Mutex<std::sync::mpsc::Sender<Op>>,
+    /// `$FDSTORE`: how many descriptors the unit keeps.
+    pub max: u64,
     journals: [std::fs::File; 2],
     /// Writes so far (the next goes to `journals[seq % 2]`).
     seq: std::sync::Mutex<u64>,
 }
 
-/// The name a relay socket is stored under (no `:`, which separates names in
-/// `$LISTEN_FDNAMES`).
-pub(crate) fn relay_name(addr: SocketAddr) -> String {
+/// What the store's thread sends.
+enum Op {
+    Add(String, OwnedFd),
+    Remove(String),
+}
+
+/// The name a relay socket is stored under: UDP or TCP (RFC 6062), address and port
+/// (no `:`, which separates names in `$LISTEN_FDNAMES`).
+pub(crate) fn relay_name(addr: SocketAddr, tcp: bool) -> String {
+    let kind = if tcp { "rt" } else { "ru" };
     format!(
-        "r-{}-{}",
+        "{kind}-{}-{}",
         addr.ip().to_string().replace(':', "."),
         addr.port()
     )
@@ -60,6 +69,28 @@ impl FdStore {
             _ => return None,
         };
         let sock = UnixDatagram::unbound().ok()?;
+        let (tx, rx) = std::sync::mpsc::channel::<Op>();
+        std::thread::Builder::new()
+            .name("turnstone-fdstore".into())
+            .spawn(move || {
+                for op in rx {
+                    let sent = match &op {
+                        Op::Add(name, fd) => send(
+                            &sock,
+                            &addr,
+                            &format!("FDSTORE=1\nFDNAME={name}"),
+                            &[fd.as_raw_fd()],
+                        ),
+                        Op::Remove(name) => {
+                            send(&sock, &addr, &format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
+                        }
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "fd store: the service manager did not take a message");
+                    }
+                }
+            })
+            .ok()?;
         let mut restored = restored;
         let mut journal = |name: &str| -> Option<std::fs::File> {
             if let Some(fd) = restored.as_mut().and_then(|r| r.take(name)) {
@@ -70,39 +101,28 @@ impl FdStore {
             Some(std::fs::File::from(fd))
         };
         Some(FdStore {
-            sock,
-            addr,
+            ops: std::sync::Mutex::new(tx),
+            max,
             journals: [journal(JOURNALS[0])?, journal(JOURNALS[1])?],
             seq: std::sync::Mutex::new(0),
         })
     }
 
-    fn send(&self, state: &str, fds: &[RawFd]) -> std::io::Result<()> {
-        let iov = [IoSlice::new(state.as_bytes())];
-        let cmsg = [ControlMessage::ScmRights(fds)];
-        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        sendmsg(
-            self.sock.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            Some(&self.addr),
-        )?;
-        Ok(())
+    fn queue(&self, op: Op) {
+        let _ = self.ops.lock().unwrap_or_else(|e| e.into_inner()).send(op);
     }
 
-    /// Stores `fd` under `name`.
+    /// Stores (a copy of) `fd` under `name`.
     pub(crate) fn add(&self, name: &str, fd: BorrowedFd<'_>) {
-        if let Err(e) = self.send(&format!("FDSTORE=1\nFDNAME={name}"), &[fd.as_raw_fd()]) {
-            tracing::warn!(error = %e, name, "fd store: cannot store a descriptor");
+        match fd.try_clone_to_owned() {
+            Ok(fd) => self.queue(Op::Add(name.to_owned(), fd)),
+            Err(e) => tracing::warn!(error = %e, name, "fd store: cannot copy a descriptor"),
         }
     }
 
     /// Removes what is stored under `name`.
     pub(crate) fn remove(&self, name: &str) {
-        if let Err(e) = self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[]) {
-            tracing::warn!(error = %e, name, "fd store: cannot remove a descriptor");
-        }
+        self.queue(Op::Remove(name.to_owned()));
     }
 
     /// Stores the two journals (once, at start).
@@ -139,6 +159,20 @@ impl FdStore {
 /// The newest state journal passed back (its write number and the state), or why
 /// there is none.
 pub(crate) type StoredState = Result<(u64, Handover), String>;
+
+fn send(sock: &UnixDatagram, addr: &UnixAddr, state: &str, fds: &[RawFd]) -> std::io::Result<()> {
+    let iov = [IoSlice::new(state.as_bytes())];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        Some(addr),
+    )?;
+    Ok(())
+}
 
 /// What the service manager passed at start: descriptors by name.
 pub(crate) struct Restored {

@@ -125,11 +125,18 @@ impl Channel {
     }
 
     /// The child's end, named by [`FD_ENV`]; `None` when not started by an upgrade.
-    /// The variable is removed so that nothing started later inherits the claim.
+    /// The variable is removed so that nothing started later inherits the claim. Call
+    /// it first thing in `main`, before the process opens any descriptor: then a number
+    /// above 2 that is open was inherited, and nothing else owns it.
     pub fn inherited() -> Option<Result<Channel, String>> {
         let v = std::env::var(FD_ENV).ok()?;
         std::env::remove_var(FD_ENV);
-        let fd = match v.parse::<RawFd>().ok().and_then(crate::sys::adopt_fd) {
+        let fd = match v
+            .parse::<RawFd>()
+            .ok()
+            .filter(|&n| n > 2)
+            .and_then(crate::sys::adopt_fd)
+        {
             Some(fd) => fd,
             None => return Some(Err(format!("{FD_ENV}={v:?} is not an open descriptor"))),
         };
@@ -138,6 +145,18 @@ impl Channel {
             Ok(SockType::SeqPacket) => {}
             _ => return Some(Err(format!("{FD_ENV}={v} is not the hand-over socket"))),
         }
+        // Made by the process that started this one (the socket pair's creator).
+        let parent = nix::unistd::getppid().as_raw();
+        match nix::sys::socket::getsockopt(&fd, sockopt::PeerCredentials) {
+            Ok(c) if c.pid() == parent => {}
+            Ok(c) => {
+                return Some(Err(format!(
+                    "{FD_ENV}={v}: the socket's other end is process {}, not the parent {parent}",
+                    c.pid()
+                )))
+            }
+            Err(e) => return Some(Err(format!("{FD_ENV}={v}: {e}"))),
+        }
         let _ = nix::fcntl::fcntl(
             &fd,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -145,16 +164,28 @@ impl Channel {
         Some(Ok(Channel { fd }))
     }
 
-    /// Every receive gives up after `t` (a peer that hangs is a failed upgrade).
+    /// Every receive and send gives up after `t` (a peer that hangs, or stops reading,
+    /// is a failed upgrade).
     pub fn set_timeout(&self, t: Duration) -> Result<(), String> {
         let tv = nix::sys::time::TimeVal::new(
             t.as_secs() as nix::sys::time::time_t,
             t.subsec_micros() as nix::sys::time::suseconds_t,
         );
-        setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv).map_err(err)
+        setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv).map_err(err)?;
+        setsockopt(&self.fd, sockopt::SendTimeout, &tv).map_err(err)
     }
 
     fn send_raw(&self, kind: u8, payload: &[u8], fds: &[RawFd]) -> Result<(), String> {
+        self.send_flags(kind, payload, fds, MsgFlags::empty())
+    }
+
+    fn send_flags(
+        &self,
+        kind: u8,
+        payload: &[u8],
+        fds: &[RawFd],
+        flags: MsgFlags,
+    ) -> Result<(), String> {
         let head = [kind];
         let iov = [IoSlice::new(&head), IoSlice::new(payload)];
         let cmsg = [ControlMessage::ScmRights(fds)];
@@ -164,7 +195,7 @@ impl Channel {
                 self.fd.as_raw_fd(),
                 &iov,
                 cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | flags,
                 None,
             ) {
                 Ok(_) => return Ok(()),
@@ -185,8 +216,10 @@ impl Channel {
     pub fn ready(&self, r: &Ready) -> Result<(), String> {
         self.send_json(b'R', r)
     }
+    /// Says why, without waiting: a peer that stopped reading must not hold this up.
     pub fn refuse(&self, why: &str) -> Result<(), String> {
-        self.send_raw(b'X', why.as_bytes(), &[])
+        let why = why.get(..why.len().min(4096)).unwrap_or("(too long)");
+        self.send_flags(b'X', why.as_bytes(), &[], MsgFlags::MSG_DONTWAIT)
     }
     pub fn commit(&self) -> Result<(), String> {
         self.send_raw(b'C', &[], &[])

@@ -44,6 +44,9 @@ pub use ports::PortPool;
 pub struct Launch {
     pub config: Config,
     pub path: Option<PathBuf>,
+    /// The hand-over channel, when an upgrade started this process
+    /// ([`handover::Channel::inherited`], taken first thing in `main`).
+    pub inherited: Option<Result<handover::Channel, String>>,
     /// Applies `[log] level` on reload, when the caller set up a reloadable filter.
     pub log_level: Option<LogLevelSetter>,
 }
@@ -167,7 +170,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     let sig = Signals::install()?;
     // Started by an upgrade: the old process's state first (it has frozen its UDP
     // traffic for us). Any failure from here to `Ready` is said to it, and it goes on.
-    let inherited = match handover::Channel::inherited() {
+    let inherited = match launch.inherited {
         None => None,
         Some(Ok(ch)) => Some(ch),
         Some(Err(e)) => anyhow::bail!("upgrade: {e}"),
@@ -222,45 +225,53 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
     }
     let metrics = common.metrics.clone();
     let stop_listeners = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(l) = &metrics_listener {
-        let m = metrics.clone();
-        let health: crate::metrics::Health =
-            Arc::new(move || m.workers_alive(Duration::from_secs(5)) && !m.is_draining());
-        let addr = l.local_addr()?;
-        crate::metrics::serve_until(
-            l.try_clone()?,
-            metrics.clone(),
-            health,
-            Some(stop_listeners.clone()),
-        )?;
-        tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
-    }
-    if let Some(url) = &config.store.url {
-        crate::store::start(
-            &crate::store::Target::node(url, config.store.ca_file.as_deref()),
-            crate::store::node_id(&config),
-            crate::store::advertise(&config),
-            common.shared.clone(),
-            metrics.clone(),
-        )?;
-    }
     let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Some(l) = &control_listener {
-        control::serve(l.try_clone()?, control_tx, stop_listeners.clone())?;
-        if let Ok(addr) = l.local_addr() {
-            tracing::info!(path = ?addr.as_pathname(), "control socket (turnstone upgrade)");
+    let extras = (|| -> anyhow::Result<()> {
+        if let Some(l) = &metrics_listener {
+            let m = metrics.clone();
+            let health: crate::metrics::Health =
+                Arc::new(move || m.workers_alive(Duration::from_secs(5)) && !m.is_draining());
+            let addr = l.local_addr()?;
+            crate::metrics::serve_until(
+                l.try_clone()?,
+                metrics.clone(),
+                health,
+                Some(stop_listeners.clone()),
+            )?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics and /health");
         }
+        if let Some(url) = &config.store.url {
+            crate::store::start(
+                &crate::store::Target::node(url, config.store.ca_file.as_deref()),
+                crate::store::node_id(&config),
+                crate::store::advertise(&config),
+                common.shared.clone(),
+                metrics.clone(),
+            )?;
+        }
+        if let Some(l) = &control_listener {
+            control::serve(l.try_clone()?, control_tx, stop_listeners.clone())?;
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(path = ?addr.as_pathname(), "control socket (turnstone upgrade)");
+            }
+        }
+        Ok(())
+    })();
+    match extras {
+        Ok(()) => {}
+        // The workers serve already, with the calls taken over: this must not end them.
+        Err(e) if inherited.is_some() => {
+            tracing::error!(error = %format!("{e:#}"), "upgrade: serving without it")
+        }
+        Err(e) => return Err(e),
     }
     let workers = common.shared.workers();
     for l in &config.listen {
         tracing::info!(address = %l.address, transport = ?l.transport, workers, "listening");
     }
-    let notified = if inherited.is_some() {
-        // The unit's main process is this one now (NotifyAccess=all lets it say so).
-        notify::Notifier::from_env().send(&format!("MAINPID={}\nREADY=1", std::process::id()))
-    } else {
-        notify::ready()
-    };
+    // After an upgrade the old process tells systemd this one is the main process, once
+    // it has let go (NotifyAccess=all); READY=1 changes nothing for an active unit.
+    let notified = notify::ready();
     if let Err(e) = notified {
         tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
     }
@@ -577,7 +588,23 @@ fn start(
         Some(t) => inherited_sockets(config, t)?,
         None => bind_sockets(config, workers)?,
     };
-    if let Some(store) = &common.fd_store {
+    if let (Some(store), true) = (&common.fd_store, taken.is_none()) {
+        // Relay sockets up to the whole port range, the listeners, metrics, control and
+        // the two journals.
+        let ports = u64::from(config.relay.port_max - config.relay.port_min) + 1;
+        let want = ports * config.relay.addresses.len() as u64
+            + (config.listen.len() * workers) as u64
+            + 4;
+        if store.max < want {
+            tracing::warn!(
+                fd_store_max = store.max,
+                needed = want,
+                "FileDescriptorStoreMax (and $FDSTORE) hold fewer descriptors than the relay \
+                 port range may use: relay sockets beyond it are not kept across a restart \
+                 or crash; raise both in the unit"
+            );
+        }
+        // The listeners (taken over or restored ones are in the store already).
         for (w, socks) in sockets.iter().enumerate() {
             let (mut udp, mut streams) = (socks.udp.iter(), socks.streams.iter());
             for (i, l) in config.listen.iter().enumerate() {
@@ -946,6 +973,12 @@ fn signals(
                     break;
                 }
                 _ = int.recv() => break,
+                // Upgraded, then `systemctl restart`: the new process keeps its calls in
+                // the fd store; this one must not hold up the restart.
+                _ = usr1.recv(), if handed_over.is_some() => {
+                    tracing::info!(allocations = left, "SIGUSR1 after an upgrade: stopping now");
+                    break;
+                }
             }
         }
         // The allocations still live end now, each writing its final usage record
@@ -976,13 +1009,15 @@ fn start_upgrade(
 ) {
     let (common, ctx) = (common.clone(), ctx.clone());
     tracing::info!(binary = %ctx.exe.display(), "upgrade requested");
+    let report = done.clone();
     let spawned = std::thread::Builder::new()
         .name("turnstone-upgrade".to_owned())
         .spawn(move || {
-            let _ = done.send(upgrade::upgrade(&common, &ctx));
+            let _ = report.send(upgrade::upgrade(&common, &ctx));
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "upgrade: cannot start its thread");
+        let _ = done.send(Err(format!("cannot start the upgrade's thread: {e}")));
     }
 }
 

@@ -19,6 +19,9 @@ use crate::config::ListenTransport;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new process may take to build everything from the state.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one message may wait for the new process to read (the state is sent while
+/// UDP traffic is frozen).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the workers may take to act on a request (they act at their next pass).
 const WORKER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -155,6 +158,7 @@ fn talk(
     progress: &mut Progress,
 ) -> Result<Report, String> {
     let h = hello(ch, child)?;
+    ch.set_timeout(SEND_TIMEOUT)?;
     if !h.reads.contains(&FORMAT_VERSION) {
         let why = format!(
             "the new binary ({}) reads state formats {:?}, this one writes {FORMAT_VERSION}",
@@ -176,6 +180,10 @@ fn talk(
     progress.froze = true;
     let exports = common.pool.upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)?;
     let mut report = hand_over(common, ctx, ch, exports)?;
+    // The unit's main process is the new one now (NotifyAccess=all lets this one say so).
+    if let Err(e) = crate::notify::Notifier::from_env().send(&format!("MAINPID={}", h.pid)) {
+        tracing::warn!(error = %e, "cannot tell systemd the new main process (NOTIFY_SOCKET)");
+    }
     report.pid = h.pid;
     report.pause_ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(report)
@@ -269,11 +277,11 @@ fn fd_names(h: &Handover) -> Vec<String> {
     for sh in &h.shards {
         for a in &sh.allocations {
             for r in std::iter::once(&a.relay).chain(&a.second) {
-                set(r.socket, relay_name(r.bound));
+                set(r.socket, relay_name(r.bound, false));
             }
         }
         for r in &sh.reservations {
-            set(r.socket, relay_name(r.addr));
+            set(r.socket, relay_name(r.addr, false));
         }
     }
     if let Some(m) = h.metrics {
@@ -356,6 +364,12 @@ pub(crate) fn keep_for_restart(
         });
     if result.is_err() {
         resume(common, ctx, kernel);
+        return result;
+    }
+    // TCP and TLS clients' connections end with this process: their allocations end
+    // here, with their usage records.
+    if let Err(e) = common.pool.upgrade(UpgradeStep::EndStreams, WORKER_TIMEOUT) {
+        tracing::warn!(error = %e, "restart: not every worker ended its TCP/TLS allocations");
     }
     result
 }

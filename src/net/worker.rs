@@ -133,12 +133,29 @@ impl Binder<'_> {
         }
         if let Some(store) = self.store {
             match &sock {
-                RelaySock::Udp(s) => store.add(&super::fdstore::relay_name(addr), s.as_fd()),
-                RelaySock::Tcp(l) => store.add(&super::fdstore::relay_name(addr), l.as_fd()),
+                RelaySock::Udp(s) => store.add(&super::fdstore::relay_name(addr, false), s.as_fd()),
+                RelaySock::Tcp(l) => store.add(&super::fdstore::relay_name(addr, true), l.as_fd()),
             }
         }
         self.relays.entries[idx as usize] = Some(RelayEntry { socket: sock, addr });
         Ok((RelayHandle(idx), addr))
+    }
+}
+
+/// The binder of a shard's relay sockets (`relays` registered in `epoll` under `tag`).
+fn binder<'a>(
+    relays: &'a mut Relays,
+    epoll: &'a Epoll,
+    tag: u64,
+    common: &'a Common,
+) -> Binder<'a> {
+    Binder {
+        relays,
+        ports: &common.ports,
+        epoll,
+        tag,
+        buffer: common.buffer,
+        store: common.fd_store.as_ref(),
     }
 }
 
@@ -198,7 +215,10 @@ impl RelayBinder for Binder<'_> {
                 RelaySock::Tcp(l) => self.epoll.delete(l),
             };
             if let Some(store) = self.store {
-                store.remove(&super::fdstore::relay_name(e.addr));
+                store.remove(&super::fdstore::relay_name(
+                    e.addr,
+                    matches!(e.socket, RelaySock::Tcp(_)),
+                ));
             }
             self.ports.give_back(e.addr.ip(), e.addr.port());
             self.relays.free.push(relay.0);
@@ -322,6 +342,8 @@ struct UpgradeSync {
     exports: Mutex<Vec<ShardExport>>,
     /// An upgrade is in progress: shards stay where they are.
     active: AtomicBool,
+    /// A shard could not act on the current request.
+    failed: AtomicBool,
     /// One request at a time (an upgrade's and the journal's snapshots).
     one: Mutex<()>,
 }
@@ -340,6 +362,9 @@ pub(crate) enum UpgradeStep {
     /// Export the state only (no socket copies, nothing frozen), for the fd store's
     /// journal: sockets are numbered in the order [`Shard::freeze`] would copy them.
     Snapshot = 4,
+    /// A restart: end the TCP/TLS clients' allocations (their connections go with this
+    /// process), writing their usage records; the rest stays frozen.
+    EndStreams = 5,
 }
 
 /// One shard's part of the hand-over: duplicates of its sockets and its state, with
@@ -455,9 +480,11 @@ impl Pool {
         match step {
             UpgradeStep::Freeze => u.active.store(true, Ordering::Release),
             UpgradeStep::Resume | UpgradeStep::Commit => u.active.store(false, Ordering::Release),
-            UpgradeStep::Snapshot => {}
+            UpgradeStep::Snapshot | UpgradeStep::EndStreams => {}
         }
         u.done.store(0, Ordering::Release);
+        u.failed.store(false, Ordering::Release);
+        u.exports.lock().unwrap_or_else(|e| e.into_inner()).clear();
         u.request.store(step as u8, Ordering::Release);
         u.generation.fetch_add(1, Ordering::AcqRel);
         for k in 0..self.wake.len() {
@@ -474,8 +501,20 @@ impl Pool {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if u.failed.load(Ordering::Acquire) {
+            return Err("a worker could not export its sockets (see the log)".into());
+        }
         let mut exports = std::mem::take(&mut *u.exports.lock().unwrap_or_else(|e| e.into_inner()));
         exports.sort_by_key(|e| e.index);
+        exports.dedup_by_key(|e| e.index);
+        let wanted = matches!(step, UpgradeStep::Freeze | UpgradeStep::Snapshot);
+        if wanted && exports.len() != self.wake.len() {
+            return Err(format!(
+                "{} of {} workers exported their state",
+                exports.len(),
+                self.wake.len()
+            ));
+        }
         Ok(exports)
     }
 
@@ -735,30 +774,33 @@ impl Shard {
                     .unwrap_or_else(|e| e.into_inner())
                     .push(export),
                 Err(e) => {
-                    // Not counted as done: the upgrade times out and resumes.
+                    // The request fails at once, and the upgrade resumes.
                     tracing::error!(shard = self.index, error = %e, "upgrade: cannot export this worker's sockets");
-                    return;
+                    u.failed.store(true, Ordering::Release);
                 }
+            }
+        } else if step == UpgradeStep::EndStreams as u8 {
+            let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
+            self.core.close_streams(clock.now, &mut binder);
+            for ev in self.core.drain_events() {
+                log_event(self.index, &ev, None);
             }
         } else if step == UpgradeStep::Resume as u8 {
             if let Some(f) = self.frozen.take() {
                 self.thaw(&f);
-                if common.fast_path.is_some() {
-                    // The kernel program was given up and loaded again: empty maps.
-                    self.core.reinstall_fast_path();
-                }
+            }
+            if common.fast_path.is_some() {
+                // The kernel program was given up and loaded again: empty maps (for
+                // every shard, frozen or not).
+                self.core.reinstall_fast_path();
             }
         } else if step == UpgradeStep::Commit as u8 && self.frozen.take().is_some() {
             // The new process reads them now: close this process's copies.
             self.listeners.clear();
             self.stream_listeners.clear();
             let mut binder = Binder {
-                relays: &mut self.relays,
-                ports: &common.ports,
-                epoll: &self.epoll,
-                tag: self.tag,
-                buffer: common.buffer,
                 store: None,
+                ..binder(&mut self.relays, &self.epoll, self.tag, common)
             };
             let n = self.core.forget_udp(&mut binder);
             tracing::debug!(shard = self.index, allocations = n, "upgrade: handed over");
@@ -893,13 +935,10 @@ impl Shard {
             .iter()
             .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|r| r.socket))
             .chain(state.reservations.iter().map(|r| r.socket));
+        // The store holds these already (the previous process put them there).
         let mut binder = Binder {
-            relays: &mut self.relays,
-            ports: &common.ports,
-            epoll: &self.epoll,
-            tag: self.tag,
-            buffer: common.buffer,
-            store: common.fd_store.as_ref(),
+            store: None,
+            ..binder(&mut self.relays, &self.epoll, self.tag, common)
         };
         for i in wanted {
             let Some(fd) = fds.get_mut(i as usize).and_then(Option::take) else {
@@ -1136,8 +1175,6 @@ impl Shard {
     /// Timers (once a tick), closed streams, the core's commands; `clock` is this
     /// iteration's reading.
     fn maintain(&mut self, common: &Common, s: &mut Scratch, clock: Clock) {
-        let ports = &common.ports;
-        let buffer = common.buffer;
         let index = self.index;
         let sbatch = &mut s.sbatch;
         let now = Instant::now();
@@ -1146,15 +1183,13 @@ impl Shard {
             common.metrics.flush(index, &mut self.core.counters);
             common.metrics.set_worker_streams(index, self.streams.len());
             self.closed.extend(self.streams.tick(now, &self.epoll));
-            let mut binder = Binder {
-                relays: &mut self.relays,
-                ports,
-                epoll: &self.epoll,
-                tag: self.tag,
-                buffer,
-                store: common.fd_store.as_ref(),
-            };
-            self.core.handle_timeout(now, &mut binder);
+            // Frozen for an upgrade or a restart, the state is the new process's: no
+            // expiry, interim record or kill here, or both would act on it (the freeze
+            // lasts milliseconds, or until this process exits).
+            if self.frozen.is_none() {
+                let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
+                self.core.handle_timeout(now, &mut binder);
+            }
             self.relays.compact();
             let shared = self.core.shared().clone();
             if shared
@@ -1165,14 +1200,7 @@ impl Shard {
             }
         }
         if !self.closed.is_empty() {
-            let mut binder = Binder {
-                relays: &mut self.relays,
-                ports,
-                epoll: &self.epoll,
-                tag: self.tag,
-                buffer,
-                store: common.fd_store.as_ref(),
-            };
+            let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
             for ft in self.closed.drain(..) {
                 self.core.client_closed(&ft, now, &mut binder);
             }
@@ -1181,14 +1209,7 @@ impl Shard {
         // usage records (below) are written before it exits.
         let stop = !self.stopped && common.pool.stopping();
         if stop {
-            let mut binder = Binder {
-                relays: &mut self.relays,
-                ports,
-                epoll: &self.epoll,
-                tag: self.tag,
-                buffer,
-                store: common.fd_store.as_ref(),
-            };
+            let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
             self.core.close_all(now, &mut binder);
         }
         // What the core asked for outside its answers (RFC 6062 connections).

@@ -403,6 +403,20 @@ impl Server {
         }
     }
 
+    /// Ends every allocation that does not move with an upgrade (TCP and TLS clients',
+    /// RFC 6062 ones) with reason shutdown and its usage record: a restart, whose
+    /// process takes those connections with it.
+    pub fn close_streams<B: super::RelayBinder>(&mut self, now: Instant, binder: &mut B) -> usize {
+        let mut n = 0;
+        for slot in 0..self.allocations.len() {
+            if self.allocations[slot].as_ref().is_some_and(|a| !moves(a)) {
+                self.remove_allocation(slot, now, super::EndReason::Shutdown, binder);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The kernel fast path's maps were emptied under this core (the process gave its
     /// program up for an upgrade that then failed and loaded it again): install every
     /// live entry again at the next tick.
