@@ -71,6 +71,7 @@ fn restart_and_crash_keep_a_call() {
 
     // systemctl restart: SIGUSR1 (the unit's RestartKillSignal=), then a new start.
     let first = server.pid().unwrap();
+    call.take_longest_gap();
     signal(first, "USR1");
     let mut server = server;
     let status = server.wait_exit(Duration::from_secs(10));
@@ -102,9 +103,11 @@ fn restart_and_crash_keep_a_call() {
     if let Err(e) = call.check_alive(LIFETIME, CHANNEL + 1, peer) {
         panic!("after the restart: {e}\n{}", server.logs());
     }
+    let restart_gap = call.take_longest_gap();
     std::thread::sleep(Duration::from_millis(1500));
 
     // A crash: kill -9, then the manager starts it again.
+    call.take_longest_gap();
     signal(second.id().unwrap(), "KILL");
     assert!(second.wait_exit(Duration::from_secs(5)).is_some());
     let _third = start_again(&manager, &server);
@@ -118,9 +121,14 @@ fn restart_and_crash_keep_a_call() {
     if let Err(e) = call.check_alive(LIFETIME, CHANNEL + 2, peer) {
         panic!("after the crash: {e}\n{}", server.logs());
     }
+    let crash_gap = call.take_longest_gap();
     std::thread::sleep(Duration::from_millis(1000));
     let report = call.finish(Duration::from_millis(500));
-    eprintln!("restart then kill -9 under the fd store:\n{report}");
+    eprintln!(
+        "restart then kill -9 under the fd store: longest silence {restart_gap:?} across \
+         the restart (SIGUSR1 to serving again, the stand-in manager starting it at once), \
+         {crash_gap:?} across the kill -9\n{report}"
+    );
     report.assert_whole(&server.logs());
     assert_eq!(restored_count(&server), 2);
     let messages = manager.messages();

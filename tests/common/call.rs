@@ -30,6 +30,8 @@ struct Stream {
     errors: Vec<String>,
     last: Option<Instant>,
     longest_gap: Duration,
+    /// The longest over the whole call (`longest_gap` is reset by `take_longest_gap`).
+    longest_ever: Duration,
 }
 
 impl Stream {
@@ -37,6 +39,7 @@ impl Stream {
         let now = Instant::now();
         if let Some(last) = self.last {
             self.longest_gap = self.longest_gap.max(now - last);
+            self.longest_ever = self.longest_ever.max(now - last);
         }
         self.last = Some(now);
         if seq != self.next && self.errors.len() < 10 {
@@ -308,6 +311,18 @@ impl Call {
         Ok(())
     }
 
+    /// The longest silence on any of the four directions since the last call (or the
+    /// start), and starts measuring afresh.
+    pub fn take_longest_gap(&self) -> Duration {
+        let mut longest = Duration::ZERO;
+        for s in &self.streams {
+            let mut s = s.lock().unwrap();
+            longest = longest.max(s.longest_gap);
+            s.longest_gap = Duration::ZERO;
+        }
+        longest
+    }
+
     /// Stops sending, gives the last packets `settle` to arrive, and reports.
     pub fn finish(self, settle: Duration) -> CallReport {
         self.stop_sending.store(true, Ordering::Relaxed);
@@ -326,7 +341,7 @@ impl Call {
         for (k, s) in self.streams.iter().enumerate() {
             let s = s.lock().unwrap();
             report.received[k] = s.next;
-            report.longest_gap[k] = s.longest_gap;
+            report.longest_gap[k] = s.longest_ever;
             report.errors.extend(s.errors.iter().cloned());
         }
         report
