@@ -16,6 +16,7 @@ pub mod handover;
 mod ports;
 mod socket;
 pub mod stream;
+mod takeover;
 pub mod tls;
 pub mod upgrade;
 mod worker;
@@ -298,7 +299,7 @@ pub fn run(launch: Launch) -> anyhow::Result<()> {
             // The old process's journals go; this one's take their names.
             fdstore::forget_journals(store);
         }
-        keep_in_store(store, &common, &ctx);
+        takeover::keep_in_store(store, &common, &ctx);
     }
     signals(
         sig,
@@ -323,210 +324,6 @@ struct Started {
     control_listener: Option<std::os::unix::net::UnixListener>,
 }
 
-/// The state an upgrade's old process handed over, checked against this configuration.
-struct Taken {
-    state: handover::Handover,
-    fds: Vec<Option<std::os::fd::OwnedFd>>,
-}
-
-/// Says hello to the old process and receives its state; refuses a state whose
-/// listeners are not those of this configuration (an upgrade keeps the listening
-/// sockets: a change of `[[listen]]` needs a restart).
-fn receive(ch: &handover::Channel, config: &Config) -> anyhow::Result<Taken> {
-    ch.hello(&handover::Hello {
-        pid: std::process::id(),
-        reads: handover::READS.to_vec(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-    })
-    .map_err(anyhow::Error::msg)?;
-    ch.set_timeout(Duration::from_secs(60))
-        .map_err(anyhow::Error::msg)?;
-    let (state, fds) = ch.recv_state().map_err(anyhow::Error::msg)?;
-    let ours: Vec<(String, std::net::SocketAddr)> = config
-        .listen
-        .iter()
-        .map(|l| (upgrade::transport_name(l.transport).to_owned(), l.address))
-        .collect();
-    let theirs: Vec<(String, std::net::SocketAddr)> = state
-        .listeners
-        .iter()
-        .map(|l| (l.transport.clone(), l.address))
-        .collect();
-    if ours != theirs {
-        anyhow::bail!(
-            "listen: the configuration's listeners {ours:?} are not the running server's \
-             {theirs:?}; an upgrade keeps the listening sockets, so changing [[listen]] \
-             needs a restart"
-        );
-    }
-    if config.server.workers != 0 && config.server.workers != state.workers {
-        tracing::warn!(
-            configured = config.server.workers,
-            running = state.workers,
-            "server.workers: an upgrade keeps the running number of workers (each has its \
-             own listening sockets); restart to change it"
-        );
-    }
-    tracing::info!(
-        from = state.from_pid,
-        workers = state.workers,
-        descriptors = state.fds,
-        "upgrade: state received"
-    );
-    Ok(Taken {
-        state,
-        fds: fds.into_iter().map(Some).collect(),
-    })
-}
-
-/// The state systemd's fd store kept across a restart or a crash, checked against this
-/// configuration: allocations whose relay sockets are no longer there (they ended
-/// after the journal was written) are left out, stored relay sockets no allocation
-/// names (made after it) are closed and removed from the store. `None` (and the store
-/// emptied of what is unusable) when there is no usable state or the listeners changed.
-fn restore(
-    config: &Config,
-    mut r: fdstore::Restored,
-    state: fdstore::StoredState,
-    store: Option<&fdstore::FdStore>,
-) -> Option<Taken> {
-    let mut state = match state {
-        Ok((seq, h)) => {
-            if let Some(s) = store {
-                s.continue_from(seq);
-            }
-            h
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "fd store: no usable state; starting afresh");
-            fdstore::forget_rest(r, store, &Default::default());
-            return None;
-        }
-    };
-    let ours: Vec<(String, std::net::SocketAddr)> = config
-        .listen
-        .iter()
-        .map(|l| (upgrade::transport_name(l.transport).to_owned(), l.address))
-        .collect();
-    let theirs: Vec<(String, std::net::SocketAddr)> = state
-        .listeners
-        .iter()
-        .map(|l| (l.transport.clone(), l.address))
-        .collect();
-    let mut fds: Vec<Option<std::os::fd::OwnedFd>> = (0..state.fds as usize)
-        .map(|i| state.fd_names.get(i).and_then(|n| r.take(n)))
-        .collect();
-    let listeners_whole = state.listeners.iter().all(|l| {
-        l.sockets
-            .iter()
-            .all(|&i| fds.get(i as usize).is_some_and(Option::is_some))
-    });
-    if ours != theirs || !listeners_whole {
-        tracing::warn!(
-            configured = ?ours,
-            stored = ?theirs,
-            "fd store: the stored listeners are not this configuration's (or not all \
-             there); the allocations kept there are dropped"
-        );
-        for (i, fd) in fds.into_iter().enumerate() {
-            if let (Some(_), Some(name), Some(s)) = (fd, state.fd_names.get(i), store) {
-                s.remove(name);
-            }
-        }
-        fdstore::forget_rest(r, store, &Default::default());
-        return None;
-    }
-    let mut dropped = 0;
-    for sh in &mut state.shards {
-        let before = sh.allocations.len();
-        sh.allocations.retain(|a| {
-            std::iter::once(&a.relay)
-                .chain(&a.second)
-                .all(|x| fds.get(x.socket as usize).is_some_and(Option::is_some))
-        });
-        sh.reservations
-            .retain(|x| fds.get(x.socket as usize).is_some_and(Option::is_some));
-        dropped += before - sh.allocations.len();
-    }
-    // Sockets of what was left out: closed, and out of the store.
-    let used: std::collections::HashSet<u32> = state
-        .shards
-        .iter()
-        .flat_map(|sh| {
-            sh.allocations
-                .iter()
-                .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|x| x.socket))
-                .chain(sh.reservations.iter().map(|x| x.socket))
-        })
-        .chain(
-            state
-                .listeners
-                .iter()
-                .flat_map(|l| l.sockets.iter().copied()),
-        )
-        // The control socket is bound again: its path went with the runtime directory.
-        .chain(state.metrics)
-        .collect();
-    state.control = None;
-    for (i, fd) in fds.iter_mut().enumerate() {
-        if !used.contains(&(i as u32)) && fd.take().is_some() {
-            if let (Some(name), Some(s)) = (state.fd_names.get(i), store) {
-                s.remove(name);
-            }
-        }
-    }
-    let in_use: std::collections::HashSet<String> = fds
-        .iter()
-        .enumerate()
-        .filter(|(_, fd)| fd.is_some())
-        .filter_map(|(i, _)| state.fd_names.get(i).cloned())
-        .collect();
-    fdstore::forget_rest(r, store, &in_use);
-    let kept: usize = state.shards.iter().map(|s| s.allocations.len()).sum();
-    tracing::info!(
-        allocations = kept,
-        dropped,
-        "fd store: restored the allocations kept across the restart"
-    );
-    Some(Taken { state, fds })
-}
-
-/// Puts the listeners, the metrics and control listeners and the journals in systemd's
-/// fd store (the relay sockets go there as they are made), and writes the first state.
-fn keep_in_store(store: &fdstore::FdStore, common: &Common, ctx: &upgrade::Context) {
-    store.add_journals();
-    if let Some(l) = &ctx.metrics {
-        store.add("metrics", l.as_fd());
-    }
-    if let Some(l) = &ctx.control {
-        store.add("control", l.as_fd());
-    }
-    write_journal(store, common, ctx);
-    tracing::info!("fd store: sockets and state kept by systemd across restarts and crashes");
-}
-
-/// Writes the workers' current state to the fd store's journal.
-fn write_journal(store: &fdstore::FdStore, common: &Common, ctx: &upgrade::Context) {
-    let exports = match common
-        .pool
-        .upgrade(worker::UpgradeStep::Snapshot, Duration::from_secs(5))
-    {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(error = %e, "fd store: no snapshot of the workers");
-            return;
-        }
-    };
-    match upgrade::build_state(ctx, &exports) {
-        Ok((h, _)) => {
-            if let Err(e) = store.write_state(&h) {
-                tracing::warn!(error = %e, "fd store: cannot write the state journal");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "fd store: cannot build the state"),
-    }
-}
-
 /// Builds the server without serving: the shared state, the listeners (bound, or taken
 /// over in an upgrade), every worker's shard with the allocations taken over.
 fn start(
@@ -536,8 +333,8 @@ fn start(
     fd_store: Option<fdstore::FdStore>,
 ) -> anyhow::Result<Started> {
     let mut taken = match (inherited, restored) {
-        (Some(ch), _) => Some(receive(ch, config)?),
-        (None, Some((r, state))) => restore(config, r, state, fd_store.as_ref()),
+        (Some(ch), _) => Some(takeover::receive(ch, config)?),
+        (None, Some((r, state))) => takeover::restore(config, r, state, fd_store.as_ref()),
         (None, None) => None,
     };
     let nonce_secret: [u8; 32] = taken
@@ -585,7 +382,7 @@ fn start(
     // Every worker's sockets before announcing readiness, so a bad address is a
     // start-up error.
     let sockets = match &mut taken {
-        Some(t) => inherited_sockets(config, t)?,
+        Some(t) => takeover::inherited_sockets(config, t)?,
         None => bind_sockets(config, workers)?,
     };
     if let (Some(store), true) = (&common.fd_store, taken.is_none()) {
@@ -730,38 +527,6 @@ fn bind_sockets(config: &Config, workers: usize) -> anyhow::Result<Vec<WorkerSoc
     Ok(sockets)
 }
 
-/// Every worker's listeners as the old process handed them over (same order as the
-/// configuration, checked by [`receive`]).
-fn inherited_sockets(config: &Config, t: &mut Taken) -> anyhow::Result<Vec<WorkerSockets>> {
-    let mut sockets = Vec::with_capacity(t.state.workers);
-    for w in 0..t.state.workers {
-        let mut ws = WorkerSockets {
-            udp: Vec::new(),
-            streams: Vec::new(),
-        };
-        for (l, st) in config.listen.iter().zip(&t.state.listeners) {
-            let fd = st
-                .sockets
-                .get(w)
-                .and_then(|&i| t.fds.get_mut(i as usize)?.take())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("upgrade: listener {} of worker {w} missing", l.address)
-                })?;
-            match l.transport {
-                ListenTransport::Udp => ws.udp.push(std::net::UdpSocket::from(fd)),
-                ListenTransport::Tcp => ws
-                    .streams
-                    .push((std::net::TcpListener::from(fd), Transport::Tcp)),
-                ListenTransport::Tls => ws
-                    .streams
-                    .push((std::net::TcpListener::from(fd), Transport::Tls)),
-            }
-        }
-        sockets.push(ws);
-    }
-    Ok(sockets)
-}
-
 /// The main thread waits for signals: SIGHUP reloads, SIGTERM/SIGINT stop.
 /// The signal handlers, installed before any worker starts or systemd hears READY=1, so
 /// an early SIGHUP or SIGTERM is never taken with its default (fatal) action.
@@ -852,7 +617,7 @@ fn signals(
                     let changes = common.shared.changes();
                     if changes != journal_seen || journal_at.elapsed() >= Duration::from_secs(1) {
                         if let Some(store) = &common.fd_store {
-                            write_journal(store, &common, &ctx);
+                            takeover::write_journal(store, &common, &ctx);
                         }
                         journal_seen = changes;
                         journal_at = tokio::time::Instant::now();

@@ -60,29 +60,14 @@ impl ChildGuard {
     /// Like [`ChildGuard::spawn`], with the output in `logs/stdout.log` and
     /// `logs/stderr.log`; the owner of `logs` prints them.
     pub fn spawn_in(name: &str, cmd: &mut Command, logs: &Path) -> ChildGuard {
-        use std::os::unix::process::CommandExt;
         let out = File::create(logs.join("stdout.log")).expect("stdout.log");
         let err = File::create(logs.join("stderr.log")).expect("stderr.log");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        ChildGuard {
-            name: name.to_string(),
-            child: Some(child),
-            logs: logs.to_path_buf(),
-            _dir: None,
-            report: false,
-        }
+        Self::spawn_to(name, cmd, logs, out, err)
     }
 
     /// [`ChildGuard::spawn_in`], appending to `stdout.log` and `stderr.log` in `logs`
     /// (a service started again after a restart writes after its predecessor).
     pub fn spawn_appending(name: &str, cmd: &mut Command, logs: &Path) -> ChildGuard {
-        use std::os::unix::process::CommandExt;
         let open = |f: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -90,9 +75,14 @@ impl ChildGuard {
                 .open(logs.join(f))
                 .unwrap_or_else(|e| panic!("{f}: {e}"))
         };
+        Self::spawn_to(name, cmd, logs, open("stdout.log"), open("stderr.log"))
+    }
+
+    fn spawn_to(name: &str, cmd: &mut Command, logs: &Path, out: File, err: File) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(open("stdout.log")))
-            .stderr(Stdio::from(open("stderr.log")))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
             .process_group(0);
         let child = cmd
             .spawn()
