@@ -551,6 +551,16 @@ impl Kernel {
     /// turnstone never shares them. The attachments are BPF links owned by this process's
     /// file descriptors: they go when it exits, however it exits.
     pub fn load(config: &Config) -> Result<Kernel, NotUsed> {
+        let mut k = Kernel::prepare(config)?;
+        k.attach()?;
+        Ok(k)
+    }
+
+    /// [`Kernel::load`] without attaching: the program loaded (verified) and its maps
+    /// made. An upgrade's new process does this before the old one lets go of its own
+    /// attachment, so that only [`Kernel::attach`] (milliseconds) falls within the
+    /// hand-over's pause.
+    pub fn prepare(config: &Config) -> Result<Kernel, NotUsed> {
         if let Some(why) = built_without() {
             return Err(why);
         }
@@ -578,19 +588,6 @@ impl Kernel {
             .find_map(|(_, p)| p.try_into().ok())
             .ok_or_else(|| NotUsed::Other("the object has no XDP program".to_owned()))?;
         prog.load().map_err(|e| classify(&e, None))?;
-        let mut links = Vec::new();
-        for name in &interfaces {
-            // Dropping `ebpf` on an error detaches what is attached so far.
-            let link =
-                prog.attach(name, aya::programs::XdpMode::Skb)
-                    .map_err(|e| match classify(&e, Some(name)) {
-                        NotUsed::Other(e) => {
-                            NotUsed::Other(format!("cannot attach to {name}: {e}"))
-                        }
-                        why => why,
-                    })?;
-            links.push(link);
-        }
         let other = NotUsed::Other;
         Ok(Kernel {
             chan_by_client: take(&mut ebpf, "chan_by_client").map_err(other)?,
@@ -599,12 +596,43 @@ impl Kernel {
             perm_by_client: take(&mut ebpf, "perm_by_client").map_err(other)?,
             counters: take(&mut ebpf, "counters").map_err(other)?,
             ebpf,
-            links,
+            links: Vec::new(),
             ids: Ids::default(),
             usage: HashMap::new(),
             interfaces,
             refused: 0,
         })
+    }
+
+    /// Attaches the prepared program (generic mode) to every interface of the plan; on
+    /// an error, what was attached is detached again.
+    pub fn attach(&mut self) -> Result<(), NotUsed> {
+        let Some(prog) = self
+            .ebpf
+            .programs_mut()
+            .find_map(|(_, p)| <&mut aya::programs::Xdp>::try_from(p).ok())
+        else {
+            return Err(NotUsed::Other("the object has no XDP program".to_owned()));
+        };
+        let mut links = Vec::new();
+        for name in &self.interfaces {
+            match prog.attach(name, aya::programs::XdpMode::Skb) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    for link in links {
+                        let _ = prog.detach(link);
+                    }
+                    return Err(match classify(&e, Some(name)) {
+                        NotUsed::Other(e) => {
+                            NotUsed::Other(format!("cannot attach to {name}: {e}"))
+                        }
+                        why => why,
+                    });
+                }
+            }
+        }
+        self.links = links;
+        Ok(())
     }
 
     /// The counter id of `key`'s entry, taken now if it has none (`None`: all taken).
@@ -837,7 +865,6 @@ impl Kernel {
 
     /// Detaches the program from every interface and empties the maps (shutdown).
     pub fn shutdown(&mut self, metrics: &Metrics) {
-        self.read_counters(metrics);
         if let Some(prog) = self
             .ebpf
             .programs_mut()
@@ -847,6 +874,10 @@ impl Kernel {
                 let _ = prog.detach(link);
             }
         }
+        // Read once detached: what the program relayed until then is counted (read
+        // before, the packets it relayed between the read and the detach were lost to
+        // the metrics and to the allocations' usage).
+        self.read_counters(metrics);
         let keys: Vec<_> = self.chan_by_client.keys().flatten().collect();
         for k in keys {
             let _ = self.chan_by_client.remove(&k);

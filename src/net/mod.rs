@@ -76,14 +76,43 @@ pub(crate) struct Common {
 
 /// Loads the kernel fast path as `relay.kernel_fast_path` asks: `None` when off or
 /// ("auto") when it cannot be had; an error when "required" and it cannot. Logs one line
-/// saying which path is active where, or why the kernel's is not.
-fn load_fast_path(config: &Config) -> anyhow::Result<Option<fastpath::Kernel>> {
+/// saying which path is active where, or why the kernel's is not. With `attach` false
+/// the program is only prepared ([`attach_fast_path`] finishes).
+fn load_fast_path(config: &Config, attach: bool) -> anyhow::Result<Option<fastpath::Kernel>> {
     let mode = config.relay.kernel_fast_path;
     if mode == KernelFastPath::Off {
         tracing::info!("kernel fast path off (relay.kernel_fast_path = \"off\")");
         return Ok(None);
     }
-    match fastpath::Kernel::load(config) {
+    let loaded = if attach {
+        fastpath::Kernel::load(config)
+    } else {
+        fastpath::Kernel::prepare(config)
+    };
+    fast_path_result(config, loaded, attach)
+}
+
+/// Attaches a program [`load_fast_path`] prepared (an upgrade's new process, once the
+/// old one has detached its own).
+fn attach_fast_path(
+    config: &Config,
+    kernel: Option<fastpath::Kernel>,
+) -> anyhow::Result<Option<fastpath::Kernel>> {
+    let Some(mut k) = kernel else {
+        return Ok(None);
+    };
+    let attached = k.attach().map(|()| k);
+    fast_path_result(config, attached, true)
+}
+
+fn fast_path_result(
+    config: &Config,
+    loaded: Result<fastpath::Kernel, fastpath::NotUsed>,
+    attached: bool,
+) -> anyhow::Result<Option<fastpath::Kernel>> {
+    let mode = config.relay.kernel_fast_path;
+    match loaded {
+        Ok(k) if !attached => Ok(Some(k)),
         Ok(k) => {
             let on = k.interfaces.join(", ");
             let off = fastpath::forwarding_off(config, &k.interfaces);
@@ -332,17 +361,24 @@ fn start(
     restored: Option<(fdstore::Restored, fdstore::StoredState)>,
     fd_store: Option<fdstore::FdStore>,
 ) -> anyhow::Result<Started> {
-    let mut taken = match (inherited, restored) {
-        (Some(ch), _) => Some(takeover::receive(ch, config)?),
-        (None, Some((r, state))) => takeover::restore(config, r, state, fd_store.as_ref()),
-        (None, None) => None,
+    // Loaded (and so its maps empty: the core's Clear) before any worker serves. In an
+    // upgrade, prepared before saying hello (loading is the slow part) and attached once
+    // the old process has detached its own, before it sends the state.
+    let (mut taken, kernel) = match (inherited, restored) {
+        (Some(ch), _) => {
+            let prepared = load_fast_path(config, false)?;
+            let taken = takeover::receive(ch, config)?;
+            (Some(taken), attach_fast_path(config, prepared)?)
+        }
+        (None, Some((r, state))) => (
+            takeover::restore(config, r, state, fd_store.as_ref()),
+            load_fast_path(config, true)?,
+        ),
+        (None, None) => (None, load_fast_path(config, true)?),
     };
     let nonce_secret: [u8; 32] = taken
         .as_ref()
         .map_or_else(rand::random, |t| t.state.nonce_secret);
-    // Loaded (and so its maps empty: the core's Clear) before any worker serves. In an
-    // upgrade, the old process has detached its program before sending the state.
-    let kernel = load_fast_path(config)?;
     let mut runtime = Runtime::from_config(config, nonce_secret);
     runtime.kernel_fast_path = kernel.is_some();
     let shared = Shared::new(runtime);

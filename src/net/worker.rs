@@ -636,6 +636,38 @@ pub(crate) struct Shard {
     /// The last upgrade request acted on, and what a freeze took out of the epoll set.
     upgrade_seen: u64,
     frozen: Option<Frozen>,
+    /// Sockets taken over from the process before (an upgrade) or thawed (a failed
+    /// one) whose queued datagrams are not all read yet: the kernel fast path's entries
+    /// wait until they are (or [`HOLD_MAX`] passes), or the kernel would relay newer
+    /// datagrams ahead of them.
+    hold: Option<Hold>,
+}
+
+/// The longest the kernel fast path's entries wait for a taken-over shard's backlog.
+const HOLD_MAX: Duration = Duration::from_secs(2);
+
+/// See [`Shard::hold`].
+struct Hold {
+    listeners: Vec<usize>,
+    relays: Vec<RelayHandle>,
+    /// Set at the first check (the shard serves from then on).
+    until: Option<Instant>,
+}
+
+impl Hold {
+    fn new(listeners: usize, relays: impl IntoIterator<Item = RelayHandle>) -> Hold {
+        Hold {
+            listeners: (0..listeners).collect(),
+            relays: relays.into_iter().collect(),
+            until: None,
+        }
+    }
+}
+
+/// Whether a datagram is waiting in `sock` (non-blocking).
+fn queued(sock: &UdpSocket) -> bool {
+    let mut b = [0u8; 1];
+    sock.peek_from(&mut b).is_ok()
 }
 
 impl Shard {
@@ -683,6 +715,7 @@ impl Shard {
             stopped: false,
             upgrade_seen: common.pool.upgrade.generation.load(Ordering::Acquire),
             frozen: None,
+            hold: None,
         })
     }
 
@@ -786,13 +819,17 @@ impl Shard {
                 log_event(self.index, &ev, None);
             }
         } else if step == UpgradeStep::Resume as u8 {
+            let mut thawed = Vec::new();
             if let Some(f) = self.frozen.take() {
                 self.thaw(&f);
+                thawed.extend(f.relays.iter().map(|&h| RelayHandle(h)));
             }
             if common.fast_path.is_some() {
                 // The kernel program was given up and loaded again: empty maps (for
-                // every shard, frozen or not).
+                // every shard, frozen or not), filled again once what queued meanwhile
+                // is read.
                 self.core.reinstall_fast_path();
+                self.hold = Some(Hold::new(self.listeners.len(), thawed));
             }
         } else if step == UpgradeStep::Commit as u8 && self.frozen.take().is_some() {
             // The new process reads them now: close this process's copies.
@@ -815,6 +852,9 @@ impl Shard {
     fn freeze(&mut self, common: &Common, clock: Clock) -> io::Result<ShardExport> {
         if let Some(k) = &common.fast_path {
             let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+            // Once more: a packet the program was relaying on another CPU as it was
+            // detached ([`Kernel::shutdown`] read the counters then) is counted too.
+            k.read_counters(&common.metrics);
             self.core.fold_kernel_usage(&mut |id| k.take_usage(id));
         }
         let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
@@ -956,6 +996,9 @@ impl Shard {
             handles.insert(i, h);
         }
         let clock = mono_clock(Instant::now());
+        if common.fast_path.is_some() {
+            self.hold = Some(Hold::new(self.listeners.len(), handles.values().copied()));
+        }
         self.core
             .import_udp(state, clock, &mut |i| handles.get(&i).copied())
     }
@@ -984,6 +1027,7 @@ impl Shard {
             stopped: _,
             upgrade_seen: _,
             frozen: _,
+            hold: _,
         } = self;
         let Scratch {
             buf,
@@ -1247,7 +1291,18 @@ impl Shard {
         }
         // The kernel fast path's entries for this shard's allocations (only ever queued
         // while it is loaded), before the usage records that read their last counts.
-        if let Some(k) = &common.fast_path {
+        if let Some(h) = &mut self.hold {
+            let until = *h.until.get_or_insert(now + HOLD_MAX);
+            let (listeners, relays) = (&self.listeners, &self.relays);
+            h.listeners
+                .retain(|&i| listeners.get(i).is_some_and(|(_, s)| queued(s)));
+            h.relays
+                .retain(|&r| relays.get(r).and_then(RelayEntry::udp).is_some_and(queued));
+            if (h.listeners.is_empty() && h.relays.is_empty()) || now >= until {
+                self.hold = None;
+            }
+        }
+        if let (Some(k), None) = (&common.fast_path, &self.hold) {
             let mut cmds = self.core.drain_fast_path().peekable();
             if cmds.peek().is_some() {
                 let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
