@@ -238,3 +238,369 @@ impl Drop for PeerEcho {
         self.stop_thread();
     }
 }
+
+/// A turnstone in namespace `name` run from `dir/bin/turnstone` (a symlink to the built
+/// binary, which [`install`] may point elsewhere) with its control socket in the 0700
+/// `dir/run` (`[server] control_socket` added to `toml`), as `turnstone upgrade` needs;
+/// returned once it listens. The processes an upgrade starts share its process group
+/// and log files: the guard's output has them all, and its drop ends them all.
+pub fn upgradable(
+    n: &Netns,
+    name: &str,
+    dir: &std::path::Path,
+    label: &str,
+    toml: &str,
+) -> ChildGuard {
+    use super::upgrade::{binary, control_socket};
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("bin")).expect("bin dir");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_turnstone"), binary(dir)).expect("symlink");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).expect("run dir");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let toml = toml.replacen(
+        "[server]\n",
+        &format!(
+            "[server]\ncontrol_socket = \"{}\"\n",
+            control_socket(dir).display()
+        ),
+        1,
+    );
+    let config = dir.join(format!("{label}.toml"));
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &n.ns(name)])
+        .arg(binary(dir))
+        .arg("--config")
+        .arg(&config);
+    let mut server = ChildGuard::spawn(label, &mut cmd);
+    wait_for(
+        &format!("{label} listening"),
+        Duration::from_secs(20),
+        || {
+            if let Some(st) = server.try_wait() {
+                panic!("{label} exited ({st}):\n{}", server.output());
+            }
+            server.output().contains("listening").then_some(())
+        },
+    );
+    server
+}
+
+/// Installs `target` at the binary path of [`upgradable`]'s `dir` (a new symlink renamed
+/// over the old one: the running process keeps its file).
+pub fn install(dir: &std::path::Path, target: &std::path::Path) {
+    let tmp = dir.join("bin").join("turnstone.new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, super::upgrade::binary(dir)).expect("rename");
+}
+
+/// Installs a shell script with `body` as [`upgradable`]'s binary.
+pub fn install_script(dir: &std::path::Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("bin").join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    install(dir, &path);
+}
+
+/// Runs `turnstone upgrade` in namespace `name` against [`upgradable`]'s server in
+/// `dir`: the new process's pid and the pause it reports (ms), or what the command said.
+pub fn upgrade(n: &Netns, name: &str, dir: &std::path::Path) -> Result<(u32, f64), String> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &n.ns(name),
+        env!("CARGO_BIN_EXE_turnstone"),
+    ])
+    .arg("upgrade")
+    .arg("--socket")
+    .arg(super::upgrade::control_socket(dir));
+    let out = super::process::run_bounded("turnstone upgrade", &mut cmd, Duration::from_secs(120));
+    let text = out.combined();
+    if !out.status.success() {
+        return Err(text);
+    }
+    let json = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ok "))
+        .ok_or_else(|| format!("no \"ok\" line: {text}"))?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(-1.0);
+    Ok((num("pid") as u32, num("pause_ms")))
+}
+
+/// The four streams of a [`RigCall`], in its reports' order.
+pub const STREAMS: [(&str, &str); 4] = [
+    ("to_peer", "channel"),
+    ("to_peer", "indication"),
+    ("to_client", "channel"),
+    ("to_client", "indication"),
+];
+
+/// The server's relay counters, by [`STREAMS`]: kernel and userspace packets, and the
+/// kernel's entries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Relayed {
+    pub kernel: [f64; 4],
+    pub user: [f64; 4],
+    pub entries: f64,
+}
+
+impl Relayed {
+    /// The server's counters now (they are read from the kernel twice a second).
+    pub fn read(n: &Netns) -> Relayed {
+        let text = metrics(n);
+        Relayed {
+            kernel: STREAMS.map(|(d, p)| kernel(&text, d, p)),
+            user: STREAMS.map(|(d, p)| user(&text, d, p)),
+            entries: entries(&text),
+        }
+    }
+
+    pub fn user_total(&self) -> f64 {
+        self.user.iter().sum()
+    }
+}
+
+/// One numbered stream's receiving end: order, count and longest silence.
+#[derive(Default)]
+struct Seen {
+    next: u32,
+    count: u32,
+    /// Packets that arrived after one with a higher number.
+    late: u32,
+    highest: Option<u32>,
+    errors: Vec<String>,
+    last: Option<std::time::Instant>,
+    longest_gap: Duration,
+}
+
+impl Seen {
+    fn got(&mut self, k: usize, seq: u32) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            self.longest_gap = self.longest_gap.max(now - last);
+        }
+        self.last = Some(now);
+        self.count += 1;
+        if self.highest.is_some_and(|h| seq < h) {
+            self.late += 1;
+        }
+        self.highest = self.highest.max(Some(seq));
+        if seq != self.next && self.errors.len() < 10 {
+            self.errors.push(format!(
+                "{:?}: expected {} got {seq}",
+                STREAMS[k], self.next
+            ));
+        }
+        self.next = seq + 1;
+    }
+
+    fn error(&mut self, e: String) {
+        if self.errors.len() < 10 {
+            self.errors.push(e);
+        }
+    }
+}
+
+/// A call through the rig's server, as tests/common/call.rs's [`super::call::Call`]
+/// on loopback: a client in the client namespace with channel [`super::call::CHANNEL`]
+/// to peer `a` and Send/Data indications with peer `b` (both in the peer namespace);
+/// every millisecond one numbered packet to a peer (ChannelData and Send in turn) and
+/// one from a peer (a and b in turn), 1000/s each way; every stream checked for
+/// order, loss, source and its longest silence.
+pub struct RigCall {
+    sent: std::sync::Arc<std::sync::Mutex<[u32; 4]>>,
+    seen: Vec<std::sync::Arc<std::sync::Mutex<Seen>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop_sending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    client: Option<super::turn::TurnClient>,
+}
+
+impl RigCall {
+    pub fn start(n: &Netns) -> RigCall {
+        use super::call::CHANNEL;
+        use super::traffic::{seq_of, seq_payload};
+        use super::turn::{channel_data, send_indication, Link, TurnClient};
+        use std::net::{SocketAddr, UdpSocket};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use turnstone::proto::{self, attr, method, Class, Message};
+        let bind = |ns: &str, ip: &str| {
+            let s = n.enter(ns, || UdpSocket::bind((ip, 0)).expect("bind"));
+            let r = socket2::SockRef::from(&s);
+            let _ = r.set_recv_buffer_size(4 << 20);
+            let _ = r.set_send_buffer_size(4 << 20);
+            s
+        };
+        let server: SocketAddr = format!("{SERVER}:{PORT}").parse().unwrap();
+        let (peer_a, peer_b) = (bind("peer", PEER), bind("peer", PEER));
+        let (a, b) = (peer_a.local_addr().unwrap(), peer_b.local_addr().unwrap());
+        let mut client = TurnClient::new(
+            Link::Udp {
+                sock: bind("client", CLIENT),
+                server,
+            },
+            "alice",
+            "wonderland",
+        )
+        .with_realm("fp.test");
+        let relayed = client.must_allocate();
+        client.permit(b);
+        client.bind(CHANNEL, a);
+        let sock = client.udp_socket().try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_sending = Arc::new(AtomicBool::new(false));
+        let seen: Vec<Arc<Mutex<Seen>>> = (0..4).map(|_| Arc::default()).collect();
+        let mut threads = Vec::new();
+        for (k, peer) in [(0, &peer_a), (1, &peer_b)] {
+            let (sock, seen, stop) = (peer.try_clone().unwrap(), seen[k].clone(), stop.clone());
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, src)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let mut s = seen.lock().unwrap();
+                    if src != relayed {
+                        s.error(format!("{:?}: from {src}, not {relayed}", STREAMS[k]));
+                    } else if let Some(seq) = seq_of(&buf[..len]) {
+                        s.got(k, seq);
+                    }
+                }
+            }));
+        }
+        {
+            let (sock, stop) = (sock.try_clone().unwrap(), stop.clone());
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let (from_a, from_b) = (seen[2].clone(), seen[3].clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(len) = sock.recv(&mut buf) else {
+                        continue;
+                    };
+                    let f = &buf[..len];
+                    if proto::is_channel_data(f[0]) {
+                        let mut s = from_a.lock().unwrap();
+                        match proto::parse_channel_data(f) {
+                            Some((ch, data)) if ch == CHANNEL => {
+                                if let Some(seq) = seq_of(data) {
+                                    s.got(2, seq);
+                                }
+                            }
+                            other => s.error(format!("ChannelData {other:?}")),
+                        }
+                    } else if let Ok(m) = Message::parse(f) {
+                        if m.class() == Class::Indication && m.method() == method::DATA {
+                            let mut s = from_b.lock().unwrap();
+                            let from = m.xor_address(attr::XOR_PEER_ADDRESS).ok().flatten();
+                            if from != Some(b) {
+                                s.error(format!("Data indication from {from:?}"));
+                            } else if let Some(seq) = m.data().and_then(seq_of) {
+                                s.got(3, seq);
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let sent = Arc::new(Mutex::new([0u32; 4]));
+        {
+            let (sock, stop, sent) = (sock, stop_sending.clone(), sent.clone());
+            threads.push(std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                let mut tick = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut n = sent.lock().unwrap();
+                    let k = (tick % 2) as usize;
+                    let payload = seq_payload(n[k], 160);
+                    // Counted once sent both ways; a failure ends the sending (the
+                    // counts then say how far it got).
+                    let sent_both = if k == 0 {
+                        sock.send_to(&channel_data(CHANNEL, &payload), server)
+                            .is_ok()
+                            && peer_a.send_to(&payload, relayed).is_ok()
+                    } else {
+                        sock.send_to(&send_indication(b, &payload), server).is_ok()
+                            && peer_b.send_to(&payload, relayed).is_ok()
+                    };
+                    if !sent_both {
+                        break;
+                    }
+                    n[k] += 1;
+                    n[k + 2] += 1;
+                    drop(n);
+                    tick += 1;
+                    let due = start + Duration::from_millis(tick);
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }));
+        }
+        RigCall {
+            sent,
+            seen,
+            stop,
+            stop_sending,
+            threads,
+            client: Some(client),
+        }
+    }
+
+    /// Packets received so far, by [`STREAMS`].
+    pub fn received(&self) -> [u32; 4] {
+        std::array::from_fn(|k| self.seen[k].lock().unwrap().count)
+    }
+
+    /// Stops sending, gives the last packets `settle` to arrive, and reports (received:
+    /// how many arrived, in order or not; errors: the first packets out of order); the
+    /// client (its socket free again) is returned for requests after the call.
+    pub fn finish(
+        mut self,
+        settle: Duration,
+    ) -> (super::turn::TurnClient, super::call::CallReport) {
+        use std::sync::atomic::Ordering;
+        self.stop_sending.store(true, Ordering::Relaxed);
+        std::thread::sleep(settle);
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        let mut report = super::call::CallReport {
+            sent: *self.sent.lock().unwrap(),
+            received: [0; 4],
+            longest_gap: [Duration::ZERO; 4],
+            errors: Vec::new(),
+        };
+        for (k, s) in self.seen.iter().enumerate() {
+            let s = s.lock().unwrap();
+            report.received[k] = s.count;
+            if s.late > 0 {
+                report.errors.push(format!(
+                    "{:?}: {} packets arrived after later ones",
+                    STREAMS[k], s.late
+                ));
+            }
+            report.longest_gap[k] = s.longest_gap;
+            report.errors.extend(s.errors.iter().cloned());
+        }
+        (self.client.take().expect("the client"), report)
+    }
+}
+
+impl Drop for RigCall {
+    fn drop(&mut self) {
+        self.stop_sending
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
