@@ -105,7 +105,7 @@ pub(crate) fn upgrade(common: &Common, ctx: &Context) -> Result<Report, String> 
         let _ = child.kill();
         let status = child.wait().ok();
         if progress.froze {
-            resume(common, ctx, progress.kernel_released);
+            resume(common, ctx, progress.kernel_released, progress.spare.take());
         }
         tracing::error!(pid, error = %e, status = ?status, "upgrade failed; this process goes on serving");
     }
@@ -148,6 +148,9 @@ fn hello(ch: &Channel, child: &mut Child) -> Result<Hello, String> {
 struct Progress {
     kernel_released: bool,
     froze: bool,
+    /// A kernel program prepared (not attached) at the start, to take this process's
+    /// place at once if the upgrade fails after it gave its own up.
+    spare: Option<super::fastpath::Kernel>,
 }
 
 fn talk(
@@ -157,6 +160,10 @@ fn talk(
     child: &mut Child,
     progress: &mut Progress,
 ) -> Result<Report, String> {
+    if common.fast_path.is_some() {
+        // Loading takes most of a second's fraction: not while frozen, if it comes to it.
+        progress.spare = super::fastpath::Kernel::prepare(&ctx.config).ok();
+    }
     let h = hello(ch, child)?;
     ch.set_timeout(SEND_TIMEOUT)?;
     if !h.reads.contains(&FORMAT_VERSION) {
@@ -363,7 +370,7 @@ pub(crate) fn keep_for_restart(
             Ok(h.shards.iter().map(|s| s.allocations.len()).sum())
         });
     if result.is_err() {
-        resume(common, ctx, kernel);
+        resume(common, ctx, kernel, None);
         return result;
     }
     // TCP and TLS clients' connections end with this process: their allocations end
@@ -376,10 +383,19 @@ pub(crate) fn keep_for_restart(
 
 /// Takes everything back after a failed upgrade: the workers read their sockets again,
 /// and the kernel program is loaded again (its maps refilled by the workers' next tick).
-fn resume(common: &Common, ctx: &Context, had_kernel: bool) {
+fn resume(
+    common: &Common,
+    ctx: &Context,
+    had_kernel: bool,
+    spare: Option<super::fastpath::Kernel>,
+) {
     if had_kernel {
         if let Some(k) = &common.fast_path {
-            match super::fastpath::Kernel::load(&ctx.config) {
+            let loaded = match spare {
+                Some(mut spare) => spare.attach().map(|()| spare),
+                None => super::fastpath::Kernel::load(&ctx.config),
+            };
+            match loaded {
                 Ok(new) => *k.lock().unwrap_or_else(|e| e.into_inner()) = new,
                 Err(e) => {
                     tracing::error!(error = %e, "upgrade: cannot load the kernel fast path again; relaying in userspace")
