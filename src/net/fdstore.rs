@@ -34,6 +34,8 @@ pub(crate) struct FdStore {
 enum Op {
     Add(String, OwnedFd),
     Remove(String),
+    /// Answered once everything queued before it is sent.
+    Barrier(std::sync::mpsc::Sender<()>),
 }
 
 /// The name a relay socket is stored under: UDP or TCP (RFC 6062), address and port
@@ -84,6 +86,10 @@ impl FdStore {
                         Op::Remove(name) => {
                             send(&sock, &addr, &format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
                         }
+                        Op::Barrier(done) => {
+                            let _ = done.send(());
+                            Ok(())
+                        }
                     };
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "fd store: the service manager did not take a message");
@@ -118,6 +124,15 @@ impl FdStore {
             Ok(fd) => self.queue(Op::Add(name.to_owned(), fd)),
             Err(e) => tracing::warn!(error = %e, name, "fd store: cannot copy a descriptor"),
         }
+    }
+
+    /// Waits (up to `timeout`) until everything queued so far has gone to the service
+    /// manager: before this process exits for a restart, every socket its journal names
+    /// must be in the store.
+    pub(crate) fn flush(&self, timeout: std::time::Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.queue(Op::Barrier(tx));
+        rx.recv_timeout(timeout).is_ok()
     }
 
     /// Removes what is stored under `name`.

@@ -649,7 +649,9 @@ fn signals(
         let (mut journal_seen, mut journal_at) = (u64::MAX, tokio::time::Instant::now());
         loop {
             tokio::select! {
-                _ = journal_tick.tick(), if common.fd_store.is_some() => {
+                // Not while an upgrade runs: its requests to the workers go first (and
+                // the state is the new process's to write once it serves).
+                _ = journal_tick.tick(), if common.fd_store.is_some() && !upgrading => {
                     let changes = common.shared.changes();
                     if changes != journal_seen || journal_at.elapsed() >= Duration::from_secs(1) {
                         if let Some(store) = &common.fd_store {

@@ -365,6 +365,10 @@ pub(crate) fn keep_for_restart(
         .pool
         .upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)
         .and_then(|exports| {
+            // Every socket the journal will name is in the store first.
+            if !store.flush(Duration::from_secs(10)) {
+                return Err("the service manager did not take the sockets in time".to_owned());
+            }
             let (h, _) = build_state(ctx, &exports)?;
             store.write_state(&h).map_err(|e| e.to_string())?;
             Ok(h.shards.iter().map(|s| s.allocations.len()).sum())

@@ -1254,7 +1254,14 @@ impl Shard {
         let stop = !self.stopped && common.pool.stopping();
         if stop {
             let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
-            self.core.close_all(now, &mut binder);
+            if self.frozen.is_some() {
+                // Still frozen (an upgrade's Commit never reached this shard): its UDP
+                // allocations may be the new process's; only its own streams end here.
+                binder.store = None;
+                self.core.close_streams(now, &mut binder);
+            } else {
+                self.core.close_all(now, &mut binder);
+            }
         }
         // What the core asked for outside its answers (RFC 6062 connections).
         while let Some(cmd) = self.core.poll_command() {
