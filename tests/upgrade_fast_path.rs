@@ -13,11 +13,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::call::CallReport;
-use common::fastpath::{
-    config, install, install_script, rig, upgradable, upgrade, usage, Relayed, RigCall, Usage,
-    STREAMS,
-};
+use common::fastpath::{config, rig, upgradable, upgrade, usage, Relayed, RigCall, Usage, STREAMS};
 use common::netns::Netns;
+use common::upgrade::{install, install_script};
 use common::ChildGuard;
 
 /// One rig at a time: the tests attach to the same kind of interfaces and count packets.

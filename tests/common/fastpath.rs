@@ -251,58 +251,9 @@ pub fn upgradable(
     label: &str,
     toml: &str,
 ) -> ChildGuard {
-    use super::upgrade::{binary, control_socket};
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir.join("bin")).expect("bin dir");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_turnstone"), binary(dir)).expect("symlink");
-    let run = dir.join("run");
-    std::fs::create_dir_all(&run).expect("run dir");
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    let toml = toml.replacen(
-        "[server]\n",
-        &format!(
-            "[server]\ncontrol_socket = \"{}\"\n",
-            control_socket(dir).display()
-        ),
-        1,
-    );
-    let config = dir.join(format!("{label}.toml"));
-    std::fs::write(&config, toml).unwrap();
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &n.ns(name)])
-        .arg(binary(dir))
-        .arg("--config")
-        .arg(&config);
-    let mut server = ChildGuard::spawn(label, &mut cmd);
-    wait_for(
-        &format!("{label} listening"),
-        Duration::from_secs(20),
-        || {
-            if let Some(st) = server.try_wait() {
-                panic!("{label} exited ({st}):\n{}", server.output());
-            }
-            server.output().contains("listening").then_some(())
-        },
-    );
-    server
-}
-
-/// Installs `target` at the binary path of [`upgradable`]'s `dir` (a new symlink renamed
-/// over the old one: the running process keeps its file).
-pub fn install(dir: &std::path::Path, target: &std::path::Path) {
-    let tmp = dir.join("bin").join("turnstone.new");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
-    std::fs::rename(&tmp, super::upgrade::binary(dir)).expect("rename");
-}
-
-/// Installs a shell script with `body` as [`upgradable`]'s binary.
-pub fn install_script(dir: &std::path::Path, name: &str, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("bin").join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    install(dir, &path);
+    let line = super::upgrade::prepare_dir(dir);
+    let toml = toml.replacen("[server]\n", &format!("[server]\n{line}"), 1);
+    n.turnstone_from(name, dir, label, &toml, &super::upgrade::binary(dir))
 }
 
 /// Runs `turnstone upgrade` in namespace `name` against [`upgradable`]'s server in
@@ -318,18 +269,7 @@ pub fn upgrade(n: &Netns, name: &str, dir: &std::path::Path) -> Result<(u32, f64
     .arg("upgrade")
     .arg("--socket")
     .arg(super::upgrade::control_socket(dir));
-    let out = super::process::run_bounded("turnstone upgrade", &mut cmd, Duration::from_secs(120));
-    let text = out.combined();
-    if !out.status.success() {
-        return Err(text);
-    }
-    let json = text
-        .lines()
-        .find_map(|l| l.strip_prefix("ok "))
-        .ok_or_else(|| format!("no \"ok\" line: {text}"))?;
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("{e}: {json}"))?;
-    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(-1.0);
-    Ok((num("pid") as u32, num("pause_ms")))
+    super::upgrade::run_upgrade(&mut cmd).map(|u| (u.pid, u.pause_ms))
 }
 
 /// The four streams of a [`RigCall`], in its reports' order.

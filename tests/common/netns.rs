@@ -90,17 +90,26 @@ impl Netns {
 
     /// A turnstone inside namespace `name` with the configuration `toml`, once it listens.
     pub fn turnstone(&self, name: &str, dir: &Path, label: &str, toml: &str) -> ChildGuard {
+        let program = Path::new(env!("CARGO_BIN_EXE_turnstone"));
+        self.turnstone_from(name, dir, label, toml, program)
+    }
+
+    /// [`Netns::turnstone`], started from `program` (a path an upgrade may replace).
+    pub fn turnstone_from(
+        &self,
+        name: &str,
+        dir: &Path,
+        label: &str,
+        toml: &str,
+        program: &Path,
+    ) -> ChildGuard {
         let config = dir.join(format!("{label}.toml"));
         std::fs::write(&config, toml).unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns(name),
-            env!("CARGO_BIN_EXE_turnstone"),
-            "--config",
-        ])
-        .arg(&config);
+        cmd.args(["netns", "exec", &self.ns(name)])
+            .arg(program)
+            .arg("--config")
+            .arg(&config);
         let mut server = ChildGuard::spawn(label, &mut cmd);
         wait_for(
             &format!("{label} listening"),
