@@ -41,6 +41,7 @@ pub const TARGETS: &[&str] = &[
     "credentials",
     "server_sequence",
     "differential",
+    "handover_state",
 ];
 
 /// Runs the check of target `name` on `data`. Panics on an unknown name.
@@ -53,6 +54,7 @@ pub fn check(name: &str, data: &[u8]) {
         "credentials" => check_credentials(data),
         "server_sequence" => check_server_sequence(data),
         "differential" => check_differential(data),
+        "handover_state" => check_handover_state(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -1727,4 +1729,74 @@ pub fn check_server_sequence(data: &[u8]) {
         n += 1;
     }
     w.finish();
+}
+
+// ---------------------------------------------------------------------------
+// handover_state
+// ---------------------------------------------------------------------------
+
+/// A binder for imported state: the sockets exist already; releases are counted.
+struct ImportBinder {
+    released: usize,
+}
+
+impl RelayBinder for ImportBinder {
+    fn bind(&mut self, _ip: IpAddr, _even_port: bool, _reserve_next: bool) -> BindResult {
+        Err(BindError::Exhausted)
+    }
+    fn release(&mut self, _relay: RelayHandle) {
+        self.released += 1;
+    }
+}
+
+/// An upgrade's state document (with a correct length and SHA-256, so the parser and
+/// the checks behind them are reached): refused with a reason, or accepted, written
+/// again to the same document, imported into fresh cores (each shard whole or not at
+/// all), and forgotten or expired without a panic, every quota slot given back.
+pub fn check_handover_state(data: &[u8]) {
+    use turnstone::net::handover;
+    let digest = handover::sha256(data);
+    let h = match handover::decode(data, data.len() as u64, &digest) {
+        Ok(h) => h,
+        Err(e) => {
+            assert!(!e.is_empty(), "refused without a reason");
+            return;
+        }
+    };
+    let again = handover::encode(&h).expect("an accepted state encodes");
+    let back = handover::decode(&again, again.len() as u64, &handover::sha256(&again))
+        .expect("an accepted state, written again, is accepted");
+    assert_eq!(back, h, "encode/decode round trip");
+    let now = Instant::now();
+    for (k, shard) in h.shards.iter().enumerate() {
+        let shared = Shared::new(Runtime::from_config(&Config::development(), [1; 32]));
+        let mut server = Server::new(shared.clone());
+        let clock = turnstone::server::MonoClock {
+            now,
+            mono_ns: 1 << 40,
+        };
+        let mut binder = ImportBinder { released: 0 };
+        match server.import_udp(shard, clock, &mut |i| Some(RelayHandle(i))) {
+            Ok(n) => {
+                assert_eq!(server.allocation_count(), n, "shard {k}");
+                assert_eq!(shared.total_allocations(), n, "shard {k}: quota slots");
+                if k % 2 == 0 {
+                    server.forget_udp(&mut binder);
+                } else {
+                    // Far past every expiry and cool-down.
+                    server.handle_timeout(now + Duration::from_secs(400 * 86_400), &mut binder);
+                }
+                assert_eq!(server.allocation_count(), 0, "shard {k}: all gone");
+                assert_eq!(shared.total_allocations(), 0, "shard {k}: slots back");
+            }
+            Err(e) => {
+                assert!(!e.is_empty());
+                assert_eq!(
+                    server.allocation_count(),
+                    0,
+                    "a refused shard changes nothing"
+                );
+            }
+        }
+    }
 }

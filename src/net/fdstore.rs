@@ -155,10 +155,10 @@ impl FdStore {
     /// Writes `state` to the older journal: a crash while writing leaves the other one
     /// whole. Each holds the write's sequence number, the state's length and SHA-256.
     pub(crate) fn write_state(&self, state: &Handover) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(state)?;
+        let bytes = handover::encode(state).map_err(std::io::Error::other)?;
         let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         *seq += 1;
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let digest = handover::sha256(&bytes);
         let mut f = &self.journals[(*seq % 2) as usize];
         f.set_len(0)?;
         f.seek(SeekFrom::Start(0))?;

@@ -239,13 +239,12 @@ impl Channel {
 
     /// Sends the state: chunks, then its length and SHA-256.
     pub fn send_state(&self, h: &Handover) -> Result<(), String> {
-        let bytes = serde_json::to_vec(h).map_err(err)?;
+        let bytes = encode(h)?;
         for c in bytes.chunks(CHUNK) {
             self.send_raw(b'S', c, &[])?;
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let mut end = (bytes.len() as u64).to_be_bytes().to_vec();
-        end.extend_from_slice(digest.as_ref());
+        end.extend_from_slice(&sha256(&bytes));
         self.send_raw(b'E', &end, &[])
     }
 
@@ -369,6 +368,18 @@ impl Channel {
     }
 }
 
+/// The state as the channel and the fd store's journal carry it (JSON).
+pub fn encode(h: &Handover) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(h).map_err(err)
+}
+
+/// The SHA-256 a state travels with.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
 /// Checks and parses a received state: its length and SHA-256, then the JSON (a
 /// version this build does not read is refused by number, before the rest is read),
 /// then every descriptor index against `fds`.
@@ -379,8 +390,7 @@ pub fn decode(bytes: &[u8], len: u64, sha256: &[u8; 32]) -> Result<Handover, Str
             bytes.len()
         ));
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    if digest.as_ref() != sha256 {
+    if &self::sha256(bytes) != sha256 {
         return Err("hand-over state: corrupted (SHA-256 mismatch)".into());
     }
     #[derive(Deserialize)]
