@@ -501,10 +501,12 @@ fn start(
             ch.ready(&handover::Ready { allocations })
                 .map_err(anyhow::Error::msg)?;
         }
-        tracing::info!(
-            allocations,
-            "upgrade: allocations taken over; waiting for the old process to let go"
-        );
+        if inherited.is_some() {
+            tracing::info!(
+                allocations,
+                "upgrade: allocations taken over; waiting for the old process to let go"
+            );
+        }
     }
     if metrics_listener.is_none() {
         if let Some(addr) = config.metrics.listen {

@@ -32,6 +32,9 @@ struct Stream {
     longest_gap: Duration,
     /// The longest over the whole call (`longest_gap` is reset by `take_longest_gap`).
     longest_ever: Duration,
+    /// Packets that may still go missing ([`Call::allow_loss`]), and those that did.
+    loss_budget: u32,
+    lost: u32,
 }
 
 impl Stream {
@@ -42,11 +45,15 @@ impl Stream {
             self.longest_ever = self.longest_ever.max(now - last);
         }
         self.last = Some(now);
-        if seq != self.next && self.errors.len() < 10 {
+        let missing = seq.saturating_sub(self.next);
+        if seq > self.next && missing <= self.loss_budget {
+            self.loss_budget -= missing;
+            self.lost += missing;
+        } else if seq != self.next && self.errors.len() < 10 {
             self.errors
                 .push(format!("{name}: expected {} got {seq}", self.next));
         }
-        self.next = seq + 1;
+        self.next = self.next.max(seq + 1);
     }
 
     fn error(&mut self, e: String) {
@@ -321,6 +328,19 @@ impl Call {
             s.longest_gap = Duration::ZERO;
         }
         longest
+    }
+
+    /// From now on up to `n` packets of each direction may go missing (a process killed
+    /// with packets it had read and not yet sent); 0 to require every packet again.
+    /// Order is still required. Returns how many went missing so far, by direction.
+    pub fn allow_loss(&self, n: u32) -> [u32; 4] {
+        let mut lost = [0; 4];
+        for (k, s) in self.streams.iter().enumerate() {
+            let mut s = s.lock().unwrap();
+            s.loss_budget = n;
+            lost[k] = s.lost;
+        }
+        lost
     }
 
     /// Stops sending, gives the last packets `settle` to arrive, and reports.
