@@ -393,20 +393,31 @@ pub fn decode(bytes: &[u8], len: u64, sha256: &[u8; 32]) -> Result<Handover, Str
     if &self::sha256(bytes) != sha256 {
         return Err("hand-over state: corrupted (SHA-256 mismatch)".into());
     }
-    #[derive(Deserialize)]
-    struct Version {
-        version: u32,
-    }
-    let v: Version = serde_json::from_slice(bytes)
-        .map_err(|e| format!("hand-over state: not a state document: {e}"))?;
-    if !READS.contains(&v.version) {
+    // The whole document first (one parse); only when that fails, its version alone,
+    // to say which version it is when this build does not read it.
+    let h: Handover = match serde_json::from_slice(bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct Version {
+                version: u32,
+            }
+            return Err(match serde_json::from_slice::<Version>(bytes) {
+                Ok(v) if !READS.contains(&v.version) => format!(
+                    "hand-over state: format version {} is not one this build reads ({READS:?})",
+                    v.version
+                ),
+                Ok(v) => format!("hand-over state: version {}: {e}", v.version),
+                Err(e) => format!("hand-over state: not a state document: {e}"),
+            });
+        }
+    };
+    if !READS.contains(&h.version) {
         return Err(format!(
             "hand-over state: format version {} is not one this build reads ({READS:?})",
-            v.version
+            h.version
         ));
     }
-    let h: Handover = serde_json::from_slice(bytes)
-        .map_err(|e| format!("hand-over state: version {}: {e}", v.version))?;
     check_indexes(&h)?;
     Ok(h)
 }

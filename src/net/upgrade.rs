@@ -186,13 +186,12 @@ fn talk(
     let started = Instant::now();
     progress.froze = true;
     let exports = common.pool.upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)?;
-    let mut report = hand_over(common, ctx, ch, exports)?;
+    let mut report = hand_over(common, ctx, ch, exports, started)?;
     // The unit's main process is the new one now (NotifyAccess=all lets this one say so).
     if let Err(e) = crate::notify::Notifier::from_env().send(&format!("MAINPID={}", h.pid)) {
         tracing::warn!(error = %e, "cannot tell systemd the new main process (NOTIFY_SOCKET)");
     }
     report.pid = h.pid;
-    report.pause_ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(report)
 }
 
@@ -300,12 +299,14 @@ fn fd_names(h: &Handover) -> Vec<String> {
     names
 }
 
-/// Sends everything, waits for `Ready`, commits, waits for `Serving`.
+/// Sends everything, waits for `Ready`, commits, waits for `Serving`; the report's
+/// pause runs from `started` (the freeze) to `Serving`.
 fn hand_over(
     common: &Common,
     ctx: &Context,
     ch: &Channel,
     exports: Vec<super::worker::ShardExport>,
+    started: Instant,
 ) -> Result<Report, String> {
     let (state, fds) = build_state(ctx, &exports)?;
     let allocations = state.shards.iter().map(|s| s.allocations.len()).sum();
@@ -325,11 +326,12 @@ fn hand_over(
     }
     ch.commit()?;
     ch.set_timeout(Duration::from_secs(10))?;
-    match ch.recv()? {
-        Message::Serving => {}
+    // UDP traffic is read again (by the new process) from `Serving` on.
+    let pause = match ch.recv()? {
+        Message::Serving => started.elapsed(),
         Message::Refuse(why) => return Err(format!("the new process gave up: {why}")),
         _ => return Err("the new process said something else than serving".into()),
-    }
+    };
     // Past this point the new process serves: this one lets go.
     if let Err(e) = common.pool.upgrade(UpgradeStep::Commit, WORKER_TIMEOUT) {
         tracing::warn!(error = %e, "upgrade: not every worker closed its copies in time");
@@ -338,7 +340,7 @@ fn hand_over(
         pid: 0,
         allocations,
         sockets: fds.len(),
-        pause_ms: 0.0,
+        pause_ms: pause.as_secs_f64() * 1000.0,
         kept_stream_allocations: common.shared.total_allocations(),
     })
 }
