@@ -13,9 +13,12 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::linux::net::SocketAddrExt;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::os::unix::net::UnixDatagram;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 use std::time::Duration;
 
 /// Where notifications go: the socket named by `$NOTIFY_SOCKET`, or nowhere.
@@ -54,12 +57,26 @@ impl Notifier {
     /// Sends `state` (newline-separated `KEY=VALUE` assignments) in one datagram.
     /// `Ok(false)` when inactive, `Ok(true)` when sent.
     pub fn send(&self, state: &str) -> io::Result<bool> {
+        self.send_with_fds(state, &[])
+    }
+
+    /// [`Notifier::send`] with descriptors attached (`SCM_RIGHTS`), as `FDSTORE=1` wants.
+    pub fn send_with_fds(&self, state: &str, fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
         let Some(target) = &self.target else {
             return Ok(false);
         };
         let addr = socket_addr(target)?;
         let sock = UnixDatagram::unbound()?;
-        sock.send_to_addr(state.as_bytes(), &addr)?;
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+        sendmsg(
+            sock.as_raw_fd(),
+            &[IoSlice::new(state.as_bytes())],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            Some(&addr),
+        )?;
         Ok(true)
     }
 
@@ -104,11 +121,11 @@ impl Notifier {
 
 /// The socket address for a `$NOTIFY_SOCKET` value: `@name` is abstract (Linux), anything
 /// else must be an absolute path.
-fn socket_addr(target: &OsStr) -> io::Result<SocketAddr> {
+fn socket_addr(target: &OsStr) -> io::Result<UnixAddr> {
     let bytes = target.as_bytes();
     match bytes.first() {
-        Some(b'@') => SocketAddr::from_abstract_name(bytes.get(1..).unwrap_or_default()),
-        Some(b'/') => SocketAddr::from_pathname(target),
+        Some(b'@') => Ok(UnixAddr::new_abstract(bytes.get(1..).unwrap_or_default())?),
+        Some(b'/') => Ok(UnixAddr::new(target)?),
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -230,7 +247,8 @@ mod tests {
     #[test]
     fn abstract_socket() {
         let name = format!("turnstone-notify-test-{}", std::process::id());
-        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert!(Notifier::new(format!("@{name}")).ready().unwrap());

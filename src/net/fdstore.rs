@@ -7,12 +7,9 @@
 //! wait in the sockets' buffers.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixDatagram;
-
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::handover::{self, Handover};
 
@@ -22,7 +19,7 @@ const JOURNALS: [&str; 2] = ["state-a", "state-b"];
 /// The service manager's store, when the unit has one. Messages go out from a thread
 /// of their own, in order: a worker never waits for the service manager.
 pub(crate) struct FdStore {
-    ops: std::sync::Mutex<std::sync::mpsc::Sender<Op>>,
+    ops: std::sync::mpsc::Sender<Op>,
     /// `$FDSTORE`: how many descriptors the unit keeps.
     pub max: u64,
     journals: [std::fs::File; 2],
@@ -63,32 +60,26 @@ impl FdStore {
         if max == 0 {
             return None;
         }
-        let target = std::env::var_os("NOTIFY_SOCKET")?;
-        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str());
-        let addr = match bytes.first() {
-            Some(b'@') => UnixAddr::new_abstract(bytes.get(1..).unwrap_or_default()).ok()?,
-            Some(b'/') => UnixAddr::new(target.as_os_str()).ok()?,
-            _ => return None,
-        };
-        let sock = UnixDatagram::unbound().ok()?;
+        let notifier = crate::notify::Notifier::from_env();
+        if !notifier.is_active() {
+            return None;
+        }
         let (tx, rx) = std::sync::mpsc::channel::<Op>();
         std::thread::Builder::new()
             .name("turnstone-fdstore".into())
             .spawn(move || {
                 for op in rx {
                     let sent = match &op {
-                        Op::Add(name, fd) => send(
-                            &sock,
-                            &addr,
+                        Op::Add(name, fd) => notifier.send_with_fds(
                             &format!("FDSTORE=1\nFDNAME={name}"),
-                            &[fd.as_raw_fd()],
+                            &[fd.as_fd()],
                         ),
                         Op::Remove(name) => {
-                            send(&sock, &addr, &format!("FDSTOREREMOVE=1\nFDNAME={name}"), &[])
+                            notifier.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"))
                         }
                         Op::Barrier(done) => {
                             let _ = done.send(());
-                            Ok(())
+                            Ok(true)
                         }
                     };
                     if let Err(e) = sent {
@@ -107,7 +98,7 @@ impl FdStore {
             Some(std::fs::File::from(fd))
         };
         Some(FdStore {
-            ops: std::sync::Mutex::new(tx),
+            ops: tx,
             max,
             journals: [journal(JOURNALS[0])?, journal(JOURNALS[1])?],
             seq: std::sync::Mutex::new(0),
@@ -115,7 +106,7 @@ impl FdStore {
     }
 
     fn queue(&self, op: Op) {
-        let _ = self.ops.lock().unwrap_or_else(|e| e.into_inner()).send(op);
+        let _ = self.ops.send(op);
     }
 
     /// Stores (a copy of) `fd` under `name`.
@@ -174,20 +165,6 @@ impl FdStore {
 /// The newest state journal passed back (its write number and the state), or why
 /// there is none.
 pub(crate) type StoredState = Result<(u64, Handover), String>;
-
-fn send(sock: &UnixDatagram, addr: &UnixAddr, state: &str, fds: &[RawFd]) -> std::io::Result<()> {
-    let iov = [IoSlice::new(state.as_bytes())];
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-    sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        Some(addr),
-    )?;
-    Ok(())
-}
 
 /// What the service manager passed at start: descriptors by name.
 pub(crate) struct Restored {

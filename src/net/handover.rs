@@ -463,15 +463,8 @@ fn check_indexes(h: &Handover) -> Result<(), String> {
     for s in h.metrics.iter().chain(&h.control) {
         take(*s, "metrics or control listener")?;
     }
-    for sh in &h.shards {
-        for a in &sh.allocations {
-            for r in std::iter::once(&a.relay).chain(&a.second) {
-                take(r.socket, "relay")?;
-            }
-        }
-        for r in &sh.reservations {
-            take(r.socket, "reservation")?;
-        }
+    for s in h.shards.iter().flat_map(ShardState::sockets) {
+        take(s, "relay")?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ fn listeners(config: &Config, state: &handover::Handover) -> (Listeners, Listene
     let ours = config
         .listen
         .iter()
-        .map(|l| (upgrade::transport_name(l.transport).to_owned(), l.address))
+        .map(|l| (l.transport.as_str().to_owned(), l.address))
         .collect();
     let theirs = state
         .listeners
@@ -127,8 +127,7 @@ pub(super) fn restore(
     for sh in &mut state.shards {
         let before = sh.allocations.len();
         sh.allocations.retain(|a| {
-            std::iter::once(&a.relay)
-                .chain(&a.second)
+            a.relays()
                 .all(|x| fds.get(x.socket as usize).is_some_and(Option::is_some))
         });
         sh.reservations
@@ -139,12 +138,7 @@ pub(super) fn restore(
     let used: std::collections::HashSet<u32> = state
         .shards
         .iter()
-        .flat_map(|sh| {
-            sh.allocations
-                .iter()
-                .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|x| x.socket))
-                .chain(sh.reservations.iter().map(|x| x.socket))
-        })
+        .flat_map(crate::server::ShardState::sockets)
         .chain(
             state
                 .listeners

@@ -73,14 +73,6 @@ pub struct Report {
     pub kept_stream_allocations: usize,
 }
 
-pub(crate) fn transport_name(t: ListenTransport) -> &'static str {
-    match t {
-        ListenTransport::Udp => "udp",
-        ListenTransport::Tcp => "tcp",
-        ListenTransport::Tls => "tls",
-    }
-}
-
 /// Runs an upgrade to the binary at `ctx.exe`. On every failure before the new process
 /// serves, this process goes on exactly as before and the error says why.
 pub(crate) fn upgrade(common: &Common, ctx: &Context) -> Result<Report, String> {
@@ -98,6 +90,8 @@ pub(crate) fn upgrade(common: &Common, ctx: &Context) -> Result<Report, String> 
     tracing::info!(pid, binary = %ctx.exe.display(), "upgrade: new process started");
     let mut progress = Progress::default();
     let result = talk(common, ctx, &ch, &mut child, &mut progress);
+    // Whether it ended on its own (before it is killed below).
+    let exited = child.try_wait().ok().flatten();
     if let Err(e) = &result {
         // It may be alive and waiting: it must not serve. Gone, its kernel program is
         // gone too, and this process can load its own again.
@@ -109,8 +103,8 @@ pub(crate) fn upgrade(common: &Common, ctx: &Context) -> Result<Report, String> 
         }
         tracing::error!(pid, error = %e, status = ?status, "upgrade failed; this process goes on serving");
     }
-    result.map_err(|e| match child.try_wait() {
-        Ok(Some(status)) if !status.success() => {
+    result.map_err(|e| match exited {
+        Some(status) if !status.success() && !e.contains("exited") => {
             format!("{e} (the new process exited: {status}; see its log)")
         }
         _ => e,
@@ -171,18 +165,12 @@ fn talk(
             "the new binary ({}) reads state formats {:?}, this one writes {FORMAT_VERSION}",
             h.version, h.reads
         );
-        let _ = ch.refuse(&why);
         return Err(why);
     }
     // The kernel program goes first (the new process attaches its own): packets go to
     // the sockets meanwhile, where the workers (or, once frozen, the new process) read
     // them.
-    if let Some(k) = &common.fast_path {
-        k.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .shutdown(&common.metrics);
-        progress.kernel_released = true;
-    }
+    progress.kernel_released = release_kernel(common);
     let started = Instant::now();
     progress.froze = true;
     let exports = common.pool.upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)?;
@@ -207,7 +195,7 @@ pub(crate) fn build_state<'a>(
         .listen
         .iter()
         .map(|(t, a)| ListenerState {
-            transport: transport_name(*t).to_owned(),
+            transport: t.as_str().to_owned(),
             address: *a,
             sockets: Vec::with_capacity(workers),
         })
@@ -282,7 +270,7 @@ fn fd_names(h: &Handover) -> Vec<String> {
     }
     for sh in &h.shards {
         for a in &sh.allocations {
-            for r in std::iter::once(&a.relay).chain(&a.second) {
+            for r in a.relays() {
                 set(r.socket, relay_name(r.bound, false));
             }
         }
@@ -354,15 +342,7 @@ pub(crate) fn keep_for_restart(
     ctx: &Context,
     store: &super::fdstore::FdStore,
 ) -> Result<usize, String> {
-    let kernel = match &common.fast_path {
-        Some(k) => {
-            k.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .shutdown(&common.metrics);
-            true
-        }
-        None => false,
-    };
+    let kernel = release_kernel(common);
     let result = common
         .pool
         .upgrade(UpgradeStep::Freeze, WORKER_TIMEOUT)
@@ -385,6 +365,18 @@ pub(crate) fn keep_for_restart(
         tracing::warn!(error = %e, "restart: not every worker ended its TCP/TLS allocations");
     }
     result
+}
+
+/// Detaches this process's kernel program (its counts read, its maps emptied): packets
+/// go to the sockets from now on. Whether there was one.
+fn release_kernel(common: &Common) -> bool {
+    let Some(k) = &common.fast_path else {
+        return false;
+    };
+    k.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shutdown(&common.metrics);
+    true
 }
 
 /// Takes everything back after a failed upgrade: the workers read their sockets again,

@@ -226,16 +226,16 @@ impl RelayBinder for Binder<'_> {
     }
 }
 
-/// `now` with the `CLOCK_MONOTONIC` reading of the same moment (for state another
-/// process reads).
-fn mono_clock(now: Instant) -> crate::server::MonoClock {
+/// The time now as an instant and as `CLOCK_MONOTONIC` nanoseconds, read together (for
+/// state another process reads: it converts with its own pair).
+fn mono_clock() -> crate::server::MonoClock {
     let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         (t.tv_sec() as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(t.tv_nsec() as u64)
     });
     crate::server::MonoClock {
-        now: Instant::now().max(now),
+        now: Instant::now(),
         mono_ns: mono,
     }
 }
@@ -365,6 +365,20 @@ pub(crate) enum UpgradeStep {
     /// A restart: end the TCP/TLS clients' allocations (their connections go with this
     /// process), writing their usage records; the rest stays frozen.
     EndStreams = 5,
+}
+
+impl UpgradeStep {
+    fn from_u8(v: u8) -> Option<UpgradeStep> {
+        [
+            UpgradeStep::Freeze,
+            UpgradeStep::Resume,
+            UpgradeStep::Commit,
+            UpgradeStep::Snapshot,
+            UpgradeStep::EndStreams,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+    }
 }
 
 /// One shard's part of the hand-over: duplicates of its sockets and its state, with
@@ -781,9 +795,9 @@ impl Shard {
     fn upgrade_step(&mut self, common: &Common, clock: Clock) {
         let u = &common.pool.upgrade;
         self.upgrade_seen = u.generation.load(Ordering::Acquire);
-        let step = u.request.load(Ordering::Acquire);
-        if step == UpgradeStep::Snapshot as u8 {
-            let mut export = self.snapshot(clock);
+        let step = UpgradeStep::from_u8(u.request.load(Ordering::Acquire));
+        if step == Some(UpgradeStep::Snapshot) {
+            let mut export = self.snapshot();
             if let Some(k) = &common.fast_path {
                 // What the kernel relayed and no record holds yet, in the copy only.
                 let k = k.lock().unwrap_or_else(|e| e.into_inner());
@@ -799,8 +813,8 @@ impl Shard {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(export);
-        } else if step == UpgradeStep::Freeze as u8 && self.frozen.is_none() {
-            match self.freeze(common, clock) {
+        } else if step == Some(UpgradeStep::Freeze) && self.frozen.is_none() {
+            match self.freeze(common) {
                 Ok(export) => u
                     .exports
                     .lock()
@@ -812,13 +826,13 @@ impl Shard {
                     u.failed.store(true, Ordering::Release);
                 }
             }
-        } else if step == UpgradeStep::EndStreams as u8 {
+        } else if step == Some(UpgradeStep::EndStreams) {
             let mut binder = binder(&mut self.relays, &self.epoll, self.tag, common);
             self.core.close_streams(clock.now, &mut binder);
             for ev in self.core.drain_events() {
                 log_event(self.index, &ev, None);
             }
-        } else if step == UpgradeStep::Resume as u8 {
+        } else if step == Some(UpgradeStep::Resume) {
             let mut thawed = Vec::new();
             if let Some(f) = self.frozen.take() {
                 self.thaw(&f);
@@ -831,7 +845,7 @@ impl Shard {
                 self.core.reinstall_fast_path();
                 self.hold = Some(Hold::new(self.listeners.len(), thawed));
             }
-        } else if step == UpgradeStep::Commit as u8 && self.frozen.take().is_some() {
+        } else if step == Some(UpgradeStep::Commit) && self.frozen.take().is_some() {
             // The new process reads them now: close this process's copies.
             self.listeners.clear();
             self.stream_listeners.clear();
@@ -849,7 +863,7 @@ impl Shard {
     /// of the epoll set (what arrives waits in their buffers) and exports duplicates of
     /// them with the allocations' state. The kernel fast path's counts of these
     /// allocations are folded into their usage first (the program was detached).
-    fn freeze(&mut self, common: &Common, clock: Clock) -> io::Result<ShardExport> {
+    fn freeze(&mut self, common: &Common) -> io::Result<ShardExport> {
         if let Some(k) = &common.fast_path {
             let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
             // Once more: a packet the program was relaying on another CPU as it was
@@ -870,7 +884,7 @@ impl Shard {
         }
         let mut frozen = Frozen::default();
         let mut failed = None;
-        let mono = mono_clock(clock.now);
+        let mono = mono_clock();
         let relays = &self.relays;
         let state = self.core.export_udp(mono, &mut |h| {
             let i = fds.len() as u32;
@@ -914,7 +928,7 @@ impl Shard {
     }
 
     /// The state [`Shard::freeze`] would export, without copying or freezing anything.
-    fn snapshot(&self, clock: Clock) -> ShardExport {
+    fn snapshot(&self) -> ShardExport {
         let mut n = 0u32;
         let mut next = || {
             n += 1;
@@ -922,7 +936,7 @@ impl Shard {
         };
         let udp = self.listeners.iter().map(|_| next()).collect();
         let streams = self.stream_listeners.iter().map(|_| next()).collect();
-        let state = self.core.export_udp(mono_clock(clock.now), &mut |_| next());
+        let state = self.core.export_udp(mono_clock(), &mut |_| next());
         ShardExport {
             index: self.index,
             udp,
@@ -970,11 +984,7 @@ impl Shard {
         fds: &mut [Option<std::os::fd::OwnedFd>],
     ) -> Result<usize, String> {
         let mut handles: HashMap<u32, RelayHandle> = HashMap::new();
-        let wanted = state
-            .allocations
-            .iter()
-            .flat_map(|a| std::iter::once(&a.relay).chain(&a.second).map(|r| r.socket))
-            .chain(state.reservations.iter().map(|r| r.socket));
+        let wanted = state.sockets();
         // The store holds these already (the previous process put them there).
         let mut binder = Binder {
             store: None,
@@ -995,7 +1005,7 @@ impl Shard {
             common.ports.mark_taken(addr.ip(), addr.port());
             handles.insert(i, h);
         }
-        let clock = mono_clock(Instant::now());
+        let clock = mono_clock();
         if common.fast_path.is_some() {
             self.hold = Some(Hold::new(self.listeners.len(), handles.values().copied()));
         }
@@ -2061,6 +2071,10 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
             user = %user
         )
     };
+    // A final record (with the reason it ended) or an interim one, in its span.
+    let record = |r: UsageRecord<'_>, reason: Option<&str>| {
+        span(r.id, r.five_tuple, r.username).in_scope(|| r.log(kernel, reason))
+    };
     match ev {
         Event::AllocationCreated {
             id,
@@ -2087,8 +2101,8 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
             duration,
             usage,
             reason,
-        } => span(*id, five_tuple, username).in_scope(|| {
-            let record = UsageRecord {
+        } => record(
+            UsageRecord {
                 worker,
                 id: *id,
                 five_tuple,
@@ -2096,9 +2110,9 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
                 username,
                 duration: *duration,
                 usage,
-            };
-            record.log(kernel, Some(reason.as_str()))
-        }),
+            },
+            Some(reason.as_str()),
+        ),
         Event::AllocationUsage {
             id,
             five_tuple,
@@ -2106,8 +2120,8 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
             username,
             duration,
             usage,
-        } => span(*id, five_tuple, username).in_scope(|| {
-            let record = UsageRecord {
+        } => record(
+            UsageRecord {
                 worker,
                 id: *id,
                 five_tuple,
@@ -2115,9 +2129,9 @@ fn log_event(worker: usize, ev: &Event, kernel: Option<[u64; 4]>) {
                 username,
                 duration: *duration,
                 usage,
-            };
-            record.log(kernel, None)
-        }),
+            },
+            None,
+        ),
         Event::ErrorResponse { method, code } => {
             tracing::debug!(worker, method, code, "error response")
         }

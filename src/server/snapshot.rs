@@ -121,6 +121,23 @@ pub struct ShardState {
     pub reservations: Vec<ReservationState>,
 }
 
+impl AllocationState {
+    /// Its relayed addresses: the first, and the IPv6 one of a dual allocation.
+    pub fn relays(&self) -> impl Iterator<Item = &RelayState> {
+        std::iter::once(&self.relay).chain(&self.second)
+    }
+}
+
+impl ShardState {
+    /// Every socket number it names: the allocations' relays, then the reservations'.
+    pub fn sockets(&self) -> impl Iterator<Item = u32> + '_ {
+        self.allocations
+            .iter()
+            .flat_map(|a| a.relays().map(|r| r.socket))
+            .chain(self.reservations.iter().map(|r| r.socket))
+    }
+}
+
 fn usage_array(u: &Usage) -> [u64; 4] {
     [
         u.packets_to_peer,
@@ -242,7 +259,7 @@ impl Server {
             if self.by_five_tuple.contains_key(&ft) || !seen.insert(ft) {
                 return Err(format!("allocation {} of {} twice", a.id, a.client));
             }
-            for r in std::iter::once(&a.relay).chain(&a.second) {
+            for r in a.relays() {
                 if socket(r.socket).is_none() {
                     return Err(format!(
                         "allocation {} names relay socket {} that was not handed over",
